@@ -1,0 +1,105 @@
+"""The YAML configuration of a jds deployment, validated with pydantic.
+
+Unknown keys and bad values fail at load time with the offending key path in the message, so a
+typo in a sharding experiment is caught before any device is touched. Relative paths are resolved
+against the config file's folder; ``package://NAME/FILE`` points into an installed Python package
+(how the default SmolLM2 weights are found) without importing it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, model_validator
+
+from jds.model.architecture import Architecture
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "smollm2-135m.yaml"
+PACKAGE_SCHEME = "package://"
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message says which key and why."""
+
+
+class ModelSection(BaseModel):
+    """Which weights, tokenizer and numeric type to serve."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(default="model", min_length=1)
+    checkpoint: str | None = Field(
+        default=None, description="GGUF file, Hugging Face directory, jds checkpoint, or package://; none = random"
+    )
+    format: Literal["auto", "gguf", "hf", "jds"] = "auto"
+    architecture: Architecture | None = None
+    tokenizer: str | None = Field(
+        default="checkpoint", description="'checkpoint', a tokenizer.json / GGUF path, or null for token ids only"
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    seed: int = 0
+    max_seq_len: PositiveInt | None = Field(default=None, description="longest prompt + output; default 2048")
+
+    @model_validator(mode="after")
+    def _needs_weights_or_shapes(self) -> ModelSection:
+        if self.checkpoint is None and self.architecture is None:
+            raise ValueError("give model.checkpoint, or model.architecture for random weights")
+        if self.checkpoint is None and self.tokenizer == "checkpoint":
+            object.__setattr__(self, "tokenizer", None)
+        return self
+
+
+class Config(BaseModel):
+    """A whole deployment file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelSection
+    _base_dir: Path = PrivateAttr(default=Path("."))
+
+    def resolve_path(self, value: str) -> Path:
+        """A config path made absolute: package:// inside an installed package, else from base_dir."""
+        if value.startswith(PACKAGE_SCHEME):
+            package, _, rest = value[len(PACKAGE_SCHEME) :].partition("/")
+            spec = importlib.util.find_spec(package)
+            if spec is None or not spec.submodule_search_locations:
+                raise ConfigError(f"package {package!r} named in {value!r} is not installed")
+            return Path(spec.submodule_search_locations[0]) / rest
+        path = Path(os.path.expanduser(value))
+        return path if path.is_absolute() else self._base_dir / path
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, base_dir: Path = Path("."), source: str = "<dict>") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    config._base_dir = base_dir
+    return config
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Read and validate a YAML config; ``None`` means the default SmolLM2 config."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    return parse_config(data, path.resolve().parent, str(path))

@@ -1,0 +1,1 @@
+"""Running requests through the model: batching, slots, stopping."""

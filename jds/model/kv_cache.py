@@ -1,0 +1,49 @@
+"""The key/value cache: one pytree for all layers, stacked like the layer parameters.
+
+Layout ``[layers, batch, kv_heads, seq, head_dim]``: a pipeline stage owns a slice of the leading
+axis, a decode slot is one row of ``batch``, and the per-head ``seq x head_dim`` block stays
+contiguous for the attention reads of a decode step. Lengths are not stored here: whoever owns the
+slots knows them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jds.model.architecture import Architecture
+from jds.model.params import axes
+
+
+@struct.dataclass
+class KVCache:
+    k: jax.Array = axes("layers", "batch", "kv_heads", "seq", "head_dim")
+    v: jax.Array = axes("layers", "batch", "kv_heads", "seq", "head_dim")
+
+    @classmethod
+    def zeros(cls, arch: Architecture, batch: int, seq: int, dtype: jnp.dtype) -> KVCache:
+        shape = (arch.num_layers, batch, arch.num_kv_heads, seq, arch.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def seq(self) -> int:
+        return self.k.shape[3]
+
+
+def insert(cache: KVCache, update: KVCache, slots: jax.Array) -> KVCache:
+    """Write ``update`` (a prefill's KV, batch row i) into cache rows ``slots[i]``, from position 0.
+
+    Rows whose slot index is out of range (batch padding) are dropped. Jit it with the cache
+    donated so the write happens in place.
+    """
+    length = update.seq
+
+    def put(dst: jax.Array, src: jax.Array) -> jax.Array:
+        return dst.at[:, slots, :, :length, :].set(src.astype(dst.dtype), mode="drop")
+
+    return KVCache(k=put(cache.k, update.k), v=put(cache.v, update.v))

@@ -1,0 +1,125 @@
+"""The Llama-family decoder as pure functions over ``Params`` and ``KVCache``.
+
+Both phases share every line of math here; they differ only in the shapes they are called with and,
+once placed on meshes, in the sharding of their inputs. Layers run under ``lax.scan`` over the
+stacked parameters, so compile time does not grow with depth and a pipeline stage is a slice.
+Activations stay in the parameter dtype; normalisation, softmax and logits are computed in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jds.model.architecture import Architecture
+from jds.model.kv_cache import KVCache
+from jds.model.params import LayerParams, Params
+from jds.model.rope import apply_rope, inverse_frequencies
+
+_MASKED = jnp.finfo(jnp.float32).min
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention.
+
+    q: ``[B, T, H, hd]``; k, v: ``[B, KV, S, hd]`` (the cache layout); mask: ``[B, T, S]``, True
+    where query t may attend to key s. Returns ``[B, T, H, hd]``.
+    """
+    b, t, h, hd = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (hd**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+def mlp(x: jax.Array, layer: LayerParams) -> jax.Array:
+    gate = jnp.einsum("btd,df->btf", x, layer.w_gate)
+    up = jnp.einsum("btd,df->btf", x, layer.w_up)
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer.w_down)
+
+
+def _qkv(x: jax.Array, layer: LayerParams, positions: jax.Array, arch: Architecture):
+    """Project to queries, keys and values; rotate q and k. k and v come out in cache layout."""
+    h = rms_norm(x, layer.attn_norm, arch.rms_norm_eps)
+    inv_freq = inverse_frequencies(arch)
+    q = apply_rope(jnp.einsum("btd,dhk->bthk", h, layer.wq), positions, inv_freq)
+    k = apply_rope(jnp.einsum("btd,dhk->bthk", h, layer.wk), positions, inv_freq)
+    v = jnp.einsum("btd,dhk->bthk", h, layer.wv)
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _finish_layer(x: jax.Array, attn_out: jax.Array, layer: LayerParams, arch: Architecture) -> jax.Array:
+    x = x + jnp.einsum("bthk,hkd->btd", attn_out, layer.wo)
+    return x + mlp(rms_norm(x, layer.mlp_norm, arch.rms_norm_eps), layer)
+
+
+def logits(params: Params, x: jax.Array, arch: Architecture) -> jax.Array:
+    """Final norm and output projection, in float32: ``[B, D] -> [B, vocab]``."""
+    h = rms_norm(x, params.final_norm, arch.rms_norm_eps)
+    if params.lm_head is None:
+        return jnp.einsum("bd,vd->bv", h, params.embed, preferred_element_type=jnp.float32)
+    return jnp.einsum("bd,dv->bv", h, params.lm_head, preferred_element_type=jnp.float32)
+
+
+def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Architecture) -> tuple[jax.Array, KVCache]:
+    """Run whole prompts.
+
+    tokens: ``[B, T]`` right-padded to a length bucket; lengths: ``[B]`` true prompt lengths.
+    Returns the logits of each prompt's last real token ``[B, vocab]`` and the prompts' KV cache
+    ``[layers, B, KV, T, hd]`` (entries past a prompt's length are padding, never attended to).
+    """
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    idx = jnp.arange(t)
+    mask = (idx[None, :, None] >= idx[None, None, :]) & (idx[None, None, :] < lengths[:, None, None])
+    x = params.embed[tokens]
+
+    def layer_step(x: jax.Array, layer: LayerParams):
+        q, k, v = _qkv(x, layer, positions, arch)
+        x = _finish_layer(x, attention(q, k, v, mask), layer, arch)
+        return x, (k, v)
+
+    x, (k, v) = jax.lax.scan(layer_step, x, params.layers)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return logits(params, last, arch), KVCache(k=k, v=v)
+
+
+def decode_step(
+    params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array, arch: Architecture
+) -> tuple[jax.Array, KVCache]:
+    """One token for every cache row.
+
+    tokens: ``[B]`` the newest token of each row; positions: ``[B]`` where that token sits (equal
+    to the row's length before it). The token's K and V are written at its position, and it attends
+    to positions ``0..position``. Returns logits ``[B, vocab]`` and the updated cache; jit it with
+    the cache donated so the writes happen in place.
+    """
+    b = tokens.shape[0]
+    rows = jnp.arange(b)
+    mask = (jnp.arange(cache.seq)[None, :] <= positions[:, None])[:, None, :]  # [B, 1, S]
+    x = params.embed[tokens][:, None, :]
+
+    def layer_step(carry, layer_and_index):
+        x, cache = carry
+        layer, i = layer_and_index
+        q, k, v = _qkv(x, layer, positions[:, None], arch)
+        cache = KVCache(
+            k=cache.k.at[i, rows, :, positions].set(k[:, :, 0]),
+            v=cache.v.at[i, rows, :, positions].set(v[:, :, 0]),
+        )
+        out = attention(q, cache.k[i], cache.v[i], mask)
+        return (_finish_layer(x, out, layer, arch), cache), None
+
+    layer_ids = jnp.arange(cache.k.shape[0])
+    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (params.layers, layer_ids))
+    return logits(params, x[:, 0], arch), cache

@@ -1,0 +1,109 @@
+"""From a config's ``model:`` section to weights on devices and a tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jds.config import Config
+from jds.model.architecture import Architecture
+from jds.model.params import Params, init_params
+from jds.model.tokenizer import Tokenizer
+from jds.model.weights.gguf_file import load_gguf
+from jds.model.weights.hf_checkpoint import load_hf
+from jds.model.weights.jds_checkpoint import is_jds_checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """Everything the engine needs from the model section."""
+
+    name: str
+    arch: Architecture
+    params: Params
+    tokenizer: Tokenizer | None
+    max_seq_len: int
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.params.embed.dtype
+
+
+def resolve_dtype(name: str) -> jnp.dtype:
+    """``auto`` is float32 on CPU (XLA's bf16 matrix-vector is far slower there), bfloat16 elsewhere."""
+    if name == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(name)
+
+
+def checkpoint_format(path: Path, declared: str) -> str:
+    """The declared format, or one inferred from what the path holds."""
+    if declared != "auto":
+        return declared
+    if path.suffix == ".gguf":
+        return "gguf"
+    if is_jds_checkpoint(path):
+        return "jds"
+    if (path / "config.json").is_file():
+        return "hf"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    raise ValueError(f"cannot tell the format of checkpoint {path}; set model.format to gguf, hf or jds")
+
+
+def load_params(config: Config, dtype: jnp.dtype, progress: bool = True) -> tuple[Architecture, Params]:
+    """Weights on the default device, from the checkpoint or, without one, at random."""
+    section = config.model
+    if section.checkpoint is None:
+        log.warning("model %s: no checkpoint configured, weights are RANDOM (outputs are meaningless)", section.name)
+        return section.architecture, jax.jit(init_params, static_argnums=(0, 2))(
+            section.architecture, jax.random.key(section.seed), dtype
+        )
+    path = config.resolve_path(section.checkpoint)
+    fmt = checkpoint_format(path, section.format)
+    if fmt == "jds":
+        return load_checkpoint(path, dtype, section.architecture)
+    reader = load_gguf if fmt == "gguf" else load_hf
+    arch, host_params = reader(path, section.architecture, np.dtype(dtype), progress)
+    return arch, jax.device_put(host_params)
+
+
+def load_tokenizer(config: Config) -> Tokenizer | None:
+    section = config.model
+    if section.tokenizer is None:
+        return None
+    if section.tokenizer == "checkpoint":
+        path = config.resolve_path(section.checkpoint)
+        if checkpoint_format(path, section.format) == "gguf":
+            return Tokenizer.from_gguf(path)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"model.tokenizer is 'checkpoint' but {path} has no tokenizer.json; "
+                "name a tokenizer file, or set model.tokenizer: null to serve token ids only"
+            )
+        return Tokenizer.from_file(path)
+    path = config.resolve_path(section.tokenizer)
+    return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_file(path)
+
+
+def load_model(config: Config, progress: bool = True) -> LoadedModel:
+    section = config.model
+    dtype = resolve_dtype(section.dtype)
+    arch, params = load_params(config, dtype, progress)
+    tokenizer = load_tokenizer(config)
+    if tokenizer is not None and tokenizer.vocab_size > arch.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {arch.vocab_size}"
+        )
+    max_seq_len = section.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, arch.max_position_embeddings)
+    log.info("model %s: %.1fM parameters, %s, max_seq_len %d", section.name, arch.num_params() / 1e6, dtype, max_seq_len)
+    return LoadedModel(section.name, arch, params, tokenizer, max_seq_len)

@@ -1,0 +1,123 @@
+"""The offline API end to end on the real SmolLM2 weights, against transformers' generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jds import LLM, SamplingParams
+from tests_paths import CONFIGS
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time",
+    "1, 2, 3,",
+    "Water boils at",
+    "The three primary colors are",
+]
+NEW_TOKENS = 32
+
+
+def _hf_greedy(model, tokenizer, ids: list[int], max_new: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=[2],
+            pad_token_id=2,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def test_greedy_generation_is_token_identical_to_transformers(smollm2_llm, hf_smollm2, hf_smollm2_tokenizer):
+    # More prompts than slots: requests join as others finish (continuous batching).
+    assert len(PROMPTS) > smollm2_llm.generator.slots
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=False, stop_token_ids=[2])
+    outputs = smollm2_llm.generate(PROMPTS, params)
+    for prompt, out in zip(PROMPTS, outputs):
+        ids = hf_smollm2_tokenizer(prompt)["input_ids"]
+        assert out.prompt_token_ids == ids
+        expected = _hf_greedy(hf_smollm2, hf_smollm2_tokenizer, ids, NEW_TOKENS)
+        assert out.token_ids == expected, prompt
+        assert out.finish_reason == ("stop" if expected[-1] == 2 else "length")
+        assert out.text == hf_smollm2_tokenizer.decode(expected, skip_special_tokens=True)
+    assert sum(len(o.token_ids) for o in outputs) >= 4 * NEW_TOKENS
+
+
+def test_chat_applies_template_and_stops_at_end_of_turn(smollm2_llm, hf_smollm2, hf_smollm2_tokenizer):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    out = smollm2_llm.chat(messages, SamplingParams(max_tokens=48, temperature=0))[0]
+    ids = hf_smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert out.prompt_token_ids == list(ids)
+    im_end = hf_smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert out.finish_reason == "stop" and out.token_ids[-1] == im_end
+    assert out.token_ids == _hf_greedy(hf_smollm2, hf_smollm2_tokenizer, list(ids), 48)[: len(out.token_ids)]
+    assert "Paris" in out.text and "<|im_end|>" not in out.text
+
+
+def test_stop_strings_max_tokens_and_token_prompts(smollm2_llm):
+    full = smollm2_llm.generate("1, 2, 3,", SamplingParams(max_tokens=20, temperature=0))[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 20
+    assert " 6," in full.text
+    cut = smollm2_llm.generate("1, 2, 3,", SamplingParams(max_tokens=20, temperature=0, stop=[" 6,"]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(" 6,")]
+    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
+    # Token-id prompts give the same result as the text they encode.
+    ids = smollm2_llm.tokenizer.encode("1, 2, 3,")
+    by_ids = smollm2_llm.generate(ids, SamplingParams(max_tokens=20, temperature=0))[0]
+    assert by_ids.token_ids == full.token_ids
+
+
+def test_sequence_limit_ends_with_length(smollm2_llm):
+    limit = smollm2_llm.model.max_seq_len
+    prompt = [28] * (limit - 3)
+    out = smollm2_llm.generate(prompt, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 3
+
+
+def test_seeded_sampling_reproduces_regardless_of_batch(smollm2_llm):
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    alone = smollm2_llm.generate("Write a poem about the sea", params)[0]
+    others = SamplingParams(max_tokens=24, temperature=1.0, seed=7)
+    batch = smollm2_llm.generate(["Hi", "Write a poem about the sea", "Tell me a joke"], [others, params, others])
+    assert batch[1].token_ids == alone.token_ids
+    different = smollm2_llm.generate("Write a poem about the sea", SamplingParams(**{**params.__dict__, "seed": 99}))
+    assert different[0].token_ids != alone.token_ids
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("", SamplingParams(), "prompt is empty"),
+        ([], SamplingParams(), "prompt is empty"),
+        ([1, 2, 10**6], SamplingParams(), "token ids must be integers"),
+        ([5] * 4096, SamplingParams(), "max_seq_len"),
+        ("hi", SamplingParams(stop_token_ids=list(range(20))), "stop token ids"),
+    ],
+)
+def test_bad_requests_are_refused_and_the_engine_keeps_working(smollm2_llm, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        smollm2_llm.generate([prompt], params)
+    assert smollm2_llm.generate("Hi", SamplingParams(max_tokens=2, temperature=0))[0].token_ids
+
+
+def test_random_weights_config_generates_from_token_ids(caplog):
+    llm = LLM(CONFIGS / "tiny.yaml", slots=2, progress=False)
+    assert any("RANDOM" in r.message for r in caplog.records)
+    outs = llm.generate([[1, 2, 3], "hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [5, 5]
+    assert all(0 <= t < 49152 for o in outs for t in o.token_ids)
+
+
+def test_generate_command_line(capsys):
+    from jds.generate import main
+
+    assert main(["--config", str(CONFIGS / "tiny.yaml"), "--max-tokens", "4", "hello there"]) == 0
+    assert "finish: length" in capsys.readouterr().out
+    assert main(["--config", str(CONFIGS / "tiny.yaml"), "--top-p", "2", "x"]) == 1
+    assert "SamplingParams.top_p" in capsys.readouterr().err

@@ -1,0 +1,88 @@
+"""Logits of the jds model against transformers' LlamaForCausalLM on the same weights.
+
+Bounds: both sides compute in float32 but sum in different orders (XLA vs oneDNN kernels), so
+logits differ by accumulated rounding: about 1e-6 relative per matmul, growing with depth. The
+3-layer tiny model stays under 1e-4; the 30-layer SmolLM2 with logits up to ~25 was measured at
+~9e-5, and 1e-3 leaves room for other CPUs while still catching any real mistake (a wrong rope,
+mask or permutation moves logits by whole units).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from jds.model import llama
+from jds.model.kv_cache import KVCache, insert
+from jds.model.weights.gguf_file import load_gguf
+from jds.model.weights.hf_checkpoint import load_hf
+from reference_models import save_hf, tiny_hf_model
+
+TINY_BOUND = 1e-4
+SMOLLM2_BOUND = 1e-3
+
+prefill_jit = jax.jit(llama.prefill, static_argnums=3)
+decode_jit = jax.jit(llama.decode_step, static_argnums=4)
+
+
+def _padded(prompts: list[list[int]], bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.zeros((len(prompts), bucket), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens, np.array([len(p) for p in prompts], np.int32)
+
+
+def _reference_logits(model, prompt: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0].numpy()
+
+
+def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bound: float) -> None:
+    """Batched, padded prefill matches at each prompt's last token; decode steps match after it."""
+    params = jax.device_put(params)
+    refs = [_reference_logits(model, p) for p in prompts]
+    split = [len(p) // 2 for p in prompts]
+    tokens, lengths = _padded([p[:s] for p, s in zip(prompts, split)], 16)
+    logits, kv = prefill_jit(params, tokens, lengths, arch)
+    for i, ref in enumerate(refs):
+        np.testing.assert_allclose(np.asarray(logits[i]), ref[split[i] - 1], atol=bound, rtol=0)
+
+    # Decode the rest of each prompt token by token from slots that are not the prefill rows.
+    cache = insert(KVCache.zeros(arch, len(prompts) + 1, 64, params.embed.dtype), kv, np.arange(1, len(prompts) + 1))
+    positions = np.array([0] + split, np.int32)
+    for _ in range(max(len(p) - s for p, s in zip(prompts, split))):
+        step_tokens = np.array([0] + [p[min(pos, len(p) - 1)] for p, pos in zip(prompts, positions[1:])], np.int32)
+        logits, cache = decode_jit(params, cache, step_tokens, positions, arch)
+        for i, (p, ref) in enumerate(zip(prompts, refs)):
+            if positions[i + 1] < len(p):
+                np.testing.assert_allclose(np.asarray(logits[i + 1]), ref[positions[i + 1]], atol=bound, rtol=0)
+        positions = positions + 1
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_tiny_safetensors_checkpoint_matches_transformers(tmp_path, tie):
+    model = tiny_hf_model(tie=tie, rope_scaling=True)
+    save_hf(model, tmp_path)
+    arch, params = load_hf(tmp_path, progress=False)
+    assert arch.rope_scaling is not None and arch.rope_scaling.type == "llama3"
+    assert arch.num_kv_heads < arch.num_heads and arch.tie_embeddings == tie
+    assert (params.lm_head is None) == tie
+    rng = np.random.default_rng(0)
+    # Prompts longer than the rope scaling's original context (32) exercise the scaled frequencies.
+    prompts = [rng.integers(0, 256, n).tolist() for n in (5, 12, 16, 9)]
+    prompts.append(rng.integers(0, 256, 60).tolist())
+    _check_prefill_and_decode(model, arch, params, prompts[:4], TINY_BOUND)
+    tokens, lengths = _padded(prompts[4:], 64)
+    logits, _ = prefill_jit(jax.device_put(params), tokens, lengths, arch)
+    np.testing.assert_allclose(np.asarray(logits[0]), _reference_logits(model, prompts[4])[-1], atol=TINY_BOUND, rtol=0)
+
+
+def test_smollm2_gguf_matches_transformers(smollm2_gguf, hf_smollm2, hf_smollm2_tokenizer):
+    arch, params = load_gguf(smollm2_gguf, progress=False)
+    assert (arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads) == (30, 576, 9, 3)
+    assert arch.tie_embeddings and arch.rope_theta == 100000.0
+    texts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Hello! How are you today? I"]
+    prompts = [hf_smollm2_tokenizer(t)["input_ids"] for t in texts]
+    _check_prefill_and_decode(hf_smollm2, arch, params, prompts, SMOLLM2_BOUND)
