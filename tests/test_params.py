@@ -1,0 +1,56 @@
+"""Parameter and cache pytrees: every array carries one logical axis name per dimension."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from jds.model.architecture import Architecture
+from jds.model.kv_cache import KVCache, insert
+from jds.model.params import build_params, init_params, logical_axes, param_shapes
+
+ARCH = Architecture(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_every_parameter_has_one_axis_name_per_dimension(tie):
+    arch = ARCH.model_copy(update={"tie_embeddings": tie})
+    params = init_params(arch, jax.random.key(0))
+    specs = logical_axes(params)
+    arrays, specs_flat = jax.tree.leaves(params), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    assert len(arrays) == len(specs_flat) == len(param_shapes(arch))
+    for array, spec in zip(arrays, specs_flat):
+        assert len(spec) == array.ndim
+    assert jax.tree.leaves(specs.layers, is_leaf=lambda x: isinstance(x, PartitionSpec))[0][0] == "layers"
+    assert (params.lm_head is None) == tie
+
+
+def test_cache_axes_and_insert_into_slots():
+    cache = KVCache.zeros(ARCH, batch=4, seq=16, dtype=jnp.float32)
+    assert len(logical_axes(cache).k) == cache.k.ndim and logical_axes(cache).k[1] == "batch"
+    update = KVCache(k=jnp.ones((3, 2, 2, 8, 8)), v=2 * jnp.ones((3, 2, 2, 8, 8)))
+    cache = jax.jit(insert, donate_argnums=0)(cache, update, np.array([2, 4]))  # slot 4 is padding: dropped
+    k = np.asarray(cache.k)
+    assert k[:, 2, :, :8].min() == 1 and k[:, 2, :, 8:].max() == 0
+    assert k[:, [0, 1, 3]].max() == 0
+    assert np.asarray(cache.v)[:, 2, :, :8].min() == 2
+
+
+def test_build_params_names_wrong_shapes():
+    arrays = {name: np.zeros(shape, np.float32) for name, shape in param_shapes(ARCH).items()}
+    arrays["w_up"] = np.zeros((3, 32, 47), np.float32)
+    with pytest.raises(ValueError, match=r"'w_up' has shape \(3, 32, 47\).*\(3, 32, 48\)"):
+        build_params(ARCH, arrays)
+    del arrays["w_up"]
+    with pytest.raises(ValueError, match="missing.*w_up"):
+        build_params(ARCH, arrays)
+
+
+def test_architecture_rejects_inconsistent_heads():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        Architecture(vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=1, num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="head_dim"):
+        Architecture(vocab_size=8, hidden_size=30, intermediate_size=8, num_layers=1, num_heads=4, num_kv_heads=2)
