@@ -133,7 +133,7 @@ class Generator:
     def _admit(self, admitted: list[Request], free: list[int], active: dict[int, _Active], done: dict) -> None:
         longest = max(len(r.prompt_ids) for r in admitted)
         bucket = next(b for b in self.buckets if b >= longest)
-        batch = min(_pow2_at_least(len(admitted)), _pow2_at_least(self.slots))
+        batch = _pow2_at_least(len(admitted))
         tokens = np.zeros((batch, bucket), np.int32)
         lengths = np.ones(batch, np.int32)
         slot_ids = np.full(batch, self.slots, np.int32)  # out of range: padding rows are dropped
