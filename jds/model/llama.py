@@ -42,6 +42,30 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, t, h, hd)
 
 
+def _decode_attention(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, earlier: jax.Array, k_new: jax.Array, v_new: jax.Array
+) -> jax.Array:
+    """Attention of one new token over the cached positions before it plus its own K/V.
+
+    q: ``[B, 1, H, hd]``; caches ``[B, KV, S, hd]`` with ``earlier`` ``[B, 1, S]`` marking the
+    positions to use; k_new, v_new: ``[B, KV, 1, hd]``. The softmax over the two parts is joined by
+    hand so the cache is never concatenated (copied).
+    """
+    b, _, h, hd = q.shape
+    kv = k_cache.shape[1]
+    qg = q.reshape(b, 1, kv, h // kv, hd)
+    scale = hd**-0.5
+    old = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    old = jnp.where(earlier[:, None, None, :, :], old, _MASKED)
+    new = jnp.einsum("btkgd,bksd->bkgts", qg, k_new, preferred_element_type=jnp.float32) * scale
+    top = jnp.maximum(old.max(axis=-1, keepdims=True), new)
+    p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
+    total = p_old.sum(axis=-1, keepdims=True) + p_new
+    out = jnp.einsum("bkgts,bksd->btkgd", (p_old / total).astype(v_cache.dtype), v_cache)
+    out = out + jnp.einsum("bkgts,bksd->btkgd", (p_new / total).astype(v_new.dtype), v_new)
+    return out.reshape(b, 1, h, hd)
+
+
 def mlp(x: jax.Array, layer: LayerParams) -> jax.Array:
     gate = jnp.einsum("btd,df->btf", x, layer.w_gate)
     up = jnp.einsum("btd,df->btf", x, layer.w_up)
@@ -105,21 +129,22 @@ def decode_step(
     the cache donated so the writes happen in place.
     """
     b = tokens.shape[0]
-    rows = jnp.arange(b)
-    mask = (jnp.arange(cache.seq)[None, :] <= positions[:, None])[:, None, :]  # [B, 1, S]
+    earlier = (jnp.arange(cache.seq)[None, :] < positions[:, None])[:, None, :]  # [B, 1, S]
     x = params.embed[tokens][:, None, :]
 
-    def layer_step(carry, layer_and_index):
-        x, cache = carry
+    # The cache is only read inside the layer loop; the new K/V of all layers are written once
+    # after it. Writing into the cache inside the loop made XLA copy the whole cache per layer.
+    def layer_step(x: jax.Array, layer_and_index):
         layer, i = layer_and_index
         q, k, v = _qkv(x, layer, positions[:, None], arch)
-        cache = KVCache(
-            k=cache.k.at[i, rows, :, positions].set(k[:, :, 0]),
-            v=cache.v.at[i, rows, :, positions].set(v[:, :, 0]),
-        )
-        out = attention(q, cache.k[i], cache.v[i], mask)
-        return (_finish_layer(x, out, layer, arch), cache), None
+        x = _finish_layer(x, _decode_attention(q, cache.k[i], cache.v[i], earlier, k, v), layer, arch)
+        return x, (k[:, :, 0], v[:, :, 0])
 
     layer_ids = jnp.arange(cache.k.shape[0])
-    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (params.layers, layer_ids))
+    x, (k_new, v_new) = jax.lax.scan(layer_step, x, (params.layers, layer_ids))
+    rows = jnp.arange(b)
+    cache = KVCache(
+        k=cache.k.at[:, rows, :, positions].set(k_new.transpose(1, 0, 2, 3)),
+        v=cache.v.at[:, rows, :, positions].set(v_new.transpose(1, 0, 2, 3)),
+    )
     return logits(params, x[:, 0], arch), cache
