@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, model_validator
 
+from jds.mesh.placement import Placement
 from jds.model.architecture import Architecture
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -60,6 +61,7 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: ModelSection
+    placement: Placement = Field(default_factory=Placement)
     _base_dir: Path = PrivateAttr(default=Path("."))
 
     def resolve_path(self, value: str) -> Path:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Sequence
+from typing import Any
 
-from jds.config import Config, load_config
-from jds.engine.generator import Generator
-from jds.engine.request import Request, RequestOutput, validate_prompt
+from jds.config import Config, ConfigError, load_config
+from jds.engine.engine import Engine
+from jds.engine.request import Request, RequestOutput
+from jds.mesh.placement import Placement
 from jds.model.loader import LoadedModel, load_model
 from jds.model.tokenizer import Tokenizer
 from jds.sampling_params import SamplingParams
@@ -21,14 +23,36 @@ class LLM:
     """``LLM("configs/smollm2-135m.yaml").generate(["Hello"], SamplingParams(max_tokens=32))``.
 
     Prompts are strings (encoded with the model's tokenizer) or lists of token ids. Requests run
-    together with continuous batching over ``slots`` decode slots.
+    on the config's placement (or ``placement``, a mapping like the config's section), with
+    continuous batching. ``close()`` (or a ``with`` block) stops the engine's threads.
     """
 
-    def __init__(self, config: str | os.PathLike | Config | None = None, *, slots: int = 8, progress: bool = True):
+    def __init__(
+        self,
+        config: str | os.PathLike | Config | None = None,
+        *,
+        placement: Placement | dict[str, Any] | None = None,
+        warmup: bool = False,
+        progress: bool = True,
+    ):
         self.config = config if isinstance(config, Config) else load_config(config)
+        if placement is not None and not isinstance(placement, Placement):
+            try:
+                placement = Placement.model_validate(placement)
+            except ValueError as exc:
+                raise ConfigError(f"invalid placement: {exc}") from None
         self.model: LoadedModel = load_model(self.config, progress)
-        self.generator = Generator(self.model, slots)
+        self.engine = Engine(self.model, placement or self.config.placement, warmup=warmup, progress=progress)
         self._ids = itertools.count()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.engine.shutdown()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -69,11 +93,14 @@ class LLM:
             sampling_params = [sampling_params] * len(prompt_ids)
         if len(sampling_params) != len(prompt_ids):
             raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompt_ids)} prompts")
-        requests = []
-        for ids, params in zip(prompt_ids, sampling_params):
-            validate_prompt(ids, self.model.arch.vocab_size, self.model.max_seq_len)
-            requests.append(Request(str(next(self._ids)), ids, params, params.resolved_seed()))
-        return self.generator.generate(requests)
+        requests = [
+            Request(f"offline-{next(self._ids)}", ids, params, params.resolved_seed())
+            for ids, params in zip(prompt_ids, sampling_params)
+        ]
+        for r in requests:
+            self.engine.validate(r)  # refuse a bad request before any of them starts
+        streams = [self.engine.submit(r) for r in requests]
+        return [s.result() for s in streams]
 
 
 def _is_token(value: object) -> bool:

@@ -50,4 +50,6 @@ def hf_smollm2_tokenizer(smollm2_gguf):
 def smollm2_llm():
     from jds import LLM
 
-    return LLM(CONFIGS / "smollm2-135m.yaml", slots=4, progress=False)
+    llm = LLM(CONFIGS / "smollm2-135m.yaml", placement={"instances": {"devices": [0], "slots": 4}}, progress=False)
+    yield llm
+    llm.close()

@@ -34,7 +34,7 @@ def _hf_greedy(model, tokenizer, ids: list[int], max_new: int) -> list[int]:
 
 def test_greedy_generation_is_token_identical_to_transformers(smollm2_llm, hf_smollm2, hf_smollm2_tokenizer):
     # More prompts than slots: requests join as others finish (continuous batching).
-    assert len(PROMPTS) > smollm2_llm.generator.slots
+    assert len(PROMPTS) > smollm2_llm.engine.slot_usage()[1]
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=False, stop_token_ids=[2])
     outputs = smollm2_llm.generate(PROMPTS, params)
     for prompt, out in zip(PROMPTS, outputs):
@@ -107,9 +107,9 @@ def test_bad_requests_are_refused_and_the_engine_keeps_working(smollm2_llm, prom
 
 
 def test_random_weights_config_generates_from_token_ids(caplog):
-    llm = LLM(CONFIGS / "tiny.yaml", slots=2, progress=False)
-    assert any("RANDOM" in r.message for r in caplog.records)
-    outs = llm.generate([[1, 2, 3], "hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    with LLM(CONFIGS / "tiny.yaml", progress=False) as llm:
+        assert any("RANDOM" in r.message for r in caplog.records)
+        outs = llm.generate([[1, 2, 3], "hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [5, 5]
     assert all(0 <= t < 49152 for o in outs for t in o.token_ids)
 

@@ -9,6 +9,8 @@ mask or permutation moves logits by whole units).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -25,6 +27,14 @@ SMOLLM2_BOUND = 1e-3
 
 prefill_jit = jax.jit(llama.prefill, static_argnums=3)
 decode_jit = jax.jit(llama.decode_step, static_argnums=4)
+CHUNK = 5
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def chunk_jit(params, cache, tokens, start, row, arch):
+    """Logits at every position of a prompt chunk written into cache row ``row``."""
+    x, cache = llama.decoder_layers(params.layers, cache, llama.embed(params, tokens), start, row, arch)
+    return jax.vmap(lambda h: llama.logits(params, h, arch), in_axes=1, out_axes=1)(x), cache
 
 
 def _padded(prompts: list[list[int]], bucket: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +60,7 @@ def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bou
         np.testing.assert_allclose(np.asarray(logits[i]), ref[split[i] - 1], atol=bound, rtol=0)
 
     # Decode the rest of each prompt token by token from slots that are not the prefill rows.
-    cache = insert(KVCache.zeros(arch, len(prompts) + 1, 64, params.embed.dtype), kv, np.arange(1, len(prompts) + 1))
+    cache = insert(KVCache.zeros(arch, len(prompts) + 1, 64, params.embed.dtype), kv.stacked(), np.arange(1, len(prompts) + 1))
     positions = np.array([0] + split, np.int32)
     for _ in range(max(len(p) - s for p, s in zip(prompts, split))):
         step_tokens = np.array([0] + [p[min(pos, len(p) - 1)] for p, pos in zip(prompts, positions[1:])], np.int32)
@@ -59,6 +69,16 @@ def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bou
             if positions[i + 1] < len(p):
                 np.testing.assert_allclose(np.asarray(logits[i + 1]), ref[positions[i + 1]], atol=bound, rtol=0)
         positions = positions + 1
+
+    # Chunked prefill: each prompt in chunks of 5 against its own cache row, every position checked.
+    cache = KVCache.zeros(arch, 2, 64, params.embed.dtype)
+    for p, ref in zip(prompts, refs):
+        for start in range(0, len(p), CHUNK):
+            chunk = np.zeros((1, CHUNK), np.int32)
+            chunk[0, : len(p[start : start + CHUNK])] = p[start : start + CHUNK]
+            logits, cache = chunk_jit(params, cache, chunk, np.array([start], np.int32), 1, arch)
+            real = min(CHUNK, len(p) - start)
+            np.testing.assert_allclose(np.asarray(logits[0, :real]), ref[start : start + real], atol=bound, rtol=0)
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -31,7 +31,7 @@ def test_every_parameter_has_one_axis_name_per_dimension(tie):
 def test_cache_axes_and_insert_into_slots():
     cache = KVCache.zeros(ARCH, batch=4, seq=16, dtype=jnp.float32)
     assert len(logical_axes(cache).k) == cache.k.ndim and logical_axes(cache).k[1] == "batch"
-    update = KVCache(k=jnp.ones((3, 2, 2, 8, 8)), v=2 * jnp.ones((3, 2, 2, 8, 8)))
+    update = KVCache(k=jnp.ones((3, 2, 2, 8, 8)), v=2 * jnp.ones((3, 2, 2, 8, 8))).stacked()
     cache = jax.jit(insert, donate_argnums=0)(cache, update, np.array([2, 4]))  # slot 4 is padding: dropped
     k = np.asarray(cache.k)
     assert k[:, 2, :, :8].min() == 1 and k[:, 2, :, 8:].max() == 0

@@ -7,7 +7,7 @@ from typing import Literal
 
 from jds.sampling_params import SamplingParams
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +20,61 @@ class Request:
     seed: int
 
 
+@dataclasses.dataclass
+class RequestTimings:
+    """Wall-clock marks of one request (``time.perf_counter`` seconds), its KV handoff and route.
+
+    TTFT is ``first_token - arrival``; TPOT is ``(finished - first_token) / (tokens - 1)``, as
+    DistServe and vLLM define them (TTFT is not part of TPOT).
+    """
+
+    arrival: float
+    prefill_start: float | None = None
+    first_token: float | None = None
+    transfer_seconds: float = 0.0  # prefill KV to the decode devices (0 when colocated)
+    transfer_bytes: int = 0  # of the whole batch transfer it rode in (rows of other requests included)
+    finished: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)  # one mark per generated token
+    route: list[str] = dataclasses.field(default_factory=list)  # the instances that served it, in order
+
+    @property
+    def queue(self) -> float | None:
+        return None if self.prefill_start is None else self.prefill_start - self.arrival
+
+    @property
+    def prefill(self) -> float | None:
+        return None if self.first_token is None or self.prefill_start is None else self.first_token - self.prefill_start
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        if self.finished is None or self.first_token is None or len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.first_token) / (len(self.token_times) - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamOutput:
+    """One message of a request's stream: the tokens and text since the previous message.
+
+    The last message has ``finish_reason`` set (and ``error`` when it is ``"error"``).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    timings: RequestTimings | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestOutput:
     """A finished request: the generated ids (a stop token included), their text, and why it ended."""
@@ -29,6 +84,8 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finish_reason: FinishReason
+    timings: RequestTimings | None = None
+    error: str | None = None
 
 
 def validate_prompt(prompt_ids: tuple[int, ...], vocab_size: int, max_seq_len: int) -> None:

@@ -42,28 +42,30 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, t, h, hd)
 
 
-def _decode_attention(
-    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, earlier: jax.Array, k_new: jax.Array, v_new: jax.Array
+def attention_with_cache(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cached: jax.Array, k_new: jax.Array, v_new: jax.Array
 ) -> jax.Array:
-    """Attention of one new token over the cached positions before it plus its own K/V.
+    """Attention of new tokens over cached positions plus, causally, over each other.
 
-    q: ``[B, 1, H, hd]``; caches ``[B, KV, S, hd]`` with ``earlier`` ``[B, 1, S]`` marking the
-    positions to use; k_new, v_new: ``[B, KV, 1, hd]``. The softmax over the two parts is joined by
-    hand so the cache is never concatenated (copied).
+    q: ``[B, T, H, hd]``; caches ``[B, KV, S, hd]`` with ``cached`` ``[B, 1, S]`` marking the
+    positions written before these tokens; k_new, v_new: ``[B, KV, T, hd]``. Decode is ``T == 1``,
+    a chunk of a long prompt is ``T > 1``. The softmax over the two parts is joined by hand so the
+    cache is never concatenated (copied).
     """
-    b, _, h, hd = q.shape
+    b, t, h, hd = q.shape
     kv = k_cache.shape[1]
-    qg = q.reshape(b, 1, kv, h // kv, hd)
+    qg = q.reshape(b, t, kv, h // kv, hd)
     scale = hd**-0.5
     old = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * scale
-    old = jnp.where(earlier[:, None, None, :, :], old, _MASKED)
+    old = jnp.where(cached[:, None, None, :, :], old, _MASKED)
     new = jnp.einsum("btkgd,bksd->bkgts", qg, k_new, preferred_element_type=jnp.float32) * scale
-    top = jnp.maximum(old.max(axis=-1, keepdims=True), new)
+    new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), new, _MASKED)
+    top = jnp.maximum(old.max(axis=-1, keepdims=True), new.max(axis=-1, keepdims=True))
     p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
-    total = p_old.sum(axis=-1, keepdims=True) + p_new
+    total = p_old.sum(axis=-1, keepdims=True) + p_new.sum(axis=-1, keepdims=True)
     out = jnp.einsum("bkgts,bksd->btkgd", (p_old / total).astype(v_cache.dtype), v_cache)
     out = out + jnp.einsum("bkgts,bksd->btkgd", (p_new / total).astype(v_new.dtype), v_new)
-    return out.reshape(b, 1, h, hd)
+    return out.reshape(b, t, h, hd)
 
 
 def mlp(x: jax.Array, layer: LayerParams) -> jax.Array:
@@ -95,6 +97,11 @@ def logits(params: Params, x: jax.Array, arch: Architecture) -> jax.Array:
     return jnp.einsum("bd,dv->bv", h, params.lm_head, preferred_element_type=jnp.float32)
 
 
+def embed(params: Params, tokens: jax.Array) -> jax.Array:
+    """Token ids ``[B, T]`` to activations ``[B, T, D]``."""
+    return params.embed[tokens]
+
+
 def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Architecture) -> tuple[jax.Array, KVCache]:
     """Run whole prompts.
 
@@ -106,7 +113,7 @@ def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Archite
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     idx = jnp.arange(t)
     mask = (idx[None, :, None] >= idx[None, None, :]) & (idx[None, None, :] < lengths[:, None, None])
-    x = params.embed[tokens]
+    x = embed(params, tokens)
 
     def layer_step(x: jax.Array, layer: LayerParams):
         q, k, v = _qkv(x, layer, positions, arch)
@@ -118,33 +125,50 @@ def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Archite
     return logits(params, last, arch), KVCache(k=k, v=v)
 
 
-def decode_step(
-    params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array, arch: Architecture
+def decoder_layers(
+    layers: LayerParams, cache: KVCache, x: jax.Array, start: jax.Array, row_offset: jax.Array | int, arch: Architecture
 ) -> tuple[jax.Array, KVCache]:
-    """One token for every cache row.
+    """Run new tokens through the given layers against cache rows ``row_offset .. row_offset + B``.
 
-    tokens: ``[B]`` the newest token of each row; positions: ``[B]`` where that token sits (equal
-    to the row's length before it). The token's K and V are written at its position, and it attends
-    to positions ``0..position``. Returns logits ``[B, vocab]`` and the updated cache; jit it with
+    x: ``[B, T, D]``, the tokens of row b sitting at positions ``start[b] .. start[b] + T``. They
+    attend to the row's cached positions before ``start[b]`` and causally to each other; their
+    K/V are written at their positions (positions past the cache are dropped). ``layers`` and
+    ``cache`` hold the same layer range, so a pipeline stage runs exactly its own slice. Jit with
     the cache donated so the writes happen in place.
     """
-    b = tokens.shape[0]
-    earlier = (jnp.arange(cache.seq)[None, :] < positions[:, None])[:, None, :]  # [B, 1, S]
-    x = params.embed[tokens][:, None, :]
+    b, t, _ = x.shape
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    cached = (jnp.arange(cache.seq)[None, :] < start[:, None])[:, None, :]  # [B, 1, S]
+    block = (1, b) + cache.k.shape[2:]
 
     # The cache is only read inside the layer loop; the new K/V of all layers are written once
     # after it. Writing into the cache inside the loop made XLA copy the whole cache per layer.
     def layer_step(x: jax.Array, layer_and_index):
         layer, i = layer_and_index
-        q, k, v = _qkv(x, layer, positions[:, None], arch)
-        x = _finish_layer(x, _decode_attention(q, cache.k[i], cache.v[i], earlier, k, v), layer, arch)
-        return x, (k[:, :, 0], v[:, :, 0])
+        q, k, v = _qkv(x, layer, positions, arch)
+        k_old = jax.lax.dynamic_slice(cache.k, (i, row_offset, 0, 0, 0), block)[0]
+        v_old = jax.lax.dynamic_slice(cache.v, (i, row_offset, 0, 0, 0), block)[0]
+        x = _finish_layer(x, attention_with_cache(q, k_old, v_old, cached, k, v), layer, arch)
+        return x, (k, v)
 
     layer_ids = jnp.arange(cache.k.shape[0])
-    x, (k_new, v_new) = jax.lax.scan(layer_step, x, (params.layers, layer_ids))
-    rows = jnp.arange(b)
+    x, (k_new, v_new) = jax.lax.scan(layer_step, x, (layers, layer_ids))
+    rows = (row_offset + jnp.arange(b))[:, None]
+    # k_new: [L, B, KV, T, hd]; the indexed cache view is [B, T, L, KV, hd].
     cache = KVCache(
-        k=cache.k.at[:, rows, :, positions].set(k_new.transpose(1, 0, 2, 3)),
-        v=cache.v.at[:, rows, :, positions].set(v_new.transpose(1, 0, 2, 3)),
+        k=cache.k.at[:, rows, :, positions].set(k_new.transpose(1, 3, 0, 2, 4), mode="drop"),
+        v=cache.v.at[:, rows, :, positions].set(v_new.transpose(1, 3, 0, 2, 4), mode="drop"),
     )
+    return x, cache
+
+
+def decode_step(
+    params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array, arch: Architecture
+) -> tuple[jax.Array, KVCache]:
+    """One token for every cache row, all layers at once (the single-stage case).
+
+    tokens: ``[B]`` the newest token of each row; positions: ``[B]`` where that token sits (equal
+    to the row's length before it). Returns logits ``[B, vocab]`` and the updated cache.
+    """
+    x, cache = decoder_layers(params.layers, cache, embed(params, tokens[:, None]), positions, 0, arch)
     return logits(params, x[:, 0], arch), cache

@@ -1,0 +1,149 @@
+"""The colocated baseline: one thread per instance runs both phases on the same devices.
+
+Prefill first, as in Orca and vLLM: whenever slots are free and requests wait, a prefill batch
+runs before the next decode step, and every running request waits for it (the interference
+DistServe removes). With ``chunked_prefill: C`` a prompt is prefilled C tokens per iteration,
+written straight into its slot's cache, with a decode step between chunks, so a long prompt
+delays running requests by at most one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+
+from jds.engine.decode import DecodeBatch
+from jds.engine.prefill import POLL_SECONDS, prefill_batch
+from jds.engine.programs import Pipeline, PrefillProgram, empty_rows, set_row
+from jds.engine.sequence import Sequence
+from jds.engine.slots import SlotPool
+from jds.engine.waiting import WaitingQueue
+
+
+@dataclasses.dataclass
+class _Chunking:
+    """A prompt being prefilled chunk by chunk into its slot."""
+
+    seq: Sequence
+    slot: int
+    done: int = 0  # prompt tokens already in the cache
+
+
+class ColocatedWorker:
+    def __init__(
+        self,
+        name: str,
+        program: PrefillProgram,
+        pipeline: Pipeline,
+        pool: SlotPool,
+        waiting: WaitingQueue,
+        chunk: int | None,
+        stop: threading.Event,
+    ):
+        self.name = name
+        self.program = program
+        self.pipeline = pipeline
+        self.pool = pool
+        self.batch = DecodeBatch(pipeline, pool)
+        self.chunk = chunk
+        self._waiting = waiting
+        self._stop = stop
+        self._chunking: _Chunking | None = None
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.pipeline.max_seq_len
+
+    def _accepts(self, seq: Sequence) -> bool:
+        return seq.prompt_len + seq.limit <= self.max_seq_len
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            idle = not self.batch.active and self._chunking is None
+            timeout = POLL_SECONDS if idle else 0.0
+            if self.chunk is None:
+                self._admit(timeout)
+            else:
+                self._prefill_chunk(timeout)
+            self.batch.reap_aborted()
+            if self.batch.active:
+                self.batch.step()
+
+    def _admit(self, timeout: float) -> None:
+        free = self.pool.free
+        if not free:
+            return
+        limit = min(free, self.program.batching.max_batch)
+        seqs = self._waiting.take(self.program.fits, self._accepts, limit, timeout)
+        if not seqs:
+            return
+        for s in seqs:
+            s.timings.route.append(self.name)
+        going, kv = prefill_batch(self.program, seqs)
+        if not going:
+            return
+        slot_ids = np.full(kv.shape[2], self.pipeline.slots, np.int32)
+        for row, seq in going:
+            slot_ids[row] = self.pool.try_reserve()
+        try:
+            self.pipeline.insert([kv], slot_ids)
+        except Exception as exc:
+            for row, seq in going:
+                seq.publish("error", f"KV insert failed: {exc}")
+                self.pool.release(int(slot_ids[row]))
+            self.batch.fail_all(f"KV insert failed: {exc}")
+            return
+        for row, seq in going:
+            self.batch.join(seq, int(slot_ids[row]))
+
+    def _prefill_chunk(self, timeout: float) -> None:
+        """Advance the prompt being chunked by one chunk, taking a new one when none is."""
+        if self._chunking is None:
+            if not self.pool.free:
+                return
+            seqs = self._waiting.take(lambda lengths: True, self._accepts, 1, timeout)
+            if not seqs:
+                return
+            seqs[0].timings.prefill_start = time.perf_counter()
+            seqs[0].timings.route.append(self.name)
+            self._chunking = _Chunking(seqs[0], self.pool.try_reserve())
+        c = self._chunking
+        seq = c.seq
+        if seq.aborted.is_set():
+            self._end_chunking("abort")
+            return
+        prompt = seq.request.prompt_ids
+        real = min(self.chunk, seq.prompt_len - c.done)
+        tokens = np.zeros((1, self.chunk), np.int32)
+        tokens[0, :real] = prompt[c.done : c.done + real]
+        rows = empty_rows(1)
+        set_row(rows, 0, seq)
+        try:
+            out = self.pipeline.forward(
+                tokens, np.array([c.done], np.int32), c.slot, np.array([real - 1], np.int32), rows, np.zeros(1, np.int32)
+            )
+            c.done += real
+            if c.done < seq.prompt_len:
+                return
+            first, is_stop = np.asarray(out[0]), np.asarray(out[1])
+        except Exception as exc:
+            self._end_chunking("error", f"chunked prefill failed: {exc}")
+            self.batch.fail_all(f"chunked prefill failed: {exc}")
+            return
+        self._chunking = None
+        reason = seq.add(int(first[0]), bool(is_stop[0]))
+        seq.publish(reason)
+        if reason is None:
+            self.batch.join(seq, c.slot)
+        else:
+            self.pool.release(c.slot)
+
+    def _end_chunking(self, reason: str, error: str | None = None) -> None:
+        c = self._chunking
+        self._chunking = None
+        c.seq.publish(reason, error)
+        self.pool.release(c.slot)

@@ -1,0 +1,141 @@
+"""The decode side: slots that advance together one token per step, and the disaggregated decode worker.
+
+``DecodeBatch`` is the state both the decode worker and the colocated worker step: which sequence
+holds which slot, each slot's sampling row, the pipeline that owns the KV. ``DecodeWorker`` is
+one thread per decode instance: it inserts KV deliveries into free slots between steps and steps
+while anything is active.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+
+import numpy as np
+
+from jds.engine.programs import Pipeline, empty_rows, set_row
+from jds.engine.sequence import Sequence
+from jds.engine.slots import SlotPool
+from jds.transfer.handoff import StageTarget
+
+log = logging.getLogger(__name__)
+
+
+class DecodeBatch:
+    """The sequences holding slots of one pipeline; only the owning worker thread calls it."""
+
+    def __init__(self, pipeline: Pipeline, pool: SlotPool):
+        self.pipeline = pipeline
+        self.pool = pool
+        self.active: dict[int, Sequence] = {}
+        self.rows = empty_rows(pipeline.slots)  # sampling settings, written when a request takes a slot
+
+    def join(self, seq: Sequence, slot: int) -> None:
+        self.active[slot] = seq
+        set_row(self.rows, slot, seq)
+
+    def leave(self, slot: int) -> None:
+        del self.active[slot]
+        self.pool.release(slot)
+
+    def reap_aborted(self) -> None:
+        for slot, seq in list(self.active.items()):
+            if seq.aborted.is_set():
+                seq.publish("abort")
+                self.leave(slot)
+
+    def step(self) -> None:
+        """One token for every active slot; finished sequences leave at once."""
+        n = self.pipeline.slots
+        tokens, steps = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        # Free slots still compute (whole microbatches run), but at a position past the cache, so
+        # their K/V writes are dropped: a slot being filled chunk by chunk must not be touched.
+        positions = np.full(n, self.pipeline.max_seq_len, np.int32)
+        active = np.zeros(n, bool)
+        for s, seq in self.active.items():
+            tokens[s], positions[s], steps[s], active[s] = seq.tokens[-1], seq.position, len(seq.tokens), True
+        try:
+            nxt, is_stop = self.pipeline.step(tokens, positions, self.rows, steps, active)
+        except Exception as exc:  # a failed program may have consumed the donated cache
+            log.exception("decode step failed")
+            self.fail_all(f"decode step failed: {exc}")
+            return
+        for s, seq in list(self.active.items()):
+            seq.position += 1
+            reason = seq.add(int(nxt[s]), bool(is_stop[s]))
+            seq.publish(reason)
+            if reason:
+                self.leave(s)
+
+    def fail_all(self, error: str) -> None:
+        for slot, seq in list(self.active.items()):
+            seq.publish("error", error)
+            self.leave(slot)
+        self.pipeline.reset()
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """A prefill batch's KV on this instance's devices, and which batch row goes to which slot."""
+
+    parts: list
+    rows: list[tuple[int, Sequence, int]]  # (batch row, sequence, reserved slot)
+    batch: int
+
+
+class DecodeWorker:
+    """One decode instance: a pipeline, its slots, and the thread that steps it."""
+
+    def __init__(self, name: str, pipeline: Pipeline, pool: SlotPool, stop: threading.Event):
+        self.name = name
+        self.pipeline = pipeline
+        self.pool = pool
+        self.batch = DecodeBatch(pipeline, pool)
+        self.inbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
+        self.targets = [StageTarget(st.span, st.kv_sharding) for st in pipeline.stages]
+        self._stop = stop
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.pipeline.max_seq_len
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._receive(wait=not self.batch.active)
+            self.batch.reap_aborted()
+            if self.batch.active:
+                self.batch.step()
+
+    def _receive(self, wait: bool) -> None:
+        try:
+            deliveries = [self.inbox.get(timeout=0.05) if wait else self.inbox.get_nowait()]
+        except queue.Empty:
+            return
+        while not self.inbox.empty():
+            deliveries.append(self.inbox.get_nowait())
+        for d in deliveries:
+            slot_ids = np.full(d.batch, self.pipeline.slots, np.int32)  # out of range: not inserted
+            live = []
+            for row, seq, slot in d.rows:
+                if seq.aborted.is_set():
+                    seq.publish("abort")
+                    self.pool.release(slot)
+                else:
+                    slot_ids[row] = slot
+                    live.append((seq, slot))
+            if not live:
+                continue
+            try:
+                self.pipeline.insert(d.parts, slot_ids)
+            except Exception as exc:
+                log.exception("KV insert failed")
+                for seq, slot in live:
+                    seq.publish("error", f"KV insert failed: {exc}")
+                    self.pool.release(slot)
+                self.batch.fail_all(f"KV insert failed: {exc}")
+                continue
+            for seq, slot in live:
+                self.batch.join(seq, slot)

@@ -1,0 +1,208 @@
+"""The engine: builds every instance of a placement, and is the one door requests come through.
+
+``submit`` validates a request and queues it; the caller reads its ``RequestStream``. Threads,
+one per role (JetStream style): per prefill instance a prefill thread and a transfer thread, per
+decode instance a decode thread, per colocated instance one thread for both phases. Requests
+flow between them through the shared waiting queue, bounded per-instance transfer queues and
+decode inboxes. ``abort`` only sets a flag (or takes the request out of the waiting queue); the
+thread that holds the request frees its slot and KV at its next check, within one decode step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jds.engine.colocated import ColocatedWorker
+from jds.engine.decode import DecodeWorker
+from jds.engine.prefill import DecodeRouter, PrefillWorker
+from jds.engine.programs import MAX_STOP_IDS, Pipeline, PrefillProgram, empty_rows, place_params
+from jds.engine.request import Request, validate_prompt
+from jds.engine.sequence import RequestStream, Sequence
+from jds.engine.slots import SlotPool
+from jds.engine.waiting import WaitingQueue
+from jds.mesh.fit import check_placement
+from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement
+from jds.mesh.stages import stage_spans
+from jds.model.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """All instances of one placement in this process; thread-safe ``submit`` / ``abort``."""
+
+    def __init__(self, model: LoadedModel, placement: Placement, *, warmup: bool = False, progress: bool = False):
+        self.model = model
+        self.placement = placement
+        devices = jax.devices()
+        check_placement(placement, model.arch, model.dtype.itemsize, model.max_seq_len, devices)
+        self._stop = threading.Event()
+        self._slots_changed = threading.Condition()
+        self._waiting = WaitingQueue()
+        self._lock = threading.Lock()
+        self._sequences: dict[str, Sequence] = {}
+        self.prefill_workers: list[PrefillWorker] = []
+        self.decode_workers: list[DecodeWorker] = []
+        self.colocated_workers: list[ColocatedWorker] = []
+        if placement.mode == "disaggregated":
+            self._build_disaggregated(devices)
+        else:
+            self._build_colocated(devices)
+        self.max_seq_len = max(w.max_seq_len for w in self.decode_workers + self.colocated_workers)
+        log.info("placement: %s", describe(placement))
+        if warmup:
+            self.warmup(progress)
+        for t in self._threads():
+            t.start()
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _pipeline(self, params, spec: DecodeInstance | ColocatedInstance, devices) -> Pipeline:
+        arch = self.model.arch
+        seq = spec.max_seq_len or self.model.max_seq_len
+        if isinstance(spec, DecodeInstance):
+            spans = stage_spans(arch.num_layers, spec.pp, spec.layers_per_stage)
+            stage_devices = [[devices[d] for d in spec.stage_devices(i)] for i in range(spec.pp)]
+            return Pipeline(arch, params, spans, stage_devices, spec.slots, seq, spec.num_microbatches)
+        spans = stage_spans(arch.num_layers, 1)
+        return Pipeline(arch, params, spans, [[devices[d] for d in spec.devices]], spec.slots, seq, 1)
+
+    def _build_disaggregated(self, devices) -> None:
+        params = self.model.params
+        for i, spec in enumerate(self.placement.decode):
+            pipeline = self._pipeline(params, spec, devices)
+            self.decode_workers.append(DecodeWorker(f"decode{i}", pipeline, SlotPool(spec.slots, self._slots_changed), self._stop))
+        router = DecodeRouter(self.decode_workers, self._slots_changed)
+        longest = max(w.max_seq_len for w in self.decode_workers)
+        for i, spec in enumerate(self.placement.prefill):
+            placed = place_params(params, [devices[d] for d in spec.devices])
+            program = PrefillProgram(self.model.arch, placed, longest, spec)
+            self.prefill_workers.append(PrefillWorker(f"prefill{i}", program, self._waiting, router, self._stop))
+
+    def _build_colocated(self, devices) -> None:
+        for i, spec in enumerate(self.placement.instances):
+            placed = place_params(self.model.params, [devices[d] for d in spec.devices])
+            pipeline = self._pipeline(placed, spec, devices)
+            program = PrefillProgram(self.model.arch, placed, pipeline.max_seq_len, spec)
+            pool = SlotPool(spec.slots, self._slots_changed)
+            self.colocated_workers.append(
+                ColocatedWorker(f"colocated{i}", program, pipeline, pool, self._waiting, spec.chunked_prefill, self._stop)
+            )
+
+    def _threads(self) -> list[threading.Thread]:
+        return (
+            [t for w in self.prefill_workers for t in w.threads]
+            + [w.thread for w in self.decode_workers]
+            + [w.thread for w in self.colocated_workers]
+        )
+
+    def warmup(self, progress: bool = False) -> None:
+        """Compile every program shape before serving, so no request pays for a compile."""
+        programs = [w.program for w in self.prefill_workers + self.colocated_workers]
+        pipelines = [w.pipeline for w in self.decode_workers + self.colocated_workers]
+        jobs = [(p.warmup, shape) for p in programs for shape in p.shapes()]
+        jobs += [(_warm_pipeline, (p,)) for p in pipelines]
+        shapes = sorted({shape for p in programs for shape in p.shapes()})
+        jobs += [(p.warm_insert, shape) for p in pipelines for shape in shapes]
+        jobs += [(_warm_chunk, (w.pipeline, w.chunk)) for w in self.colocated_workers if w.chunk]
+        for fn, args in tqdm(jobs, desc="compiling", unit="program", disable=not progress):
+            fn(*args)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def stop_ids(self, request: Request) -> tuple[int, ...]:
+        tok = self.model.tokenizer
+        eos = () if request.params.ignore_eos or tok is None else tok.eos_ids
+        ids = tuple(dict.fromkeys(eos + request.params.stop_token_ids))
+        if len(ids) > MAX_STOP_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_IDS} stop token ids per request (EOS included), got {len(ids)}")
+        return ids
+
+    def validate(self, request: Request) -> None:
+        """Raise ValueError naming the problem if the engine cannot run ``request``."""
+        validate_prompt(request.prompt_ids, self.model.arch.vocab_size, self.max_seq_len)
+        self.stop_ids(request)
+
+    def submit(self, request: Request) -> RequestStream:
+        """Queue a request; its stream yields tokens and text as they are produced."""
+        if self._stop.is_set():
+            raise RuntimeError("engine is shut down")
+        self.validate(request)
+        seq = Sequence(request, self.model.tokenizer, self.stop_ids(request), self.max_seq_len)
+        seq.on_finish = self._forget
+        with self._lock:
+            if request.request_id in self._sequences:
+                raise ValueError(f"request_id {request.request_id!r} is already running")
+            self._sequences[request.request_id] = seq
+        stream = seq.stream()
+        self._waiting.put(seq)
+        return stream
+
+    def _forget(self, seq: Sequence) -> None:
+        with self._lock:
+            self._sequences.pop(seq.request_id, None)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is; its slot and KV are freed. False if it is not running."""
+        with self._lock:
+            seq = self._sequences.get(request_id)
+        if seq is None:
+            return False
+        seq.aborted.set()
+        if self._waiting.remove(seq):
+            seq.publish("abort")
+        return True
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        with self._lock:
+            return len(self._sequences)
+
+    def slot_usage(self) -> tuple[int, int]:
+        """(slots in use, total slots) over every decode-capable instance."""
+        pools = [w.pool for w in self.decode_workers + self.colocated_workers]
+        return sum(p.in_use for p in pools), sum(p.size for p in pools)
+
+    def shutdown(self) -> None:
+        """Stop every thread; requests still running end with ``abort``."""
+        self._stop.set()
+        self._waiting.wake()
+        for t in self._threads():
+            if t.is_alive():
+                t.join()
+        with self._lock:
+            left = list(self._sequences.values())
+        for seq in left:
+            seq.publish("abort")
+
+
+def _warm_pipeline(pipeline: Pipeline) -> None:
+    n = pipeline.slots
+    zeros = np.zeros(n, np.int32)
+    pipeline.step(zeros, zeros, empty_rows(n), zeros, np.ones(n, bool))
+
+
+def _warm_chunk(pipeline: Pipeline, chunk: int) -> None:
+    one = np.zeros(1, np.int32)
+    jax.block_until_ready(pipeline.forward(np.zeros((1, chunk), np.int32), one, 0, one, empty_rows(1), one))
+
+
+def describe(placement: Placement) -> str:
+    """One line per instance, for logs and ModelInfo."""
+    parts = []
+    for where, inst in placement.named_instances():
+        shape = f"tp={inst.tp}" + (f" pp={inst.pp}" if isinstance(inst, DecodeInstance) else "")
+        extra = f" slots={inst.slots}" if not where.startswith("prefill") else ""
+        parts.append(f"{where} devices={inst.devices} {shape}{extra}")
+    return f"{placement.mode}: " + "; ".join(parts)

@@ -1,0 +1,167 @@
+"""The prefill side of a disaggregated placement: one prefill thread and one transfer thread per instance.
+
+The prefill thread takes FCFS batches from the shared waiting queue, runs them, publishes each
+request's first token (its TTFT), and puts the batch's KV on a small bounded queue. The transfer
+thread routes each request to the decode instance with the most free slots, reserves a slot, moves
+the KV with ``device_put`` and blocks until it has landed, then hands it to that instance's
+inbox. A full transfer queue stalls prefill: KV waiting for decode room stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import jax
+
+from jds.engine.decode import Delivery, DecodeWorker
+from jds.engine.programs import PrefillProgram
+from jds.engine.sequence import Sequence
+from jds.engine.waiting import WaitingQueue
+from jds.transfer.handoff import send_kv
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05
+PENDING_BATCHES = 2  # prefilled batches whose KV may wait for transfer per instance
+
+
+def prefill_batch(program: PrefillProgram, seqs: list[Sequence]) -> tuple[list[tuple[int, Sequence]], jax.Array | None]:
+    """Run one prefill batch and publish first tokens; the (row, sequence) pairs that go on to decode."""
+    now = time.perf_counter()
+    for s in seqs:
+        s.timings.prefill_start = now
+    try:
+        first, is_stop, kv = program.run(seqs)
+    except Exception as exc:
+        log.exception("prefill failed")
+        for s in seqs:
+            s.publish("error", f"prefill failed: {exc}")
+        return [], None
+    going = []
+    for i, s in enumerate(seqs):
+        if s.aborted.is_set():
+            s.publish("abort")
+            continue
+        reason = s.add(int(first[i]), bool(is_stop[i]))
+        s.publish(reason)
+        if reason is None:
+            going.append((i, s))
+    return going, kv
+
+
+def _any_prompt(seq: Sequence) -> bool:
+    return True  # prefill buckets reach the longest decode instance, so every valid prompt fits
+
+
+class DecodeRouter:
+    """Chooses the decode instance for a prefilled request: the one with the most free slots."""
+
+    def __init__(self, decoders: list[DecodeWorker], cond: threading.Condition):
+        self.decoders = decoders
+        self._cond = cond
+
+    def reserve(self, seq: Sequence) -> tuple[DecodeWorker, int] | None:
+        """A reserved slot on the least-loaded instance long enough for ``seq``, or None if all are full."""
+        need = seq.prompt_len + seq.limit
+        with self._cond:
+            fits = [d for d in self.decoders if d.max_seq_len >= need]
+            best = max(fits, key=lambda d: d.pool.free, default=None)
+            if best is None or not best.pool.free:
+                return None
+            return best, best.pool.try_reserve()
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
+
+
+class PrefillWorker:
+    """One prefill instance: its program, its prefill thread and its transfer thread."""
+
+    def __init__(self, name: str, program: PrefillProgram, waiting: WaitingQueue, router: DecodeRouter, stop: threading.Event):
+        self.name = name
+        self.program = program
+        self._waiting = waiting
+        self._router = router
+        self._stop = stop
+        self._pending: queue.Queue = queue.Queue(maxsize=PENDING_BATCHES)
+        self.threads = [
+            threading.Thread(target=self._prefill_loop, name=f"{name}", daemon=True),
+            threading.Thread(target=self._transfer_loop, name=f"{name}-transfer", daemon=True),
+        ]
+
+    # Each loop iteration is its own method call, so the KV it handled is released on return.
+    def _prefill_loop(self) -> None:
+        while not self._stop.is_set():
+            self._prefill_once()
+
+    def _prefill_once(self) -> None:
+        seqs = self._waiting.take(self.program.fits, _any_prompt, self.program.batching.max_batch, POLL_SECONDS)
+        if not seqs:
+            return
+        for s in seqs:
+            s.timings.route.append(self.name)
+        going, kv = prefill_batch(self.program, seqs)
+        if going:
+            self._put_pending((kv, going))
+
+    def _put_pending(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._pending.put(item, timeout=POLL_SECONDS)
+                return
+            except queue.Full:
+                continue
+        for _, seq in item[1]:
+            seq.publish("abort")
+
+    def _transfer_loop(self) -> None:
+        while not self._stop.is_set():
+            self._transfer_once()
+
+    def _transfer_once(self) -> None:
+        try:
+            kv, going = self._pending.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            return
+        self._route_and_send(kv, going)
+
+    def _route_and_send(self, kv: jax.Array, going: list[tuple[int, Sequence]]) -> None:
+        """Reserve a slot for each request and move its KV there.
+
+        Requests already holding a reservation are shipped before waiting for more room, so a
+        batch larger than an instance's free slots can never hold them hostage.
+        """
+        groups: dict[DecodeWorker, list[tuple[int, Sequence, int]]] = {}
+        for row, seq in going:
+            while True:
+                if seq.aborted.is_set() or self._stop.is_set():
+                    seq.publish("abort")
+                    break
+                got = self._router.reserve(seq)
+                if got is not None:
+                    decoder, slot = got
+                    groups.setdefault(decoder, []).append((row, seq, slot))
+                    break
+                self._ship(kv, groups)
+                groups = {}
+                self._router.wait(POLL_SECONDS)
+        self._ship(kv, groups)
+
+    def _ship(self, kv: jax.Array, groups: dict[DecodeWorker, list[tuple[int, Sequence, int]]]) -> None:
+        for decoder, rows in groups.items():
+            try:
+                handoff = send_kv(kv, decoder.targets)
+            except Exception as exc:
+                log.exception("KV transfer to %s failed", decoder.name)
+                for _, seq, slot in rows:
+                    seq.publish("error", f"KV transfer failed: {exc}")
+                    decoder.pool.release(slot)
+                continue
+            for _, seq, _ in rows:
+                seq.timings.transfer_seconds += handoff.seconds
+                seq.timings.transfer_bytes += handoff.bytes
+                seq.timings.route.append(decoder.name)
+            decoder.inbox.put(Delivery(handoff.parts, rows, kv.shape[2]))

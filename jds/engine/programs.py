@@ -1,0 +1,248 @@
+"""The compiled programs of an instance, each bound to its own devices.
+
+``PrefillProgram``: whole prompts, padded to length buckets, on one tensor-parallel mesh; returns
+the first sampled token and the KV in transit layout. ``Pipeline``: the decode side, one ``Stage``
+per layer range on its own mesh, each owning its weights and its slice of the slot cache. A
+pipeline step splits the slots into microbatches and dispatches stage after stage without
+waiting: JAX runs programs asynchronously, so while stage 1 works on microbatch 0, stage 0 already
+works on microbatch 1 (MPMD pipelining; see WORKSPACE.md for why not one SPMD program).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from jds.mesh.placement import PrefillBatching
+from jds.mesh.rules import make_mesh, mesh_spec, replicated, shardings
+from jds.mesh.stages import StageSpan, stage_params
+from jds.model import llama
+from jds.model.architecture import Architecture
+from jds.model.kv_cache import TRANSIT_AXES, KVCache, insert
+from jds.model.params import Params
+from jds.model.sampling import SamplingRows, sample
+
+MIN_BUCKET = 16
+MAX_STOP_IDS = 8
+
+
+def length_buckets(max_len: int) -> list[int]:
+    """Powers of two from MIN_BUCKET, capped by (and ending at) ``max_len``."""
+    buckets, b = [], MIN_BUCKET
+    while b < max_len:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_len]
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def empty_rows(n: int) -> SamplingRows:
+    """Host-side sampling rows: greedy, no stop ids."""
+    return SamplingRows(
+        temperature=np.zeros(n, np.float32),
+        top_k=np.zeros(n, np.int32),
+        top_p=np.ones(n, np.float32),
+        seed=np.zeros(n, np.uint32),
+        stop_ids=np.full((n, MAX_STOP_IDS), -1, np.int32),
+    )
+
+
+def set_row(rows: SamplingRows, i: int, seq) -> None:
+    """Write one sequence's sampling settings into row ``i`` of host-side rows."""
+    p = seq.request.params
+    rows.temperature[i], rows.top_k[i], rows.top_p[i], rows.seed[i] = p.temperature, p.top_k, p.top_p, seq.request.seed
+    rows.stop_ids[i] = -1
+    rows.stop_ids[i, : len(seq.stop_ids)] = seq.stop_ids
+
+
+def slice_rows(rows: SamplingRows, lo: int, hi: int) -> SamplingRows:
+    return jax.tree.map(lambda a: a[lo:hi], rows)
+
+
+def place_params(params: Params, devices: Seq[jax.Device]) -> Params:
+    """The whole model on a tensor-parallel mesh over ``devices``."""
+    mesh = make_mesh(devices)
+    return jax.device_put(params, shardings(params, mesh))
+
+
+def _prefill_and_sample(params: Params, tokens, lengths, rows: SamplingRows, *, arch: Architecture):
+    logits, kv = llama.prefill(params, tokens, lengths, arch)
+    first, is_stop = sample(logits, rows, jnp.zeros(tokens.shape[0], jnp.int32))
+    return first, is_stop, kv.stacked()
+
+
+class PrefillProgram:
+    """Prompt batches to first tokens and transit KV, on one mesh."""
+
+    def __init__(self, arch: Architecture, params: Params, max_len: int, batching: PrefillBatching):
+        self.arch = arch
+        self.params = params
+        self.mesh = jax.tree.leaves(params)[0].sharding.mesh
+        self.buckets = length_buckets(max_len)
+        self.batching = batching
+        self.kv_sharding = NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
+        self._fn = jax.jit(
+            functools.partial(_prefill_and_sample, arch=arch),
+            out_shardings=(replicated(self.mesh), replicated(self.mesh), self.kv_sharding),
+        )
+
+    def bucket(self, length: int) -> int:
+        return next(b for b in self.buckets if b >= length)
+
+    def cost(self, lengths: list[int]) -> int:
+        """Padded tokens a batch of these prompt lengths occupies."""
+        return self.bucket(max(lengths)) * pow2_at_least(len(lengths))
+
+    def fits(self, lengths: list[int]) -> bool:
+        """Whether these prompts may share one batch (a single prompt always may)."""
+        b = self.batching
+        return len(lengths) == 1 or (len(lengths) <= b.max_batch and self.cost(lengths) <= b.max_batch_tokens)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (batch, bucket) this program can be called with: what warm-up compiles."""
+        out = []
+        for bucket in self.buckets:
+            batch = 1
+            while batch == 1 or (batch <= self.batching.max_batch and batch * bucket <= self.batching.max_batch_tokens):
+                out.append((batch, bucket))
+                batch *= 2
+        return out
+
+    def run(self, seqs: list) -> tuple[np.ndarray, np.ndarray, jax.Array]:
+        """First token and stop flag per sequence (host), and the batch's KV (on this mesh)."""
+        lengths = [s.prompt_len for s in seqs]
+        batch, bucket = pow2_at_least(len(seqs)), self.bucket(max(lengths))
+        tokens = np.zeros((batch, bucket), np.int32)
+        true_lengths = np.ones(batch, np.int32)
+        rows = empty_rows(batch)
+        for i, s in enumerate(seqs):
+            tokens[i, : s.prompt_len] = s.request.prompt_ids
+            true_lengths[i] = s.prompt_len
+            set_row(rows, i, s)
+        first, is_stop, kv = self._fn(self.params, tokens, true_lengths, rows)
+        return np.asarray(first), np.asarray(is_stop), kv
+
+    def warmup(self, batch: int, bucket: int) -> None:
+        out = self._fn(self.params, np.zeros((batch, bucket), np.int32), np.ones(batch, np.int32), empty_rows(batch))
+        jax.block_until_ready(out)
+
+
+def _run_stage(params: Params, cache: KVCache, inputs, start, row_offset, last_index, rows, steps, *, arch, first, last):
+    """One stage's layers for one microbatch; the last stage also samples."""
+    x = llama.embed(params, inputs) if first else inputs
+    x, cache = llama.decoder_layers(params.layers, cache, x, start, row_offset, arch)
+    if not last:
+        return x, cache
+    h = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
+    return sample(llama.logits(params, h, arch), rows, steps), cache
+
+
+class Stage:
+    """A layer range with its weights and its slice of every slot's KV, on its own mesh."""
+
+    def __init__(self, arch: Architecture, params: Params, span: StageSpan, devices: Seq[jax.Device], slots: int, seq: int):
+        self.span = span
+        self.mesh = make_mesh(devices)
+        sp = stage_params(params, span) if span.num_layers != arch.num_layers else params
+        self.params = jax.device_put(sp, shardings(sp, self.mesh))
+        cache_shape = KVCache.zeros(arch, 1, 1, jnp.float32, span.num_layers)  # for its logical axes only
+        self.cache_sharding = shardings(cache_shape, self.mesh)
+        self.activations = replicated(self.mesh)
+        self.kv_sharding = NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
+        dtype = jax.tree.leaves(self.params)[0].dtype
+        self._zeros = jax.jit(
+            functools.partial(KVCache.zeros, arch, slots, seq, dtype, span.num_layers), out_shardings=self.cache_sharding
+        )
+        self.cache = self._zeros()
+        self._run = jax.jit(
+            functools.partial(_run_stage, arch=arch, first=span.first, last=span.last),
+            donate_argnums=1,
+            out_shardings=(self.activations, self.cache_sharding),
+        )
+        self._insert = jax.jit(insert, donate_argnums=0, out_shardings=self.cache_sharding)
+
+    def run(self, inputs, start, row_offset, last_index, rows, steps):
+        out, self.cache = self._run(self.params, self.cache, inputs, start, row_offset, last_index, rows, steps)
+        return out
+
+    def insert(self, kv: jax.Array, slot_ids: np.ndarray) -> None:
+        self.cache = self._insert(self.cache, kv, slot_ids)
+
+    def reset(self) -> None:
+        """A fresh cache, after a failed program may have consumed the donated one."""
+        self.cache = self._zeros()
+
+    def warm_insert(self, batch: int, bucket: int) -> None:
+        """Compile the insert of a (batch, bucket) prefill; nothing is written (all rows dropped)."""
+        k = self.cache.k
+        shape = (2, k.shape[0], batch, k.shape[2], bucket, k.shape[4])
+        kv = jax.jit(lambda: jnp.zeros(shape, k.dtype), out_shardings=self.kv_sharding)()
+        self.insert(kv, np.full(batch, k.shape[1], np.int32))
+
+
+class Pipeline:
+    """Decode slots spread over pipeline stages; ``step`` advances every active slot by one token."""
+
+    def __init__(
+        self,
+        arch: Architecture,
+        params: Params,
+        spans: list[StageSpan],
+        stage_devices: list[Seq[jax.Device]],
+        slots: int,
+        max_seq_len: int,
+        microbatches: int,
+    ):
+        self.slots = slots
+        self.max_seq_len = max_seq_len
+        self.microbatches = microbatches
+        self.stages = [Stage(arch, params, span, devs, slots, max_seq_len) for span, devs in zip(spans, stage_devices)]
+
+    def forward(self, tokens: np.ndarray, start: np.ndarray, row_offset: int, last_index: np.ndarray, rows, steps):
+        """Dispatch one microbatch through every stage (asynchronously); device (tokens, is_stop)."""
+        x = tokens
+        for stage in self.stages:
+            if not stage.span.first:
+                x = jax.device_put(x, stage.activations)
+            last = stage.span.last
+            x = stage.run(x, start, np.int32(row_offset), last_index if last else None, rows if last else None, steps if last else None)
+        return x
+
+    def step(self, tokens: np.ndarray, positions: np.ndarray, rows: SamplingRows, steps: np.ndarray, active: np.ndarray):
+        """Next token and stop flag of every slot (host arrays); microbatches without active slots are skipped."""
+        size = self.slots // self.microbatches
+        pending = []
+        for lo in range(0, self.slots, size):
+            hi = lo + size
+            if active[lo:hi].any():
+                out = self.forward(
+                    tokens[lo:hi, None], positions[lo:hi], lo, np.zeros(size, np.int32), slice_rows(rows, lo, hi), steps[lo:hi]
+                )
+                pending.append((lo, hi, out))
+        nxt = np.zeros(self.slots, np.int32)
+        is_stop = np.zeros(self.slots, bool)
+        for lo, hi, (t, s) in pending:
+            nxt[lo:hi], is_stop[lo:hi] = np.asarray(t), np.asarray(s)
+        return nxt, is_stop
+
+    def insert(self, parts: list[jax.Array], slot_ids: np.ndarray) -> None:
+        """Write transferred KV (one part per stage, already on its devices) into slots."""
+        for stage, kv in zip(self.stages, parts):
+            stage.insert(kv, slot_ids)
+
+    def reset(self) -> None:
+        for stage in self.stages:
+            stage.reset()
+
+    def warm_insert(self, batch: int, bucket: int) -> None:
+        for stage in self.stages:
+            stage.warm_insert(batch, bucket)
+        jax.block_until_ready([stage.cache for stage in self.stages])

@@ -1,0 +1,158 @@
+"""One request's life inside the engine, and the stream its caller reads.
+
+A ``Sequence`` is handed from thread to thread (waiting queue, prefill, transfer, decode) through
+queues, so exactly one worker touches it at a time; only ``aborted`` is set from outside. Every
+worker reports progress through ``publish``, which pushes a ``StreamOutput`` onto the caller's
+stream: new token ids, the text they complete, and on the last message the finish reason and
+timings.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from jds.engine.request import FinishReason, Request, RequestOutput, RequestTimings, StreamOutput
+from jds.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("jds.requests")
+
+
+class Sequence:
+    """Generated tokens, text, position, stop rules and timings of one request."""
+
+    def __init__(self, request: Request, tokenizer: Tokenizer | None, stop_ids: tuple[int, ...], max_seq_len: int):
+        self.request = request
+        self.stop_ids = stop_ids
+        self.detok = IncrementalDetokenizer(tokenizer, request.prompt_ids) if tokenizer is not None else None
+        self.tokens: list[int] = []
+        self.text = ""
+        self.position = len(request.prompt_ids)  # where the newest token sits once it is fed back
+        self.limit = min(request.params.max_tokens, max_seq_len - len(request.prompt_ids))
+        self.timings = RequestTimings(arrival=time.perf_counter())
+        self.aborted = threading.Event()
+        self.finish_reason: FinishReason | None = None
+        self.on_finish: Callable[[Sequence], None] | None = None  # the engine forgets it here
+        self._stream: queue.SimpleQueue[StreamOutput] = queue.SimpleQueue()
+        self._sent_tokens = 0
+        self._sent_chars = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int, is_stop: bool) -> FinishReason | None:
+        """Record a sampled token; the finish reason if the request is now done."""
+        now = time.perf_counter()
+        if not self.tokens:
+            self.timings.first_token = now
+        self.timings.token_times.append(now)
+        self.tokens.append(token)
+        if is_stop:
+            return "stop"
+        if self.detok is not None:
+            delta = self.detok.push(token)
+            self.text += delta
+            if self._cut_at_stop_string(len(delta)):
+                return "stop"
+        return "length" if len(self.tokens) >= self.limit else None
+
+    def _cut_at_stop_string(self, delta_len: int) -> bool:
+        stops = self.request.params.stop
+        if not stops or not delta_len:
+            return False
+        start = max(0, len(self.text) - delta_len - max(map(len, stops)) + 1)
+        hits = [i for s in stops if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+        return bool(hits)
+
+    def publish(self, reason: FinishReason | None = None, error: str | None = None) -> None:
+        """Send what is new since the last message; with ``reason``, the final message.
+
+        Text that could still turn out to start a stop string is held back until it cannot.
+        """
+        if self.done:
+            return
+        if reason is not None:
+            if reason in ("length", "abort") and self.detok is not None:
+                self.text += self.detok.flush()
+            self.finish_reason = reason
+            self.timings.finished = time.perf_counter()
+            upto = len(self.text)
+        else:
+            stops = self.request.params.stop
+            upto = len(self.text) - (max(map(len, stops)) - 1 if stops else 0)
+        upto = max(upto, self._sent_chars)
+        new_tokens = self.tokens[self._sent_tokens :]
+        if reason is None and not new_tokens:
+            return
+        message = StreamOutput(
+            self.request_id,
+            new_tokens,
+            self.text[self._sent_chars : upto],
+            reason,
+            error,
+            self.timings if reason is not None else None,
+        )
+        self._sent_tokens, self._sent_chars = len(self.tokens), upto
+        self._stream.put(message)
+        if reason is not None:
+            self._log_finished(reason, error)
+            if self.on_finish is not None:
+                self.on_finish(self)
+
+    def _log_finished(self, reason: FinishReason, error: str | None) -> None:
+        t = self.timings
+        ms = lambda v: "-" if v is None else f"{v * 1e3:.1f}"  # noqa: E731
+        log.debug(
+            "request %s finished (%s%s): prompt %d, output %d tokens; queue %s ms, prefill %s ms, "
+            "transfer %.3f ms (%d bytes), ttft %s ms, tpot %s ms",
+            self.request_id, reason, f": {error}" if error else "", self.prompt_len, len(self.tokens),
+            ms(t.queue), ms(t.prefill), t.transfer_seconds * 1e3, t.transfer_bytes, ms(t.ttft), ms(t.tpot),
+        )  # fmt: skip
+
+    def stream(self) -> RequestStream:
+        return RequestStream(self)
+
+
+class RequestStream:
+    """Iterate to receive ``StreamOutput`` messages as they are produced; ``result()`` waits for all."""
+
+    def __init__(self, seq: Sequence):
+        self._seq = seq
+        self._finished = False
+
+    @property
+    def request_id(self) -> str:
+        return self._seq.request_id
+
+    def __iter__(self) -> Iterator[StreamOutput]:
+        while not self._finished:
+            message = self._seq._stream.get()
+            self._finished = message.finished
+            yield message
+
+    def result(self) -> RequestOutput:
+        """Block until the request ends; everything it produced, as one output."""
+        tokens: list[int] = []
+        text: list[str] = []
+        last = None
+        for last in self:
+            tokens += last.token_ids
+            text.append(last.text)
+        seq = self._seq
+        return RequestOutput(
+            seq.request_id, list(seq.request.prompt_ids), tokens, "".join(text), last.finish_reason, last.timings, last.error
+        )

@@ -1,0 +1,1 @@
+"""Placements: which devices run which phase, how each phase is sharded, and pipeline stages."""

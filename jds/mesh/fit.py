@@ -1,0 +1,128 @@
+"""Does a placement fit this model and this machine? Every refusal names the config key.
+
+Checks: device ids exist; ``tp`` divides the query heads, KV heads and MLP width (each device
+holds whole heads); ``pp`` fits the layer count; decode sequence lengths fit the model; and the
+weights plus KV cache of every instance fit device memory. On CPU all virtual devices share the
+host's memory, so the sum over all of them is what must fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+from jds.config import ConfigError
+from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillInstance
+from jds.mesh.stages import stage_spans
+from jds.model.architecture import Architecture
+
+HOST_MEMORY_FRACTION = 0.8  # leave room for the runtime, compiled programs and activations
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryNeed:
+    where: str
+    weights: int  # bytes per device
+    kv: int  # bytes per device
+    devices: tuple[int, ...]
+
+    @property
+    def per_device(self) -> int:
+        return self.weights + self.kv
+
+
+def weight_bytes(arch: Architecture, itemsize: int, layers: int, tp: int, embed: bool, head: bool) -> int:
+    """Bytes of weights one device holds: ``layers`` layers split ``tp`` ways, plus replicated extras."""
+    d, f, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    per_layer = (d * hd * (2 * arch.num_heads + 2 * arch.num_kv_heads) + 3 * d * f) // tp + 2 * d
+    extra = arch.vocab_size * d * (embed + head) + (d if head else 0)
+    return (layers * per_layer + extra) * itemsize
+
+
+def kv_bytes(arch: Architecture, itemsize: int, layers: int, tp: int, slots: int, seq: int) -> int:
+    return 2 * layers * slots * (arch.num_kv_heads // tp) * seq * arch.head_dim * itemsize
+
+
+def memory_needs(placement: Placement, arch: Architecture, itemsize: int, max_seq_len: int) -> list[MemoryNeed]:
+    """Per-device bytes each instance (each decode stage) needs, for the fit check and for logs."""
+    head = not arch.tie_embeddings
+    needs = []
+    for where, inst in placement.named_instances():
+        if isinstance(inst, PrefillInstance):
+            w = weight_bytes(arch, itemsize, arch.num_layers, inst.tp, True, head)
+            needs.append(MemoryNeed(f"placement.{where}", w, 0, tuple(inst.devices)))
+        elif isinstance(inst, DecodeInstance):
+            seq = inst.max_seq_len or max_seq_len
+            for span in stage_spans(arch.num_layers, inst.pp, inst.layers_per_stage):
+                w = weight_bytes(arch, itemsize, span.num_layers, inst.tp, span.first, span.last and head)
+                if span.last and not head and not span.first:
+                    w += arch.vocab_size * arch.hidden_size * itemsize  # tied output needs the embedding too
+                kv = kv_bytes(arch, itemsize, span.num_layers, inst.tp, inst.slots, seq)
+                needs.append(MemoryNeed(f"placement.{where} stage {span.index}", w, kv, tuple(inst.stage_devices(span.index))))
+        else:
+            seq = inst.max_seq_len or max_seq_len
+            w = weight_bytes(arch, itemsize, arch.num_layers, inst.tp, True, head)
+            kv = kv_bytes(arch, itemsize, arch.num_layers, inst.tp, inst.slots, seq)
+            needs.append(MemoryNeed(f"placement.{where}", w, kv, tuple(inst.devices)))
+    return needs
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _device_limit(device: jax.Device) -> int | None:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return stats.get("bytes_limit") if stats else None
+
+
+def check_placement(
+    placement: Placement, arch: Architecture, itemsize: int, max_seq_len: int, devices: list[jax.Device]
+) -> None:
+    """Raise ConfigError naming the key if the placement cannot run this model on these devices."""
+    for where, inst in placement.named_instances():
+        key = f"placement.{where}"
+        missing = [d for d in inst.devices if d >= len(devices)]
+        if missing:
+            raise ConfigError(f"{key}.devices: {missing} do not exist; this machine has {len(devices)} devices (0..{len(devices) - 1})")
+        for name, size in (("num_heads", arch.num_heads), ("num_kv_heads", arch.num_kv_heads), ("intermediate_size", arch.intermediate_size)):
+            if size % inst.tp:
+                raise ConfigError(f"{key}.tp: {inst.tp} does not divide the model's {name} ({size})")
+        if isinstance(inst, DecodeInstance):
+            try:
+                stage_spans(arch.num_layers, inst.pp, inst.layers_per_stage)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.{'pp' if inst.layers_per_stage is None else 'layers_per_stage'}: {exc}") from None
+        if isinstance(inst, (DecodeInstance, ColocatedInstance)) and inst.max_seq_len:
+            if inst.max_seq_len > arch.max_position_embeddings:
+                raise ConfigError(
+                    f"{key}.max_seq_len: {inst.max_seq_len} exceeds the model's max_position_embeddings ({arch.max_position_embeddings})"
+                )
+        if isinstance(inst, ColocatedInstance) and inst.chunked_prefill and inst.chunked_prefill > (inst.max_seq_len or max_seq_len):
+            raise ConfigError(f"{key}.chunked_prefill: {inst.chunked_prefill} is longer than max_seq_len")
+    needs = memory_needs(placement, arch, itemsize, max_seq_len)
+    if all(d.platform == "cpu" for d in devices):
+        total = sum(n.per_device * len(n.devices) for n in needs)
+        budget = int(_host_memory() * HOST_MEMORY_FRACTION)
+        if total > budget:
+            worst = max(needs, key=lambda n: n.per_device * len(n.devices))
+            raise ConfigError(
+                f"placement needs {_gib(total)} of host memory, {_gib(budget)} is usable; the largest part is "
+                f"{worst.where}: {_gib(worst.weights)} weights + {_gib(worst.kv)} KV per device "
+                "(lower slots or max_seq_len, or use fewer instances)"
+            )
+        return
+    for need in needs:
+        for d in need.devices:
+            limit = _device_limit(devices[d])
+            if limit is not None and need.per_device > limit:
+                raise ConfigError(
+                    f"{need.where}: {_gib(need.weights)} weights + {_gib(need.kv)} KV per device exceed device {d}'s "
+                    f"{_gib(limit)} (lower slots or max_seq_len, or raise tp/pp)"
+                )

@@ -1,0 +1,136 @@
+"""The ``placement:`` section of a config: which devices serve which phase, and how.
+
+Two modes. ``disaggregated``: prefill instances (tensor parallel over their devices) and decode
+instances (``pp`` pipeline stages of ``tp`` devices each) on disjoint devices, KV handed from one to
+the other. ``colocated``: instances that run both phases on their own devices, the baseline every
+disaggregation claim is measured against. This module checks what can be checked from the file
+alone; ``check_placement`` in ``jds.mesh.fit`` checks it against the model and the machine.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+
+DEFAULT_SLOTS = 8
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrefillBatching(_Section):
+    """How prompts are grouped into one prefill program call."""
+
+    max_batch_tokens: PositiveInt = Field(
+        default=4096, description="padded tokens per prefill batch (bucket x batch); a longer prompt runs alone"
+    )
+    max_batch: PositiveInt = Field(default=8, description="prompts per prefill batch (a power of two bounds compiles)")
+
+
+class PrefillInstance(PrefillBatching):
+    devices: list[NonNegativeInt] = Field(min_length=1)
+    tp: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _tp_uses_all_devices(self) -> PrefillInstance:
+        if len(self.devices) != self.tp:
+            raise ValueError(f"tp {self.tp} needs exactly {self.tp} devices, got {len(self.devices)}")
+        return self
+
+
+class _DecodeSlots(_Section):
+    slots: PositiveInt = DEFAULT_SLOTS
+    max_seq_len: PositiveInt | None = Field(default=None, description="prompt + output limit; default model.max_seq_len")
+
+
+class DecodeInstance(_DecodeSlots):
+    devices: list[NonNegativeInt] = Field(min_length=1)
+    pp: PositiveInt = 1
+    tp: PositiveInt = 1
+    layers_per_stage: list[PositiveInt] | None = Field(
+        default=None, description="explicit stage split; default: as even as possible, earlier stages one larger"
+    )
+    microbatches: PositiveInt | None = Field(
+        default=None, description="slots are split into this many microbatches that flow through the stages"
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> DecodeInstance:
+        if len(self.devices) != self.pp * self.tp:
+            raise ValueError(f"pp {self.pp} x tp {self.tp} needs {self.pp * self.tp} devices, got {len(self.devices)}")
+        if self.layers_per_stage is not None and len(self.layers_per_stage) != self.pp:
+            raise ValueError(f"layers_per_stage has {len(self.layers_per_stage)} entries for pp {self.pp}")
+        if self.microbatches is not None and self.slots % self.microbatches:
+            raise ValueError(f"slots {self.slots} is not a multiple of microbatches {self.microbatches}")
+        return self
+
+    @property
+    def num_microbatches(self) -> int:
+        """Given, or the largest divisor of ``slots`` not above ``pp`` (so every stage has work)."""
+        if self.microbatches is not None:
+            return self.microbatches
+        return max(m for m in range(1, self.pp + 1) if self.slots % m == 0)
+
+    def stage_devices(self, stage: int) -> list[int]:
+        return self.devices[stage * self.tp : (stage + 1) * self.tp]
+
+
+class ColocatedInstance(_DecodeSlots, PrefillBatching):
+    devices: list[NonNegativeInt] = Field(min_length=1)
+    tp: PositiveInt = 1
+    chunked_prefill: PositiveInt | None = Field(
+        default=None, description="prefill long prompts this many tokens at a time, between decode steps"
+    )
+
+    @model_validator(mode="after")
+    def _tp_uses_all_devices(self) -> ColocatedInstance:
+        if len(self.devices) != self.tp:
+            raise ValueError(f"tp {self.tp} needs exactly {self.tp} devices, got {len(self.devices)}")
+        return self
+
+
+def _default_instances() -> list[ColocatedInstance]:
+    return [ColocatedInstance(devices=[0])]
+
+
+class Placement(_Section):
+    mode: Literal["disaggregated", "colocated"] = "colocated"
+    prefill: list[PrefillInstance] = Field(default_factory=list)
+    decode: list[DecodeInstance] = Field(default_factory=list)
+    instances: list[ColocatedInstance] = Field(default_factory=list)
+
+    @field_validator("prefill", "decode", "instances", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Placement:
+        if self.mode == "disaggregated":
+            if self.instances:
+                raise ValueError("'instances' is for mode colocated; disaggregated uses 'prefill' and 'decode'")
+            if not self.prefill or not self.decode:
+                raise ValueError("mode disaggregated needs at least one 'prefill' and one 'decode' instance")
+        else:
+            if self.prefill or self.decode:
+                raise ValueError("'prefill' and 'decode' are for mode disaggregated; colocated uses 'instances'")
+            if not self.instances:
+                object.__setattr__(self, "instances", _default_instances())
+        seen: dict[int, str] = {}
+        for where, inst in self.named_instances():
+            for d in inst.devices:
+                if d in seen:
+                    raise ValueError(f"device {d} is used by both {seen[d]} and {where}")
+                seen[d] = where
+        return self
+
+    def named_instances(self) -> list[tuple[str, PrefillInstance | DecodeInstance | ColocatedInstance]]:
+        """Every instance with its config path, e.g. ``("decode[1]", ...)``."""
+        groups = {"prefill": self.prefill, "decode": self.decode, "instances": self.instances}
+        return [(f"{name}[{i}]", inst) for name, group in groups.items() for i, inst in enumerate(group)]
+
+    @property
+    def devices(self) -> list[int]:
+        return sorted(d for _, inst in self.named_instances() for d in inst.devices)

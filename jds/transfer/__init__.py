@@ -1,0 +1,1 @@
+"""Moving a finished prefill's KV to the decode instance that continues the request."""

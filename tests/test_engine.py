@@ -1,0 +1,247 @@
+"""The engine on eight virtual CPU devices: placements, continuous batching, streaming and aborts.
+
+The reference for every placement is the same tiny model on one device (colocated, tp 1), whose
+own parity with transformers is shown in test_model_parity and test_llm. Sharding changes the
+order of float32 sums only, so greedy tokens must be identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from jds.config import load_config
+from jds.engine import engine as engine_module
+from jds.engine import prefill as prefill_module
+from jds.engine.engine import Engine
+from jds.engine.request import Request
+from jds.mesh.placement import Placement
+from jds.model.loader import load_model
+from jds.sampling_params import SamplingParams
+from tests_paths import CONFIGS
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, ignore_eos=True)
+PROMPTS = [[(31 * i + 7 * j) % 3000 + 5 for j in range(3 + 11 * i)] for i in range(6)]  # 3 .. 58 tokens
+SINGLE = {"instances": {"devices": [0], "slots": 4}}
+DISAGG = {"mode": "disaggregated", "prefill": {"devices": [0, 1], "tp": 2}, "decode": {"devices": [2, 3, 4, 5], "pp": 2, "tp": 2, "slots": 4}}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(load_config(CONFIGS / "tiny.yaml"), progress=False)
+
+
+def _engine(model, placement: dict) -> Engine:
+    return Engine(model, Placement.model_validate(placement))
+
+
+def _run(engine: Engine, prompts, params=GREEDY, tag: str = "r") -> list:
+    streams = [engine.submit(Request(f"{tag}{i}", tuple(p), params, 1000 + i)) for i, p in enumerate(prompts)]
+    return [s.result() for s in streams]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    engine = _engine(tiny, SINGLE)
+    yield {"greedy": [o.token_ids for o in _run(engine, PROMPTS)], "sampled": [o.token_ids for o in _run(engine, PROMPTS, SAMPLED)]}
+    engine.shutdown()
+
+
+def _disagg(prefill_devices, prefill_tp, decode: dict) -> dict:
+    return {"mode": "disaggregated", "prefill": {"devices": prefill_devices, "tp": prefill_tp}, "decode": {"slots": 4, **decode}}
+
+
+PLACEMENTS = {
+    "p1-d1": _disagg([0], 1, {"devices": [1]}),
+    "p2-pp2": _disagg([0, 1], 2, {"devices": [2, 3], "pp": 2}),
+    "p4-pp4": _disagg([0, 1, 2, 3], 4, {"devices": [4, 5, 6, 7], "pp": 4}),
+    "p1-pp2tp2": _disagg([0], 1, {"devices": [1, 2, 3, 4], "pp": 2, "tp": 2}),
+    "p4-tp2": _disagg([0, 1, 2, 3], 4, {"devices": [4, 5], "tp": 2}),
+    "p2-pp3-uneven": _disagg([0, 1], 2, {"devices": [2, 3, 4], "pp": 3, "slots": 6}),
+    "p2-pp2tp2-explicit-1-3": _disagg([6, 7], 2, {"devices": [0, 1, 2, 3], "pp": 2, "tp": 2, "layers_per_stage": [1, 3]}),
+    "two-prefill-two-decode": {
+        "mode": "disaggregated",
+        "prefill": [{"devices": [0, 1], "tp": 2}, {"devices": [2]}],
+        "decode": [{"devices": [3, 4], "pp": 2, "slots": 2}, {"devices": [5, 6], "tp": 2, "slots": 2}],
+    },
+    "colocated-tp2": {"instances": {"devices": [0, 1], "tp": 2, "slots": 4}},
+    "colocated-chunked": {"instances": {"devices": [0], "slots": 4, "chunked_prefill": 16}},
+    "two-colocated": {"instances": [{"devices": [0], "slots": 2}, {"devices": [1, 2], "tp": 2, "slots": 2, "chunked_prefill": 32}]},
+}
+
+
+@pytest.mark.parametrize("name", PLACEMENTS)
+def test_placements_match_the_single_device_reference(tiny, reference, name):
+    engine = _engine(tiny, PLACEMENTS[name])
+    try:
+        greedy = _run(engine, PROMPTS)
+        assert [o.token_ids for o in greedy] == reference["greedy"]
+        assert all(o.finish_reason == "length" for o in greedy)
+        # Seeded sampling depends only on the seed and step, never on placement or batch mates.
+        assert [o.token_ids for o in _run(engine, PROMPTS, SAMPLED, "s")] == reference["sampled"]
+        assert engine.slot_usage()[0] == 0
+        if name == "two-prefill-two-decode":
+            routes = {tuple(o.timings.route) for o in greedy}
+            assert {r[1] for r in routes} == {"decode0", "decode1"}  # both decode instances served
+    finally:
+        engine.shutdown()
+
+
+def test_concurrent_requests_give_what_each_gives_alone(tiny):
+    engine = _engine(tiny, DISAGG)
+    try:
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(5, 4000, size=int(n)).tolist() for n in rng.integers(1, 120, size=18)]
+        params = [SamplingParams(max_tokens=int(m), temperature=0, ignore_eos=True) for m in rng.integers(1, 20, size=18)]
+        alone = [_run(engine, [p], q, f"alone{i}-")[0].token_ids for i, (p, q) in enumerate(zip(prompts, params))]
+        streams = [engine.submit(Request(f"c{i}", tuple(p), q, 0)) for i, (p, q) in enumerate(zip(prompts, params))]
+        together = [s.result() for s in streams]  # 18 requests for 4 slots: most wait, then join
+        assert [o.token_ids for o in together] == alone
+        assert [len(o.token_ids) for o in together] == [q.max_tokens for q in params]
+        assert engine.slot_usage() == (0, 4) and engine.num_running == 0
+    finally:
+        engine.shutdown()
+
+
+def test_stream_delivers_tokens_as_they_come_and_holds_back_stop_strings(tiny):
+    engine = _engine(tiny, DISAGG)
+    try:
+        full = _run(engine, [PROMPTS[2]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+        messages = list(engine.submit(Request("s", tuple(PROMPTS[2]), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), 0)))
+        assert len(messages) == 12 and all(len(m.token_ids) == 1 for m in messages)
+        assert [m.finish_reason for m in messages] == [None] * 11 + ["length"]
+        assert "".join(m.text for m in messages) == full.text
+        t = messages[-1].timings
+        assert t.queue >= 0 and t.prefill > 0 and t.ttft >= t.prefill and t.transfer_seconds > 0
+        assert t.transfer_bytes > 0 and len(t.token_times) == 12 and t.tpot > 0
+        # A stop string cut from the text is never streamed, even in part.
+        middle = next(i for i in range(len(full.text) // 2, len(full.text)) if not full.text[i].isspace())
+        stop = full.text[middle : middle + 3]
+        stopped = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop])
+        msgs = list(engine.submit(Request("t", tuple(PROMPTS[2]), stopped, 0)))
+        streamed = "".join(m.text for m in msgs)
+        assert stop not in streamed and full.text.startswith(streamed) and msgs[-1].finish_reason == "stop"
+    finally:
+        engine.shutdown()
+
+
+def _transit_arrays() -> list:
+    """Live arrays in the KV transit layout (a prefill's or handoff's KV), which must not outlive requests."""
+    return [a for a in jax.live_arrays() if a.ndim == 6]
+
+
+class _Gate:
+    """Wraps a function so the test can hold a request inside it, abort, then let it go."""
+
+    def __init__(self, fn):
+        self.fn, self.entered, self.release = fn, threading.Event(), threading.Event()
+
+    def __call__(self, *args, **kwargs):
+        self.entered.set()
+        assert self.release.wait(30)
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("where", ["waiting", "prefill", "transfer", "decode"])
+def test_abort_anywhere_frees_slot_and_kv(tiny, monkeypatch, where):
+    engine = _engine(tiny, DISAGG)
+    try:
+        _run(engine, PROMPTS[:2])  # compile, so the wait below is about the request itself
+        before = len(jax.live_arrays())
+        long_run = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+        if where in ("prefill", "waiting"):
+            gate = _Gate(engine.prefill_workers[0].program.run)
+            monkeypatch.setattr(engine.prefill_workers[0].program, "run", gate)
+        elif where == "transfer":
+            gate = _Gate(prefill_module.send_kv)
+            monkeypatch.setattr(prefill_module, "send_kv", gate)
+        blocker = engine.submit(Request("blocker", tuple(PROMPTS[1]), long_run, 0)) if where == "waiting" else None
+        stream = engine.submit(Request("victim", tuple(PROMPTS[3]), long_run, 0))
+        if where == "decode":
+            it = iter(stream)
+            assert next(it).token_ids and next(it).token_ids  # first token from prefill, then decode steps
+        else:
+            assert gate.entered.wait(30)
+        assert engine.abort("victim") and not engine.abort("no-such-request")
+        if where in ("prefill", "transfer", "waiting"):
+            gate.release.set()
+        if blocker is not None:
+            engine.abort("blocker")
+            assert blocker.result().finish_reason == "abort"
+        out = stream.result()
+        assert out.finish_reason == "abort" and len(out.token_ids) < 400
+        _wait_until(lambda: engine.slot_usage()[0] == 0 and engine.num_running == 0)
+        assert engine.slot_usage() == (0, 4)
+        _wait_until(lambda: not _transit_arrays())
+        assert len(jax.live_arrays()) <= before
+        # The engine keeps serving.
+        assert _run(engine, PROMPTS[:1], tag="after")[0].finish_reason == "length"
+    finally:
+        engine.shutdown()
+
+
+def _wait_until(cond, timeout: float = 10.0) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+def test_transfer_time_is_recorded_and_logged(tiny, caplog):
+    engine = _engine(tiny, DISAGG)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="jds.requests"):
+            out = _run(engine, [PROMPTS[4]])[0]
+        expected_bytes = 2 * 4 * 4 * 64 * 16 * 4  # K and V, 4 layers, batch 1, 4 KV heads, bucket 64, head_dim 16, f32
+        assert out.timings.transfer_bytes == expected_bytes and out.timings.transfer_seconds > 0
+        assert out.timings.route == ["prefill0", "decode0"]
+        line = next(r.getMessage() for r in caplog.records if "r0 finished" in r.getMessage())
+        assert f"({expected_bytes} bytes)" in line and "transfer" in line
+    finally:
+        engine.shutdown()
+
+
+def test_bad_requests_are_refused_with_the_field_named(tiny):
+    engine = _engine(tiny, SINGLE)
+    try:
+        with pytest.raises(ValueError, match="prompt is empty"):
+            engine.submit(Request("a", (), GREEDY, 0))
+        with pytest.raises(ValueError, match=r"max_seq_len is 512"):
+            engine.submit(Request("b", (1,) * 512, GREEDY, 0))
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            engine.submit(Request("c", (1,), SamplingParams(stop_token_ids=list(range(9))), 0))
+        stream = engine.submit(Request("d", (1, 2), SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), 0))
+        with pytest.raises(ValueError, match="request_id 'd' is already running"):
+            engine.submit(Request("d", (1, 2), GREEDY, 0))
+        engine.abort("d")
+        assert stream.result().finish_reason == "abort"
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_ends_running_requests(tiny):
+    engine = _engine(tiny, DISAGG)
+    stream = engine.submit(Request("x", (1, 2, 3), SamplingParams(max_tokens=500, temperature=0, ignore_eos=True), 0))
+    engine.shutdown()
+    assert stream.result().finish_reason == "abort"
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.submit(Request("y", (1,), GREEDY, 0))
+
+
+def test_warmup_compiles_every_shape_before_serving(tiny, monkeypatch):
+    placement = {"instances": {"devices": [0], "slots": 2, "max_seq_len": 64, "max_batch": 2, "max_batch_tokens": 64, "chunked_prefill": 32}}
+    calls = []
+    monkeypatch.setattr(engine_module, "_warm_chunk", lambda p, c: calls.append(c))
+    engine = Engine(tiny, Placement.model_validate(placement), warmup=True)
+    try:
+        program = engine.colocated_workers[0].program
+        assert program.shapes() == [(1, 16), (2, 16), (1, 32), (2, 32), (1, 64)]
+        assert calls == [32]
+    finally:
+        engine.shutdown()

@@ -1,0 +1,124 @@
+"""Placement sections: the schema, every refusal naming its key, stage splits and sharding rules."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec
+
+from jds.config import ConfigError, load_config, parse_config
+from jds.mesh.fit import check_placement, memory_needs
+from jds.mesh.placement import Placement
+from jds.mesh.rules import make_mesh, mesh_spec, shardings
+from jds.mesh.stages import stage_params, stage_spans
+from jds.model.params import init_params
+from tests_paths import CONFIGS
+
+TINY = load_config(CONFIGS / "tiny.yaml").model.architecture  # 4 layers, 8 heads, 4 KV heads, mlp 256
+
+
+def _check(placement: dict, max_seq_len: int = 512) -> None:
+    check_placement(Placement.model_validate(placement), TINY, 4, max_seq_len, jax.devices())
+
+
+def test_the_issue_examples_parse():
+    config = parse_config(
+        {
+            "model": {"architecture": TINY.model_dump(), "checkpoint": None},
+            "placement": {
+                "mode": "disaggregated",
+                "prefill": {"devices": [0, 1, 2, 3], "tp": 4},
+                "decode": {"devices": [4, 5, 6, 7], "pp": 2, "tp": 2, "slots": 32, "max_seq_len": 512},
+            },
+        }
+    )
+    p = config.placement
+    assert len(p.prefill) == 1 and p.decode[0].stage_devices(1) == [6, 7] and p.decode[0].num_microbatches == 2
+    check_placement(p, TINY, 4, 512, jax.devices())
+    colo = Placement.model_validate(
+        {"mode": "colocated", "instances": [{"devices": [0, 1], "tp": 2, "slots": 32, "max_seq_len": 512, "chunked_prefill": 64}]}
+    )
+    assert colo.instances[0].chunked_prefill == 64
+
+
+def test_default_placement_is_one_colocated_device():
+    p = load_config(CONFIGS / "smollm2-135m.yaml").placement
+    assert p.mode == "colocated" and [i.devices for i in p.instances] == [[0]]
+
+
+@pytest.mark.parametrize(
+    "placement, message",
+    [
+        ({"mode": "disaggregated", "prefill": {"devices": [0, 1]}, "decode": {"devices": [1]}}, "tp 1 needs exactly 1 devices"),
+        ({"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [0]}}, "device 0 is used by both prefill"),
+        ({"mode": "disaggregated", "prefill": {"devices": [0]}}, "at least one 'prefill' and one 'decode'"),
+        ({"mode": "colocated", "decode": {"devices": [0]}}, "for mode disaggregated"),
+        ({"instances": [{"devices": [0]}, {"devices": [0]}]}, r"instances\[0\] and instances\[1\]"),
+        ({"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1, 2], "pp": 2, "slots": 3, "microbatches": 2}}, "slots 3 is not a multiple"),
+        ({"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1, 2], "pp": 2, "layers_per_stage": [4]}}, "1 entries for pp 2"),
+        ({"instances": {"devices": [0], "slots": 0}}, "slots"),
+        ({"instances": {"devices": [0], "colour": "red"}}, "colour"),
+    ],
+)
+def test_schema_refusals(placement, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"model": {"architecture": TINY.model_dump()}, "placement": placement})
+
+
+@pytest.mark.parametrize(
+    "placement, message",
+    [
+        ({"instances": {"devices": [8]}}, r"placement.instances\[0\].devices: \[8\] do not exist"),
+        ({"instances": {"devices": [0, 1, 2], "tp": 3}}, r"instances\[0\].tp: 3 does not divide the model's num_heads"),
+        ({"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1, 2, 3, 4, 5, 6, 7, 8][:5], "pp": 5}}, r"decode\[0\].pp: pp 5 is larger than the model's 4 layers"),
+        ({"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1, 2], "pp": 2, "layers_per_stage": [1, 2]}}, r"decode\[0\].layers_per_stage: .* sums to 3"),
+        ({"instances": {"devices": [0], "max_seq_len": 4096}}, r"max_seq_len: 4096 exceeds the model's max_position_embeddings"),
+        ({"instances": {"devices": [0], "slots": 100000, "max_seq_len": 1024}}, r"host memory.*instances\[0\].*lower slots or max_seq_len"),
+    ],
+)
+def test_refusals_against_model_and_machine(placement, message):
+    with pytest.raises(ConfigError, match=message):
+        _check(placement)
+
+
+def test_tp_must_divide_kv_heads_too():
+    arch = TINY.model_copy(update={"num_heads": 8, "num_kv_heads": 2})
+    with pytest.raises(ConfigError, match=r"tp: 4 does not divide the model's num_kv_heads \(2\)"):
+        check_placement(Placement.model_validate({"instances": {"devices": [0, 1, 2, 3], "tp": 4}}), arch, 4, 64, jax.devices())
+
+
+def test_uneven_stage_splits_are_balanced_or_explicit():
+    assert [s.num_layers for s in stage_spans(30, 4)] == [8, 8, 7, 7]
+    assert [(s.start, s.stop) for s in stage_spans(4, 3)] == [(0, 2), (2, 3), (3, 4)]
+    spans = stage_spans(4, 2, [1, 3])
+    assert [(s.start, s.stop, s.first, s.last) for s in spans] == [(0, 1, True, False), (1, 4, False, True)]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_stage_params_hold_only_what_the_stage_runs(tie):
+    arch = TINY.model_copy(update={"tie_embeddings": tie})
+    params = init_params(arch, jax.random.key(0))
+    first, middle, last = (stage_params(params, s) for s in stage_spans(4, 3))
+    assert first.embed is not None and first.final_norm is None and first.lm_head is None
+    assert middle.embed is None and middle.final_norm is None and middle.layers.wq.shape[0] == 1
+    assert last.final_norm is not None and (last.embed is not None) == tie and (last.lm_head is None) == tie
+
+
+def test_sharding_rules_split_heads_and_mlp_only():
+    assert mesh_spec(("layers", "embed", "q_heads", "head_dim")) == PartitionSpec(None, None, "tp", None)
+    assert mesh_spec(("kv", "layers", "batch", "kv_heads", "seq", "head_dim")) == PartitionSpec(None, None, None, "tp", None, None)
+    params = init_params(TINY, jax.random.key(0))
+    sh = shardings(params, make_mesh(jax.devices()[:2]))
+    assert sh.layers.w_gate.spec == PartitionSpec(None, None, "tp") and sh.embed.spec == PartitionSpec(None, None)
+    placed = jax.device_put(params, sh)
+    assert placed.layers.wk.addressable_shards[0].data.shape == (4, 128, 2, 16)
+
+
+def test_memory_needs_count_stage_slices():
+    p = Placement.model_validate(
+        {"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1, 2], "pp": 2, "slots": 4, "max_seq_len": 64}}
+    )
+    needs = memory_needs(p, TINY, 4, 512)
+    stage_kv = 2 * 2 * 4 * 4 * 64 * 16 * 4  # K and V, 2 layers, 4 slots, 4 KV heads, 64 positions, head_dim 16, f32
+    assert [n.kv for n in needs] == [0, stage_kv, stage_kv]
+    assert [n.devices for n in needs] == [(0,), (1,), (2,)]
