@@ -27,11 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
         )
-        llm = LLM(args.config)
-        if args.chat:
-            outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)
-        else:
-            outputs = llm.generate(args.prompts, params)
+        with LLM(args.config) as llm:
+            if args.chat:
+                outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)
+            else:
+                outputs = llm.generate(args.prompts, params)
     except (ConfigError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from typing import Any
 from jds.config import Config, ConfigError, load_config
 from jds.engine.engine import Engine
 from jds.engine.request import Request, RequestOutput
+from jds.mesh.fit import check_config
 from jds.mesh.placement import Placement
 from jds.model.loader import LoadedModel, load_model
 from jds.model.tokenizer import Tokenizer
@@ -41,8 +42,10 @@ class LLM:
                 placement = Placement.model_validate(placement)
             except ValueError as exc:
                 raise ConfigError(f"invalid placement: {exc}") from None
-        self.model: LoadedModel = load_model(self.config, progress)
-        self.engine = Engine(self.model, placement or self.config.placement, warmup=warmup, progress=progress)
+        placement = placement or self.config.placement
+        check_config(self.config, placement)
+        self.engine = Engine(load_model(self.config, progress), placement, warmup=warmup, progress=progress)
+        self.model: LoadedModel = self.engine.model  # without weights: the engine's instances hold them
         self._ids = itertools.count()
 
     def __enter__(self) -> LLM:

@@ -9,7 +9,7 @@ from jds.model.loader import checkpoint_format, resolve_dtype
 from tests_paths import CONFIGS
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m.yaml", "llama7b.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["smollm2-135m.yaml", "smollm2-disaggregated.yaml", "llama7b.yaml", "tiny.yaml"])
 def test_shipped_configs_validate(name):
     config = load_config(CONFIGS / name)
     assert config.model.name
@@ -21,6 +21,15 @@ def test_llama7b_has_llama2_shapes():
         32, 4096, 32, 11008, 32000,
     )
     assert 6.5e9 < arch.num_params() < 6.8e9
+
+
+def test_llama7b_placement_is_refused_here_with_both_figures():
+    from jds.mesh.fit import check_config
+
+    config = load_config(CONFIGS / "llama7b.yaml")
+    assert config.placement.mode == "disaggregated" and len(config.placement.devices) == 8
+    with pytest.raises(ConfigError, match=r"placement needs [\d.]+ GiB of host memory, [\d.]+ GiB is usable"):
+        check_config(config)  # float32 on CPU: three 27 GB copies of the weights
 
 
 def test_tiny_heads_split_four_ways():

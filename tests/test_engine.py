@@ -28,7 +28,11 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, ignore_eos=True)
 PROMPTS = [[(31 * i + 7 * j) % 3000 + 5 for j in range(3 + 11 * i)] for i in range(6)]  # 3 .. 58 tokens
 SINGLE = {"instances": {"devices": [0], "slots": 4}}
-DISAGG = {"mode": "disaggregated", "prefill": {"devices": [0, 1], "tp": 2}, "decode": {"devices": [2, 3, 4, 5], "pp": 2, "tp": 2, "slots": 4}}
+DISAGG = {
+    "mode": "disaggregated",
+    "prefill": {"devices": [0, 1], "tp": 2},
+    "decode": {"devices": [2, 3, 4, 5], "pp": 2, "tp": 2, "slots": 4, "microbatches": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +62,9 @@ def _disagg(prefill_devices, prefill_tp, decode: dict) -> dict:
 
 PLACEMENTS = {
     "p1-d1": _disagg([0], 1, {"devices": [1]}),
-    "p2-pp2": _disagg([0, 1], 2, {"devices": [2, 3], "pp": 2}),
-    "p4-pp4": _disagg([0, 1, 2, 3], 4, {"devices": [4, 5, 6, 7], "pp": 4}),
-    "p1-pp2tp2": _disagg([0], 1, {"devices": [1, 2, 3, 4], "pp": 2, "tp": 2}),
+    "p2-pp2-mb2": _disagg([0, 1], 2, {"devices": [2, 3], "pp": 2, "microbatches": 2}),
+    "p4-pp4-mb4": _disagg([0, 1, 2, 3], 4, {"devices": [4, 5, 6, 7], "pp": 4, "microbatches": 4}),
+    "p1-pp2tp2-mb2": _disagg([0], 1, {"devices": [1, 2, 3, 4], "pp": 2, "tp": 2, "microbatches": 2}),
     "p4-tp2": _disagg([0, 1, 2, 3], 4, {"devices": [4, 5], "tp": 2}),
     "p2-pp3-uneven": _disagg([0, 1], 2, {"devices": [2, 3, 4], "pp": 3, "slots": 6}),
     "p2-pp2tp2-explicit-1-3": _disagg([6, 7], 2, {"devices": [0, 1, 2, 3], "pp": 2, "tp": 2, "layers_per_stage": [1, 3]}),
@@ -177,8 +181,8 @@ def test_abort_anywhere_frees_slot_and_kv(tiny, monkeypatch, where):
         assert out.finish_reason == "abort" and len(out.token_ids) < 400
         _wait_until(lambda: engine.slot_usage()[0] == 0 and engine.num_running == 0)
         assert engine.slot_usage() == (0, 4)
-        _wait_until(lambda: not _transit_arrays())
-        assert len(jax.live_arrays()) <= before
+        _wait_until(lambda: not _transit_arrays() and len(jax.live_arrays()) <= before)
+        assert not _transit_arrays() and len(jax.live_arrays()) <= before
         # The engine keeps serving.
         assert _run(engine, PROMPTS[:1], tag="after")[0].finish_reason == "length"
     finally:
@@ -237,11 +241,43 @@ def test_shutdown_ends_running_requests(tiny):
 def test_warmup_compiles_every_shape_before_serving(tiny, monkeypatch):
     placement = {"instances": {"devices": [0], "slots": 2, "max_seq_len": 64, "max_batch": 2, "max_batch_tokens": 64, "chunked_prefill": 32}}
     calls = []
-    monkeypatch.setattr(engine_module, "_warm_chunk", lambda p, c: calls.append(c))
+    warm = engine_module._warm_forward
+    monkeypatch.setattr(engine_module, "_warm_forward", lambda p, batch, length: calls.append((batch, length)) or warm(p, batch, length))
     engine = Engine(tiny, Placement.model_validate(placement), warmup=True)
     try:
         program = engine.colocated_workers[0].program
         assert program.shapes() == [(1, 16), (2, 16), (1, 32), (2, 32), (1, 64)]
-        assert calls == [32]
+        assert calls == [(2, 1), (1, 32)]  # a decode step of both slots, a prompt chunk
+    finally:
+        engine.shutdown()
+
+
+class _FailOnce:
+    def __init__(self, fn):
+        self.fn, self.failed = fn, False
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected failure")
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode", "chunk"])
+def test_a_failed_program_fails_its_requests_frees_their_slots_and_the_engine_goes_on(tiny, reference, monkeypatch, where):
+    placement = {"instances": {"devices": [0], "slots": 4, "chunked_prefill": 16}} if where == "chunk" else DISAGG
+    engine = _engine(tiny, placement)
+    try:
+        if where == "prefill":
+            target = engine.prefill_workers[0].program
+            monkeypatch.setattr(target, "run", _FailOnce(target.run))
+        else:
+            pipeline = (engine.decode_workers or engine.colocated_workers)[0].pipeline
+            monkeypatch.setattr(pipeline, "forward", _FailOnce(pipeline.forward))
+        out = _run(engine, PROMPTS[:1])[0]
+        assert out.finish_reason == "error" and "injected failure" in out.error
+        _wait_until(lambda: engine.slot_usage()[0] == 0)
+        assert engine.slot_usage() == (0, 4) and engine.num_running == 0
+        assert [o.token_ids for o in _run(engine, PROMPTS[:2], tag="after")] == reference["greedy"][:2]
     finally:
         engine.shutdown()

@@ -33,7 +33,8 @@ def test_the_issue_examples_parse():
         }
     )
     p = config.placement
-    assert len(p.prefill) == 1 and p.decode[0].stage_devices(1) == [6, 7] and p.decode[0].num_microbatches == 2
+    assert len(p.prefill) == 1 and p.decode[0].stage_devices(1) == [6, 7]
+    assert p.decode[0].num_microbatches(cpu=False) == 2 and p.decode[0].num_microbatches(cpu=True) == 1
     check_placement(p, TINY, 4, 512, jax.devices())
     colo = Placement.model_validate(
         {"mode": "colocated", "instances": [{"devices": [0, 1], "tp": 2, "slots": 32, "max_seq_len": 512, "chunked_prefill": 64}]}

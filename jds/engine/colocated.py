@@ -10,6 +10,7 @@ delays running requests by at most one chunk at a time.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 
@@ -21,6 +22,8 @@ from jds.engine.programs import Pipeline, PrefillProgram, empty_rows, set_row
 from jds.engine.sequence import Sequence
 from jds.engine.slots import SlotPool
 from jds.engine.waiting import WaitingQueue
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -63,15 +66,24 @@ class ColocatedWorker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            idle = not self.batch.active and self._chunking is None
-            timeout = POLL_SECONDS if idle else 0.0
-            if self.chunk is None:
-                self._admit(timeout)
-            else:
-                self._prefill_chunk(timeout)
-            self.batch.reap_aborted()
-            if self.batch.active:
-                self.batch.step()
+            try:
+                self._iterate()
+            except Exception as exc:  # never let the thread die with requests waiting on it
+                log.exception("%s failed", self.name)
+                if self._chunking is not None:
+                    self._end_chunking("error", f"{self.name} failed: {exc}")
+                self.batch.fail_all(f"{self.name} failed: {exc}")
+
+    def _iterate(self) -> None:
+        idle = not self.batch.busy and self._chunking is None
+        timeout = POLL_SECONDS if idle else 0.0
+        if self.chunk is None:
+            self._admit(timeout)
+        else:
+            self._prefill_chunk(timeout)
+        self.batch.reap_aborted()
+        if self.batch.busy:
+            self.batch.step()
 
     def _admit(self, timeout: float) -> None:
         free = self.pool.free

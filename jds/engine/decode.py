@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from jds.engine.programs import Pipeline, empty_rows, set_row
+from jds.engine.programs import Pipeline, empty_rows, set_row, slice_rows
 from jds.engine.sequence import Sequence
 from jds.engine.slots import SlotPool
 from jds.transfer.handoff import StageTarget
@@ -24,13 +24,24 @@ log = logging.getLogger(__name__)
 
 
 class DecodeBatch:
-    """The sequences holding slots of one pipeline; only the owning worker thread calls it."""
+    """The sequences holding slots of one pipeline; only the owning worker thread calls it.
+
+    A round visits the microbatches in order: it reads the tokens of the microbatch's previous
+    dispatch (blocking only on that one), applies them, and dispatches its next step at once.
+    With ``pp`` stages and ``pp`` microbatches, while the host reads microbatch m, the other
+    microbatches are in flight on the other stages, so every stage keeps working.
+    """
 
     def __init__(self, pipeline: Pipeline, pool: SlotPool):
         self.pipeline = pipeline
         self.pool = pool
         self.active: dict[int, Sequence] = {}
         self.rows = empty_rows(pipeline.slots)  # sampling settings, written when a request takes a slot
+        self._inflight: dict[int, tuple[object, dict[int, Sequence]]] = {}  # microbatch -> (device out, members)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active or self._inflight)
 
     def join(self, seq: Sequence, slot: int) -> None:
         self.active[slot] = seq
@@ -47,29 +58,45 @@ class DecodeBatch:
                 self.leave(slot)
 
     def step(self) -> None:
-        """One token for every active slot; finished sequences leave at once."""
-        n = self.pipeline.slots
-        tokens, steps = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        # Free slots still compute (whole microbatches run), but at a position past the cache, so
-        # their K/V writes are dropped: a slot being filled chunk by chunk must not be touched.
-        positions = np.full(n, self.pipeline.max_seq_len, np.int32)
-        active = np.zeros(n, bool)
-        for s, seq in self.active.items():
-            tokens[s], positions[s], steps[s], active[s] = seq.tokens[-1], seq.position, len(seq.tokens), True
+        """One round: every microbatch's previous tokens applied, its next step dispatched."""
         try:
-            nxt, is_stop = self.pipeline.step(tokens, positions, self.rows, steps, active)
+            for m, (lo, hi) in enumerate(self.pipeline.microbatch_bounds()):
+                if m in self._inflight:
+                    self._collect(m)
+                self._dispatch(m, lo, hi)
         except Exception as exc:  # a failed program may have consumed the donated cache
             log.exception("decode step failed")
             self.fail_all(f"decode step failed: {exc}")
+
+    def _dispatch(self, m: int, lo: int, hi: int) -> None:
+        members = {s: seq for s, seq in self.active.items() if lo <= s < hi}
+        if not members:
             return
-        for s, seq in list(self.active.items()):
+        n = hi - lo
+        tokens, steps = np.zeros((n, 1), np.int32), np.zeros(n, np.int32)
+        # Free slots still compute (the whole microbatch runs), but at a position past the cache,
+        # so their K/V writes are dropped: a slot being filled chunk by chunk must not be touched.
+        positions = np.full(n, self.pipeline.max_seq_len, np.int32)
+        for s, seq in members.items():
+            tokens[s - lo, 0], positions[s - lo], steps[s - lo] = seq.tokens[-1], seq.position, len(seq.tokens)
+        out = self.pipeline.forward(tokens, positions, lo, np.zeros(n, np.int32), slice_rows(self.rows, lo, hi), steps)
+        self._inflight[m] = (out, members)
+
+    def _collect(self, m: int) -> None:
+        (nxt, is_stop), members = self._inflight.pop(m)
+        lo = self.pipeline.microbatch_bounds()[m][0]
+        nxt, is_stop = np.asarray(nxt), np.asarray(is_stop)
+        for s, seq in members.items():
+            if self.active.get(s) is not seq:
+                continue  # aborted (and maybe replaced) while this step was in flight
             seq.position += 1
-            reason = seq.add(int(nxt[s]), bool(is_stop[s]))
+            reason = seq.add(int(nxt[s - lo]), bool(is_stop[s - lo]))
             seq.publish(reason)
             if reason:
                 self.leave(s)
 
     def fail_all(self, error: str) -> None:
+        self._inflight.clear()
         for slot, seq in list(self.active.items()):
             seq.publish("error", error)
             self.leave(slot)
@@ -104,10 +131,14 @@ class DecodeWorker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._receive(wait=not self.batch.active)
-            self.batch.reap_aborted()
-            if self.batch.active:
-                self.batch.step()
+            try:
+                self._receive(wait=not self.batch.busy)
+                self.batch.reap_aborted()
+                if self.batch.busy:
+                    self.batch.step()
+            except Exception as exc:  # never let the thread die with requests waiting on it
+                log.exception("%s failed", self.name)
+                self.batch.fail_all(f"{self.name} failed: {exc}")
 
     def _receive(self, wait: bool) -> None:
         try:

@@ -37,6 +37,8 @@ class Engine:
     """All instances of one placement in this process; thread-safe ``submit`` / ``abort``."""
 
     def __init__(self, model: LoadedModel, placement: Placement, *, warmup: bool = False, progress: bool = False):
+        if model.params is None:
+            raise ValueError("the model's parameters were released; load the model again for a new engine")
         self.model = model
         self.placement = placement
         devices = jax.devices()
@@ -54,6 +56,7 @@ class Engine:
         else:
             self._build_colocated(devices)
         self.max_seq_len = max(w.max_seq_len for w in self.decode_workers + self.colocated_workers)
+        self.model = model.without_params()  # every instance holds its own placed copy
         log.info("placement: %s", describe(placement))
         if warmup:
             self.warmup(progress)
@@ -68,7 +71,8 @@ class Engine:
         if isinstance(spec, DecodeInstance):
             spans = stage_spans(arch.num_layers, spec.pp, spec.layers_per_stage)
             stage_devices = [[devices[d] for d in spec.stage_devices(i)] for i in range(spec.pp)]
-            return Pipeline(arch, params, spans, stage_devices, spec.slots, seq, spec.num_microbatches)
+            cpu = devices[0].platform == "cpu"
+            return Pipeline(arch, params, spans, stage_devices, spec.slots, seq, spec.num_microbatches(cpu))
         spans = stage_spans(arch.num_layers, 1)
         return Pipeline(arch, params, spans, [[devices[d] for d in spec.devices]], spec.slots, seq, 1)
 
@@ -106,10 +110,10 @@ class Engine:
         programs = [w.program for w in self.prefill_workers + self.colocated_workers]
         pipelines = [w.pipeline for w in self.decode_workers + self.colocated_workers]
         jobs = [(p.warmup, shape) for p in programs for shape in p.shapes()]
-        jobs += [(_warm_pipeline, (p,)) for p in pipelines]
+        jobs += [(_warm_forward, (p, p.slots // p.microbatches, 1)) for p in pipelines]
         shapes = sorted({shape for p in programs for shape in p.shapes()})
         jobs += [(p.warm_insert, shape) for p in pipelines for shape in shapes]
-        jobs += [(_warm_chunk, (w.pipeline, w.chunk)) for w in self.colocated_workers if w.chunk]
+        jobs += [(_warm_forward, (w.pipeline, 1, w.chunk)) for w in self.colocated_workers if w.chunk]
         for fn, args in tqdm(jobs, desc="compiling", unit="program", disable=not progress):
             fn(*args)
 
@@ -187,15 +191,12 @@ class Engine:
             seq.publish("abort")
 
 
-def _warm_pipeline(pipeline: Pipeline) -> None:
-    n = pipeline.slots
-    zeros = np.zeros(n, np.int32)
-    pipeline.step(zeros, zeros, empty_rows(n), zeros, np.ones(n, bool))
-
-
-def _warm_chunk(pipeline: Pipeline, chunk: int) -> None:
-    one = np.zeros(1, np.int32)
-    jax.block_until_ready(pipeline.forward(np.zeros((1, chunk), np.int32), one, 0, one, empty_rows(1), one))
+def _warm_forward(pipeline: Pipeline, batch: int, length: int) -> None:
+    """Compile one pipeline shape; tokens sit past the cache, so nothing is written."""
+    zeros = np.zeros(batch, np.int32)
+    past_the_cache = np.full(batch, pipeline.max_seq_len, np.int32)
+    tokens = np.zeros((batch, length), np.int32)
+    jax.block_until_ready(pipeline.forward(tokens, past_the_cache, 0, zeros, empty_rows(batch), zeros))
 
 
 def describe(placement: Placement) -> str:

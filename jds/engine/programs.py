@@ -2,10 +2,10 @@
 
 ``PrefillProgram``: whole prompts, padded to length buckets, on one tensor-parallel mesh; returns
 the first sampled token and the KV in transit layout. ``Pipeline``: the decode side, one ``Stage``
-per layer range on its own mesh, each owning its weights and its slice of the slot cache. A
-pipeline step splits the slots into microbatches and dispatches stage after stage without
-waiting: JAX runs programs asynchronously, so while stage 1 works on microbatch 0, stage 0 already
-works on microbatch 1 (MPMD pipelining; see WORKSPACE.md for why not one SPMD program).
+per layer range on its own mesh, each owning its weights and its slice of the slot cache. The
+slots are split into microbatches; ``forward`` dispatches one microbatch through every stage
+without waiting, since JAX runs programs asynchronously (MPMD pipelining; ``DecodeBatch`` keeps
+the stages busy, and WORKSPACE.md says why this is not one SPMD program).
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ class Stage:
 
 
 class Pipeline:
-    """Decode slots spread over pipeline stages; ``step`` advances every active slot by one token."""
+    """Decode slots spread over pipeline stages; ``forward`` advances one microbatch of slots."""
 
     def __init__(
         self,
@@ -216,22 +216,10 @@ class Pipeline:
             x = stage.run(x, start, np.int32(row_offset), last_index if last else None, rows if last else None, steps if last else None)
         return x
 
-    def step(self, tokens: np.ndarray, positions: np.ndarray, rows: SamplingRows, steps: np.ndarray, active: np.ndarray):
-        """Next token and stop flag of every slot (host arrays); microbatches without active slots are skipped."""
+    def microbatch_bounds(self) -> list[tuple[int, int]]:
+        """The slot range ``[lo, hi)`` of each microbatch."""
         size = self.slots // self.microbatches
-        pending = []
-        for lo in range(0, self.slots, size):
-            hi = lo + size
-            if active[lo:hi].any():
-                out = self.forward(
-                    tokens[lo:hi, None], positions[lo:hi], lo, np.zeros(size, np.int32), slice_rows(rows, lo, hi), steps[lo:hi]
-                )
-                pending.append((lo, hi, out))
-        nxt = np.zeros(self.slots, np.int32)
-        is_stop = np.zeros(self.slots, bool)
-        for lo, hi, (t, s) in pending:
-            nxt[lo:hi], is_stop[lo:hi] = np.asarray(t), np.asarray(s)
-        return nxt, is_stop
+        return [(lo, lo + size) for lo in range(0, self.slots, size)]
 
     def insert(self, parts: list[jax.Array], slot_ids: np.ndarray) -> None:
         """Write transferred KV (one part per stage, already on its devices) into slots."""

@@ -107,11 +107,11 @@ class Sequence:
             self.timings if reason is not None else None,
         )
         self._sent_tokens, self._sent_chars = len(self.tokens), upto
-        self._stream.put(message)
-        if reason is not None:
+        if reason is not None:  # before the caller can see the end, the engine has forgotten it
             self._log_finished(reason, error)
             if self.on_finish is not None:
                 self.on_finish(self)
+        self._stream.put(message)
 
     def _log_finished(self, reason: FinishReason, error: str | None) -> None:
         t = self.timings

@@ -13,7 +13,7 @@ import os
 
 import jax
 
-from jds.config import ConfigError
+from jds.config import Config, ConfigError
 from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillInstance
 from jds.mesh.stages import stage_spans
 from jds.model.architecture import Architecture
@@ -126,3 +126,13 @@ def check_placement(
                     f"{need.where}: {_gib(need.weights)} weights + {_gib(need.kv)} KV per device exceed device {d}'s "
                     f"{_gib(limit)} (lower slots or max_seq_len, or raise tp/pp)"
                 )
+
+
+def check_config(config: Config, placement: Placement | None = None) -> None:
+    """``check_placement`` from the config and checkpoint metadata alone, before any weight is read,
+    so a placement that cannot fit is refused instead of being killed halfway through loading."""
+    from jds.model.loader import model_architecture, resolve_dtype, resolve_max_seq_len
+
+    arch = model_architecture(config)
+    itemsize = resolve_dtype(config.model.dtype).itemsize
+    check_placement(placement or config.placement, arch, itemsize, resolve_max_seq_len(config, arch), jax.devices())

@@ -66,11 +66,17 @@ class DecodeInstance(_DecodeSlots):
             raise ValueError(f"slots {self.slots} is not a multiple of microbatches {self.microbatches}")
         return self
 
-    @property
-    def num_microbatches(self) -> int:
-        """Given, or the largest divisor of ``slots`` not above ``pp`` (so every stage has work)."""
+    def num_microbatches(self, cpu: bool) -> int:
+        """Given, or automatic: 1 on CPU, else the largest divisor of ``slots`` not above ``pp``.
+
+        Decode is memory-bound, so each microbatch re-reads its stage's weights. Stages on real,
+        separate devices overlap and hide that; virtual CPU devices share the same cores, and
+        there extra microbatches only add weight reads (measured in WORKSPACE.md).
+        """
         if self.microbatches is not None:
             return self.microbatches
+        if cpu:
+            return 1
         return max(m for m in range(1, self.pp + 1) if self.slots % m == 0)
 
     def stage_devices(self, stage: int) -> list[int]:

@@ -14,9 +14,9 @@ from jds.config import Config
 from jds.model.architecture import Architecture
 from jds.model.params import Params, init_params
 from jds.model.tokenizer import Tokenizer
-from jds.model.weights.gguf_file import load_gguf
-from jds.model.weights.hf_checkpoint import load_hf
-from jds.model.weights.jds_checkpoint import is_jds_checkpoint, load_checkpoint
+from jds.model.weights.gguf_file import gguf_architecture, load_gguf, open_gguf
+from jds.model.weights.hf_checkpoint import hf_architecture, load_hf
+from jds.model.weights.jds_checkpoint import checkpoint_architecture, is_jds_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +25,21 @@ DEFAULT_MAX_SEQ_LEN = 2048
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    """Everything the engine needs from the model section."""
+    """Everything the engine needs from the model section.
+
+    ``params`` is None once an engine has placed its own copies on its instances' devices, so the
+    loader's copy does not stay alive beside them.
+    """
 
     name: str
     arch: Architecture
-    params: Params
+    params: Params | None
     tokenizer: Tokenizer | None
     max_seq_len: int
+    dtype: jnp.dtype
 
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.params.embed.dtype
+    def without_params(self) -> LoadedModel:
+        return dataclasses.replace(self, params=None)
 
 
 def resolve_dtype(name: str) -> jnp.dtype:
@@ -58,6 +62,22 @@ def checkpoint_format(path: Path, declared: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     raise ValueError(f"cannot tell the format of checkpoint {path}; set model.format to gguf, hf or jds")
+
+
+def model_architecture(config: Config) -> Architecture:
+    """The model's shapes from the config or the checkpoint's metadata, without reading weights."""
+    section = config.model
+    if section.checkpoint is None or section.architecture is not None:
+        return section.architecture
+    path = config.resolve_path(section.checkpoint)
+    fmt = checkpoint_format(path, section.format)
+    if fmt == "gguf":
+        return gguf_architecture(open_gguf(path))
+    return checkpoint_architecture(path) if fmt == "jds" else hf_architecture(path)
+
+
+def resolve_max_seq_len(config: Config, arch: Architecture) -> int:
+    return config.model.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, arch.max_position_embeddings)
 
 
 def load_params(config: Config, dtype: jnp.dtype, progress: bool = True) -> tuple[Architecture, Params]:
@@ -104,6 +124,6 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {arch.vocab_size}"
         )
-    max_seq_len = section.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, arch.max_position_embeddings)
+    max_seq_len = resolve_max_seq_len(config, arch)
     log.info("model %s: %.1fM parameters, %s, max_seq_len %d", section.name, arch.num_params() / 1e6, dtype, max_seq_len)
-    return LoadedModel(section.name, arch, params, tokenizer, max_seq_len)
+    return LoadedModel(section.name, arch, params, tokenizer, max_seq_len, jnp.dtype(dtype))
