@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from jds.config import load_config
-from jds.engine import engine as engine_module
 from jds.engine import prefill as prefill_module
 from jds.engine.engine import Engine
 from jds.engine.request import Request
@@ -238,16 +237,35 @@ def test_shutdown_ends_running_requests(tiny):
         engine.submit(Request("y", (1,), GREEDY, 0))
 
 
-def test_warmup_compiles_every_shape_before_serving(tiny, monkeypatch):
-    placement = {"instances": {"devices": [0], "slots": 2, "max_seq_len": 64, "max_batch": 2, "max_batch_tokens": 64, "chunked_prefill": 32}}
-    calls = []
-    warm = engine_module._warm_forward
-    monkeypatch.setattr(engine_module, "_warm_forward", lambda p, batch, length: calls.append((batch, length)) or warm(p, batch, length))
+_COMPILES: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, *_, **__: _COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+)
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [
+        {
+            "mode": "disaggregated",
+            "prefill": {"devices": [0, 1], "tp": 2, "max_batch": 2, "max_batch_tokens": 64},
+            "decode": [{"devices": [2, 3], "pp": 2, "slots": 2, "max_seq_len": 64}, {"devices": [4, 5, 6], "pp": 3, "slots": 2, "max_seq_len": 64}],
+        },
+        {"instances": {"devices": [0], "slots": 2, "max_seq_len": 64, "max_batch": 2, "max_batch_tokens": 64, "chunked_prefill": 32}},
+        {"instances": {"devices": [0], "slots": 2, "max_seq_len": 64, "max_batch": 2, "max_batch_tokens": 64}},
+    ],
+    ids=["disaggregated-pp2-pp3", "colocated-chunked", "colocated"],
+)
+def test_after_warmup_serving_compiles_nothing(tiny, placement):
     engine = Engine(tiny, Placement.model_validate(placement), warmup=True)
     try:
-        program = engine.colocated_workers[0].program
+        program = (engine.prefill_workers or engine.colocated_workers)[0].program
         assert program.shapes() == [(1, 16), (2, 16), (1, 32), (2, 32), (1, 64)]
-        assert calls == [(2, 1), (1, 32)]  # a decode step of both slots, a prompt chunk
+        compiled = len(_COMPILES)
+        prompts = [list(range(1, n + 1)) for n in (3, 20, 5, 40, 17, 60, 2, 9)]
+        outs = _run(engine, prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        assert all(o.finish_reason == "length" for o in outs)
+        assert len(_COMPILES) == compiled, "a request compiled a program that warm-up missed"
     finally:
         engine.shutdown()
 

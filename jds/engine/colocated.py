@@ -98,7 +98,7 @@ class ColocatedWorker:
         going, kv = prefill_batch(self.program, seqs)
         if not going:
             return
-        slot_ids = np.full(kv.shape[2], self.pipeline.slots, np.int32)
+        slot_ids = np.full(kv[0][1].shape[2], self.pipeline.slots, np.int32)
         for row, seq in going:
             slot_ids[row] = self.pool.try_reserve()
         try:

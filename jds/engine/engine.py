@@ -10,17 +10,17 @@ thread that holds the request frees its slot and KV at its next check, within on
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from jds.engine.colocated import ColocatedWorker
 from jds.engine.decode import DecodeWorker
 from jds.engine.prefill import DecodeRouter, PrefillWorker
-from jds.engine.programs import MAX_STOP_IDS, Pipeline, PrefillProgram, empty_rows, place_params
+from jds.engine.programs import MAX_STOP_IDS, Pipeline, PrefillProgram, place_params
 from jds.engine.request import Request, validate_prompt
 from jds.engine.sequence import RequestStream, Sequence
 from jds.engine.slots import SlotPool
@@ -83,9 +83,10 @@ class Engine:
             self.decode_workers.append(DecodeWorker(f"decode{i}", pipeline, SlotPool(spec.slots, self._slots_changed), self._stop))
         router = DecodeRouter(self.decode_workers, self._slots_changed)
         longest = max(w.max_seq_len for w in self.decode_workers)
+        cuts = tuple(sorted(set().union(*(w.pipeline.cuts for w in self.decode_workers))))
         for i, spec in enumerate(self.placement.prefill):
             placed = place_params(params, [devices[d] for d in spec.devices])
-            program = PrefillProgram(self.model.arch, placed, longest, spec)
+            program = PrefillProgram(self.model.arch, placed, longest, spec, cuts)
             self.prefill_workers.append(PrefillWorker(f"prefill{i}", program, self._waiting, router, self._stop))
 
     def _build_colocated(self, devices) -> None:
@@ -106,16 +107,19 @@ class Engine:
         )
 
     def warmup(self, progress: bool = False) -> None:
-        """Compile every program shape before serving, so no request pays for a compile."""
+        """Compile every program shape ahead of time, so no request waits for a compile.
+
+        Nothing runs: ``lower().compile()`` fills the same cache the calls use.
+        """
         programs = [w.program for w in self.prefill_workers + self.colocated_workers]
-        pipelines = [w.pipeline for w in self.decode_workers + self.colocated_workers]
-        jobs = [(p.warmup, shape) for p in programs for shape in p.shapes()]
-        jobs += [(_warm_forward, (p, p.slots // p.microbatches, 1)) for p in pipelines]
         shapes = sorted({shape for p in programs for shape in p.shapes()})
-        jobs += [(p.warm_insert, shape) for p in pipelines for shape in shapes]
-        jobs += [(_warm_forward, (w.pipeline, 1, w.chunk)) for w in self.colocated_workers if w.chunk]
-        for fn, args in tqdm(jobs, desc="compiling", unit="program", disable=not progress):
-            fn(*args)
+        jobs = [functools.partial(p.compile, *shape) for p in programs for shape in p.shapes()]
+        for w in self.decode_workers:
+            jobs += w.pipeline.compile(shapes, self.prefill_workers[0].program.starts)
+        for w in self.colocated_workers:
+            jobs += w.pipeline.compile(w.program.shapes(), w.program.starts, w.chunk)
+        for job in tqdm(jobs, desc="compiling", unit="program", disable=not progress):
+            job()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -189,14 +193,6 @@ class Engine:
             left = list(self._sequences.values())
         for seq in left:
             seq.publish("abort")
-
-
-def _warm_forward(pipeline: Pipeline, batch: int, length: int) -> None:
-    """Compile one pipeline shape; tokens sit past the cache, so nothing is written."""
-    zeros = np.zeros(batch, np.int32)
-    past_the_cache = np.full(batch, pipeline.max_seq_len, np.int32)
-    tokens = np.zeros((batch, length), np.int32)
-    jax.block_until_ready(pipeline.forward(tokens, past_the_cache, 0, zeros, empty_rows(batch), zeros))
 
 
 def describe(placement: Placement) -> str:

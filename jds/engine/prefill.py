@@ -13,10 +13,9 @@ import logging
 import queue
 import threading
 import time
-import jax
 
 from jds.engine.decode import Delivery, DecodeWorker
-from jds.engine.programs import PrefillProgram
+from jds.engine.programs import KVPieces, PrefillProgram
 from jds.engine.sequence import Sequence
 from jds.engine.waiting import WaitingQueue
 from jds.transfer.handoff import send_kv
@@ -27,7 +26,7 @@ POLL_SECONDS = 0.05
 PENDING_BATCHES = 2  # prefilled batches whose KV may wait for transfer per instance
 
 
-def prefill_batch(program: PrefillProgram, seqs: list[Sequence]) -> tuple[list[tuple[int, Sequence]], jax.Array | None]:
+def prefill_batch(program: PrefillProgram, seqs: list[Sequence]) -> tuple[list[tuple[int, Sequence]], KVPieces | None]:
     """Run one prefill batch and publish first tokens; the (row, sequence) pairs that go on to decode."""
     now = time.perf_counter()
     for s in seqs:
@@ -128,7 +127,7 @@ class PrefillWorker:
             return
         self._route_and_send(kv, going)
 
-    def _route_and_send(self, kv: jax.Array, going: list[tuple[int, Sequence]]) -> None:
+    def _route_and_send(self, kv: KVPieces, going: list[tuple[int, Sequence]]) -> None:
         """Reserve a slot for each request and move its KV there.
 
         Requests already holding a reservation are shipped before waiting for more room, so a
@@ -150,7 +149,7 @@ class PrefillWorker:
                 self._router.wait(POLL_SECONDS)
         self._ship(kv, groups)
 
-    def _ship(self, kv: jax.Array, groups: dict[DecodeWorker, list[tuple[int, Sequence, int]]]) -> None:
+    def _ship(self, kv: KVPieces, groups: dict[DecodeWorker, list[tuple[int, Sequence, int]]]) -> None:
         for decoder, rows in groups.items():
             try:
                 handoff = send_kv(kv, decoder.targets)
@@ -164,4 +163,4 @@ class PrefillWorker:
                 seq.timings.transfer_seconds += handoff.seconds
                 seq.timings.transfer_bytes += handoff.bytes
                 seq.timings.route.append(decoder.name)
-            decoder.inbox.put(Delivery(handoff.parts, rows, kv.shape[2]))
+            decoder.inbox.put(Delivery(handoff.parts, rows, kv[0][1].shape[2]))

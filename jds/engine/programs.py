@@ -73,25 +73,40 @@ def place_params(params: Params, devices: Seq[jax.Device]) -> Params:
     return jax.device_put(params, shardings(params, mesh))
 
 
-def _prefill_and_sample(params: Params, tokens, lengths, rows: SamplingRows, *, arch: Architecture):
+KVPieces = list[tuple[int, jax.Array]]  # transit KV cut at decode stage boundaries: (first layer, array)
+
+
+def _spec(value) -> jax.ShapeDtypeStruct:
+    """The abstract twin of a host or device array, for ahead-of-time compiles."""
+    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=getattr(value, "sharding", None))
+
+
+def _prefill_and_sample(params: Params, tokens, lengths, rows: SamplingRows, *, arch: Architecture, cuts: tuple[int, ...]):
     logits, kv = llama.prefill(params, tokens, lengths, arch)
     first, is_stop = sample(logits, rows, jnp.zeros(tokens.shape[0], jnp.int32))
-    return first, is_stop, kv.stacked()
+    stacked = kv.stacked()
+    bounds = (0, *cuts, arch.num_layers)
+    return first, is_stop, tuple(stacked[:, a:b] for a, b in zip(bounds, bounds[1:]))
 
 
 class PrefillProgram:
-    """Prompt batches to first tokens and transit KV, on one mesh."""
+    """Prompt batches to first tokens and transit KV, on one mesh.
 
-    def __init__(self, arch: Architecture, params: Params, max_len: int, batching: PrefillBatching):
+    The KV comes out cut at ``cuts`` (every decode stage boundary of the placement), so each
+    decode stage receives whole pieces and nothing is sliced after the program.
+    """
+
+    def __init__(self, arch: Architecture, params: Params, max_len: int, batching: PrefillBatching, cuts: tuple[int, ...] = ()):
         self.arch = arch
         self.params = params
         self.mesh = jax.tree.leaves(params)[0].sharding.mesh
         self.buckets = length_buckets(max_len)
         self.batching = batching
-        self.kv_sharding = NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
+        self.starts = (0, *cuts)
+        kv_sharding = NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
         self._fn = jax.jit(
-            functools.partial(_prefill_and_sample, arch=arch),
-            out_shardings=(replicated(self.mesh), replicated(self.mesh), self.kv_sharding),
+            functools.partial(_prefill_and_sample, arch=arch, cuts=cuts),
+            out_shardings=(replicated(self.mesh), replicated(self.mesh), (kv_sharding,) * len(self.starts)),
         )
 
     def bucket(self, length: int) -> int:
@@ -116,23 +131,23 @@ class PrefillProgram:
                 batch *= 2
         return out
 
-    def run(self, seqs: list) -> tuple[np.ndarray, np.ndarray, jax.Array]:
-        """First token and stop flag per sequence (host), and the batch's KV (on this mesh)."""
-        lengths = [s.prompt_len for s in seqs]
-        batch, bucket = pow2_at_least(len(seqs)), self.bucket(max(lengths))
-        tokens = np.zeros((batch, bucket), np.int32)
-        true_lengths = np.ones(batch, np.int32)
-        rows = empty_rows(batch)
+    def _inputs(self, batch: int, bucket: int) -> tuple[np.ndarray, np.ndarray, SamplingRows]:
+        return np.zeros((batch, bucket), np.int32), np.ones(batch, np.int32), empty_rows(batch)
+
+    def run(self, seqs: list) -> tuple[np.ndarray, np.ndarray, KVPieces]:
+        """First token and stop flag per sequence (host), and the batch's KV pieces (on this mesh)."""
+        batch, bucket = pow2_at_least(len(seqs)), self.bucket(max(s.prompt_len for s in seqs))
+        tokens, lengths, rows = self._inputs(batch, bucket)
         for i, s in enumerate(seqs):
             tokens[i, : s.prompt_len] = s.request.prompt_ids
-            true_lengths[i] = s.prompt_len
+            lengths[i] = s.prompt_len
             set_row(rows, i, s)
-        first, is_stop, kv = self._fn(self.params, tokens, true_lengths, rows)
-        return np.asarray(first), np.asarray(is_stop), kv
+        first, is_stop, kv = self._fn(self.params, tokens, lengths, rows)
+        return np.asarray(first), np.asarray(is_stop), list(zip(self.starts, kv))
 
-    def warmup(self, batch: int, bucket: int) -> None:
-        out = self._fn(self.params, np.zeros((batch, bucket), np.int32), np.ones(batch, np.int32), empty_rows(batch))
-        jax.block_until_ready(out)
+    def compile(self, batch: int, bucket: int) -> None:
+        """Compile one shape ahead of time (nothing runs; later calls of that shape reuse it)."""
+        self._fn.lower(self.params, *jax.tree.map(_spec, self._inputs(batch, bucket))).compile()
 
 
 def _run_stage(params: Params, cache: KVCache, inputs, start, row_offset, last_index, rows, steps, *, arch, first, last):
@@ -145,10 +160,17 @@ def _run_stage(params: Params, cache: KVCache, inputs, start, row_offset, last_i
     return sample(llama.logits(params, h, arch), rows, steps), cache
 
 
+def _insert_pieces(cache: KVCache, pieces: tuple[jax.Array, ...], slots, offsets: tuple[int, ...]) -> KVCache:
+    for piece, offset in zip(pieces, offsets):
+        cache = insert(cache, piece, slots, offset)
+    return cache
+
+
 class Stage:
     """A layer range with its weights and its slice of every slot's KV, on its own mesh."""
 
     def __init__(self, arch: Architecture, params: Params, span: StageSpan, devices: Seq[jax.Device], slots: int, seq: int):
+        self.arch = arch
         self.span = span
         self.mesh = make_mesh(devices)
         sp = stage_params(params, span) if span.num_layers != arch.num_layers else params
@@ -157,9 +179,9 @@ class Stage:
         self.cache_sharding = shardings(cache_shape, self.mesh)
         self.activations = replicated(self.mesh)
         self.kv_sharding = NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
-        dtype = jax.tree.leaves(self.params)[0].dtype
+        self.dtype = jax.tree.leaves(self.params)[0].dtype
         self._zeros = jax.jit(
-            functools.partial(KVCache.zeros, arch, slots, seq, dtype, span.num_layers), out_shardings=self.cache_sharding
+            functools.partial(KVCache.zeros, arch, slots, seq, self.dtype, span.num_layers), out_shardings=self.cache_sharding
         )
         self.cache = self._zeros()
         self._run = jax.jit(
@@ -167,25 +189,47 @@ class Stage:
             donate_argnums=1,
             out_shardings=(self.activations, self.cache_sharding),
         )
-        self._insert = jax.jit(insert, donate_argnums=0, out_shardings=self.cache_sharding)
+        self._insert = jax.jit(_insert_pieces, donate_argnums=0, static_argnums=3, out_shardings=self.cache_sharding)
+
+    def _run_args(self, inputs, start, row_offset, last_index, rows, steps) -> tuple:
+        last = self.span.last
+        return (inputs, start, np.int32(row_offset), last_index if last else None, rows if last else None, steps if last else None)
 
     def run(self, inputs, start, row_offset, last_index, rows, steps):
-        out, self.cache = self._run(self.params, self.cache, inputs, start, row_offset, last_index, rows, steps)
+        args = self._run_args(inputs, start, row_offset, last_index, rows, steps)
+        out, self.cache = self._run(self.params, self.cache, *args)
         return out
 
-    def insert(self, kv: jax.Array, slot_ids: np.ndarray) -> None:
-        self.cache = self._insert(self.cache, kv, slot_ids)
+    def insert(self, pieces: KVPieces, slot_ids: np.ndarray) -> None:
+        """Write the pieces (first layer, transit array on this stage's devices) into slots."""
+        offsets = tuple(start - self.span.start for start, _ in pieces)
+        self.cache = self._insert(self.cache, tuple(a for _, a in pieces), slot_ids, offsets)
 
     def reset(self) -> None:
         """A fresh cache, after a failed program may have consumed the donated one."""
         self.cache = self._zeros()
 
-    def warm_insert(self, batch: int, bucket: int) -> None:
-        """Compile the insert of a (batch, bucket) prefill; nothing is written (all rows dropped)."""
+    def compile_run(self, batch: int, length: int) -> None:
+        """Compile this stage for ``batch`` rows of ``length`` new tokens, ahead of time."""
+        if self.span.first:
+            inputs = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+        else:
+            inputs = jax.ShapeDtypeStruct((batch, length, self.arch.hidden_size), self.dtype, sharding=self.activations)
+        vector = np.zeros(batch, np.int32)
+        args = self._run_args(inputs, vector, 0, vector, empty_rows(batch), vector)
+        self._run.lower(self.params, self.cache, *jax.tree.map(_spec, args)).compile()
+
+    def compile_insert(self, batch: int, bucket: int, starts: Seq[int]) -> None:
+        """Compile the insert of a (batch, bucket) prefill cut at ``starts``, ahead of time."""
+        bounds = [*starts, self.arch.num_layers]
+        mine = [(a, b) for a, b in zip(bounds, bounds[1:]) if self.span.start <= a < self.span.stop]
         k = self.cache.k
-        shape = (2, k.shape[0], batch, k.shape[2], bucket, k.shape[4])
-        kv = jax.jit(lambda: jnp.zeros(shape, k.dtype), out_shardings=self.kv_sharding)()
-        self.insert(kv, np.full(batch, k.shape[1], np.int32))
+        pieces = tuple(
+            jax.ShapeDtypeStruct((2, b - a, batch, k.shape[2], bucket, k.shape[4]), k.dtype, sharding=self.kv_sharding)
+            for a, b in mine
+        )
+        offsets = tuple(a - self.span.start for a, _ in mine)
+        self._insert.lower(self.cache, pieces, jax.ShapeDtypeStruct((batch,), jnp.int32), offsets).compile()
 
 
 class Pipeline:
@@ -221,16 +265,25 @@ class Pipeline:
         size = self.slots // self.microbatches
         return [(lo, lo + size) for lo in range(0, self.slots, size)]
 
-    def insert(self, parts: list[jax.Array], slot_ids: np.ndarray) -> None:
-        """Write transferred KV (one part per stage, already on its devices) into slots."""
-        for stage, kv in zip(self.stages, parts):
-            stage.insert(kv, slot_ids)
+    def insert(self, parts: list[KVPieces], slot_ids: np.ndarray) -> None:
+        """Write transferred KV (each stage's pieces, already on its devices) into slots."""
+        for stage, pieces in zip(self.stages, parts):
+            stage.insert(pieces, slot_ids)
 
     def reset(self) -> None:
         for stage in self.stages:
             stage.reset()
 
-    def warm_insert(self, batch: int, bucket: int) -> None:
-        for stage in self.stages:
-            stage.warm_insert(batch, bucket)
-        jax.block_until_ready([stage.cache for stage in self.stages])
+    @property
+    def cuts(self) -> set[int]:
+        """The layers where a stage starts, other than 0."""
+        return {stage.span.start for stage in self.stages[1:]}
+
+    def compile(self, prefill_shapes: Seq[tuple[int, int]], starts: Seq[int], chunk: int | None = None) -> list:
+        """Ahead-of-time compile jobs: a decode step, a prompt chunk, the insert of every prefill shape."""
+        size = self.slots // self.microbatches
+        jobs = [functools.partial(st.compile_run, size, 1) for st in self.stages]
+        if chunk:
+            jobs += [functools.partial(st.compile_run, 1, chunk) for st in self.stages]
+        jobs += [functools.partial(st.compile_insert, b, t, starts) for st in self.stages for b, t in prefill_shapes]
+        return jobs

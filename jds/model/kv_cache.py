@@ -5,8 +5,9 @@ axis, a decode slot is one row of ``batch``, and the per-head ``seq x head_dim``
 contiguous for the attention reads of a decode step. Lengths are not stored here: whoever owns the
 slots knows them.
 
-In transit (prefill to decode) K and V travel as one stacked array ``[2, layers, batch, kv_heads,
-seq, head_dim]``: one large copy dispatches faster than two.
+In transit (prefill to decode) K and V travel stacked, ``[2, layers, batch, kv_heads, seq,
+head_dim]``: one large copy dispatches faster than two. A transit array may hold a range of the
+layers only (a piece cut at decode stage boundaries).
 """
 
 from __future__ import annotations
@@ -45,15 +46,17 @@ class KVCache:
         return jnp.stack([self.k, self.v])
 
 
-def insert(cache: KVCache, update: jax.Array, slots: jax.Array) -> KVCache:
+def insert(cache: KVCache, update: jax.Array, slots: jax.Array, layer_offset: int = 0) -> KVCache:
     """Write a stacked prefill KV ``update`` (batch row i) into cache rows ``slots[i]``, from position 0.
 
-    Rows whose slot index is out of range (batch padding, aborted requests) are dropped. Jit it
-    with the cache donated so the write happens in place.
+    ``update`` may cover only some layers: it lands at ``layer_offset`` onwards. Rows whose slot
+    index is out of range (batch padding, aborted requests) are dropped. Jit it with the cache
+    donated so the write happens in place.
     """
-    length = update.shape[4]
+    layers, length = update.shape[1], update.shape[4]
+    where = (slice(layer_offset, layer_offset + layers), slots, slice(None), slice(0, length))
 
     def put(dst: jax.Array, src: jax.Array) -> jax.Array:
-        return dst.at[:, slots, :, :length, :].set(src.astype(dst.dtype), mode="drop")
+        return dst.at[where].set(src.astype(dst.dtype), mode="drop")
 
     return KVCache(k=put(cache.k, update[0]), v=put(cache.v, update[1]))

@@ -1,10 +1,10 @@
 """In-process KV handoff: ``jax.device_put`` from the prefill mesh into each decode stage's layout.
 
-The prefill program returns K and V stacked in one transit array ``[2, layers, batch, kv_heads,
-seq, head_dim]``, sharded over its own ``tp``. Each decode stage receives its own layer range,
-put straight into the stage's sharding (its own ``tp``, which may differ from prefill's): XLA
-copies device to device (over NVLink or ICI on accelerators) and never gathers the whole array
-on one device. The caller blocks until the copies land, so the decode loop that later inserts
+The prefill program returns K and V stacked in transit arrays ``[2, layers, batch, kv_heads, seq,
+head_dim]``, sharded over its own ``tp`` and already cut at every decode stage boundary of the
+placement. Each decode stage receives the pieces of its own layer range, put straight into the
+stage's sharding (its own ``tp``, which may differ from prefill's): XLA copies device to device
+(over NVLink or ICI on accelerators) and never gathers a whole array on one device. The caller blocks until the copies land, so the decode loop that later inserts
 them never waits on a transfer.
 """
 
@@ -30,20 +30,17 @@ class StageTarget:
 
 @dataclasses.dataclass(frozen=True)
 class Handoff:
-    """A prefill batch's KV on the decode devices, one part per stage, and what moving it cost."""
+    """A prefill batch's KV on the decode devices: each stage's pieces, and what moving them cost."""
 
-    parts: list[jax.Array]
+    parts: list[list[tuple[int, jax.Array]]]
     seconds: float
     bytes: int
 
 
-def send_kv(kv: jax.Array, targets: Sequence[StageTarget]) -> Handoff:
-    """Copy each stage's layer range of ``kv`` onto that stage's devices; returns when all landed."""
+def send_kv(pieces: Sequence[tuple[int, jax.Array]], targets: Sequence[StageTarget]) -> Handoff:
+    """Copy each piece (first layer, transit array) onto the stage that owns its layers; returns when all landed."""
     begin = time.perf_counter()
-    num_layers = kv.shape[1]
-    parts = []
-    for t in targets:
-        piece = kv if (t.span.start, t.span.stop) == (0, num_layers) else kv[:, t.span.start : t.span.stop]
-        parts.append(jax.device_put(piece, t.sharding))
+    parts = [[(start, jax.device_put(kv, t.sharding)) for start, kv in pieces if t.span.start <= start < t.span.stop] for t in targets]
     jax.block_until_ready(parts)
-    return Handoff(parts, time.perf_counter() - begin, sum(p.nbytes for p in parts))
+    moved = sum(kv.nbytes for part in parts for _, kv in part)
+    return Handoff(parts, time.perf_counter() - begin, moved)
