@@ -55,6 +55,19 @@ class ModelSection(BaseModel):
         return self
 
 
+class ServerSection(BaseModel):
+    """How ``python -m jds.server`` listens; command-line flags override these."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535, description="0 picks a free port")
+    metrics_port: int | None = Field(default=9090, ge=0, le=65535, description="Prometheus /metrics; null disables")
+    max_waiting: PositiveInt = Field(default=256, description="requests waiting for prefill; more get RESOURCE_EXHAUSTED")
+    drain_seconds: float = Field(default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    warmup: bool = Field(default=True, description="compile every program shape before reporting SERVING")
+
+
 class Config(BaseModel):
     """A whole deployment file."""
 
@@ -62,6 +75,7 @@ class Config(BaseModel):
 
     model: ModelSection
     placement: Placement = Field(default_factory=Placement)
+    server: ServerSection = Field(default_factory=ServerSection)
     _base_dir: Path = PrivateAttr(default=Path("."))
 
     def resolve_path(self, value: str) -> Path:

@@ -33,14 +33,31 @@ from jds.model.loader import LoadedModel
 log = logging.getLogger(__name__)
 
 
-class Engine:
-    """All instances of one placement in this process; thread-safe ``submit`` / ``abort``."""
+class QueueFull(RuntimeError):
+    """More requests wait for prefill than the engine was told to hold; try again later."""
 
-    def __init__(self, model: LoadedModel, placement: Placement, *, warmup: bool = False, progress: bool = False):
+
+class Engine:
+    """All instances of one placement in this process; thread-safe ``submit`` / ``abort``.
+
+    ``max_waiting`` bounds the requests waiting for prefill; beyond it ``submit`` raises
+    ``QueueFull`` (a server turns that into RESOURCE_EXHAUSTED).
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        placement: Placement,
+        *,
+        warmup: bool = False,
+        progress: bool = False,
+        max_waiting: int | None = None,
+    ):
         if model.params is None:
             raise ValueError("the model's parameters were released; load the model again for a new engine")
         self.model = model
         self.placement = placement
+        self.max_waiting = max_waiting
         devices = jax.devices()
         check_placement(placement, model.arch, model.dtype.itemsize, model.max_seq_len, devices)
         self._stop = threading.Event()
@@ -146,9 +163,11 @@ class Engine:
         with self._lock:
             if request.request_id in self._sequences:
                 raise ValueError(f"request_id {request.request_id!r} is already running")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (limit {self.max_waiting})")
             self._sequences[request.request_id] = seq
-        stream = seq.stream()
-        self._waiting.put(seq)
+            stream = seq.stream()
+            self._waiting.put(seq)
         return stream
 
     def _forget(self, seq: Sequence) -> None:

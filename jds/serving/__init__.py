@@ -1,0 +1,1 @@
+"""What the gRPC server is made of: request translation and validation, metrics."""

@@ -1,0 +1,49 @@
+"""Start ``python -m jds.server`` as a real subprocess and find its ports from its log."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests_paths import REPO
+
+READY = re.compile(r"ready: serving .* on ([\d.]+):(\d+)")
+METRICS = re.compile(r"metrics on http://([\d.]+):(\d+)/metrics")
+
+
+class ServerProcess:
+    def __init__(self, config: Path, log: Path, *extra: str, timeout: float = 240):
+        self.log_path = log
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jds.server", "--config", str(config), "--port", "0", "--metrics-port", "0", *extra],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while not (ready := READY.search(self.text())):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not become ready:\n{self.text()[-3000:]}")
+            time.sleep(0.2)
+        self.address = f"{ready.group(1)}:{ready.group(2)}"
+        metrics = METRICS.search(self.text())
+        self.metrics_url = f"http://{metrics.group(1)}:{metrics.group(2)}/metrics"
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode

@@ -1,0 +1,267 @@
+"""The gRPC server as a real subprocess, driven by a real gRPC client.
+
+The server runs a small random model (seeded, so this process can build the identical model
+through the offline API and compare tokens). Slots, waiting queue and batch are small so that
+overload and cancellation are reachable within a few requests.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from jds import LLM, SamplingParams
+from jds.api import generation_pb2 as pb
+from jds.api import generation_pb2_grpc as pb_grpc
+from server_process import ServerProcess
+from tests_paths import CONFIGS, REPO
+
+MAX_SEQ_LEN = 128
+
+
+def _write_config(path, max_waiting: int = 4) -> None:
+    tiny = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    tiny["model"]["max_seq_len"] = MAX_SEQ_LEN
+    tiny["placement"] = {"mode": "colocated", "instances": [{"devices": [0], "slots": 4, "max_batch": 2}]}
+    tiny["server"] = {"max_waiting": max_waiting, "drain_seconds": 30}
+    path.write_text(yaml.safe_dump(tiny))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("server")
+    _write_config(folder / "server.yaml")
+    proc = ServerProcess(folder / "server.yaml", folder / "server.log")
+    yield proc
+    assert proc.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.GenerationStub(channel)
+
+
+@pytest.fixture(scope="module")
+def offline(server):
+    folder = server.log_path.parent
+    with LLM(folder / "server.yaml", progress=False) as llm:
+        yield llm
+
+
+def _generate(stub, **fields) -> list[pb.GenerateResponse]:
+    return list(stub.Generate(pb.GenerateRequest(**fields), timeout=60))
+
+
+def _tokens(messages) -> list[int]:
+    return [t for m in messages for t in m.token_ids]
+
+
+def _wait_idle(stub, timeout: float = 10) -> pb.ModelInfoResponse:
+    end = time.monotonic() + timeout
+    while True:
+        info = stub.ModelInfo(pb.ModelInfoRequest())
+        if (info.slots_in_use == 0 and info.running == 0) or time.monotonic() > end:
+            return info
+        time.sleep(0.02)
+
+
+def test_health_reflection_and_model_info(server, stub):
+    with grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "jds.v1.Generation"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"jds.v1.Generation", "grpc.health.v1.Health"} <= names
+    info = stub.ModelInfo(pb.ModelInfoRequest())
+    assert (info.model_name, info.num_layers, info.max_seq_len, info.slots_total) == ("tiny-random", 4, MAX_SEQ_LEN, 4)
+    assert "colocated" in info.placement and info.dtype == "float32"
+
+
+def test_streaming_matches_the_offline_api_for_text_chat_and_token_ids(stub, offline):
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected_text = offline.generate("The quick brown fox", greedy)[0]
+    messages = _generate(stub, text="The quick brown fox", max_tokens=12, temperature=0, ignore_eos=True)
+    assert len(messages) == 12 and all(len(m.token_ids) == 1 for m in messages)
+    assert _tokens(messages) == expected_text.token_ids
+    assert "".join(m.text for m in messages) == expected_text.text
+    last = messages[-1]
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH and all(m.finish_reason == 0 for m in messages[:-1])
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(expected_text.prompt_token_ids), 12)
+    assert last.timings.ttft > 0 and last.timings.tpot > 0 and last.timings.e2e >= last.timings.ttft
+
+    chat = [{"role": "user", "content": "Say hi"}]
+    expected_chat = offline.chat(chat, greedy)[0]
+    messages = _generate(stub, messages=[pb.ChatMessage(**m) for m in chat], max_tokens=12, temperature=0, ignore_eos=True)
+    assert _tokens(messages) == expected_chat.token_ids
+
+    expected_ids = offline.generate([[5, 6, 7, 8]], greedy)[0]
+    assert _tokens(_generate(stub, token_ids=[5, 6, 7, 8], max_tokens=12, temperature=0, ignore_eos=True)) == expected_ids.token_ids
+
+
+def test_concurrent_clients_get_what_each_gets_alone(stub):
+    prompts = [[10 + i, 20 + i, 30 + i] * (i + 1) for i in range(6)]
+    alone = [_tokens(_generate(stub, token_ids=p, max_tokens=10, temperature=0, ignore_eos=True)) for p in prompts]
+    together: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        together[i] = _tokens(_generate(stub, token_ids=prompts[i], max_tokens=10, temperature=0, ignore_eos=True))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together[i] for i in range(len(prompts))] == alone
+
+
+BAD = [
+    ({}, "input: give exactly one of text, messages or token_ids"),
+    ({"text": ""}, "input: give exactly one"),
+    ({"text": "hi", "token_ids": [1, 2]}, "input: .*got text and token_ids"),
+    ({"token_ids": [1, 49152]}, r"token_ids: ids must be in \[0, 49152\)"),
+    ({"token_ids": [-3]}, "token_ids: ids must be in"),
+    ({"token_ids": [1] * MAX_SEQ_LEN}, "token_ids: the prompt has 128 tokens; max_seq_len is 128"),
+    ({"text": "hi", "max_tokens": 0}, "max_tokens: must be an integer >= 1"),
+    ({"text": "hi", "max_tokens": -5}, "max_tokens: must be an integer >= 1"),
+    ({"text": "hi", "max_tokens": 500}, "max_tokens: 500 is beyond the limit"),
+    ({"text": "hi", "temperature": -0.5}, "temperature: must be >= 0"),
+    ({"text": "hi", "top_p": 0.0}, r"top_p: must be in \(0, 1\]"),
+    ({"text": "hi", "top_p": 1.5}, r"top_p: must be in \(0, 1\]"),
+    ({"text": "hi", "top_k": -1}, "top_k: must be an integer >= 0"),
+    ({"text": "hi", "stop": [""]}, "stop: must be non-empty strings"),
+    ({"text": "hi", "stop_token_ids": [60000]}, r"stop_token_ids: ids must be in \[0, 49152\)"),
+    ({"text": "hi", "stop_token_ids": list(range(9))}, "stop_token_ids: at most 8"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, r"messages\[0\].role: must be one of system, user, assistant"),
+    ({"text": "hi", "request_id": ""}, "request_id: must not be empty"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_input_is_refused_naming_the_field_and_the_server_goes_on(stub, fields, message):
+    if "messages" in fields:
+        fields = {**fields, "messages": [pb.ChatMessage(**m) for m in fields["messages"]]}
+    with pytest.raises(grpc.RpcError) as err:
+        _generate(stub, **fields)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.match(message, err.value.details()), err.value.details()
+    assert _generate(stub, text="ok", max_tokens=2)[-1].finish_reason != 0
+
+
+def test_cancel_and_deadline_free_the_slot(stub):
+    long = {"token_ids": [1, 2, 3], "max_tokens": 120, "temperature": 0, "ignore_eos": True}
+    call = stub.Generate(pb.GenerateRequest(**long), timeout=60)
+    assert next(call).token_ids and next(call).token_ids
+    assert stub.ModelInfo(pb.ModelInfoRequest()).slots_in_use == 1
+    call.cancel()
+    info = _wait_idle(stub)
+    assert (info.slots_in_use, info.running) == (0, 0)
+
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(**{**long, "max_tokens": 127 - 3}), timeout=0.2))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    info = _wait_idle(stub)
+    assert (info.slots_in_use, info.running) == (0, 0)
+
+
+def test_overload_gives_resource_exhausted_and_accepted_requests_finish(stub):
+    long = pb.GenerateRequest(token_ids=[1, 2, 3], max_tokens=100, temperature=0, ignore_eos=True)
+    codes: list = []
+
+    def run() -> None:
+        try:
+            codes.append(list(stub.Generate(long, timeout=120))[-1].finish_reason)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+
+    threads = [threading.Thread(target=run) for _ in range(14)]  # 4 slots + 4 waiting places
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert codes.count(pb.FINISH_REASON_LENGTH) >= 8
+    assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, pb.FINISH_REASON_LENGTH}
+    assert _wait_idle(stub).running == 0
+
+
+def test_metrics_expose_histograms_gauges_and_counters(server, stub):
+    _generate(stub, text="metrics", max_tokens=3)
+    body = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for name in (
+        "jds_time_to_first_token_seconds_bucket",
+        "jds_time_per_output_token_seconds_bucket",
+        "jds_queue_seconds_bucket",
+        "jds_kv_transfer_seconds_bucket",
+        "jds_e2e_seconds_bucket",
+        "jds_slots_in_use",
+        "jds_slots_total 4.0",
+        "jds_waiting_requests",
+        'jds_requests_total{finish_reason="length"}',
+        'jds_generated_tokens_total{finish_reason="length"}',
+        'jds_rejected_requests_total{code="INVALID_ARGUMENT"}',
+    ):
+        assert name in body, name
+
+
+def test_client_command_line(server):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "jds.client", "--server", server.address, *a], capture_output=True, text=True, cwd=REPO, timeout=120)  # noqa: E731
+    out = run("--max-tokens", "5", "--json", "hello")
+    assert out.returncode == 0 and '"finish_reason": "FINISH_REASON_LENGTH"' in out.stdout
+    out = run("--max-tokens", "5", "--token-ids", "--tokens", "1 2 3")
+    assert out.returncode == 0 and len(out.stdout.split()) == 5
+    out = run("--top-p", "3", "--max-tokens", "5", "hello")
+    assert out.returncode == 1 and "INVALID_ARGUMENT: top_p" in out.stderr
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
+    _write_config(tmp_path / "server.yaml")
+    proc = ServerProcess(tmp_path / "server.yaml", tmp_path / "server.log", "--no-warmup")
+    try:
+        with grpc.insecure_channel(proc.address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            call = stub.Generate(pb.GenerateRequest(token_ids=[1, 2, 3], max_tokens=100, temperature=0, ignore_eos=True), timeout=120)
+            first = next(call)
+            proc.proc.send_signal(signal.SIGTERM)
+            rest = list(call)
+            assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH  # finished, not aborted
+            assert len(first.token_ids) + len(_tokens(rest)) == 100
+        assert proc.proc.wait(60) == 0
+        assert "draining" in proc.text() and "stopped" in proc.text()
+    finally:
+        proc.stop()
+
+
+def test_a_placement_that_cannot_fit_is_refused_before_loading():
+    out = subprocess.run(
+        [sys.executable, "-m", "jds.server", "--config", str(CONFIGS / "llama7b.yaml"), "--port", "0"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "placement needs" in out.stderr and "GiB is usable" in out.stderr and "lower slots or max_seq_len" in out.stderr
+
+
+def test_generated_protocol_code_is_in_sync_with_the_proto(tmp_path):
+    from grpc_tools import protoc
+
+    (tmp_path / "jds" / "api").mkdir(parents=True)
+    (tmp_path / "jds" / "api" / "generation.proto").write_text((REPO / "jds" / "api" / "generation.proto").read_text())
+    assert protoc.main(["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", "jds/api/generation.proto"]) == 0
+    for name in ("generation_pb2.py", "generation_pb2_grpc.py"):
+        assert (tmp_path / "jds" / "api" / name).read_text() == (REPO / "jds" / "api" / name).read_text(), (
+            f"jds/api/{name} is stale: regenerate it (see jds/api/__init__.py)"
+        )
