@@ -1,4 +1,4 @@
-# Two entry points: `make serve` and `make test`. Both create .venv on first use.
+# Two entry points: `make serve` (the gRPC server, default model) and `make test`. Both create .venv on first use.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 serve: $(STAMP)
-	$(PY) -m jds.generate --config configs/smollm2-135m.yaml --chat "Tell me about the Eiffel Tower."
+	$(PY) -m jds.server --config configs/smollm2-135m.yaml
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests

@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="gRPC port (default: server.port, 50051; 0 picks one)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: server.metrics_port)")
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling ahead (first requests compile)")
+    parser.add_argument("--log-requests", action="store_true", help="one log line per finished request, with its timings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if args.log_requests:
+        logging.getLogger("jds.requests").setLevel(logging.DEBUG)
     try:
         config = load_config(args.config)
         _give_cpu_devices(config)

@@ -230,7 +230,7 @@ def test_client_command_line(server):
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
     _write_config(tmp_path / "server.yaml")
-    proc = ServerProcess(tmp_path / "server.yaml", tmp_path / "server.log", "--no-warmup")
+    proc = ServerProcess(tmp_path / "server.yaml", tmp_path / "server.log", "--no-warmup", "--log-requests")
     try:
         with grpc.insecure_channel(proc.address) as channel:
             stub = pb_grpc.GenerationStub(channel)
@@ -242,6 +242,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
             assert len(first.token_ids) + len(_tokens(rest)) == 100
         assert proc.proc.wait(60) == 0
         assert "draining" in proc.text() and "stopped" in proc.text()
+        assert "finished (length): prompt 3, output 100 tokens" in proc.text()  # --log-requests
     finally:
         proc.stop()
 
