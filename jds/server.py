@@ -100,15 +100,15 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     if metrics_port is not None:
         httpd, _ = start_http_server(metrics_port, addr=host, registry=metrics.registry)
         log.info("metrics on http://%s:%d/metrics", host, httpd.server_port)
+    stop = threading.Event()  # handlers first: a SIGTERM right after "ready" must drain, not kill
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: serving %s on %s:%d", config.model.name, host, bound)
-
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(1.0):  # a timed wait, so the signal handler always gets to run
+        pass
 
     log.info("draining: refusing new requests, %d in flight", engine.num_running)
     servicer.accepting.clear()

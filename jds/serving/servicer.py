@@ -158,6 +158,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             slots_in_use=in_use,
             waiting=self.engine.num_waiting,
             running=self.engine.num_running,
+            devices=len(self.engine.placement.devices),
         )
 
 

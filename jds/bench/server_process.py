@@ -1,4 +1,7 @@
-"""Start ``python -m jds.server`` as a real subprocess and find its ports from its log."""
+"""Start ``python -m jds.server`` as a subprocess and find its ports from its log.
+
+Used by ``python -m jds.bench compare`` (one server per placement) and by the tests.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +11,17 @@ import sys
 import time
 from pathlib import Path
 
-from tests_paths import REPO
-
 READY = re.compile(r"ready: serving .* on ([\d.]+):(\d+)")
 METRICS = re.compile(r"metrics on http://([\d.]+):(\d+)/metrics")
 
 
 class ServerProcess:
-    def __init__(self, config: Path, log: Path, *extra: str, timeout: float = 240):
+    def __init__(self, config: Path, log: Path, *extra: str, timeout: float = 600, cwd: Path | None = None):
         self.log_path = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jds.server", "--config", str(config), "--port", "0", "--metrics-port", "0", *extra],
-            cwd=REPO,
+            cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

@@ -1,0 +1,125 @@
+"""``python -m jds.bench serve|compare ...``: goodput and SLO attainment of jds servers.
+
+serve    run a workload against a running server at one or more rates
+compare  start a server per config, run the identical workload on each, report side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from jds.bench import report
+from jds.bench.loadgen import model_info, run_load
+from jds.bench.metrics import attainment, search_goodput
+from jds.bench.workloads import SLO, get_workload, load_trace, plan
+
+log = logging.getLogger("jds.bench")
+
+
+def _slo(text: str | None, default: SLO, scale: float) -> SLO:
+    slo = default
+    if text:
+        values = {}
+        for part in text.split(","):
+            key, _, value = part.partition("=")
+            if key not in ("ttft", "tpot") or not value:
+                raise ValueError(f"--slo: expected ttft=SECONDS,tpot=SECONDS, got {part!r}")
+            values[key] = float(value)
+        slo = SLO(**values)
+    return slo.scaled(scale)
+
+
+def _workload_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", default="chatbot", help="chatbot, code or summarization (see jds/bench/workloads.yaml)")
+    parser.add_argument("--rates", default="1", help="requests per second, comma-separated")
+    parser.add_argument("--search", default=None, metavar="LOW:HIGH", help="bisect for the goodput between two rates instead")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--num-requests", type=int, default=None, help="requests per rate (default 50)")
+    group.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate")
+    parser.add_argument("--burstiness", type=float, default=1.0, help="1 is Poisson; larger is burstier (gamma arrivals)")
+    parser.add_argument("--trace", default=None, help="replay JSONL {timestamp ms, input_length, output_length} instead")
+    parser.add_argument("--slo", default=None, help="ttft=SECONDS,tpot=SECONDS (default: the workload's)")
+    parser.add_argument("--slo-scale", type=float, default=1.0, help="multiply both SLOs (tighter < 1 < looser)")
+    parser.add_argument("--attainment", type=float, default=0.9, help="attainment target for goodput")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
+
+
+def sweep(address: str, args: argparse.Namespace, label: str) -> report.Sweep:
+    """Run the workload against one server at every rate (or bisect for its goodput)."""
+    info = model_info(address)
+    workload = get_workload(args.workload)
+    slo = _slo(args.slo, workload.slo, args.slo_scale)
+    result = report.Sweep(label, slo, max(1, info.devices), args.attainment, {})
+
+    def measure(rate: float) -> float:
+        if args.trace:
+            requests = load_trace(args.trace, info.max_seq_len)
+        else:
+            num = None if args.duration else (args.num_requests or 50)
+            requests = plan(workload, rate, info.max_seq_len, args.seed, num, args.duration, args.burstiness)
+        records = run_load(address, requests, info.vocab_size, args.seed, desc=f"{label} @ {rate:g} req/s")
+        result.records[rate] = records
+        value = attainment(records, slo)
+        log.info("%s @ %g req/s: attainment %.0f%% over %d requests", label, rate, 100 * value, len(records))
+        return value
+
+    if args.search:
+        low, high = (float(x) for x in args.search.split(":"))
+        search_goodput(measure, low, high, args.attainment)
+    else:
+        for rate in (float(r) for r in args.rates.split(",")):
+            measure(rate)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jds.bench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="benchmark a running server")
+    serve.add_argument("--server", default="127.0.0.1:50051")
+    serve.add_argument("--label", default=None, help="name in tables and plots (default: the server address)")
+    _workload_args(serve)
+    compare = commands.add_parser("compare", help="start and benchmark a server per config, side by side")
+    compare.add_argument("configs", nargs="+", help="deployment YAMLs, e.g. a colocated and a disaggregated placement")
+    _workload_args(compare)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    out = Path(args.out)
+    try:
+        if args.command == "serve":
+            sweeps = [sweep(args.server, args, args.label or args.server)]
+        else:
+            sweeps = _compare(args, out)
+    except (ValueError, OSError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+    title = f"jds benchmark: {args.workload if not args.trace else args.trace}"
+    md = report.write(sweeps, out, title, {"command": sys.argv, "workload": args.workload, "seed": args.seed, "trace": args.trace})
+    print(md.read_text())
+    return 0
+
+
+def _compare(args: argparse.Namespace, out: Path) -> list[report.Sweep]:
+    from jds.bench.server_process import ServerProcess
+
+    sweeps = []
+    out.mkdir(parents=True, exist_ok=True)
+    for config in args.configs:
+        label = Path(config).stem
+        log.info("starting a server for %s", config)
+        server = ServerProcess(Path(config).resolve(), out / f"server-{label}.log")
+        try:
+            sweeps.append(sweep(server.address, args, label))
+        finally:
+            code = server.stop()
+            if code != 0:
+                log.warning("server for %s exited with %s", config, code)
+    return sweeps
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Benchmark building blocks on hand-made data: metric definitions, goodput, workloads, traces."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jds.bench.metrics import RequestRecord, attainment, goodput, search_goodput, summarize
+from jds.bench.workloads import SLO, arrival_times, get_workload, load_trace, load_workloads, plan
+
+
+def _record(sent: float, tokens: list[float], end: float | None = None, error: str | None = None) -> RequestRecord:
+    return RequestRecord(10, len(tokens), sent, tokens, end if end is not None else (tokens[-1] if tokens else None), error)
+
+
+def test_ttft_tpot_itl_e2e_definitions():
+    r = _record(1.0, [1.5, 1.7, 2.0, 2.5])
+    assert r.ttft == pytest.approx(0.5)
+    assert r.tpot == pytest.approx((2.5 - 1.5) / 3)  # TTFT is not part of TPOT
+    assert r.itl == pytest.approx([0.2, 0.3, 0.5])
+    assert r.e2e == pytest.approx(1.5)
+    one = _record(0.0, [0.3])
+    assert one.tpot is None and one.meets(SLO(ttft=0.5, tpot=0.001))  # no TPOT to miss
+    failed = _record(0.0, [0.1], error="UNAVAILABLE: gone")
+    assert not failed.ok and failed.ttft is None and not failed.meets(SLO())
+
+
+def test_attainment_needs_every_slo():
+    fast = _record(0.0, [0.1, 0.2, 0.3])  # ttft 0.1, tpot 0.1
+    slow_first = _record(0.0, [0.6, 0.7])  # ttft 0.6
+    slow_steps = _record(0.0, [0.1, 0.5, 0.9])  # tpot 0.4
+    records = [fast, slow_first, slow_steps, _record(0.0, [], error="INTERNAL")]
+    assert attainment(records, SLO(ttft=0.5, tpot=0.2)) == 0.25
+    assert attainment(records, SLO(ttft=0.5)) == 0.5
+    assert attainment(records, SLO(tpot=0.2)) == 0.5
+    assert attainment(records, SLO(ttft=0.5, tpot=0.2).scaled(2.0)) == 0.75  # ttft 1.0, tpot 0.4: all but the failed one
+    s = summarize(records, SLO(ttft=0.5, tpot=0.2))
+    assert s["requests"] == 4 and s["failed"] == 1 and s["attainment"] == 0.25
+    assert s["ttft"]["p50"] == pytest.approx(0.1) and s["ttft"]["mean"] == pytest.approx(0.8 / 3)
+
+
+def test_goodput_is_the_highest_rate_before_attainment_first_misses():
+    assert goodput({1.0: 1.0, 2.0: 0.95, 3.0: 0.85, 4.0: 0.92}) == 2.0  # 4.0 passing again is noise
+    assert goodput({1.0: 0.5}) == 0.0
+    assert goodput({1.0: 0.9, 2.0: 0.9}, target=0.9) == 2.0
+
+
+def test_goodput_search_bisects_to_the_knee():
+    calls = []
+
+    def measure(rate: float) -> float:
+        calls.append(rate)
+        return 1.0 if rate <= 3.3 else 0.5
+
+    best, seen = search_goodput(measure, 1.0, 8.0, steps=8)
+    assert 3.3 - 7 / 2**8 <= best <= 3.3 and len(calls) == len(seen) == 10
+    assert search_goodput(lambda r: 0.0, 1.0, 8.0)[0] == 0.0
+    assert search_goodput(lambda r: 1.0, 1.0, 8.0)[0] == 8.0
+
+
+def test_workloads_are_reproducible_and_scaled():
+    chatbot = get_workload("chatbot")
+    a = plan(chatbot, 2.0, 2048, seed=7, num=200)
+    assert a == plan(chatbot, 2.0, 2048, seed=7, num=200)
+    assert a != plan(chatbot, 2.0, 2048, seed=8, num=200)
+    faster = plan(chatbot, 4.0, 2048, seed=7, num=200)
+    assert [(r.input_len, r.output_len) for r in faster] == [(r.input_len, r.output_len) for r in a]  # same requests
+    assert faster[-1].arrival < a[-1].arrival
+    small = plan(get_workload("summarization"), 1.0, 512, seed=0, num=100)
+    assert all(r.input_len + r.output_len <= 512 and r.output_len >= 1 for r in small)
+    assert min(r.input_len for r in small) >= 1900 * 512 // 2048 - 1  # scaled from the 2048 context
+    assert set(load_workloads()) == {"chatbot", "code", "summarization"}
+    with pytest.raises(ValueError, match="unknown workload 'chat'"):
+        get_workload("chat")
+
+
+def test_arrivals_poisson_rate_and_burstiness():
+    poisson = np.diff(arrival_times(5.0, seed=1, num=20000))
+    assert np.mean(poisson) == pytest.approx(0.2, rel=0.03)
+    assert np.std(poisson) / np.mean(poisson) == pytest.approx(1.0, rel=0.05)
+    bursty = np.diff(arrival_times(5.0, seed=1, num=20000, burstiness=4.0))
+    assert np.mean(bursty) == pytest.approx(0.2, rel=0.05)
+    assert (np.std(bursty) / np.mean(bursty)) ** 2 == pytest.approx(4.0, rel=0.15)
+    timed = arrival_times(5.0, seed=1, duration=10.0)
+    assert timed[0] == 0.0 and timed[-1] < 10.0 and 30 < len(timed) < 80
+
+
+def test_trace_replay_and_its_errors(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join(json.dumps(r) for r in [
+        {"timestamp": 1500, "input_length": 20, "output_length": 5},
+        {"timestamp": 1000, "input_length": 10, "output_length": 3},
+    ]) + "\n")  # fmt: skip
+    requests = load_trace(trace)
+    assert [(r.arrival, r.input_len, r.output_len) for r in requests] == [(0.0, 10, 3), (0.5, 20, 5)]
+    trace.write_text('{"timestamp": 0, "input_length": 10}\n')
+    with pytest.raises(ValueError, match=r"trace.jsonl:1: expected timestamp, input_length, output_length"):
+        load_trace(trace)
+    trace.write_text('{"timestamp": 0, "input_length": 100, "output_length": 100}\n')
+    with pytest.raises(ValueError, match="exceed max_seq_len 128"):
+        load_trace(trace, max_seq_len=128)
