@@ -101,3 +101,21 @@ def test_trace_replay_and_its_errors(tmp_path):
     trace.write_text('{"timestamp": 0, "input_length": 100, "output_length": 100}\n')
     with pytest.raises(ValueError, match="exceed max_seq_len 128"):
         load_trace(trace, max_seq_len=128)
+
+
+def test_micro_benchmark_reports_ratios_to_measured_limits(tmp_path):
+    from jds.bench.__main__ import main
+    from tests_paths import CONFIGS
+
+    out = tmp_path / "micro"
+    assert main(["micro", "--config", str(CONFIGS / "tiny.yaml"), "--batches", "1,4", "--contexts", "64", "--prompts", "32", "--no-peer", "--out", str(out)]) == 0
+    result = json.loads((out / "micro.json").read_text())
+    assert result["memory_bandwidth_gb_per_s"] > 0 and result["matmul_gflop_per_s"] > 0
+    assert [(r["batch"], r["context"]) for r in result["decode"]] == [(1, 64), (4, 64)]
+    for row in result["decode"]:
+        assert row["over_floor"] == pytest.approx(row["seconds"] / row["floor_seconds"])
+        assert row["floor_seconds"] == pytest.approx(row["bytes"] / (result["memory_bandwidth_gb_per_s"] * 1e9))
+    (prefill,) = result["prefill"]
+    expected_kv = 2 * 4 * 4 * 32 * 16 * 4  # K and V, 4 layers, 4 KV heads, 32 positions, head_dim 16, float32
+    assert prefill["handoff_bytes"] == expected_kv and 0 < prefill["of_matmul_peak"]
+    assert "jds / floor" in (out / "micro.md").read_text()

@@ -2,6 +2,7 @@
 
 serve    run a workload against a running server at one or more rates
 compare  start a server per config, run the identical workload on each, report side by side
+micro    the model's programs against the machine's measured limits and transformers
 """
 
 from __future__ import annotations
@@ -86,9 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     compare = commands.add_parser("compare", help="start and benchmark a server per config, side by side")
     compare.add_argument("configs", nargs="+", help="deployment YAMLs, e.g. a colocated and a disaggregated placement")
     _workload_args(compare)
+    micro = commands.add_parser("micro", help="decode, prefill and handoff against the machine's limits")
+    micro.add_argument("--config", default=None, help="deployment YAML (default: configs/smollm2-135m.yaml)")
+    micro.add_argument("--batches", default="1,8,32")
+    micro.add_argument("--contexts", default="256,2048", help="decode cache positions")
+    micro.add_argument("--prompts", default="128,512", help="prefill prompt lengths")
+    micro.add_argument("--no-peer", action="store_true", help="skip transformers even if installed")
+    micro.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     out = Path(args.out)
+    if args.command == "micro":
+        return _micro(args, out)
     try:
         if args.command == "serve":
             sweeps = [sweep(args.server, args, args.label or args.server)]
@@ -119,6 +129,37 @@ def _compare(args: argparse.Namespace, out: Path) -> list[report.Sweep]:
             if code != 0:
                 log.warning("server for %s exited with %s", config, code)
     return sweeps
+
+
+def _micro(args: argparse.Namespace, out: Path) -> int:
+    import importlib.util
+    import json
+    import os
+
+    # Two devices (prefill on one, the handoff to the other) and no more: XLA splits its CPU
+    # threads among devices, so a process with more would time single-device programs slower.
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    from jds.bench import micro
+    from jds.config import load_config
+    from jds.model.loader import load_model
+
+    config = load_config(args.config)
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    batches, contexts, prompts = ints(args.batches), ints(args.contexts), ints(args.prompts)
+    peer = None
+    checkpoint = config.model.checkpoint
+    if not args.no_peer and checkpoint and checkpoint.endswith(".gguf") and importlib.util.find_spec("transformers"):
+        log.info("measuring the transformers peer")
+        peer = micro.transformers_peer(str(config.resolve_path(checkpoint)), batches, prompts)
+    model = load_model(config)
+    log.info("measuring jds")
+    result = micro.run(model, batches, contexts, prompts, peer)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "micro.json").write_text(json.dumps({"command": sys.argv, **result}, indent=1) + "\n")
+    text = micro.markdown(result)
+    (out / "micro.md").write_text(text)
+    print(text)
+    return 0
 
 
 if __name__ == "__main__":

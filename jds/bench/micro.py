@@ -1,0 +1,213 @@
+"""``python -m jds.bench micro``: jds' programs against the machine's measured limits and a peer.
+
+All figures come from one run on one machine: the limits (memory bandwidth, matmul FLOP/s) are
+measured first, then each jds program is reported as a ratio to the floor those limits imply.
+Decode is memory-bound, so its floor is (weight bytes + KV bytes read) / bandwidth; prefill is
+compute-bound, so its ceiling is the matmul FLOP/s. The KV handoff is reported as bytes, time and
+a fraction of the prefill time of the same prompt. With transformers and torch installed, the same
+model and shapes through transformers give the peer ratios.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from jds.engine.programs import PrefillProgram, place_params
+from jds.engine.request import Request
+from jds.engine.sequence import Sequence
+from jds.mesh.placement import PrefillBatching
+from jds.mesh.rules import make_mesh, mesh_spec
+from jds.mesh.stages import stage_spans
+from jds.model import llama
+from jds.model.kv_cache import TRANSIT_AXES, KVCache
+from jds.model.loader import LoadedModel
+from jds.sampling_params import SamplingParams
+from jds.transfer.handoff import StageTarget, send_kv
+
+
+def timed(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall seconds of ``fn`` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def memory_bandwidth(megabytes: int = 512) -> float:
+    """Bytes per second of reading one large float32 array (a reduction reads each byte once)."""
+    x = jnp.ones(megabytes * 2**20 // 4, jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds = timed(lambda: total(x).block_until_ready())
+    return x.nbytes / seconds
+
+
+def matmul_flops(n: int = 2048) -> float:
+    """FLOP/s of an n x n float32 matrix product."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    return 2 * n**3 / timed(lambda: mm(a, b).block_until_ready())
+
+
+def decode_weight_bytes(model: LoadedModel) -> int:
+    """Weight bytes one decode step reads: all of them, except an untied input embedding, of
+    which it reads only the rows of the batch's tokens."""
+    total = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    return total if model.params.lm_head is None else total - model.params.embed.nbytes
+
+
+def decode_step_seconds(model: LoadedModel, batch: int, context: int) -> float:
+    """One jitted decode step of ``batch`` rows over a cache of ``context`` positions."""
+    step = jax.jit(functools.partial(llama.decode_step, arch=model.arch), donate_argnums=1)
+    state = {"cache": KVCache.zeros(model.arch, batch, context, model.dtype)}
+    tokens = np.full(batch, 100, np.int32)
+    positions = np.full(batch, context // 2, np.int32)
+
+    def run() -> None:
+        logits, state["cache"] = step(model.params, state["cache"], tokens, positions)
+        logits.block_until_ready()
+
+    return timed(run)
+
+
+def prefill_flops(model: LoadedModel, tokens: int) -> float:
+    """FLOPs of one prompt as jds computes it: 2 per layer weight per token, the full T x T
+    attention scores and values (the causal mask is applied, not skipped), one token's logits."""
+    arch = model.arch
+    d, f, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    layer_weights = d * hd * (2 * arch.num_heads + 2 * arch.num_kv_heads) + 3 * d * f
+    attention = 2 * 2 * tokens * tokens * arch.num_heads * hd
+    return arch.num_layers * (2 * layer_weights * tokens + attention) + 2 * arch.vocab_size * d
+
+
+def prefill_and_handoff(model: LoadedModel, tokens: int, devices: list[jax.Device]) -> tuple[float, float, int]:
+    """(prefill seconds, handoff seconds, handoff bytes) for one prompt: prefill on devices[0], its
+    KV handed to devices[1] (to devices[0] itself when there is only one)."""
+    params = place_params(model.params, devices[:1])
+    program = PrefillProgram(model.arch, params, tokens, PrefillBatching(max_batch=1, max_batch_tokens=tokens))
+    request = Request("micro", tuple(range(100, 100 + tokens)), SamplingParams(temperature=0), 0)
+    seqs = [Sequence(request, None, (), tokens + 1)]
+    kv = {}
+
+    def prefill() -> None:
+        kv["pieces"] = program.run(seqs)[2]  # run() returns host tokens, so it has waited
+
+    prefill_seconds = timed(prefill)
+    destination = devices[1] if len(devices) > 1 else devices[0]
+    target = StageTarget(stage_spans(model.arch.num_layers, 1)[0], NamedSharding(make_mesh([destination]), mesh_spec(TRANSIT_AXES)))
+    handoffs = sorted((send_kv(kv["pieces"], [target]) for _ in range(5)), key=lambda h: h.seconds)
+    return prefill_seconds, handoffs[2].seconds, handoffs[2].bytes
+
+
+def transformers_peer(gguf: str, batches: list[int], prompts: list[int], steps: int = 16) -> dict[str, dict[int, float]]:
+    """Decode step and prefill seconds of the same GGUF through transformers (torch, float32)."""
+    import os
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = Path(gguf)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    out: dict[str, dict[int, float]] = {"decode": {}, "prefill": {}}
+    with torch.no_grad():
+        for tokens in prompts:
+            ids = torch.full((1, tokens), 100)
+            out["prefill"][tokens] = timed(lambda: model(ids, use_cache=True), repeats=3, warmup=1)
+        for batch in batches:
+            first = model(torch.full((batch, 16), 100), use_cache=True)
+            state = {"past": first.past_key_values, "token": first.logits[:, -1:].argmax(-1)}
+
+            def step() -> None:
+                result = model(state["token"], past_key_values=state["past"], use_cache=True)
+                state["past"], state["token"] = result.past_key_values, result.logits[:, -1:].argmax(-1)
+
+            out["decode"][batch] = timed(step, repeats=steps, warmup=2)
+    return out
+
+
+def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: list[int], peer: dict | None) -> dict:
+    """Every measurement of the micro-benchmark, as one JSON-ready dict."""
+    bandwidth, flops = memory_bandwidth(), matmul_flops()
+    weights = decode_weight_bytes(model)
+    kv_per_token = model.arch.kv_bytes_per_token(model.dtype.itemsize)
+    decode = []
+    for context in contexts:
+        for batch in batches:
+            seconds = decode_step_seconds(model, batch, context)
+            read = weights + batch * context * kv_per_token  # the step reads every cache position
+            row = {"batch": batch, "context": context, "seconds": seconds, "bytes": read,
+                   "gb_per_s": read / seconds / 1e9, "floor_seconds": read / bandwidth, "over_floor": seconds / (read / bandwidth)}  # fmt: skip
+            if peer and batch in peer["decode"]:
+                row["peer_seconds"] = peer["decode"][batch]
+                row["speedup_vs_peer"] = peer["decode"][batch] / seconds
+            decode.append(row)
+    devices = jax.devices()[:2]
+    prefill = []
+    for tokens in prompts:
+        seconds, handoff_seconds, handoff_bytes = prefill_and_handoff(model, tokens, devices)
+        work = prefill_flops(model, tokens)
+        row = {"tokens": tokens, "seconds": seconds, "flops": work, "flops_per_s": work / seconds,
+               "of_matmul_peak": work / seconds / flops, "handoff_seconds": handoff_seconds, "handoff_bytes": handoff_bytes,
+               "handoff_gb_per_s": handoff_bytes / handoff_seconds / 1e9, "handoff_of_prefill": handoff_seconds / seconds}  # fmt: skip
+        if peer and tokens in peer["prefill"]:
+            row["peer_seconds"] = peer["prefill"][tokens]
+            row["speedup_vs_peer"] = peer["prefill"][tokens] / seconds
+        prefill.append(row)
+    return {
+        "model": model.name,
+        "dtype": str(model.dtype),
+        "weight_bytes": weights,
+        "devices": [str(d) for d in devices],
+        "memory_bandwidth_gb_per_s": bandwidth / 1e9,
+        "matmul_gflop_per_s": flops / 1e9,
+        "decode": decode,
+        "prefill": prefill,
+        "handoff": "in-process device_put from device 0 to device 1" if len(devices) > 1 else "same device",
+    }
+
+
+def markdown(result: dict) -> str:
+    ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
+    peer = lambda row: (f"{ms(row['peer_seconds'])} | {row['speedup_vs_peer']:.2f}x" if "peer_seconds" in row else "- | -")  # noqa: E731
+    lines = [
+        f"# Micro-benchmarks: {result['model']} ({result['dtype']})",
+        "",
+        f"Machine limits measured in this run: memory bandwidth **{result['memory_bandwidth_gb_per_s']:.1f} GB/s**, "
+        f"float32 matmul **{result['matmul_gflop_per_s']:.0f} GFLOP/s**. Weights read per decode step: "
+        f"{result['weight_bytes'] / 1e6:.0f} MB.",
+        "",
+        "## Decode step (memory-bound: floor = bytes read / bandwidth)",
+        "",
+        "| batch | cache positions | jds ms | GB/s | floor ms | jds / floor | transformers ms | speed vs transformers |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["decode"]:
+        lines.append(f"| {r['batch']} | {r['context']} | {ms(r['seconds'])} | {r['gb_per_s']:.1f} | {ms(r['floor_seconds'])} | {r['over_floor']:.2f} | {peer(r)} |")
+    lines += [
+        "",
+        "## Prefill (compute-bound: ceiling = matmul FLOP/s) and KV handoff",
+        "",
+        "| prompt tokens | jds ms | GFLOP/s | of matmul peak | transformers ms | speed vs transformers | handoff MB | handoff ms | handoff GB/s | handoff / prefill |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["prefill"]:
+        lines.append(
+            f"| {r['tokens']} | {ms(r['seconds'])} | {r['flops_per_s'] / 1e9:.0f} | {r['of_matmul_peak']:.0%} | {peer(r)} | "
+            f"{r['handoff_bytes'] / 1e6:.1f} | {ms(r['handoff_seconds'])} | {r['handoff_gb_per_s']:.1f} | {r['handoff_of_prefill']:.1%} |"
+        )
+    lines += ["", f"Handoff: {result['handoff']}. Transformers decodes from a 16-token prompt (a short, growing cache)."]
+    return "\n".join(lines) + "\n"
