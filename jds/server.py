@@ -36,6 +36,20 @@ def _give_cpu_devices(config: Config) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={needed}".strip()
 
 
+def _pin_cpus(config: Config) -> None:
+    """Pin this process to the placement's ``cpus``, so placements compared on a CPU machine use
+    exactly the cores they name."""
+    cpus = config.placement.cpus
+    if cpus is None:
+        return
+    available = os.sched_getaffinity(0)
+    missing = sorted(set(cpus) - available)
+    if missing:
+        raise ConfigError(f"placement.cpus: cores {missing} are not available to this process (it may use {sorted(available)})")
+    os.sched_setaffinity(0, cpus)
+    log.info("pinned to CPU cores %s", cpus)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jds.server", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="deployment YAML (default: configs/smollm2-135m.yaml)")
@@ -50,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("jds.requests").setLevel(logging.DEBUG)
     try:
         config = load_config(args.config)
+        _pin_cpus(config)
         _give_cpu_devices(config)
         return _serve(config, args)
     except (ConfigError, OSError, ValueError) as exc:

@@ -119,3 +119,16 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(tmp_path):
     expected_kv = 2 * 4 * 4 * 32 * 16 * 4  # K and V, 4 layers, 4 KV heads, 32 positions, head_dim 16, float32
     assert prefill["handoff_bytes"] == expected_kv and 0 < prefill["of_matmul_peak"]
     assert "jds / floor" in (out / "micro.md").read_text()
+
+
+def test_report_round_trips_through_json(tmp_path):
+    from jds.bench import report
+
+    records = {1.0: [_record(0.0, [0.1, 0.2, 0.3]), _record(0.5, [1.5, 1.6])], 2.0: [_record(0.0, [0.9, 1.0], error=None)]}
+    sweep = report.Sweep("a", SLO(ttft=0.5, tpot=0.2), 2, 0.9, records)
+    md = report.write([sweep], tmp_path, "t", {"seed": 0})
+    again = report.Sweep.from_json(json.loads((tmp_path / "results.json").read_text())["sweeps"][0])
+    assert again.attainments() == sweep.attainments() == {1.0: 0.5, 2.0: 0.0}
+    assert again.goodput == sweep.goodput == 0.0
+    assert report.markdown([again], "t") == md.read_text()
+    assert (tmp_path / "attainment_vs_slo_scale.png").stat().st_size > 1000

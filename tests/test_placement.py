@@ -59,6 +59,7 @@ def test_default_placement_is_one_colocated_device():
         ({"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1, 2], "pp": 2, "layers_per_stage": [4]}}, "1 entries for pp 2"),
         ({"instances": {"devices": [0], "slots": 0}}, "slots"),
         ({"instances": {"devices": [0], "colour": "red"}}, "colour"),
+        ({"instances": {"devices": [0]}, "cpus": []}, "placement.cpus"),
     ],
 )
 def test_schema_refusals(placement, message):
@@ -123,3 +124,11 @@ def test_memory_needs_count_stage_slices():
     stage_kv = 2 * 2 * 4 * 4 * 64 * 16 * 4  # K and V, 2 layers, 4 slots, 4 KV heads, 64 positions, head_dim 16, f32
     assert [n.kv for n in needs] == [0, stage_kv, stage_kv]
     assert [n.devices for n in needs] == [(0,), (1,), (2,)]
+
+
+def test_pinning_to_cores_the_process_cannot_use_is_refused():
+    from jds.server import _pin_cpus
+
+    config = parse_config({"model": {"architecture": TINY.model_dump()}, "placement": {"cpus": [4096]}})
+    with pytest.raises(ConfigError, match=r"placement.cpus: cores \[4096\] are not available"):
+        _pin_cpus(config)

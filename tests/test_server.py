@@ -31,10 +31,10 @@ from tests_paths import CONFIGS, REPO
 MAX_SEQ_LEN = 128
 
 
-def _write_config(path, max_waiting: int = 8) -> None:
+def _write_config(path, max_waiting: int = 8, cpus: list[int] | None = None) -> None:
     tiny = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     tiny["model"]["max_seq_len"] = MAX_SEQ_LEN
-    tiny["placement"] = {"mode": "colocated", "instances": [{"devices": [0], "slots": 4, "max_batch": 2}]}
+    tiny["placement"] = {"mode": "colocated", "instances": [{"devices": [0], "slots": 4, "max_batch": 2}], "cpus": cpus}
     tiny["server"] = {"max_waiting": max_waiting, "drain_seconds": 30}
     path.write_text(yaml.safe_dump(tiny))
 
@@ -230,13 +230,15 @@ def test_client_command_line(server):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
-    _write_config(tmp_path / "server.yaml")
+    _write_config(tmp_path / "server.yaml", cpus=[0])  # also: the placement pins the process to core 0
     proc = ServerProcess(tmp_path / "server.yaml", tmp_path / "server.log", "--no-warmup", "--log-requests")
     try:
         with grpc.insecure_channel(proc.address) as channel:
             stub = pb_grpc.GenerationStub(channel)
             call = stub.Generate(pb.GenerateRequest(token_ids=[1, 2, 3], max_tokens=100, temperature=0, ignore_eos=True), timeout=120)
             first = next(call)
+            status = open(f"/proc/{proc.proc.pid}/status").read()
+            assert re.search(r"Cpus_allowed_list:\s*0\n", status), status
             proc.proc.send_signal(signal.SIGTERM)
             rest = list(call)
             assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH  # finished, not aborted

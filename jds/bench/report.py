@@ -40,6 +40,12 @@ class Sweep:
     def goodput(self) -> float:
         return goodput(self.attainments(), self.target)
 
+    @classmethod
+    def from_json(cls, data: dict) -> Sweep:
+        """A sweep back from ``results.json``, e.g. to redraw its plots."""
+        records = {float(rate): [RequestRecord(**r) for r in run["records"]] for rate, run in data["rates"].items()}
+        return cls(data["label"], SLO(**data["slo"]), data["devices"], data["attainment_target"], records)
+
     def to_json(self) -> dict:
         return {
             "label": self.label,
@@ -107,11 +113,11 @@ def plots(sweeps: list[Sweep], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for sweep in sweeps:
-        rate = max(sweep.records)
-        ax.plot(SLO_SCALES, [sweep.attainments(s)[rate] for s in SLO_SCALES], marker="o", label=f"{sweep.label} @ {rate:g} req/s")
+        for rate in sorted(sweep.records):
+            ax.plot(SLO_SCALES, [sweep.attainments(s)[rate] for s in SLO_SCALES], marker="o", label=f"{sweep.label} @ {rate:g} req/s")
     ax.axhline(sweeps[0].target, color="grey", linestyle="--", linewidth=1)
-    ax.set(xlabel="SLO scale (x the workload's SLOs)", ylabel="SLO attainment", ylim=(0, 1.05), title="Attainment vs SLO scale")
-    ax.legend()
+    ax.set(xlabel="SLO scale (x the SLOs of the run)", ylabel="SLO attainment", ylim=(0, 1.05), title="Attainment vs SLO scale")
+    ax.legend(fontsize="small")
     files.append(_save(fig, out / "attainment_vs_slo_scale.png"))
 
     for metric in ("ttft", "tpot"):

@@ -106,6 +106,9 @@ class Placement(_Section):
     prefill: list[PrefillInstance] = Field(default_factory=list)
     decode: list[DecodeInstance] = Field(default_factory=list)
     instances: list[ColocatedInstance] = Field(default_factory=list)
+    cpus: list[NonNegativeInt] | None = Field(
+        default=None, min_length=1, description="CPU cores the serving process is pinned to (benchmarks on a CPU machine)"
+    )
 
     @field_validator("prefill", "decode", "instances", mode="before")
     @classmethod
