@@ -87,10 +87,13 @@ def markdown(sweeps: list[Sweep], title: str) -> str:
                 f"{_ms(s['tpot']['p50'])} / {_ms(s['tpot']['p90'])} | {_ms(s['server_transfer']['p50'])} | "
                 f"{s['throughput_rps']:.3g} | {s['output_tokens_per_s']:.3g} | {s['failed']} |"
             )
-    if len(sweeps) == 2 and sweeps[1].goodput > 0:
+    if len(sweeps) == 2:
         a, b = sweeps
-        lines += ["", f"Goodput ratio {a.label} / {b.label}: {a.goodput / b.goodput:.2f}x "
-                  f"(per device {a.goodput / a.devices / (b.goodput / b.devices):.2f}x)"]  # fmt: skip
+        if b.goodput > 0:
+            ratio = f"{a.goodput / b.goodput:.2f}x (per device {a.goodput / a.devices / (b.goodput / b.devices):.2f}x)"
+        else:
+            ratio = f"undefined: {b.label} reached {b.target:.0%} attainment at none of the rates"
+        lines += ["", f"Goodput ratio {a.label} / {b.label}: {ratio}"]
     return "\n".join(lines) + "\n"
 
 
