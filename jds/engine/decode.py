@@ -60,7 +60,7 @@ class DecodeBatch:
     def step(self) -> None:
         """One round: every microbatch's previous tokens applied, its next step dispatched."""
         try:
-            for m, (lo, hi) in enumerate(self.pipeline.microbatch_bounds()):
+            for m, (lo, hi) in enumerate(self.pipeline.microbatch_bounds):
                 if m in self._inflight:
                     self._collect(m)
                 self._dispatch(m, lo, hi)
@@ -84,7 +84,7 @@ class DecodeBatch:
 
     def _collect(self, m: int) -> None:
         (nxt, is_stop), members = self._inflight.pop(m)
-        lo = self.pipeline.microbatch_bounds()[m][0]
+        lo = self.pipeline.microbatch_bounds[m][0]
         nxt, is_stop = np.asarray(nxt), np.asarray(is_stop)
         for s, seq in members.items():
             if self.active.get(s) is not seq:

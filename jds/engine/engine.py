@@ -148,17 +148,16 @@ class Engine:
             raise ValueError(f"stop_token_ids: at most {MAX_STOP_IDS} stop token ids per request (EOS included), got {len(ids)}")
         return ids
 
-    def validate(self, request: Request) -> None:
-        """Raise ValueError naming the problem if the engine cannot run ``request``."""
+    def validate(self, request: Request) -> tuple[int, ...]:
+        """Raise ValueError naming the problem if the engine cannot run ``request``; else its stop ids."""
         validate_prompt(request.prompt_ids, self.model.arch.vocab_size, self.max_seq_len)
-        self.stop_ids(request)
+        return self.stop_ids(request)
 
     def submit(self, request: Request) -> RequestStream:
         """Queue a request; its stream yields tokens and text as they are produced."""
         if self._stop.is_set():
             raise RuntimeError("engine is shut down")
-        self.validate(request)
-        seq = Sequence(request, self.model.tokenizer, self.stop_ids(request), self.max_seq_len)
+        seq = Sequence(request, self.model.tokenizer, self.validate(request), self.max_seq_len)
         seq.on_finish = self._forget
         with self._lock:
             if request.request_id in self._sequences:

@@ -248,6 +248,8 @@ class Pipeline:
         self.slots = slots
         self.max_seq_len = max_seq_len
         self.microbatches = microbatches
+        size = slots // microbatches
+        self.microbatch_bounds = [(lo, lo + size) for lo in range(0, slots, size)]  # slot range [lo, hi) of each
         self.stages = [Stage(arch, params, span, devs, slots, max_seq_len) for span, devs in zip(spans, stage_devices)]
 
     def forward(self, tokens: np.ndarray, start: np.ndarray, row_offset: int, last_index: np.ndarray, rows, steps):
@@ -259,11 +261,6 @@ class Pipeline:
             last = stage.span.last
             x = stage.run(x, start, np.int32(row_offset), last_index if last else None, rows if last else None, steps if last else None)
         return x
-
-    def microbatch_bounds(self) -> list[tuple[int, int]]:
-        """The slot range ``[lo, hi)`` of each microbatch."""
-        size = self.slots // self.microbatches
-        return [(lo, lo + size) for lo in range(0, self.slots, size)]
 
     def insert(self, parts: list[KVPieces], slot_ids: np.ndarray) -> None:
         """Write transferred KV (each stage's pieces, already on its devices) into slots."""
