@@ -285,3 +285,15 @@ def test_benchmark_runs_a_workload_against_the_server(server, tmp_path):
             assert len(record["token_times"]) == record["output_len"] and record["error"] is None
     assert "goodput" in (out / "results.md").read_text()
     assert all((out / f"{name}.png").stat().st_size > 1000 for name in ("attainment_vs_rate", "attainment_vs_slo_scale", "ttft_cdf", "tpot_cdf"))
+
+
+def test_benchmark_replays_a_trace_once_at_its_own_rate(server, tmp_path):
+    from jds.bench.__main__ import main
+
+    trace = tmp_path / "trace.jsonl"
+    rows = [{"timestamp": t, "input_length": n, "output_length": m} for t, n, m in [(0, 5, 3), (500, 9, 2), (1000, 4, 4)]]
+    trace.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "bench"
+    assert main(["serve", "--server", server.address, "--trace", str(trace), "--rates", "1,2,3", "--out", str(out)]) == 0
+    (rate,) = json.loads((out / "results.json").read_text())["sweeps"][0]["rates"].values()  # --rates is ignored
+    assert [(r["input_len"], len(r["token_times"])) for r in rate["records"]] == [(5, 3), (9, 2), (4, 4)]

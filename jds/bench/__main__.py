@@ -41,7 +41,7 @@ def _workload_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-requests", type=int, default=None, help="requests per rate (default 50)")
     group.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate")
     parser.add_argument("--burstiness", type=float, default=1.0, help="1 is Poisson; larger is burstier (gamma arrivals)")
-    parser.add_argument("--trace", default=None, help="replay JSONL {timestamp ms, input_length, output_length} instead")
+    parser.add_argument("--trace", default=None, help="replay JSONL {timestamp ms, input_length, output_length} once, instead of --rates")
     parser.add_argument("--slo", default=None, help="ttft=SECONDS,tpot=SECONDS (default: the workload's)")
     parser.add_argument("--slo-scale", type=float, default=1.0, help="multiply both SLOs (tighter < 1 < looser)")
     parser.add_argument("--attainment", type=float, default=0.9, help="attainment target for goodput")
@@ -56,10 +56,8 @@ def sweep(address: str, args: argparse.Namespace, label: str) -> report.Sweep:
     slo = _slo(args.slo, workload.slo, args.slo_scale)
     result = report.Sweep(label, slo, max(1, info.devices), args.attainment, {})
 
-    def measure(rate: float) -> float:
-        if args.trace:
-            requests = load_trace(args.trace, info.max_seq_len)
-        else:
+    def measure(rate: float, requests: list | None = None) -> float:
+        if requests is None:
             num = None if args.duration else (args.num_requests or 50)
             requests = plan(workload, rate, info.max_seq_len, args.seed, num, args.duration, args.burstiness)
         records = run_load(address, requests, info.vocab_size, args.seed, desc=f"{label} @ {rate:g} req/s")
@@ -68,7 +66,11 @@ def sweep(address: str, args: argparse.Namespace, label: str) -> report.Sweep:
         log.info("%s @ %g req/s: attainment %.0f%% over %d requests", label, rate, 100 * value, len(records))
         return value
 
-    if args.search:
+    if args.trace:  # the trace's own timestamps set the rate: replayed once, labelled with its mean rate
+        requests = load_trace(args.trace, info.max_seq_len)
+        span = requests[-1].arrival
+        measure(len(requests) / span if span > 0 else float(len(requests)), requests)
+    elif args.search:
         low, high = (float(x) for x in args.search.split(":"))
         search_goodput(measure, low, high, args.attainment)
     else:
