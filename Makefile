@@ -1,4 +1,4 @@
-# Two entry points: `make serve` (the gRPC server, default model) and `make test`. Both create .venv on first use.
+# Two entry points: `make serve` (the default model over gRPC and the OpenAI-compatible HTTP API) and `make test`. Both create .venv on first use.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 serve: $(STAMP)
-	$(PY) -m jds.server --config configs/smollm2-135m.yaml
+	$(PY) -m jds.server --config configs/smollm2-135m.yaml --http-port 8000
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests

@@ -62,6 +62,7 @@ class ServerSection(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535, description="0 picks a free port")
+    http_port: int | None = Field(default=None, ge=0, le=65535, description="OpenAI-compatible HTTP API; null disables")
     metrics_port: int | None = Field(default=9090, ge=0, le=65535, description="Prometheus /metrics; null disables")
     max_waiting: PositiveInt = Field(default=256, description="requests waiting for prefill; more get RESOURCE_EXHAUSTED")
     drain_seconds: float = Field(default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")

@@ -1,4 +1,4 @@
-"""``python -m jds.server [--config CONFIG] [--host H] [--port P] [--metrics-port M]``: serve jds.v1 over gRPC.
+"""``python -m jds.server [--config CONFIG] [--port P] [--http-port H]``: serve jds.v1 over gRPC (and OpenAI's API over HTTP).
 
 Start-up: read the config, check the placement against the model's shapes and the devices' memory
 before reading any weight (a placement that cannot fit is refused with both figures), load the
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="deployment YAML (default: configs/smollm2-135m.yaml)")
     parser.add_argument("--host", default=None, help="address to listen on (default: server.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="gRPC port (default: server.port, 50051; 0 picks one)")
+    parser.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible API over HTTP here (default: server.http_port, off; 0 picks one)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: server.metrics_port)")
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling ahead (first requests compile)")
     parser.add_argument("--log-requests", action="store_true", help="one log line per finished request, with its timings")
@@ -89,6 +90,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     metrics_port = settings.metrics_port if args.metrics_port is None else args.metrics_port
+    http_port = settings.http_port if args.http_port is None else args.http_port
 
     check_config(config)
     engine = Engine(
@@ -99,7 +101,9 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         max_waiting=settings.max_waiting,
     )
     metrics = Metrics(engine)
-    servicer = GenerationServicer(engine, metrics)
+    accepting = threading.Event()  # both front ends refuse new requests once it is cleared
+    accepting.set()
+    servicer = GenerationServicer(engine, metrics, accepting)
     slots = engine.slot_usage()[1]
     # One thread per open stream: everything running plus everything allowed to wait, and a few for ModelInfo and health.
     workers = slots + settings.max_waiting + 8
@@ -119,6 +123,13 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
+    http = None
+    if http_port is not None:
+        from jds.serving.http_server import HttpServer
+        from jds.serving.openai_api import OpenAIFrontend
+
+        http = HttpServer(OpenAIFrontend(engine, metrics, accepting).app, host, http_port)
+        log.info("OpenAI-compatible API on http://%s:%d/v1", host, http.port)
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: serving %s on %s:%d", config.model.name, host, bound)
@@ -126,7 +137,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         pass
 
     log.info("draining: refusing new requests, %d in flight", engine.num_running)
-    servicer.accepting.clear()
+    accepting.clear()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     deadline = time.monotonic() + settings.drain_seconds
@@ -136,6 +147,8 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         log.warning("drain timeout: aborting %d requests", engine.num_running)
     engine.shutdown()  # ends anything left with finish reason abort
     server.stop(grace=5).wait()
+    if http is not None:
+        http.stop()
     log.info("stopped")
     return 0
 

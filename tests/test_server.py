@@ -1,8 +1,6 @@
 """The gRPC server as a real subprocess, driven by a real gRPC client.
 
-The server runs a small random model (seeded, so this process can build the identical model
-through the offline API and compare tokens). Slots, waiting queue and batch are small so that
-overload and cancellation are reachable within a few requests.
+The server is ``tiny_server``'s: a seeded random model with few slots and waiting places.
 """
 
 from __future__ import annotations
@@ -17,8 +15,8 @@ import time
 import urllib.request
 
 import grpc
+import httpx
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -27,22 +25,12 @@ from jds.api import generation_pb2 as pb
 from jds.api import generation_pb2_grpc as pb_grpc
 from jds.bench.server_process import ServerProcess
 from tests_paths import CONFIGS, REPO
-
-MAX_SEQ_LEN = 128
-
-
-def _write_config(path, max_waiting: int = 8, cpus: list[int] | None = None) -> None:
-    tiny = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
-    tiny["model"]["max_seq_len"] = MAX_SEQ_LEN
-    tiny["placement"] = {"mode": "colocated", "instances": [{"devices": [0], "slots": 4, "max_batch": 2}], "cpus": cpus}
-    tiny["server"] = {"max_waiting": max_waiting, "drain_seconds": 30}
-    path.write_text(yaml.safe_dump(tiny))
-
+from tiny_server import MAX_SEQ_LEN, aborted_requests, wait_idle, write_config
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
-    _write_config(folder / "server.yaml")
+    write_config(folder / "server.yaml")
     proc = ServerProcess(folder / "server.yaml", folder / "server.log")
     yield proc
     assert proc.stop() == 0
@@ -67,15 +55,6 @@ def _generate(stub, **fields) -> list[pb.GenerateResponse]:
 
 def _tokens(messages) -> list[int]:
     return [t for m in messages for t in m.token_ids]
-
-
-def _wait_idle(stub, timeout: float = 10) -> pb.ModelInfoResponse:
-    end = time.monotonic() + timeout
-    while True:
-        info = stub.ModelInfo(pb.ModelInfoRequest())
-        if (info.slots_in_use == 0 and info.running == 0) or time.monotonic() > end:
-            return info
-        time.sleep(0.02)
 
 
 def test_health_reflection_and_model_info(server, stub):
@@ -163,20 +142,22 @@ def test_bad_input_is_refused_naming_the_field_and_the_server_goes_on(stub, fiel
     assert _generate(stub, text="ok", max_tokens=2)[-1].finish_reason != 0
 
 
-def test_cancel_and_deadline_free_the_slot(stub):
+def test_cancel_and_deadline_free_the_slot_and_count_as_aborted(server, stub):
+    before = aborted_requests(server.metrics_url)
     long = {"token_ids": [1, 2, 3], "max_tokens": 120, "temperature": 0, "ignore_eos": True}
     call = stub.Generate(pb.GenerateRequest(**long), timeout=60)
     assert next(call).token_ids and next(call).token_ids
     assert stub.ModelInfo(pb.ModelInfoRequest()).slots_in_use == 1
     call.cancel()
-    info = _wait_idle(stub)
+    info = wait_idle(stub)
     assert (info.slots_in_use, info.running) == (0, 0)
 
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(pb.GenerateRequest(**{**long, "max_tokens": 127 - 3}), timeout=0.2))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    info = _wait_idle(stub)
+    info = wait_idle(stub)
     assert (info.slots_in_use, info.running) == (0, 0)
+    assert aborted_requests(server.metrics_url, timeout=10, at_least=before + 2) == before + 2
 
 
 def test_overload_gives_resource_exhausted_and_accepted_requests_finish(stub):
@@ -197,7 +178,7 @@ def test_overload_gives_resource_exhausted_and_accepted_requests_finish(stub):
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert codes.count(pb.FINISH_REASON_LENGTH) >= 8  # at least the waiting places; timing decides the rest
     assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, pb.FINISH_REASON_LENGTH}
-    assert _wait_idle(stub).running == 0
+    assert wait_idle(stub).running == 0
 
 
 def test_metrics_expose_histograms_gauges_and_counters(server, stub):
@@ -230,8 +211,8 @@ def test_client_command_line(server):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
-    _write_config(tmp_path / "server.yaml", cpus=[0])  # also: the placement pins the process to core 0
-    proc = ServerProcess(tmp_path / "server.yaml", tmp_path / "server.log", "--no-warmup", "--log-requests")
+    write_config(tmp_path / "server.yaml", cpus=[0])  # also: the placement pins the process to core 0
+    proc = ServerProcess(tmp_path / "server.yaml", tmp_path / "server.log", "--no-warmup", "--log-requests", "--http-port", "0")
     try:
         with grpc.insecure_channel(proc.address) as channel:
             stub = pb_grpc.GenerationStub(channel)
@@ -240,6 +221,14 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
             status = open(f"/proc/{proc.proc.pid}/status").read()
             assert re.search(r"Cpus_allowed_list:\s*0\n", status), status
             proc.proc.send_signal(signal.SIGTERM)
+            health = proc.openai_url.removesuffix("/v1") + "/health"
+            while httpx.get(health, timeout=10).status_code == 200:  # until the drain begins
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as err:
+                _generate(stub, text="late", max_tokens=2)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            late = httpx.post(f"{proc.openai_url}/completions", json={"model": "tiny-random", "prompt": "late"}, timeout=10)
+            assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
             rest = list(call)
             assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH  # finished, not aborted
             assert len(first.token_ids) + len(_tokens(rest)) == 100

@@ -46,12 +46,13 @@ def _workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-scale", type=float, default=1.0, help="multiply both SLOs (tighter < 1 < looser)")
     parser.add_argument("--attainment", type=float, default=0.9, help="attainment target for goodput")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--api", choices=("grpc", "openai"), default="grpc", help="send through gRPC or the OpenAI-compatible HTTP API")
     parser.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
 
 
 def sweep(address: str, args: argparse.Namespace, label: str) -> report.Sweep:
     """Run the workload against one server at every rate (or bisect for its goodput)."""
-    info = model_info(address)
+    info = model_info(address, args.api)
     workload = get_workload(args.workload)
     slo = _slo(args.slo, workload.slo, args.slo_scale)
     result = report.Sweep(label, slo, max(1, info.devices), args.attainment, {})
@@ -60,7 +61,7 @@ def sweep(address: str, args: argparse.Namespace, label: str) -> report.Sweep:
         if requests is None:
             num = None if args.duration else (args.num_requests or 50)
             requests = plan(workload, rate, info.max_seq_len, args.seed, num, args.duration, args.burstiness)
-        records = run_load(address, requests, info.vocab_size, args.seed, desc=f"{label} @ {rate:g} req/s")
+        records = run_load(address, requests, info, args.seed, args.api, desc=f"{label} @ {rate:g} req/s")
         result.records[rate] = records
         value = attainment(records, slo)
         log.info("%s @ %g req/s: attainment %.0f%% over %d requests", label, rate, 100 * value, len(records))
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jds.bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="benchmark a running server")
-    serve.add_argument("--server", default="127.0.0.1:50051")
+    serve.add_argument("--server", default="127.0.0.1:50051", help="gRPC address, or with --api openai the HTTP address (host:port or URL)")
     serve.add_argument("--label", default=None, help="name in tables and plots (default: the server address)")
     _workload_args(serve)
     compare = commands.add_parser("compare", help="start and benchmark a server per config, side by side")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     title = f"jds benchmark: {args.workload if not args.trace else args.trace}"
-    md = report.write(sweeps, out, title, {"command": sys.argv, "workload": args.workload, "seed": args.seed, "trace": args.trace})
+    md = report.write(sweeps, out, title, {"command": sys.argv, "workload": args.workload, "api": args.api, "seed": args.seed, "trace": args.trace})
     print(md.read_text())
     return 0
 
@@ -123,9 +124,10 @@ def _compare(args: argparse.Namespace, out: Path) -> list[report.Sweep]:
     for config in args.configs:
         label = Path(config).stem
         log.info("starting a server for %s", config)
-        server = ServerProcess(Path(config).resolve(), out / f"server-{label}.log")
+        extra = ("--http-port", "0") if args.api == "openai" else ()
+        server = ServerProcess(Path(config).resolve(), out / f"server-{label}.log", *extra)
         try:
-            sweeps.append(sweep(server.address, args, label))
+            sweeps.append(sweep(server.openai_url if args.api == "openai" else server.address, args, label))
         finally:
             code = server.stop()
             if code != 0:

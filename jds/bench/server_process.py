@@ -13,6 +13,7 @@ from pathlib import Path
 
 READY = re.compile(r"ready: serving .* on ([\d.]+):(\d+)")
 METRICS = re.compile(r"metrics on http://([\d.]+):(\d+)/metrics")
+HTTP = re.compile(r"OpenAI-compatible API on (http://[\d.]+:\d+/v1)")
 
 
 class ServerProcess:
@@ -34,6 +35,8 @@ class ServerProcess:
         self.address = f"{ready.group(1)}:{ready.group(2)}"
         metrics = METRICS.search(self.text())
         self.metrics_url = f"http://{metrics.group(1)}:{metrics.group(2)}/metrics"
+        http = HTTP.search(self.text())  # only with --http-port
+        self.openai_url: str | None = http.group(1) if http else None
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")

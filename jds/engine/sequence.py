@@ -9,11 +9,12 @@ timings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from jds.engine.request import FinishReason, Request, RequestOutput, RequestTimings, StreamOutput
 from jds.model.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -37,6 +38,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.on_finish: Callable[[Sequence], None] | None = None  # the engine forgets it here
         self._stream: queue.SimpleQueue[StreamOutput] = queue.SimpleQueue()
+        self._wake: Callable[[], None] | None = None  # set while an asyncio reader waits
         self._sent_tokens = 0
         self._sent_chars = 0
 
@@ -112,6 +114,9 @@ class Sequence:
             if self.on_finish is not None:
                 self.on_finish(self)
         self._stream.put(message)
+        wake = self._wake
+        if wake is not None:
+            wake()
 
     def _log_finished(self, reason: FinishReason, error: str | None) -> None:
         t = self.timings
@@ -143,6 +148,35 @@ class RequestStream:
             message = self._seq._stream.get()
             self._finished = message.finished
             yield message
+
+    async def __aiter__(self) -> AsyncIterator[StreamOutput]:
+        """The same messages for an asyncio reader: it awaits instead of holding a thread per stream.
+
+        The engine's thread wakes the reader's loop after each message; the reader clears its event
+        before looking, so a message published in between is never missed.
+        """
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the reader's loop has closed: nobody is left to wake
+                pass
+
+        self._seq._wake = wake
+        try:
+            while not self._finished:
+                ready.clear()
+                try:
+                    message = self._seq._stream.get_nowait()
+                except queue.Empty:
+                    await ready.wait()
+                    continue
+                self._finished = message.finished
+                yield message
+        finally:
+            self._seq._wake = None
 
     def result(self) -> RequestOutput:
         """Block until the request ends; everything it produced, as one output."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from jds.engine.engine import Engine
-from jds.engine.request import RequestOutput, RequestTimings
+from jds.engine.request import FinishReason, RequestTimings
 
 # Seconds, from a fast accelerator's TTFT to a slow CPU's end-to-end latency.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -37,14 +37,12 @@ class Metrics:
         Gauge("jds_waiting_requests", "Requests waiting for prefill.", registry=r).set_function(lambda: engine.num_waiting)
         Gauge("jds_running_requests", "Requests admitted and not finished.", registry=r).set_function(lambda: engine.num_running)
 
-    def finished(self, output: RequestOutput) -> None:
-        reason = output.finish_reason
+    def finished(self, reason: FinishReason, prompt_tokens: int, completion_tokens: int, timings: RequestTimings | None) -> None:
         self.requests.labels(reason).inc()
-        self.tokens.labels(reason).inc(len(output.token_ids))
-        self.prompt_tokens.inc(len(output.prompt_token_ids))
-        t = output.timings
-        if t is not None:
-            self._observe(t)
+        self.tokens.labels(reason).inc(completion_tokens)
+        self.prompt_tokens.inc(prompt_tokens)
+        if timings is not None:
+            self._observe(timings)
 
     def _observe(self, t: RequestTimings) -> None:
         for histogram, value in (

@@ -1,0 +1,157 @@
+"""Request bodies of the OpenAI-compatible API, as strict pydantic models.
+
+Fields follow OpenAI's API reference. A field we do not know is refused (as OpenAI itself does:
+"Unrecognized request argument"), and a known field we cannot honour is refused when set to
+anything but its neutral value, rather than being silently ignored; both name the field. Beside
+OpenAI's fields we accept vLLM's common extensions (``top_k``, ``ignore_eos``, ``stop_token_ids``,
+``return_token_ids``), which clients send through ``extra_body``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jds.serving.admission import InvalidRequest
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Generation(_Strict):
+    """What completions and chat share."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extensions
+    top_k: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    return_token_ids: bool = Field(default=False, description="add the prompt's and the output's token ids")
+
+    def unsupported(self) -> None:
+        """Refuse, naming the field, what is set to a value this server cannot honour."""
+        _refuse_if(self.n != 1, "n", f"only 1 choice per request is supported; got {self.n}")
+        _refuse_if(self.presence_penalty != 0, "presence_penalty", "is not supported (must be 0)")
+        _refuse_if(self.frequency_penalty != 0, "frequency_penalty", "is not supported (must be 0)")
+        _refuse_if(bool(self.logit_bias), "logit_bias", "is not supported")
+        _refuse_if(self.stream_options is not None and not self.stream, "stream_options", "is only allowed when stream is true")
+
+    def sampling_options(self, max_tokens: int | None) -> dict[str, Any]:
+        """``SamplingParams`` fields that were given; the rest keep their defaults."""
+        options: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+        }
+        options = {k: v for k, v in options.items() if v is not None}
+        options["ignore_eos"] = self.ignore_eos
+        return options
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Generation):
+    """``POST /v1/completions``: one prompt, as text or token ids (a batch of one is accepted)."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        _refuse_if(self.echo, "echo", "is not supported")
+        _refuse_if(self.logprobs is not None, "logprobs", "is not supported")
+        _refuse_if(self.best_of not in (None, 1), "best_of", "is not supported")
+        _refuse_if(self.suffix is not None, "suffix", "is not supported")
+
+    def single_prompt(self) -> str | list[int]:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise InvalidRequest("prompt", f"one prompt per request is supported; got a batch of {len(prompt)}")
+            return prompt[0]
+        return prompt
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message as one string; text parts are joined by newlines."""
+        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+
+
+class ResponseFormat(_Strict):
+    type: str
+
+
+class ChatCompletionRequest(_Generation):
+    """``POST /v1/chat/completions``: a conversation rendered by the model's chat template."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        _refuse_if(self.logprobs, "logprobs", "is not supported")
+        _refuse_if(self.top_logprobs is not None, "top_logprobs", "is not supported")
+        _refuse_if(bool(self.tools), "tools", "tool calling is not supported")
+        _refuse_if(self.tool_choice not in (None, "none"), "tool_choice", "tool calling is not supported")
+        _refuse_if(
+            self.response_format is not None and self.response_format.type != "text",
+            "response_format",
+            "only type 'text' is supported",
+        )
+        _refuse_if(
+            self.max_tokens is not None and self.max_completion_tokens is not None,
+            "max_completion_tokens",
+            "give max_completion_tokens or max_tokens, not both",
+        )
+
+    def conversation(self) -> list[dict[str, str]]:
+        """Messages for the chat template; OpenAI's ``developer`` role is the older ``system``."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+def _refuse_if(condition: bool, field: str, detail: str) -> None:
+    if condition:
+        raise InvalidRequest(field, detail)

@@ -1,0 +1,249 @@
+"""The OpenAI-compatible HTTP API of a real server subprocess, driven by the official ``openai`` client.
+
+Tokens are checked against the offline API on the identical seeded model; refusals against the
+field they name; disconnects against the server's own slot count (over gRPC, which the same
+process serves) and its abort counter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from jds import LLM, SamplingParams
+from jds.api import generation_pb2 as pb
+from jds.api import generation_pb2_grpc as pb_grpc
+from jds.bench.server_process import ServerProcess
+from tiny_server import MAX_SEQ_LEN, SLOTS, aborted_requests, wait_idle, write_config
+
+MODEL = "tiny-random"
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("openai")
+    write_config(folder / "server.yaml")
+    proc = ServerProcess(folder / "server.yaml", folder / "server.log", "--http-port", "0")
+    yield proc
+    assert proc.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.GenerationStub(channel)
+
+
+@pytest.fixture(scope="module")
+def offline(server):
+    with LLM(server.log_path.parent / "server.yaml", progress=False) as llm:
+        yield llm
+
+
+def test_models_and_health(server, client):
+    (card,) = client.models.list().data
+    assert card.id == MODEL and card.object == "model"
+    assert (card.max_model_len, card.vocab_size) == (MAX_SEQ_LEN, 49152)
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    health = httpx.get(server.openai_url.removesuffix("/v1") + "/health", timeout=10)
+    assert health.status_code == 200 and health.json() == {"status": "serving"}
+
+
+def test_completion_matches_the_offline_api_with_usage(client, offline):
+    expected = offline.generate("The quick brown fox", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    answer = client.completions.create(
+        model=MODEL, prompt="The quick brown fox", max_tokens=12, temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True}
+    )
+    (choice,) = answer.choices
+    assert answer.object == "text_completion" and answer.model == MODEL and answer.id.startswith("cmpl-")
+    assert choice.text == expected.text and choice.finish_reason == "length"
+    assert choice.model_extra["token_ids"] == expected.token_ids
+    assert choice.model_extra["prompt_token_ids"] == expected.prompt_token_ids
+    usage = answer.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(expected.prompt_token_ids), 12)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    by_ids = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=6, **GREEDY)
+    assert by_ids.choices[0].text == offline.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].text
+    batch_of_one = client.completions.create(model=MODEL, prompt=["The quick brown fox"], max_tokens=12, **GREEDY)
+    assert batch_of_one.choices[0].text == expected.text
+
+
+def test_seeded_sampling_matches_the_offline_api(client, offline):
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+    expected = offline.generate("Once upon a time", params)[0]
+    answer = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0.9, top_p=0.95, seed=1234, extra_body={"ignore_eos": True}
+    )
+    assert answer.choices[0].text == expected.text
+
+
+def test_chat_whole_and_streamed_agree_with_the_offline_api(client, offline):
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    expected = offline.chat(conversation, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    whole = client.chat.completions.create(model=MODEL, messages=conversation, max_completion_tokens=10, **GREEDY)
+    assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
+    message = whole.choices[0].message
+    assert (message.role, message.content, whole.choices[0].finish_reason) == ("assistant", expected.text, "length")
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(expected.prompt_token_ids), 10)
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=conversation,
+            max_tokens=10,
+            stream=True,
+            stream_options={"include_usage": True},
+            temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in content) == expected.text
+    assert [t for c in content[1:] for t in c.choices[0].model_extra["token_ids"]] == expected.token_ids
+    assert all(len(c.choices[0].model_extra["token_ids"]) == 1 for c in content[1:])  # one chunk per step
+    assert [c.choices[0].finish_reason for c in content][-1] == "length"
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+    developer = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, {"role": "user", "content": "Say hi"}]
+    for messages in (developer, parts):
+        again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, **GREEDY)
+        assert again.choices[0].message.content == expected.text
+
+
+def test_stop_sequences_cut_the_text_and_finish_with_stop(client):
+    full = client.completions.create(model=MODEL, prompt="Counting:", max_tokens=30, **GREEDY).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop, full
+    cut = client.completions.create(model=MODEL, prompt="Counting:", max_tokens=30, stop=[stop, "\x00never"], **GREEDY)
+    assert cut.choices[0].text == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt="Counting:", max_tokens=30, stop=stop, stream=True, **GREEDY)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == full[: full.find(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+BAD = [
+    ({"extra_body": {"best_effort": True}}, "best_effort", "is not a supported field"),
+    ({"n": 2}, "n", "only 1 choice"),
+    ({"temperature": -1}, "temperature", "must be >= 0"),
+    ({"top_p": 1.5}, "top_p", r"must be in \(0, 1\]"),
+    ({"max_tokens": 0}, "max_tokens", "must be an integer >= 1"),
+    ({"max_tokens": 500}, "max_tokens", "500 is beyond the limit"),
+    ({"prompt": "x " * 200}, "prompt", "the prompt has"),
+    ({"prompt": [1, 49152]}, "prompt", r"ids must be in \[0, 49152\)"),
+    ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
+    ({"prompt": 7}, "prompt", ""),
+    ({"temperature": "hot"}, "temperature", ""),
+    ({"presence_penalty": 0.5}, "presence_penalty", "is not supported"),
+    ({"logprobs": 2}, "logprobs", "is not supported"),
+    ({"echo": True}, "echo", "is not supported"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "is only allowed when stream is true"),
+    ({"stop": [""]}, "stop", "must be non-empty strings"),
+    ({"extra_body": {"stop_token_ids": [60000]}}, "stop_token_ids", "ids must be in"),
+]
+
+
+@pytest.mark.parametrize("fields, param, message", BAD, ids=[f"{p}-{i}" for i, (_, p, _) in enumerate(BAD)])
+def test_bad_completion_fields_are_400_naming_the_field(client, fields, param, message):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**{**COMPLETION, **fields})
+    assert err.value.status_code == 400 and err.value.body["param"] == param
+    assert re.match(rf"{re.escape(param)}: {message}", err.value.body["message"]), err.value.body
+    assert client.completions.create(**COMPLETION).choices[0].finish_reason in ("stop", "length")
+
+
+CHAT_BAD = [
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "must be one of"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content", ""),
+    ({"messages": [{"role": "user", "content": "x", "tool_call_id": "1"}]}, "messages[0].tool_call_id", "is not a supported field"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling is not supported"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "only type 'text'"),
+    ({"max_tokens": 3, "max_completion_tokens": 3}, "max_completion_tokens", "give max_completion_tokens or max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens", "must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("fields, param, message", CHAT_BAD, ids=[p for _, p, _ in CHAT_BAD])
+def test_bad_chat_fields_are_400_naming_the_field(client, fields, param, message):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**{"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields})
+    assert err.value.body["param"] == param and err.value.body["message"].startswith(f"{param}: {message}"), err.value.body
+
+
+def test_unknown_model_is_404_and_raw_garbage_is_400(server, client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(**{**COMPLETION, "model": "gpt-4"})
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+    garbage = httpx.post(server.openai_url + "/completions", content=b"{not json", headers={"content-type": "application/json"}, timeout=10)
+    assert garbage.status_code == 400 and "error" in garbage.json()
+
+
+def test_overload_is_429_and_accepted_requests_finish(client, stub):
+    outcomes: list[str] = []
+
+    def run() -> None:
+        try:
+            answer = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=100, **GREEDY)
+            outcomes.append(answer.choices[0].finish_reason)
+        except openai.RateLimitError as err:
+            assert err.status_code == 429 and "server is busy" in err.body["message"]
+            outcomes.append("429")
+
+    threads = [threading.Thread(target=run) for _ in range(24)]  # 4 slots + 8 waiting places
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert "429" in outcomes and outcomes.count("length") >= 8 and set(outcomes) == {"429", "length"}
+    assert wait_idle(stub).running == 0
+
+
+def test_client_disconnect_frees_the_slot_streaming_or_not(server, stub):
+    before = aborted_requests(server.metrics_url)
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 120, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server.openai_url + "/", timeout=60) as http:
+        with http.stream("POST", "completions", json=body) as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data: "))
+            assert json.loads(next(lines)[6:])["choices"] and next(lines)
+            assert stub.ModelInfo(pb.ModelInfoRequest()).slots_in_use == 1
+        info = wait_idle(stub)
+        assert (info.slots_in_use, info.running) == (0, 0) and aborted_requests(server.metrics_url, 10, before + 1) == before + 1
+
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("completions", json={**body, "stream": False, "max_tokens": MAX_SEQ_LEN - 3}, timeout=0.2)
+        info = wait_idle(stub)
+        assert (info.slots_in_use, info.running) == (0, 0) and aborted_requests(server.metrics_url, 10, before + 2) == before + 2
+    assert stub.ModelInfo(pb.ModelInfoRequest()).slots_total == SLOTS
+
+
+def test_benchmark_measures_through_the_openai_api(server, tmp_path):
+    from jds.bench.__main__ import main
+
+    out = tmp_path / "bench"
+    args = ["serve", "--api", "openai", "--server", server.openai_url, "--workload", "code", "--rates", "4", "--num-requests", "4"]
+    assert main([*args, "--out", str(out)]) == 0
+    (rate,) = json.loads((out / "results.json").read_text())["sweeps"][0]["rates"].values()
+    assert rate["summary"]["requests"] == 4 and rate["summary"]["failed"] == 0
+    for record in rate["records"]:  # every request generated exactly its planned length, each token timed
+        assert len(record["token_times"]) == record["output_len"] and record["error"] is None
