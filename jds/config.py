@@ -69,6 +69,22 @@ class ServerSection(BaseModel):
     warmup: bool = Field(default=True, description="compile every program shape before reporting SERVING")
 
 
+class ClusterSection(BaseModel):
+    """Roles as separate processes (``--role router|prefill|decode``, or ``python -m jds.launch``):
+    where each instance of the placement listens, and how KV moves between them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefill: list[str] = Field(default_factory=list, description="host:port of each placement.prefill instance, in order")
+    decode: list[str] = Field(default_factory=list, description="host:port of each placement.decode instance, in order")
+    lease_seconds: float = Field(default=30.0, gt=0, description="offered KV nobody pulls by then is released")
+    pull_timeout_seconds: float = Field(default=30.0, gt=0, description="a KV pull not done by then fails")
+    on_pull_failure: Literal["fail", "reprefill"] = Field(default="fail", description="what a failed KV pull does to its request")
+    health_seconds: float = Field(default=0.5, gt=0, description="how often the router checks every instance")
+    instance_wait_seconds: float = Field(default=30.0, gt=0, description="a request fails if no instance of a role serves by then")
+    transfer_host: str = Field(default="127.0.0.1", description="address the KV transfer servers listen on")
+
+
 class Config(BaseModel):
     """A whole deployment file."""
 
@@ -77,6 +93,7 @@ class Config(BaseModel):
     model: ModelSection
     placement: Placement = Field(default_factory=Placement)
     server: ServerSection = Field(default_factory=ServerSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
     _base_dir: Path = PrivateAttr(default=Path("."))
 
     def resolve_path(self, value: str) -> Path:

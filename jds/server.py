@@ -1,4 +1,9 @@
-"""``python -m jds.server [--config CONFIG] [--port P] [--http-port H]``: serve jds.v1 over gRPC (and OpenAI's API over HTTP).
+"""``python -m jds.server [--config CONFIG] [--role ROLE] [--port P] [--http-port H]``: serve jds.v1 over gRPC (and OpenAI's API over HTTP).
+
+Roles: ``all`` (the default) runs the whole placement in this process. ``router`` serves the same
+client API but runs no model: it drives the prefill and decode instances listed in the config's
+``cluster:`` section, each its own process (``--role prefill --instance I``, ``--role decode
+--instance I``). ``python -m jds.launch`` starts them all.
 
 Start-up: read the config, check the placement against the model's shapes and the devices' memory
 before reading any weight (a placement that cannot fit is refused with both figures), load the
@@ -25,27 +30,37 @@ log = logging.getLogger("jds.server")
 SERVICE = "jds.v1.Generation"
 
 
-def _give_cpu_devices(config: Config) -> None:
-    """Make sure a CPU-only JAX has a virtual device for every device the placement names.
+def _instance(config: Config, role: str, index: int):
+    """The placement instance a prefill or decode process serves, and its address."""
+    specs, addresses = (config.placement.prefill, config.cluster.prefill) if role == "prefill" else (config.placement.decode, config.cluster.decode)
+    if config.placement.mode != "disaggregated":
+        raise ConfigError(f"--role {role}: placement.mode must be disaggregated")
+    if not 0 <= index < len(specs):
+        raise ConfigError(f"--instance {index}: placement.{role} has {len(specs)} instances")
+    if len(addresses) != len(specs):
+        raise ConfigError(f"cluster.{role}: give one host:port per placement.{role} instance ({len(specs)}), got {len(addresses)}")
+    return specs[index], addresses[index]
+
+
+def _give_cpu_devices(needed: int) -> None:
+    """Make sure a CPU-only JAX has ``needed`` virtual devices.
 
     Must run before JAX is imported; on accelerators the flag is ignored.
     """
-    needed = max(config.placement.devices) + 1
     flags = os.environ.get("XLA_FLAGS", "")
     if needed > 1 and "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={needed}".strip()
 
 
-def _pin_cpus(config: Config) -> None:
-    """Pin this process to the placement's ``cpus``, so placements compared on a CPU machine use
-    exactly the cores they name."""
-    cpus = config.placement.cpus
+def _pin_cpus(cpus: list[int] | None, key: str) -> None:
+    """Pin this process to ``cpus`` (the placement's, or its instance's), so placements compared on
+    a CPU machine use exactly the cores they name."""
     if cpus is None:
         return
     available = os.sched_getaffinity(0)
     missing = sorted(set(cpus) - available)
     if missing:
-        raise ConfigError(f"placement.cpus: cores {missing} are not available to this process (it may use {sorted(available)})")
+        raise ConfigError(f"{key}: cores {missing} are not available to this process (it may use {sorted(available)})")
     os.sched_setaffinity(0, cpus)
     log.info("pinned to CPU cores %s", cpus)
 
@@ -53,6 +68,8 @@ def _pin_cpus(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jds.server", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="deployment YAML (default: configs/smollm2-135m.yaml)")
+    parser.add_argument("--role", choices=("all", "router", "prefill", "decode"), default="all", help="what this process serves (default all)")
+    parser.add_argument("--instance", type=int, default=0, help="with --role prefill or decode: which instance of the placement")
     parser.add_argument("--host", default=None, help="address to listen on (default: server.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="gRPC port (default: server.port, 50051; 0 picks one)")
     parser.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible API over HTTP here (default: server.http_port, off; 0 picks one)")
@@ -65,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("jds.requests").setLevel(logging.DEBUG)
     try:
         config = load_config(args.config)
-        _pin_cpus(config)
-        _give_cpu_devices(config)
+        if args.role in ("prefill", "decode"):
+            spec, address = _instance(config, args.role, args.instance)
+            _pin_cpus(spec.cpus, f"placement.{args.role}[{args.instance}].cpus")
+            _give_cpu_devices(len(spec.devices))
+            return _serve_instance(config, args, spec, address)
+        if args.role == "all":
+            _pin_cpus(config.placement.cpus, "placement.cpus")
+            _give_cpu_devices(max(config.placement.devices) + 1)
         return _serve(config, args)
     except (ConfigError, OSError, ValueError) as exc:
         log.error("%s", exc)
@@ -92,19 +115,28 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     metrics_port = settings.metrics_port if args.metrics_port is None else args.metrics_port
     http_port = settings.http_port if args.http_port is None else args.http_port
 
-    check_config(config)
-    engine = Engine(
-        load_model(config),
-        config.placement,
-        warmup=settings.warmup and not args.no_warmup,
-        progress=True,
-        max_waiting=settings.max_waiting,
-    )
+    if args.role == "router":
+        from jds.cluster.router import Router
+
+        engine = Router(load_model(config, weights=False), config.placement, config.cluster, settings.max_waiting)
+        if not engine.registry.wait_ready(config.cluster.instance_wait_seconds):
+            down = [i.name for i in engine.registry.instances if not i.healthy]
+            log.warning("instances not answering yet: %s (requests wait for them)", ", ".join(down))
+        slots = sum(spec.slots for spec in config.placement.decode)
+    else:
+        check_config(config)
+        engine = Engine(
+            load_model(config),
+            config.placement,
+            warmup=settings.warmup and not args.no_warmup,
+            progress=True,
+            max_waiting=settings.max_waiting,
+        )
+        slots = engine.slot_usage()[1]
     metrics = Metrics(engine)
     accepting = threading.Event()  # both front ends refuse new requests once it is cleared
     accepting.set()
     servicer = GenerationServicer(engine, metrics, accepting)
-    slots = engine.slot_usage()[1]
     # One thread per open stream: everything running plus everything allowed to wait, and a few for ModelInfo and health.
     workers = slots + settings.max_waiting + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), maximum_concurrent_rpcs=workers)
@@ -119,9 +151,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     if metrics_port is not None:
         httpd, _ = start_http_server(metrics_port, addr=host, registry=metrics.registry)
         log.info("metrics on http://%s:%d/metrics", host, httpd.server_port)
-    stop = threading.Event()  # handlers first: a SIGTERM right after "ready" must drain, not kill
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = _stop_on_signals()
     server.start()
     http = None
     if http_port is not None:
@@ -133,8 +163,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: serving %s on %s:%d", config.model.name, host, bound)
-    while not stop.wait(1.0):  # a timed wait, so the signal handler always gets to run
-        pass
+    _wait(stop)
 
     log.info("draining: refusing new requests, %d in flight", engine.num_running)
     accepting.clear()
@@ -151,6 +180,68 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         http.stop()
     log.info("stopped")
     return 0
+
+
+def _serve_instance(config: Config, args: argparse.Namespace, spec, address: str) -> int:
+    """A prefill or decode instance: the ``instances.proto`` service on its ``cluster`` address."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from jds.api import instances_pb2_grpc as ipb_grpc
+    from jds.model.loader import load_model
+    from jds.transfer.remote import KVTransfer
+
+    cluster = config.cluster
+    name = f"{args.role}{args.instance}"
+    host, _, port = address.rpartition(":")
+    if args.port is not None:
+        port = args.port
+    model = load_model(config)
+    kv = KVTransfer(cluster.transfer_host, cluster.lease_seconds)
+    warmup = config.server.warmup and not args.no_warmup
+    if args.role == "prefill":
+        from jds.cluster.prefill_role import PrefillService
+
+        longest = max(d.max_seq_len or model.max_seq_len for d in config.placement.decode)
+        service = PrefillService(name, model, spec, longest, kv, warmup=warmup, progress=True)
+        add = ipb_grpc.add_PrefillInstanceServicer_to_server
+    else:
+        from jds.cluster.decode_role import DecodeService
+
+        service = DecodeService(name, model, spec, kv, cluster.pull_timeout_seconds, warmup=warmup, progress=True)
+        add = ipb_grpc.add_DecodeInstanceServicer_to_server
+    workers = 2 * (getattr(spec, "slots", 0) + config.server.max_waiting) + 8
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), maximum_concurrent_rpcs=workers)
+    add(service, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    stop = _stop_on_signals()
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("ready: %s of %s on %s:%d, KV transfer server %s", name, config.model.name, host, bound, kv.address)
+    _wait(stop)
+    log.info("stopping %s", name)
+    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    server.stop(grace=config.server.drain_seconds).wait()
+    service.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    """Set on SIGTERM or SIGINT; installed before "ready", so a signal right after it drains, not kills."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _wait(stop: threading.Event) -> None:
+    while not stop.wait(1.0):  # a timed wait, so the signal handler always gets to run
+        pass
 
 
 if __name__ == "__main__":

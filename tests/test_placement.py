@@ -131,4 +131,4 @@ def test_pinning_to_cores_the_process_cannot_use_is_refused():
 
     config = parse_config({"model": {"architecture": TINY.model_dump()}, "placement": {"cpus": [4096]}})
     with pytest.raises(ConfigError, match=r"placement.cpus: cores \[4096\] are not available"):
-        _pin_cpus(config)
+        _pin_cpus(config.placement.cpus, "placement.cpus")

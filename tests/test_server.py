@@ -248,13 +248,15 @@ def test_a_placement_that_cannot_fit_is_refused_before_loading():
     assert "placement needs" in out.stderr and "GiB is usable" in out.stderr and "lower slots or max_seq_len" in out.stderr
 
 
-def test_generated_protocol_code_is_in_sync_with_the_proto(tmp_path):
+@pytest.mark.parametrize("proto", ["generation", "instances"])
+def test_generated_protocol_code_is_in_sync_with_the_proto(tmp_path, proto):
     from grpc_tools import protoc
 
     (tmp_path / "jds" / "api").mkdir(parents=True)
-    (tmp_path / "jds" / "api" / "generation.proto").write_text((REPO / "jds" / "api" / "generation.proto").read_text())
-    assert protoc.main(["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", "jds/api/generation.proto"]) == 0
-    for name in ("generation_pb2.py", "generation_pb2_grpc.py"):
+    source = f"jds/api/{proto}.proto"
+    (tmp_path / source).write_text((REPO / source).read_text())
+    assert protoc.main(["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", source]) == 0
+    for name in (f"{proto}_pb2.py", f"{proto}_pb2_grpc.py"):
         assert (tmp_path / "jds" / "api" / name).read_text() == (REPO / "jds" / "api" / name).read_text(), (
             f"jds/api/{name} is stale: regenerate it (see jds/api/__init__.py)"
         )

@@ -18,6 +18,7 @@ from jds.bench.metrics import attainment, search_goodput
 from jds.bench.workloads import SLO, get_workload, load_trace, plan
 
 log = logging.getLogger("jds.bench")
+APIS = ("grpc", "openai")
 
 
 def _slo(text: str | None, default: SLO, scale: float) -> SLO:
@@ -46,13 +47,12 @@ def _workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-scale", type=float, default=1.0, help="multiply both SLOs (tighter < 1 < looser)")
     parser.add_argument("--attainment", type=float, default=0.9, help="attainment target for goodput")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--api", choices=("grpc", "openai"), default="grpc", help="send through gRPC or the OpenAI-compatible HTTP API")
     parser.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
 
 
-def sweep(address: str, args: argparse.Namespace, label: str) -> report.Sweep:
+def sweep(address: str, args: argparse.Namespace, label: str, api: str = "grpc") -> report.Sweep:
     """Run the workload against one server at every rate (or bisect for its goodput)."""
-    info = model_info(address, args.api)
+    info = model_info(address, api)
     workload = get_workload(args.workload)
     slo = _slo(args.slo, workload.slo, args.slo_scale)
     result = report.Sweep(label, slo, max(1, info.devices), args.attainment, {})
@@ -61,7 +61,7 @@ def sweep(address: str, args: argparse.Namespace, label: str) -> report.Sweep:
         if requests is None:
             num = None if args.duration else (args.num_requests or 50)
             requests = plan(workload, rate, info.max_seq_len, args.seed, num, args.duration, args.burstiness)
-        records = run_load(address, requests, info, args.seed, args.api, desc=f"{label} @ {rate:g} req/s")
+        records = run_load(address, requests, info, args.seed, api, desc=f"{label} @ {rate:g} req/s")
         result.records[rate] = records
         value = attainment(records, slo)
         log.info("%s @ %g req/s: attainment %.0f%% over %d requests", label, rate, 100 * value, len(records))
@@ -86,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="benchmark a running server")
     serve.add_argument("--server", default="127.0.0.1:50051", help="gRPC address, or with --api openai the HTTP address (host:port or URL)")
     serve.add_argument("--label", default=None, help="name in tables and plots (default: the server address)")
+    serve.add_argument("--api", choices=APIS, default="grpc", help="send through gRPC or the OpenAI-compatible HTTP API")
     _workload_args(serve)
     compare = commands.add_parser("compare", help="start and benchmark a server per config, side by side")
     compare.add_argument("configs", nargs="+", help="deployment YAMLs, e.g. a colocated and a disaggregated placement")
+    compare.add_argument("--api", default="grpc", help="grpc, openai, or grpc,openai to measure both front ends of each server")
     _workload_args(compare)
     micro = commands.add_parser("micro", help="decode, prefill and handoff against the machine's limits")
     micro.add_argument("--config", default=None, help="deployment YAML (default: configs/smollm2-135m.yaml)")
@@ -99,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     micro.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
     out = Path(args.out)
     if args.command == "micro":
         return _micro(args, out)
     try:
         if args.command == "serve":
-            sweeps = [sweep(args.server, args, args.label or args.server)]
+            sweeps = [sweep(args.server, args, args.label or args.server, args.api)]
         else:
             sweeps = _compare(args, out)
     except (ValueError, OSError, RuntimeError) as exc:
@@ -119,15 +122,21 @@ def main(argv: list[str] | None = None) -> int:
 def _compare(args: argparse.Namespace, out: Path) -> list[report.Sweep]:
     from jds.bench.server_process import ServerProcess
 
+    apis = args.api.split(",")
+    unknown = sorted(set(apis) - set(APIS))
+    if unknown:
+        raise ValueError(f"--api: unknown {unknown}; choose from {', '.join(APIS)}")
     sweeps = []
     out.mkdir(parents=True, exist_ok=True)
     for config in args.configs:
-        label = Path(config).stem
+        name = Path(config).stem
         log.info("starting a server for %s", config)
-        extra = ("--http-port", "0") if args.api == "openai" else ()
-        server = ServerProcess(Path(config).resolve(), out / f"server-{label}.log", *extra)
+        extra = ("--http-port", "0") if "openai" in apis else ()
+        server = ServerProcess(Path(config).resolve(), out / f"server-{name}.log", *extra)
         try:
-            sweeps.append(sweep(server.openai_url if args.api == "openai" else server.address, args, label))
+            for api in apis:
+                label = name if len(apis) == 1 else f"{name} ({api})"
+                sweeps.append(sweep(server.openai_url if api == "openai" else server.address, args, label, api))
         finally:
             code = server.stop()
             if code != 0:

@@ -1,6 +1,7 @@
-"""Start ``python -m jds.server`` as a subprocess and find its ports from its log.
+"""Start ``python -m jds.server`` (or ``python -m jds.launch``) as a subprocess and find its ports from its log.
 
-Used by ``python -m jds.bench compare`` (one server per placement) and by the tests.
+Used by ``python -m jds.bench compare`` (one server per placement) and by the tests. A config
+whose ``cluster:`` section names instance addresses runs as separate processes, with the launcher.
 """
 
 from __future__ import annotations
@@ -16,12 +17,21 @@ METRICS = re.compile(r"metrics on http://([\d.]+):(\d+)/metrics")
 HTTP = re.compile(r"OpenAI-compatible API on (http://[\d.]+:\d+/v1)")
 
 
+def launcher_needed(config: Path) -> bool:
+    """Whether this config's roles run as separate processes (its ``cluster:`` names instances)."""
+    from jds.config import load_config
+
+    cluster = load_config(config).cluster
+    return bool(cluster.prefill or cluster.decode)
+
+
 class ServerProcess:
     def __init__(self, config: Path, log: Path, *extra: str, timeout: float = 600, cwd: Path | None = None):
         self.log_path = log
         self._log = open(log, "w")
+        module = "jds.launch" if launcher_needed(config) else "jds.server"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jds.server", "--config", str(config), "--port", "0", "--metrics-port", "0", *extra],
+            [sys.executable, "-m", module, "--config", str(config), "--port", "0", "--metrics-port", "0", *extra],
             cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,

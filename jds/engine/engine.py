@@ -98,13 +98,13 @@ class Engine:
         for i, spec in enumerate(self.placement.decode):
             pipeline = self._pipeline(params, spec, devices)
             self.decode_workers.append(DecodeWorker(f"decode{i}", pipeline, SlotPool(spec.slots, self._slots_changed), self._stop))
-        router = DecodeRouter(self.decode_workers, self._slots_changed)
+        router = DecodeRouter(self.decode_workers, self._slots_changed, self._stop)
         longest = max(w.max_seq_len for w in self.decode_workers)
         cuts = tuple(sorted(set().union(*(w.pipeline.cuts for w in self.decode_workers))))
         for i, spec in enumerate(self.placement.prefill):
             placed = place_params(params, [devices[d] for d in spec.devices])
             program = PrefillProgram(self.model.arch, placed, longest, spec, cuts)
-            self.prefill_workers.append(PrefillWorker(f"prefill{i}", program, self._waiting, router, self._stop))
+            self.prefill_workers.append(PrefillWorker(f"prefill{i}", program, self._waiting, router.send, self._stop))
 
     def _build_colocated(self, devices) -> None:
         for i, spec in enumerate(self.placement.instances):
@@ -140,18 +140,9 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def stop_ids(self, request: Request) -> tuple[int, ...]:
-        tok = self.model.tokenizer
-        eos = () if request.params.ignore_eos or tok is None else tok.eos_ids
-        ids = tuple(dict.fromkeys(eos + request.params.stop_token_ids))
-        if len(ids) > MAX_STOP_IDS:
-            raise ValueError(f"stop_token_ids: at most {MAX_STOP_IDS} stop token ids per request (EOS included), got {len(ids)}")
-        return ids
-
     def validate(self, request: Request) -> tuple[int, ...]:
         """Raise ValueError naming the problem if the engine cannot run ``request``; else its stop ids."""
-        validate_prompt(request.prompt_ids, self.model.arch.vocab_size, self.max_seq_len)
-        return self.stop_ids(request)
+        return validate_request(self.model, request, self.max_seq_len)
 
     def submit(self, request: Request) -> RequestStream:
         """Queue a request; its stream yields tokens and text as they are produced."""
@@ -211,6 +202,17 @@ class Engine:
             left = list(self._sequences.values())
         for seq in left:
             seq.publish("abort")
+
+
+def validate_request(model: LoadedModel, request: Request, max_seq_len: int) -> tuple[int, ...]:
+    """Raise ValueError naming the problem if ``request`` cannot run; else its stop ids (EOS first)."""
+    validate_prompt(request.prompt_ids, model.arch.vocab_size, max_seq_len)
+    tok = model.tokenizer
+    eos = () if request.params.ignore_eos or tok is None else tok.eos_ids
+    ids = tuple(dict.fromkeys(eos + request.params.stop_token_ids))
+    if len(ids) > MAX_STOP_IDS:
+        raise ValueError(f"stop_token_ids: at most {MAX_STOP_IDS} stop token ids per request (EOS included), got {len(ids)}")
+    return ids
 
 
 def describe(placement: Placement) -> str:

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from jds.engine.decode import Delivery, DecodeWorker
 from jds.engine.programs import KVPieces, PrefillProgram
@@ -57,9 +58,10 @@ def _any_prompt(seq: Sequence) -> bool:
 class DecodeRouter:
     """Chooses the decode instance for a prefilled request: the one with the most free slots."""
 
-    def __init__(self, decoders: list[DecodeWorker], cond: threading.Condition):
+    def __init__(self, decoders: list[DecodeWorker], cond: threading.Condition, stop: threading.Event):
         self.decoders = decoders
         self._cond = cond
+        self._stop = stop
 
     def reserve(self, seq: Sequence) -> tuple[DecodeWorker, int] | None:
         """A reserved slot on the least-loaded instance long enough for ``seq``, or None if all are full."""
@@ -75,15 +77,60 @@ class DecodeRouter:
         with self._cond:
             self._cond.wait(timeout)
 
+    def send(self, kv: KVPieces, going: list[tuple[int, Sequence]]) -> None:
+        """Reserve a slot for each request and move its KV there.
+
+        Requests already holding a reservation are shipped before waiting for more room, so a
+        batch larger than an instance's free slots can never hold them hostage.
+        """
+        groups: dict[DecodeWorker, list[tuple[int, Sequence, int]]] = {}
+        for row, seq in going:
+            while True:
+                if seq.aborted.is_set() or self._stop.is_set():
+                    seq.publish("abort")
+                    break
+                got = self.reserve(seq)
+                if got is not None:
+                    decoder, slot = got
+                    groups.setdefault(decoder, []).append((row, seq, slot))
+                    break
+                self._ship(kv, groups)
+                groups = {}
+                self.wait(POLL_SECONDS)
+        self._ship(kv, groups)
+
+    def _ship(self, kv: KVPieces, groups: dict[DecodeWorker, list[tuple[int, Sequence, int]]]) -> None:
+        for decoder, rows in groups.items():
+            try:
+                handoff = send_kv(kv, decoder.targets)
+            except Exception as exc:
+                log.exception("KV transfer to %s failed", decoder.name)
+                for _, seq, slot in rows:
+                    seq.publish("error", f"KV transfer failed: {exc}")
+                    decoder.pool.release(slot)
+                continue
+            for _, seq, _ in rows:
+                seq.timings.transfer_seconds += handoff.seconds
+                seq.timings.transfer_bytes += handoff.bytes
+                seq.timings.route.append(decoder.name)
+            decoder.inbox.put(Delivery(handoff.parts, rows, kv[0][1].shape[2]))
+
+
+Ship = Callable[[KVPieces, list[tuple[int, Sequence]]], None]  # where a prefilled batch's KV goes
+
 
 class PrefillWorker:
-    """One prefill instance: its program, its prefill thread and its transfer thread."""
+    """One prefill instance: its program, its prefill thread and its transfer thread.
 
-    def __init__(self, name: str, program: PrefillProgram, waiting: WaitingQueue, router: DecodeRouter, stop: threading.Event):
+    ``ship`` is the transfer thread's job: ``DecodeRouter.send`` in one process, an offer for a
+    decode process to pull when roles run as processes.
+    """
+
+    def __init__(self, name: str, program: PrefillProgram, waiting: WaitingQueue, ship: Ship, stop: threading.Event):
         self.name = name
         self.program = program
         self._waiting = waiting
-        self._router = router
+        self._ship_batch = ship
         self._stop = stop
         self._pending: queue.Queue = queue.Queue(maxsize=PENDING_BATCHES)
         self.threads = [
@@ -125,42 +172,4 @@ class PrefillWorker:
             kv, going = self._pending.get(timeout=POLL_SECONDS)
         except queue.Empty:
             return
-        self._route_and_send(kv, going)
-
-    def _route_and_send(self, kv: KVPieces, going: list[tuple[int, Sequence]]) -> None:
-        """Reserve a slot for each request and move its KV there.
-
-        Requests already holding a reservation are shipped before waiting for more room, so a
-        batch larger than an instance's free slots can never hold them hostage.
-        """
-        groups: dict[DecodeWorker, list[tuple[int, Sequence, int]]] = {}
-        for row, seq in going:
-            while True:
-                if seq.aborted.is_set() or self._stop.is_set():
-                    seq.publish("abort")
-                    break
-                got = self._router.reserve(seq)
-                if got is not None:
-                    decoder, slot = got
-                    groups.setdefault(decoder, []).append((row, seq, slot))
-                    break
-                self._ship(kv, groups)
-                groups = {}
-                self._router.wait(POLL_SECONDS)
-        self._ship(kv, groups)
-
-    def _ship(self, kv: KVPieces, groups: dict[DecodeWorker, list[tuple[int, Sequence, int]]]) -> None:
-        for decoder, rows in groups.items():
-            try:
-                handoff = send_kv(kv, decoder.targets)
-            except Exception as exc:
-                log.exception("KV transfer to %s failed", decoder.name)
-                for _, seq, slot in rows:
-                    seq.publish("error", f"KV transfer failed: {exc}")
-                    decoder.pool.release(slot)
-                continue
-            for _, seq, _ in rows:
-                seq.timings.transfer_seconds += handoff.seconds
-                seq.timings.transfer_bytes += handoff.bytes
-                seq.timings.route.append(decoder.name)
-            decoder.inbox.put(Delivery(handoff.parts, rows, kv[0][1].shape[2]))
+        self._ship_batch(kv, going)

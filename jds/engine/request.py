@@ -69,6 +69,7 @@ class StreamOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
     timings: RequestTimings | None = None
+    unavailable: bool = False  # the error is a serving process that went away: a retry may succeed
 
     @property
     def finished(self) -> bool:

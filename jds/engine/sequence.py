@@ -70,6 +70,11 @@ class Sequence:
                 return "stop"
         return "length" if len(self.tokens) >= self.limit else None
 
+    def resume_after_prefill(self, first_token: int) -> None:
+        """Take over a request whose first token another process sampled (and already streamed)."""
+        self.add(first_token, False)
+        self._sent_tokens = 1
+
     def _cut_at_stop_string(self, delta_len: int) -> bool:
         stops = self.request.params.stop
         if not stops or not delta_len:
@@ -80,7 +85,7 @@ class Sequence:
             self.text = self.text[: min(hits)]
         return bool(hits)
 
-    def publish(self, reason: FinishReason | None = None, error: str | None = None) -> None:
+    def publish(self, reason: FinishReason | None = None, error: str | None = None, unavailable: bool = False) -> None:
         """Send what is new since the last message; with ``reason``, the final message.
 
         Text that could still turn out to start a stop string is held back until it cannot.
@@ -107,6 +112,7 @@ class Sequence:
             reason,
             error,
             self.timings if reason is not None else None,
+            unavailable,
         )
         self._sent_tokens, self._sent_chars = len(self.tokens), upto
         if reason is not None:  # before the caller can see the end, the engine has forgotten it

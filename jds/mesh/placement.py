@@ -20,6 +20,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _Process(_Section):
+    cpus: list[NonNegativeInt] | None = Field(
+        default=None, min_length=1, description="CPU cores this instance's process is pinned to when roles run as processes"
+    )
+
+
 class PrefillBatching(_Section):
     """How prompts are grouped into one prefill program call."""
 
@@ -29,7 +35,7 @@ class PrefillBatching(_Section):
     max_batch: PositiveInt = Field(default=8, description="prompts per prefill batch (a power of two bounds compiles)")
 
 
-class PrefillInstance(PrefillBatching):
+class PrefillInstance(PrefillBatching, _Process):
     devices: list[NonNegativeInt] = Field(min_length=1)
     tp: PositiveInt = 1
 
@@ -45,7 +51,7 @@ class _DecodeSlots(_Section):
     max_seq_len: PositiveInt | None = Field(default=None, description="prompt + output limit; default model.max_seq_len")
 
 
-class DecodeInstance(_DecodeSlots):
+class DecodeInstance(_DecodeSlots, _Process):
     devices: list[NonNegativeInt] = Field(min_length=1)
     pp: PositiveInt = 1
     tp: PositiveInt = 1

@@ -115,10 +115,12 @@ def load_tokenizer(config: Config) -> Tokenizer | None:
     return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_file(path)
 
 
-def load_model(config: Config, progress: bool = True) -> LoadedModel:
+def load_model(config: Config, progress: bool = True, weights: bool = True) -> LoadedModel:
+    """Weights, tokenizer and limits; ``weights=False`` reads only shapes and the tokenizer (a router
+    process, which runs no model, needs nothing more)."""
     section = config.model
     dtype = resolve_dtype(section.dtype)
-    arch, params = load_params(config, dtype, progress)
+    arch, params = load_params(config, dtype, progress) if weights else (model_architecture(config), None)
     tokenizer = load_tokenizer(config)
     if tokenizer is not None and tokenizer.vocab_size > arch.vocab_size:
         raise ValueError(

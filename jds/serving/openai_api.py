@@ -168,7 +168,7 @@ class OpenAIFrontend:
         reply.completion_tokens = len(token_ids)
         self._finished(reply, last)
         if last.finish_reason == "error":
-            return error_response(500, f"generation failed: {last.error}")
+            return error_response(503 if last.unavailable else 500, f"generation failed: {last.error}")
         text = "".join(m.text for m in messages)
         return JSONResponse(reply.whole(text, token_ids, last.finish_reason, request.prompt_ids))
 
@@ -189,7 +189,7 @@ class OpenAIFrontend:
                 if message.finish_reason == "error":
                     finished = True
                     self._finished(reply, message)
-                    yield _event({"error": _error(500, f"generation failed: {message.error}")})
+                    yield _event({"error": _error(503 if message.unavailable else 500, f"generation failed: {message.error}")})
                     break
                 reply.completion_tokens += len(message.token_ids)
                 yield _event(reply.chunk(message, request.prompt_ids))

@@ -54,7 +54,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             ended = last is not None and last.finished
             self.metrics.finished(last.finish_reason if ended else "abort", prompt_tokens, completion_tokens, last.timings if ended else None)
         if last.finish_reason == "error":
-            context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {last.error}")
+            context.abort(grpc.StatusCode.UNAVAILABLE if last.unavailable else grpc.StatusCode.INTERNAL, f"generation failed: {last.error}")
 
     def _response(self, message: StreamOutput, prompt_tokens: int, completion_tokens: int) -> pb.GenerateResponse:
         response = pb.GenerateResponse(request_id=message.request_id, token_ids=message.token_ids, text=message.text)

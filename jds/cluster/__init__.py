@@ -1,0 +1,1 @@
+"""Roles as separate processes: prefill and decode instances behind a router (``--role``)."""

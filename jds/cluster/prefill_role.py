@@ -1,0 +1,142 @@
+"""A prefill instance as its own process (``--role prefill``): the ``PrefillInstance`` service.
+
+Requests from the router wait in this process's FCFS queue and are batched exactly as in one
+process (``PrefillWorker``, with its prefill and transfer threads). The transfer thread, instead of
+copying KV to local decode stages, gathers each request's row onto one device and offers it for a
+decode process to pull, under a lease. The RPC answers with the first token and that offer. A
+router that cancels the RPC aborts the request here, wherever it is.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+import grpc
+import jax
+
+from jds.api import instances_pb2 as ipb
+from jds.api import instances_pb2_grpc as ipb_grpc
+from jds.cluster.wire import offer_message, sequence_from
+from jds.engine.prefill import PrefillWorker
+from jds.engine.programs import KVPieces, PrefillProgram, place_params
+from jds.engine.sequence import Sequence
+from jds.engine.waiting import WaitingQueue
+from jds.mesh.placement import PrefillInstance
+from jds.model.loader import LoadedModel
+from jds.transfer.remote import KVTransfer, Offer
+
+log = logging.getLogger(__name__)
+
+
+class _Ticket:
+    """Where the transfer thread leaves a request's offer for the RPC that waits for it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.offer: Offer | None = None
+        self.error: str | None = None
+        self.offered_at = 0.0
+
+    def settle(self, offer: Offer | None = None, error: str | None = None) -> None:
+        self.offer, self.error, self.offered_at = offer, error, time.perf_counter()
+        self.done.set()
+
+
+class PrefillService(ipb_grpc.PrefillInstanceServicer):
+    def __init__(self, name: str, model: LoadedModel, spec: PrefillInstance, max_len: int, kv: KVTransfer, *, warmup: bool, progress: bool):
+        devices = jax.devices()[: len(spec.devices)]
+        self.name = name
+        self.max_len = max_len
+        self.kv = kv
+        self.program = PrefillProgram(model.arch, place_params(model.params, devices), max_len, spec)
+        self._transit_device = devices[0]
+        self._waiting = WaitingQueue()
+        self._stop = threading.Event()
+        self._tickets: dict[str, _Ticket] = {}
+        self._outcomes = collections.Counter()
+        self._lock = threading.Lock()
+        self.worker = PrefillWorker(name, self.program, self._waiting, self._offer, self._stop)
+        if warmup:
+            from tqdm.auto import tqdm
+
+            for shape in tqdm(self.program.shapes(), desc="compiling", unit="program", disable=not progress):
+                self.program.compile(*shape)
+        for t in self.worker.threads:
+            t.start()
+
+    def _offer(self, kv: KVPieces, going: list[tuple[int, Sequence]]) -> None:
+        """The transfer thread's job here: one offer per request row, gathered onto one device."""
+        ((_, batch_kv),) = kv  # no stage cuts: the decode process cuts for its own stages
+        for row, seq in going:
+            with self._lock:
+                ticket = self._tickets.get(seq.request_id)
+            if ticket is None or seq.aborted.is_set():
+                continue  # its RPC is gone: nobody would pull it
+            try:
+                offer = self.kv.offer(jax.device_put(batch_kv[:, :, row : row + 1], self._transit_device))
+            except Exception as exc:
+                log.exception("offering KV of %s failed", seq.request_id)
+                ticket.settle(error=f"offering KV failed: {exc}")
+                continue
+            ticket.settle(offer)
+
+    def Prefill(self, request: ipb.PrefillRequest, context: grpc.ServicerContext) -> ipb.PrefillResponse:
+        seq = sequence_from(request.request_id, request.prompt_ids, request.sampling, self.max_len)
+        ticket = _Ticket()
+        with self._lock:
+            self._tickets[seq.request_id] = ticket
+        context.add_callback(lambda: self._abort(seq))
+        outcome = "aborted"
+        try:
+            self._waiting.put(seq)
+            first = next(iter(seq.stream()))  # the first token, or how the request ended before it
+            if first.finish_reason == "error":
+                outcome = "failed"
+                context.abort(grpc.StatusCode.INTERNAL, first.error)
+            if first.finish_reason == "abort":
+                context.abort(grpc.StatusCode.CANCELLED, "aborted")
+            t = seq.timings
+            response = ipb.PrefillResponse(first_token=first.token_ids[0], is_stop=first.finish_reason == "stop", queue_seconds=t.queue)
+            if first.finished:  # nothing left to decode: no KV was offered
+                response.prefill_seconds = t.prefill
+                outcome = "served"
+                return response
+            while not ticket.done.wait(0.05):
+                if not context.is_active() or self._stop.is_set():
+                    context.abort(grpc.StatusCode.CANCELLED, "aborted before the KV was offered")
+            if ticket.error is not None:
+                outcome = "failed"
+                context.abort(grpc.StatusCode.INTERNAL, ticket.error)
+            response.kv.CopyFrom(offer_message(ticket.offer))
+            response.prefill_seconds = ticket.offered_at - t.prefill_start
+            outcome = "served"
+            return response
+        finally:
+            with self._lock:
+                self._tickets.pop(seq.request_id, None)
+                self._outcomes[outcome] += 1
+
+    def _abort(self, seq: Sequence) -> None:
+        seq.aborted.set()
+        if self._waiting.remove(seq):
+            seq.publish("abort")
+
+    def Release(self, request: ipb.ReleaseRequest, context) -> ipb.ReleaseResponse:
+        return ipb.ReleaseResponse(released=self.kv.release(request.uuid))
+
+    def Status(self, request, context) -> ipb.InstanceStatus:
+        with self._lock:
+            running, outcomes = len(self._tickets), dict(self._outcomes)
+        return ipb.InstanceStatus(
+            role="prefill", name=self.name, waiting=len(self._waiting), running=running, kv_offered=self.kv.outstanding,
+            max_seq_len=self.max_len, served=outcomes.get("served", 0), aborted=outcomes.get("aborted", 0),
+        )  # fmt: skip
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._waiting.wake()
+        for t in self.worker.threads:
+            t.join()

@@ -1,0 +1,143 @@
+"""The router's view of its instances: addresses, health, load, and which one a request goes to.
+
+A health thread asks every instance for its ``Status`` every ``health_seconds``. One that does
+not answer is taken out of rotation at once (also when a call to it fails); it is put back when it
+answers again, e.g. after a restart on the same address. Choices are least-loaded: the prefill
+instance with the fewest requests in flight from this router, the decode instance with the most
+free slots (its last status less the requests sent there since).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Literal
+
+import grpc
+
+from jds.api import instances_pb2 as ipb
+from jds.api import instances_pb2_grpc as ipb_grpc
+
+log = logging.getLogger(__name__)
+
+Role = Literal["prefill", "decode"]
+CHANNEL_OPTIONS = [  # reconnect quickly to an instance that restarts on the same address
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+@dataclasses.dataclass(eq=False)
+class Instance:
+    name: str
+    role: Role
+    address: str
+    stub: object
+    channel: grpc.Channel
+    healthy: bool = False
+    status: ipb.InstanceStatus | None = None
+    in_flight: int = 0  # requests this router has sent here and not yet finished
+
+
+class Registry:
+    def __init__(self, prefill: list[str], decode: list[str], health_seconds: float):
+        self.instances: list[Instance] = []
+        for role, addresses, stub in (("prefill", prefill, ipb_grpc.PrefillInstanceStub), ("decode", decode, ipb_grpc.DecodeInstanceStub)):
+            for i, address in enumerate(addresses):
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self.instances.append(Instance(f"{role}{i}", role, address, stub(channel), channel))
+        self.health_seconds = health_seconds
+        self.changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="health", daemon=True)
+        self._thread.start()
+
+    def of(self, role: Role) -> list[Instance]:
+        return [i for i in self.instances if i.role == role]
+
+    # -- health -----------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for instance in self.instances:
+                self.check(instance)
+            self._stop.wait(self.health_seconds)
+
+    def check(self, instance: Instance) -> bool:
+        try:
+            status = instance.stub.Status(ipb.InstanceStatusRequest(), timeout=max(1.0, self.health_seconds))
+        except grpc.RpcError as err:
+            self.mark_down(instance, f"{err.code().name}: {err.details()}")
+            return False
+        with self.changed:
+            instance.status = status
+            if not instance.healthy:
+                log.info("%s at %s is serving: in rotation", instance.name, instance.address)
+            instance.healthy = True
+            self.changed.notify_all()
+        return True
+
+    def mark_down(self, instance: Instance, why: str) -> None:
+        with self.changed:
+            if instance.healthy:
+                log.warning("%s at %s stopped answering (%s): out of rotation", instance.name, instance.address, why)
+            instance.healthy = False
+            self.changed.notify_all()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Until every instance answered once (or ``timeout``); whether they all did."""
+        with self.changed:
+            return self.changed.wait_for(lambda: all(i.healthy for i in self.instances), timeout)
+
+    # -- choice -----------------------------------------------------------------------------------
+
+    def acquire(self, role: Role, need: int, timeout: float, cancelled: threading.Event) -> Instance | None:
+        """The least-loaded healthy instance of ``role`` that fits ``need`` positions, counted as
+        taken. Busy instances queue requests themselves, so this waits only while none is healthy,
+        up to ``timeout``; None if none came back or ``cancelled`` was set."""
+        with self.changed:
+            end = None
+            while not cancelled.is_set() and not self._stop.is_set():
+                best = self._best(role, need)
+                if best is not None:
+                    best.in_flight += 1
+                    return best
+                now = time.monotonic()
+                end = now + timeout if end is None else end
+                if now >= end:
+                    return None
+                self.changed.wait(min(0.05, end - now))
+            return None
+
+    def _best(self, role: Role, need: int) -> Instance | None:
+        ready = [i for i in self.of(role) if i.healthy and i.status is not None and i.status.max_seq_len >= need]
+        if role == "prefill":
+            return min(ready, key=lambda i: i.in_flight, default=None)
+        return max(ready, key=self._free_slots, default=None)
+
+    @staticmethod
+    def _free_slots(instance: Instance) -> int:
+        """Slots left, counting this router's requests that may not have landed yet (negative: a queue)."""
+        s = instance.status
+        return s.slots_total - max(instance.in_flight, s.slots_total - s.slots_free)
+
+    def release(self, instance: Instance) -> None:
+        with self.changed:
+            instance.in_flight -= 1
+            self.changed.notify_all()
+
+    # -- totals -----------------------------------------------------------------------------------
+
+    def slot_usage(self) -> tuple[int, int]:
+        """(slots in use, total slots) over the decode instances now serving."""
+        statuses = [i.status for i in self.of("decode") if i.healthy and i.status is not None]
+        return sum(s.slots_total - s.slots_free for s in statuses), sum(s.slots_total for s in statuses)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for instance in self.instances:
+            instance.channel.close()

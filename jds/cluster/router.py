@@ -1,0 +1,248 @@
+"""The router (``--role router``): the engine's interface, served by prefill and decode processes.
+
+``Router`` has what the front ends use of ``Engine`` (``submit``, ``abort``, the load figures), so
+the gRPC service and the OpenAI API run on it unchanged. Each request gets a driver thread:
+
+1. prefill: the least-loaded healthy prefill instance runs the prompt and offers its KV. If that
+   instance fails or stops answering, the request goes to another one.
+2. the first token streams to the client at once (TTFT), through the router's own ``Sequence``,
+   which owns the text, stop strings and limits, exactly as in one process.
+3. decode: the decode instance with the most free slots pulls the KV and streams tokens. A
+   decode instance that dies fails its requests with UNAVAILABLE; a failed pull fails the request
+   (or, with ``cluster.on_pull_failure: reprefill``, prefills it again, once).
+
+Aborts cancel whichever RPC is in flight, which aborts the request in that process; KV offered
+and never pulled is released by the prefill side's lease (the router also says so at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+
+from jds.api import instances_pb2 as ipb
+from jds.cluster.registry import Instance, Registry
+from jds.cluster.wire import sampling_message
+from jds.config import ClusterSection
+from jds.engine.engine import QueueFull, validate_request
+from jds.engine.request import Request
+from jds.engine.sequence import RequestStream, Sequence
+from jds.mesh.placement import Placement
+from jds.model.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class _Outcome(Exception):
+    """How a phase ended a request early: ``publish`` arguments."""
+
+    def __init__(self, reason: str, error: str | None = None, unavailable: bool = False):
+        super().__init__(error or reason)
+        self.reason, self.error, self.unavailable = reason, error, unavailable
+
+
+class _PullFailed(Exception):
+    pass
+
+
+class Router:
+    def __init__(self, model: LoadedModel, placement: Placement, cluster: ClusterSection, max_waiting: int | None = None):
+        self.model = model
+        self.placement = placement
+        self.cluster = cluster
+        self.max_waiting = max_waiting
+        self.max_seq_len = max(spec.max_seq_len or model.max_seq_len for spec in placement.decode)
+        self.registry = Registry(cluster.prefill, cluster.decode, cluster.health_seconds)
+        self._lock = threading.Lock()
+        self._sequences: dict[str, Sequence] = {}
+        self._calls: dict[str, grpc.Future | grpc.Call] = {}  # the RPC each request waits on
+        self._waiting = 0  # requests not yet past prefill
+        self._stop = threading.Event()
+
+    # -- the engine's interface -----------------------------------------------------------------
+
+    def validate(self, request: Request) -> tuple[int, ...]:
+        return validate_request(self.model, request, self.max_seq_len)
+
+    def submit(self, request: Request) -> RequestStream:
+        if self._stop.is_set():
+            raise RuntimeError("router is shut down")
+        seq = Sequence(request, self.model.tokenizer, self.validate(request), self.max_seq_len)
+        seq.on_finish = self._forget
+        with self._lock:
+            if request.request_id in self._sequences:
+                raise ValueError(f"request_id {request.request_id!r} is already running")
+            if self.max_waiting is not None and self._waiting >= self.max_waiting:
+                raise QueueFull(f"{self._waiting} requests are already waiting (limit {self.max_waiting})")
+            self._sequences[request.request_id] = seq
+            self._waiting += 1
+            stream = seq.stream()
+        threading.Thread(target=self._drive, args=(seq,), name=f"request-{request.request_id[:8]}", daemon=True).start()
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            seq = self._sequences.get(request_id)
+            call = self._calls.get(request_id)
+        if seq is None:
+            return False
+        seq.aborted.set()
+        if call is not None:
+            call.cancel()
+        return True
+
+    @property
+    def num_waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def num_running(self) -> int:
+        with self._lock:
+            return len(self._sequences)
+
+    def slot_usage(self) -> tuple[int, int]:
+        return self.registry.slot_usage()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self._lock:
+            ids = list(self._sequences)
+        for request_id in ids:
+            self.abort(request_id)
+        end = time.monotonic() + 10
+        while self.num_running and time.monotonic() < end:
+            time.sleep(0.02)
+        self.registry.close()
+
+    def _forget(self, seq: Sequence) -> None:
+        with self._lock:
+            self._sequences.pop(seq.request_id, None)
+            self._calls.pop(seq.request_id, None)
+
+    def _track(self, seq: Sequence, call) -> None:
+        with self._lock:
+            self._calls[seq.request_id] = call
+        if seq.aborted.is_set():  # an abort that came before the call existed
+            call.cancel()
+
+    # -- one request ----------------------------------------------------------------------------
+
+    def _drive(self, seq: Sequence) -> None:
+        waiting = True
+        offered = None  # (prefill instance, KV id) while no decode instance knows of the KV
+        try:
+            for attempt in range(2):
+                prefill, offer_from = self._prefill(seq)
+                offered = (offer_from, prefill.kv.uuid) if prefill.HasField("kv") else None
+                if waiting:
+                    with self._lock:
+                        self._waiting -= 1
+                    waiting = False
+                if not seq.tokens:
+                    reason = seq.add(prefill.first_token, prefill.is_stop)
+                    seq.publish(reason)
+                    if reason is not None:
+                        return
+                if not prefill.HasField("kv"):
+                    raise _Outcome("error", "prefill returned no KV for a request that goes on")
+                decoder = self._acquire(seq, "decode")
+                offered = None  # from here a decode instance may pull it: only its lease may free it
+                try:
+                    self._decode(seq, decoder, prefill.kv)
+                    return
+                except _PullFailed as exc:
+                    if self.cluster.on_pull_failure != "reprefill" or attempt:
+                        raise _Outcome("error", str(exc)) from None
+                    log.warning("%s: %s; prefilling it again", seq.request_id, exc)
+        except _Outcome as out:
+            if offered is not None:  # nobody will pull it: have it released now, not at its lease
+                self._release(*offered)
+            seq.publish(out.reason, out.error, out.unavailable)
+        except Exception as exc:  # never leave a client waiting on a request nobody drives
+            log.exception("routing %s failed", seq.request_id)
+            seq.publish("error", f"routing failed: {exc}")
+        finally:
+            if waiting:
+                with self._lock:
+                    self._waiting -= 1
+
+    def _acquire(self, seq: Sequence, role: str) -> Instance:
+        instance = self.registry.acquire(role, seq.prompt_len + seq.limit, self.cluster.instance_wait_seconds, seq.aborted)
+        if instance is None:
+            if seq.aborted.is_set() or self._stop.is_set():
+                raise _Outcome("abort")
+            raise _Outcome("error", f"no {role} instance is serving", unavailable=True)
+        return instance
+
+    def _prefill(self, seq: Sequence) -> tuple[ipb.PrefillResponse, Instance]:
+        """Prefill on some healthy instance; one that fails or stops answering hands the request on."""
+        request = ipb.PrefillRequest(request_id=seq.request_id, prompt_ids=seq.request.prompt_ids, sampling=sampling_message(seq))
+        while True:
+            instance = self._acquire(seq, "prefill")
+            sent = time.perf_counter()
+            try:
+                future = instance.stub.Prefill.future(request)
+                self._track(seq, future)
+                response = future.result()
+            except grpc.FutureCancelledError:
+                raise _Outcome("abort") from None
+            except grpc.RpcError as err:
+                if seq.aborted.is_set() or err.code() == grpc.StatusCode.CANCELLED:
+                    raise _Outcome("abort") from None
+                if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.registry.mark_down(instance, f"{err.code().name}: {err.details()}")
+                    log.warning("%s: %s failed (%s); trying another prefill instance", seq.request_id, instance.name, err.code().name)
+                    continue
+                raise _Outcome("error", f"prefill on {instance.name} failed: {err.details()}") from None
+            finally:
+                self.registry.release(instance)
+            t = seq.timings
+            if not seq.tokens:  # the first prefill of this request sets its timings
+                t.prefill_start = time.perf_counter() - response.prefill_seconds
+                t.route.append(instance.name)
+            elif t.prefill_start is None or t.prefill_start < sent:
+                t.route.append(instance.name)
+            return response, instance
+
+    def _decode(self, seq: Sequence, instance: Instance, kv: ipb.KVOffer) -> None:
+        request = ipb.DecodeRequest(
+            request_id=seq.request_id, prompt_ids=seq.request.prompt_ids, first_token=seq.tokens[0], sampling=sampling_message(seq), kv=kv
+        )
+        seq.timings.route.append(instance.name)
+        try:
+            call = instance.stub.Decode(request)
+            self._track(seq, call)
+            for response in call:
+                if response.transfer_bytes:
+                    seq.timings.transfer_seconds += response.transfer_seconds
+                    seq.timings.transfer_bytes += response.transfer_bytes
+                for i, token in enumerate(response.token_ids):
+                    last = i == len(response.token_ids) - 1
+                    reason = seq.add(token, response.stopped and last)
+                    if reason is not None:  # a stop string, or the limit: done, whatever the instance does
+                        call.cancel()
+                        seq.publish(reason)
+                        return
+                seq.publish()
+            raise _Outcome("error", f"{instance.name} ended the stream early")
+        except grpc.RpcError as err:
+            code = err.code()
+            if seq.aborted.is_set() or code == grpc.StatusCode.CANCELLED:
+                raise _Outcome("abort") from None
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise _PullFailed(err.details()) from None
+            if code == grpc.StatusCode.UNAVAILABLE:
+                self.registry.mark_down(instance, f"UNAVAILABLE: {err.details()}")
+                raise _Outcome("error", f"{instance.name} became unavailable: {err.details()}", unavailable=True) from None
+            raise _Outcome("error", f"decode on {instance.name} failed: {err.details()}") from None
+        finally:
+            self.registry.release(instance)
+
+    def _release(self, instance: Instance, uuid: int) -> None:
+        try:
+            instance.stub.Release(ipb.ReleaseRequest(uuid=uuid), timeout=2)
+        except grpc.RpcError:
+            pass  # the lease frees it anyway

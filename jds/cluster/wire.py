@@ -1,0 +1,37 @@
+"""Engine requests and KV offers to and from the messages of ``instances.proto``."""
+
+from __future__ import annotations
+
+from jds.api import instances_pb2 as ipb
+from jds.engine.request import Request
+from jds.engine.sequence import Sequence
+from jds.sampling_params import SamplingParams
+from jds.transfer.remote import Offer
+
+
+def sampling_message(seq: Sequence) -> ipb.Sampling:
+    """How ``seq`` samples and stops, resolved (stop ids with EOS, the token limit) for another process."""
+    p = seq.request.params
+    return ipb.Sampling(
+        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seq.request.seed, stop_ids=seq.stop_ids, max_tokens=seq.limit
+    )
+
+
+def sequence_from(request_id: str, prompt_ids, sampling: ipb.Sampling, max_seq_len: int) -> Sequence:
+    """The instance-side twin of the router's sequence: token ids only (the router owns the text)."""
+    params = SamplingParams(
+        max_tokens=max(1, sampling.max_tokens), temperature=sampling.temperature, top_p=sampling.top_p or 1.0, top_k=sampling.top_k,
+        seed=sampling.seed, ignore_eos=True,
+    )  # fmt: skip
+    request = Request(request_id, tuple(prompt_ids), params, sampling.seed)
+    return Sequence(request, None, tuple(sampling.stop_ids), max_seq_len)
+
+
+def offer_message(offer: Offer) -> ipb.KVOffer:
+    return ipb.KVOffer(
+        transfer_address=offer.address, uuid=offer.uuid, shape=offer.shape, dtype=offer.dtype, expires_at=offer.expires_at
+    )
+
+
+def offer_from(message: ipb.KVOffer) -> Offer:
+    return Offer(message.transfer_address, message.uuid, tuple(message.shape), message.dtype, message.expires_at)

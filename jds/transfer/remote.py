@@ -1,0 +1,126 @@
+"""KV between processes with ``jax.experimental.transfer``: offered by prefill, pulled by decode.
+
+Each process runs one transfer server. The prefill side offers a request's KV under a fresh id
+(``await_pull``) with a lease: when it ends, the transfer server drops the KV if nobody pulled it
+(measured: memory stays flat over many unpulled offers with a lease, and grows by each offer
+without one), so a request aborted between the phases, or a decode process that died, strands
+memory for at most the lease. An offer no decode process was ever told about is released at once
+by pulling it locally. The decode side pulls by id onto one of its devices, naming the exact shape
+and dtype offered, then reshards locally into its stages (``send_kv``).
+
+Pulling an id that expired or was never offered does not fail: the array never fills. So a pull
+is refused outright when the lease is about to end, and waited for with a timeout otherwise; a
+pull that times out fails its request (``PullFailed``) instead of hanging it.
+
+Transit arrays are single-device on both ends: the prefill side gathers a request's row onto one
+device before offering it. That keeps the two sides' layouts trivially equal whatever their ``tp``
+(the library needs matching shard shapes); the local reshard on the decode side is a
+device-to-device copy.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import itertools
+import logging
+import secrets
+import threading
+import time
+
+import jax
+import numpy as np
+from jax.experimental import transfer
+
+log = logging.getLogger(__name__)
+
+PULL_MARGIN_SECONDS = 1.0  # no pull starts this close to the end of a lease
+
+
+@dataclasses.dataclass(frozen=True)
+class Offer:
+    """What a decode process needs to pull one request's KV."""
+
+    address: str
+    uuid: int
+    shape: tuple[int, ...]
+    dtype: str
+    expires_at: float  # unix time
+
+
+class PullFailed(RuntimeError):
+    """The KV could not be pulled: its lease ended, or its prefill process is gone."""
+
+
+class KVTransfer:
+    """This process's transfer server: offers (prefill side) and pulls (decode side)."""
+
+    def __init__(self, host: str = "127.0.0.1", lease_seconds: float = 30.0):
+        client = jax.devices()[0].client
+        self._server = transfer.start_transfer_server(client, f"{host}:0", [f"{host}:0"] * jax.device_count())
+        self.address: str = self._server.address()
+        self.lease_seconds = lease_seconds
+        self._connections: dict[str, object] = {}
+        self._lock = threading.Lock()
+        # Ids are unique across processes too: a random prefix per process, then a counter.
+        self._ids = itertools.count((secrets.randbits(31) << 32) + 1)
+        self._offers: dict[int, tuple[jax.ShapeDtypeStruct, float]] = {}  # id -> (what, lease end)
+        self._waiter = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kv-pull")
+
+    # -- prefill side ---------------------------------------------------------------------------
+
+    def offer(self, kv: jax.Array) -> Offer:
+        """Make ``kv`` pullable once, until the lease ends; the transfer server holds the reference."""
+        uuid = next(self._ids)
+        expires_at = time.time() + self.lease_seconds
+        self._server.await_pull(uuid, [kv], timeout=datetime.datetime.fromtimestamp(expires_at))
+        with self._lock:
+            self._prune()
+            self._offers[uuid] = (jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=kv.sharding), expires_at)
+        return Offer(self.address, uuid, tuple(kv.shape), str(kv.dtype), expires_at)
+
+    def release(self, uuid: int) -> bool:
+        """Free an offer nobody was told about, now rather than at its lease: pull it here and drop it."""
+        with self._lock:
+            self._prune()
+            spec, expires_at = self._offers.pop(uuid, (None, 0.0))
+        if spec is None or time.time() > expires_at - PULL_MARGIN_SECONDS:
+            return False
+        (kv,) = self._connection(self.address).pull(uuid, [spec])
+        self._waiter.submit(kv.block_until_ready)
+        return True
+
+    @property
+    def outstanding(self) -> int:
+        """Offers neither released nor past their lease (pulled ones count until their lease ends)."""
+        with self._lock:
+            self._prune()
+            return len(self._offers)
+
+    def _prune(self) -> None:
+        now = time.time()
+        for uuid in [u for u, (_, end) in self._offers.items() if end <= now]:
+            del self._offers[uuid]
+
+    # -- decode side ----------------------------------------------------------------------------
+
+    def pull(self, offer: Offer, device: jax.Device, timeout: float) -> jax.Array:
+        """The offered array, on ``device``; ``PullFailed`` (never a hang) if it cannot arrive."""
+        left = offer.expires_at - time.time()
+        if left < PULL_MARGIN_SECONDS:
+            raise PullFailed(f"KV {offer.uuid} from {offer.address}: its lease ended (or ends in {max(left, 0):.1f} s) before the pull")
+        spec = jax.ShapeDtypeStruct(offer.shape, np.dtype(offer.dtype), sharding=jax.sharding.SingleDeviceSharding(device))
+        try:
+            (kv,) = self._connection(offer.address).pull(offer.uuid, [spec])
+            return self._waiter.submit(kv.block_until_ready).result(timeout=min(timeout, left))
+        except concurrent.futures.TimeoutError:
+            raise PullFailed(f"KV {offer.uuid} from {offer.address} did not arrive within {min(timeout, left):.1f} s") from None
+        except Exception as exc:  # the library's own errors: the peer closed, refused, ...
+            raise PullFailed(f"KV {offer.uuid} from {offer.address}: {exc}") from exc
+
+    def _connection(self, address: str):
+        with self._lock:
+            if address not in self._connections:
+                self._connections[address] = self._server.connect(address)
+            return self._connections[address]

@@ -1,0 +1,254 @@
+"""Roles as real processes: ``python -m jds.launch`` runs a router, two prefill and two decode
+instances of the tiny model; the tests talk to the router as clients and to the instances as the
+router does, and kill instances to see what survives.
+
+Outputs are checked against the single-process offline API on the identical seeded model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+import yaml
+
+from jds import LLM, SamplingParams
+from jds.api import generation_pb2 as pb
+from jds.api import generation_pb2_grpc as pb_grpc
+from jds.api import instances_pb2 as ipb
+from jds.api import instances_pb2_grpc as ipb_grpc
+from jds.bench.server_process import ServerProcess
+from tests_paths import CONFIGS
+
+MAX_SEQ_LEN = 128
+SLOTS = 2
+LEASE = 3.0
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cluster")
+    config = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    config["model"]["max_seq_len"] = MAX_SEQ_LEN
+    config["placement"] = {
+        "mode": "disaggregated",
+        "prefill": [{"devices": [0]}, {"devices": [1]}],
+        "decode": [{"devices": [2], "slots": SLOTS}, {"devices": [3], "slots": SLOTS}],
+    }
+    ports = _free_ports(4)
+    config["cluster"] = {
+        "prefill": [f"127.0.0.1:{p}" for p in ports[:2]],
+        "decode": [f"127.0.0.1:{p}" for p in ports[2:]],
+        "lease_seconds": LEASE,
+        "health_seconds": 0.2,
+        "pull_timeout_seconds": 10,
+        "on_pull_failure": "reprefill",  # KV lost with a killed prefill process is prefilled again
+    }
+    config["server"] = {"max_waiting": 16}
+    (folder / "cluster.yaml").write_text(yaml.safe_dump(config))
+    proc = ServerProcess(folder / "cluster.yaml", folder / "launch.log", "--no-warmup")
+    proc.config = config
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(cluster):
+    with grpc.insecure_channel(cluster.address) as channel:
+        yield pb_grpc.GenerationStub(channel)
+
+
+@pytest.fixture(scope="module")
+def offline(cluster):
+    """The same model in one process, one device: the reference."""
+    with LLM(cluster.log_path.parent / "cluster.yaml", placement={"instances": [{"devices": [0], "slots": 4}]}, progress=False) as llm:
+        yield llm
+
+
+def _instances(cluster, role: str) -> list:
+    stub_type = ipb_grpc.PrefillInstanceStub if role == "prefill" else ipb_grpc.DecodeInstanceStub
+    return [stub_type(grpc.insecure_channel(address)) for address in cluster.config["cluster"][role]]
+
+
+def _status(cluster, role: str) -> list[ipb.InstanceStatus]:
+    return [s.Status(ipb.InstanceStatusRequest(), timeout=5) for s in _instances(cluster, role)]
+
+
+def _total(statuses, field: str) -> int:
+    return sum(getattr(s, field) for s in statuses)
+
+
+def _wait(condition, timeout: float = 20, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _wait_status(cluster, role: str, predicate, what: str, timeout: float = 20) -> list[ipb.InstanceStatus]:
+    """The instances' statuses once ``predicate`` holds for them."""
+    found = []
+    _wait(lambda: predicate(found.append(_status(cluster, role)) or found[-1]), timeout, what)
+    return found[-1]
+
+
+def _pid(cluster, name: str) -> int:
+    return int(re.findall(rf"started {name} \(pid (\d+)\)", cluster.text())[-1])
+
+
+def _generate(stub, ids, max_tokens: int, **options) -> list[int]:
+    request = pb.GenerateRequest(token_ids=ids, max_tokens=max_tokens, ignore_eos=True, **{"temperature": 0.0, **options})
+    return [t for m in stub.Generate(request, timeout=120) for t in m.token_ids]
+
+
+PROMPTS = [[5 + i, 17, 99 + i, 4][: 2 + i % 3] * (1 + i % 2) for i in range(6)]
+
+
+def test_outputs_equal_the_single_process_engine_and_both_decoders_serve(cluster, stub, offline):
+    info = stub.ModelInfo(pb.ModelInfoRequest())
+    assert (info.slots_total, info.devices) == (2 * SLOTS, 4) and "disaggregated" in info.placement
+    expected = offline.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    got: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        got[i] = _generate(stub, PROMPTS[i], 12)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(PROMPTS))] == [e.token_ids for e in expected]
+    assert all(s.served > 0 for s in _status(cluster, "decode"))  # least loaded: both instances took requests
+
+    sampled = offline.generate("Once upon a time", SamplingParams(max_tokens=10, temperature=0.8, seed=7, ignore_eos=True))[0]
+    messages = list(stub.Generate(pb.GenerateRequest(text="Once upon a time", max_tokens=10, temperature=0.8, seed=7, ignore_eos=True), timeout=60))
+    assert [t for m in messages for t in m.token_ids] == sampled.token_ids
+    assert "".join(m.text for m in messages) == sampled.text
+    assert messages[-1].timings.transfer_bytes > 0 and messages[-1].timings.ttft > 0
+
+
+def test_cancellation_reaches_the_decode_and_the_prefill_process(cluster, stub):
+    before = _total(_status(cluster, "decode"), "aborted")
+    call = stub.Generate(pb.GenerateRequest(token_ids=[1, 2, 3], max_tokens=120, temperature=0, ignore_eos=True), timeout=60)
+    assert next(call).token_ids and next(call).token_ids
+    call.cancel()
+    statuses = _wait_status(cluster, "decode", lambda s: _total(s, "running") == 0, "decode idle")
+    assert _total(statuses, "aborted") == before + 1 and _total(statuses, "slots_free") == 2 * SLOTS
+
+    before = _total(_status(cluster, "prefill"), "aborted")
+    long_prompt = list(range(100, 200))  # a length bucket not compiled yet: prefill is still busy when the cancel comes
+    call = stub.Generate(pb.GenerateRequest(token_ids=long_prompt, max_tokens=8, temperature=0), timeout=60)
+    time.sleep(0.3)
+    call.cancel()
+    statuses = _wait_status(cluster, "prefill", lambda s: _total(s, "aborted") == before + 1, "prefill abort")
+    assert _total(statuses, "running") == 0
+    assert stub.ModelInfo(pb.ModelInfoRequest()).running == 0
+
+
+def test_kv_nobody_pulls_is_released_after_its_lease_and_a_late_pull_fails_clearly(cluster):
+    prefill = _instances(cluster, "prefill")[0]
+    decode = _instances(cluster, "decode")[0]
+    sampling = ipb.Sampling(temperature=0, top_p=1, max_tokens=6)
+    _wait(lambda: prefill.Status(ipb.InstanceStatusRequest()).kv_offered == 0, timeout=LEASE + 5, what="earlier offers' leases")
+    before = 0
+    answer = prefill.Prefill(ipb.PrefillRequest(request_id="lease", prompt_ids=[3, 4, 5], sampling=sampling), timeout=60)
+    assert answer.HasField("kv") and answer.kv.shape[2] == 1
+    assert prefill.Status(ipb.InstanceStatusRequest()).kv_offered == before + 1
+    _wait(lambda: prefill.Status(ipb.InstanceStatusRequest()).kv_offered == before, timeout=LEASE + 5, what="lease end")
+
+    late = ipb.DecodeRequest(request_id="late", prompt_ids=[3, 4, 5], first_token=answer.first_token, sampling=sampling, kv=answer.kv)
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode.Decode(late, timeout=30))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "lease" in err.value.details()
+    assert decode.Status(ipb.InstanceStatusRequest()).slots_free == SLOTS
+
+    again = prefill.Prefill(ipb.PrefillRequest(request_id="release", prompt_ids=[3, 4, 5], sampling=sampling), timeout=60)
+    assert prefill.Release(ipb.ReleaseRequest(uuid=again.kv.uuid)).released
+    assert prefill.Status(ipb.InstanceStatusRequest()).kv_offered == before
+    assert not prefill.Release(ipb.ReleaseRequest(uuid=again.kv.uuid)).released  # once only
+
+
+def test_a_killed_decode_process_fails_only_its_requests_and_serves_again_after_restart(cluster, stub, offline):
+    long = pb.GenerateRequest(token_ids=[7, 8, 9], max_tokens=110, temperature=0, ignore_eos=True)
+    first, second = stub.Generate(long, timeout=120), stub.Generate(long, timeout=120)
+    head = [next(first).token_ids[0], next(second).token_ids[0]]
+    running = _wait_status(cluster, "decode", lambda s: all(x.running == 1 for x in s), "one request per decoder")
+    served_before = [s.served for s in running]
+    victim = 0
+    os.kill(_pid(cluster, f"decode{victim}"), signal.SIGKILL)
+    outcomes = []
+    for call in (first, second):
+        try:
+            outcomes.append(("ok", [t for m in call for t in m.token_ids]))
+        except grpc.RpcError as err:
+            outcomes.append((err.code(), err.details()))
+    expected = offline.generate([[7, 8, 9]], SamplingParams(max_tokens=110, temperature=0, ignore_eos=True))[0].token_ids
+    failed = [o for o in outcomes if o[0] == grpc.StatusCode.UNAVAILABLE]
+    finished = [o for o in outcomes if o[0] == "ok"]
+    assert len(failed) == 1 and "decode0 became unavailable" in failed[0][1], outcomes
+    assert len(finished) == 1 and head[outcomes.index(finished[0])] == expected[0] and finished[0][1] == expected[1:]
+
+    survivor = _instances(cluster, "decode")[1]
+    while_down = [_generate(stub, [1, 2], 4) for _ in range(3)]  # the router stops routing to the dead one
+    assert len(set(map(tuple, while_down))) == 1
+    assert survivor.Status(ipb.InstanceStatusRequest()).served >= served_before[1] + 1 + 3
+
+    _wait(lambda: len(re.findall(r"decode0 at \S+ is serving: in rotation", cluster.text())) >= 2, 90, "decode0 back in rotation")
+    threads = [threading.Thread(target=_generate, args=(stub, [4, 5, 6], 20)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _status(cluster, "decode")[0].served >= 1  # the restarted instance is in rotation again
+
+
+def test_a_killed_prefill_process_hands_its_requests_to_the_other(cluster, stub, offline):
+    expected = offline.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    got: dict[int, list[int] | str] = {}
+
+    def run(i: int) -> None:
+        try:
+            got[i] = _generate(stub, PROMPTS[i], 6)
+        except grpc.RpcError as err:
+            got[i] = f"{err.code().name}: {err.details()}"
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    os.kill(_pid(cluster, "prefill0"), signal.SIGKILL)
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(PROMPTS))] == [e.token_ids for e in expected]
+    _wait(lambda: "prefill0 exited" in cluster.text(), what="the launcher noticing")
+
+
+def test_the_launcher_stops_every_process_and_frees_every_port(cluster):
+    names = ["router", "prefill0", "prefill1", "decode0", "decode1"]
+    pids = [int(p) for name in names for p in re.findall(rf"started {name} \(pid (\d+)\)", cluster.text())]
+    assert cluster.stop() == 0
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower(), pid
+    for address in [*cluster.config["cluster"]["prefill"], *cluster.config["cluster"]["decode"], cluster.address]:
+        host, port = address.split(":")
+        with socket.socket() as s:
+            assert s.connect_ex((host, int(port))) != 0, f"{address} still accepts connections"
