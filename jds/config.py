@@ -77,9 +77,15 @@ class ClusterSection(BaseModel):
 
     prefill: list[str] = Field(default_factory=list, description="host:port of each placement.prefill instance, in order")
     decode: list[str] = Field(default_factory=list, description="host:port of each placement.decode instance, in order")
+    coordinators: dict[str, str] = Field(
+        default_factory=dict, description="host:port of the jax.distributed coordinator of each multi-process instance, e.g. prefill1"
+    )
     lease_seconds: float = Field(default=30.0, gt=0, description="offered KV nobody pulls by then is released")
     pull_timeout_seconds: float = Field(default=30.0, gt=0, description="a KV pull not done by then fails")
     on_pull_failure: Literal["fail", "reprefill"] = Field(default="fail", description="what a failed KV pull does to its request")
+    policy: Literal["least_loaded", "round_robin"] = Field(
+        default="least_loaded", description="how the router picks instances: fewest in flight / most free slots, or in turn"
+    )
     health_seconds: float = Field(default=0.5, gt=0, description="how often the router checks every instance")
     instance_wait_seconds: float = Field(default=30.0, gt=0, description="a request fails if no instance of a role serves by then")
     transfer_host: str = Field(default="127.0.0.1", description="address the KV transfer servers listen on")

@@ -37,8 +37,9 @@ DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\d+")
 class Child:
     """One role process: how to start it, the running process, and its output echoed with its name."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], group: str | None = None):
         self.name = name
+        self.group = group or name  # the processes of one instance: restarted together
         self.argv = argv
         self.env = env
         self.proc: subprocess.Popen | None = None
@@ -92,7 +93,12 @@ def plan_children(config_path: str, config: Config, extra: list[str], router_ext
         if len(addresses) != len(specs):
             raise ConfigError(f"cluster.{role}: give one host:port per placement.{role} instance ({len(specs)}), got {len(addresses)}")
         for i, spec in enumerate(specs):
-            instances.append(Child(f"{role}{i}", [*base, "--role", role, "--instance", str(i), *extra], _instance_env(spec.devices)))
+            processes = getattr(spec, "processes", 1)
+            for k in range(processes):  # process 0 serves; the others follow it (jax.distributed)
+                name = f"{role}{i}" if k == 0 else f"{role}{i}.{k}"
+                devices = spec.process_share(spec.devices, k) if processes > 1 else spec.devices
+                argv = [*base, "--role", role, "--instance", str(i), *(["--process", str(k)] if processes > 1 else []), *extra]
+                instances.append(Child(name, argv, _instance_env(devices), group=f"{role}{i}"))
     router_env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the router runs no model: it must not claim an accelerator
     router = Child("router", [*base, "--role", "router", *extra, *router_extra], router_env)
     return instances, router
@@ -144,25 +150,33 @@ def _run(instances: list[Child], router: Child, config: Config, restart: bool, s
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    addresses = dict(zip([c.name for c in instances], [*config.cluster.prefill, *config.cluster.decode]))
+    cluster = config.cluster
+    addresses = {**{f"prefill{i}": a for i, a in enumerate(cluster.prefill)}, **{f"decode{i}": a for i, a in enumerate(cluster.decode)}}
+    groups: dict[str, list[Child]] = {}
+    for child in instances:
+        groups.setdefault(child.group, []).append(child)
     code = 0
     try:
         for child in instances:
             child.start()
-        for child in instances:
-            wait_serving(addresses[child.name], child, start_timeout)
-            log.info("%s is serving on %s", child.name, addresses[child.name])
+        for name, address in addresses.items():
+            wait_serving(address, groups[name][0], start_timeout)
+            log.info("%s is serving on %s", name, address)
         router.start()
         while not stop.wait(0.2):
             if not router.alive:
                 log.error("the router exited with %s: stopping", router.proc.returncode)
                 code = 1
                 break
-            for child in instances:
-                if not child.alive and restart:
-                    log.warning("%s exited with %s: starting it again", child.name, child.proc.returncode)
+            for name, members in groups.items():
+                dead = [c for c in members if not c.alive]
+                if dead and restart:
+                    log.warning("%s exited with %s: starting %s again", dead[0].name, dead[0].proc.returncode, name)
+                    for c in members:  # an instance over several processes restarts whole
+                        c.stop(10)
                     time.sleep(RESTART_DELAY_SECONDS)
-                    child.start()
+                    for c in members:
+                        c.start()
     except RuntimeError as exc:
         log.error("%s", exc)
         code = 1

@@ -42,6 +42,16 @@ def _instance(config: Config, role: str, index: int):
     return specs[index], addresses[index]
 
 
+def _join_instance(config: Config, name: str, processes: int, process: int) -> None:
+    """Join the other processes of a multi-process instance (before JAX touches a device)."""
+    coordinator = config.cluster.coordinators.get(name)
+    if coordinator is None:
+        raise ConfigError(f"cluster.coordinators.{name}: a host:port is needed for an instance over {processes} processes")
+    from jds.cluster import lockstep
+
+    lockstep.initialize(coordinator, processes, process)
+
+
 def _give_cpu_devices(needed: int) -> None:
     """Make sure a CPU-only JAX has ``needed`` virtual devices.
 
@@ -70,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="deployment YAML (default: configs/smollm2-135m.yaml)")
     parser.add_argument("--role", choices=("all", "router", "prefill", "decode"), default="all", help="what this process serves (default all)")
     parser.add_argument("--instance", type=int, default=0, help="with --role prefill or decode: which instance of the placement")
+    parser.add_argument("--process", type=int, default=0, help="with --role prefill: which process of a multi-process instance (0 serves)")
     parser.add_argument("--host", default=None, help="address to listen on (default: server.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="gRPC port (default: server.port, 50051; 0 picks one)")
     parser.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible API over HTTP here (default: server.http_port, off; 0 picks one)")
@@ -84,8 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.role in ("prefill", "decode"):
             spec, address = _instance(config, args.role, args.instance)
-            _pin_cpus(spec.cpus, f"placement.{args.role}[{args.instance}].cpus")
-            _give_cpu_devices(len(spec.devices))
+            processes = getattr(spec, "processes", 1)
+            if not 0 <= args.process < processes:
+                raise ConfigError(f"--process {args.process}: placement.{args.role}[{args.instance}] spans {processes} process(es)")
+            share = spec.process_share if processes > 1 else (lambda values, _: values)
+            _pin_cpus(share(spec.cpus, args.process), f"placement.{args.role}[{args.instance}].cpus")
+            _give_cpu_devices(len(share(spec.devices, args.process)))
+            if processes > 1:
+                _join_instance(config, f"{args.role}{args.instance}", processes, args.process)
             return _serve_instance(config, args, spec, address)
         if args.role == "all":
             _pin_cpus(config.placement.cpus, "placement.cpus")
@@ -197,13 +214,21 @@ def _serve_instance(config: Config, args: argparse.Namespace, spec, address: str
     if args.port is not None:
         port = args.port
     model = load_model(config)
-    kv = KVTransfer(cluster.transfer_host, cluster.lease_seconds)
     warmup = config.server.warmup and not args.no_warmup
+    if args.role == "prefill" and args.process > 0:
+        from jds.cluster.prefill_role import follow_leader
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a follower stops when its leader says so (or is killed)
+
+        log.info("ready: process %d of %s follows process 0", args.process, name)
+        follow_leader(model, spec, _longest_decode(config, model), warmup)
+        log.info("stopped")
+        return 0
+    kv = KVTransfer(cluster.transfer_host, cluster.lease_seconds)
     if args.role == "prefill":
         from jds.cluster.prefill_role import PrefillService
 
-        longest = max(d.max_seq_len or model.max_seq_len for d in config.placement.decode)
-        service = PrefillService(name, model, spec, longest, kv, warmup=warmup, progress=True)
+        service = PrefillService(name, model, spec, _longest_decode(config, model), kv, warmup=warmup, progress=True)
         add = ipb_grpc.add_PrefillInstanceServicer_to_server
     else:
         from jds.cluster.decode_role import DecodeService
@@ -229,6 +254,11 @@ def _serve_instance(config: Config, args: argparse.Namespace, spec, address: str
     service.shutdown()
     log.info("stopped")
     return 0
+
+
+def _longest_decode(config: Config, model) -> int:
+    """Prefill buckets reach the longest sequence any decode instance holds, as in one process."""
+    return max(d.max_seq_len or model.max_seq_len for d in config.placement.decode)
 
 
 def _stop_on_signals() -> threading.Event:

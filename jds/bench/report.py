@@ -63,7 +63,10 @@ class Sweep:
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1e3:.0f}"
+    """Milliseconds: whole ones, but a sub-10 ms figure (a KV transfer) keeps two decimals."""
+    if value is None:
+        return "-"
+    return f"{value * 1e3:.2f}" if value < 0.01 else f"{value * 1e3:.0f}"
 
 
 def markdown(sweeps: list[Sweep], title: str) -> str:

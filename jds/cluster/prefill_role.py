@@ -1,10 +1,12 @@
 """A prefill instance as its own process (``--role prefill``): the ``PrefillInstance`` service.
 
 Requests from the router wait in this process's FCFS queue and are batched exactly as in one
-process (``PrefillWorker``, with its prefill and transfer threads). The transfer thread, instead of
-copying KV to local decode stages, gathers each request's row onto one device and offers it for a
-decode process to pull, under a lease. The RPC answers with the first token and that offer. A
-router that cancels the RPC aborts the request here, wherever it is.
+process (``PrefillWorker``, with its prefill and transfer threads). The program returns the KV
+whole (gathered over ``tp`` inside it); the transfer thread, instead of copying it to local decode
+stages, offers each request's row for a decode process to pull, under a lease. The RPC answers
+with the first token and that offer. A router that cancels the RPC aborts the request here,
+wherever it is. An instance spanning several processes (``processes: N``) runs this service in
+its first process and ``follow_leader`` in the others (``jds.cluster.lockstep``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax
 
 from jds.api import instances_pb2 as ipb
 from jds.api import instances_pb2_grpc as ipb_grpc
+from jds.cluster import lockstep
 from jds.cluster.wire import offer_message, sequence_from
 from jds.engine.prefill import PrefillWorker
 from jds.engine.programs import KVPieces, PrefillProgram, place_params
@@ -45,38 +48,53 @@ class _Ticket:
         self.done.set()
 
 
+def build_program(model: LoadedModel, spec: PrefillInstance, max_len: int, warmup: bool, progress: bool) -> PrefillProgram:
+    """The instance's prefill program over all its devices (those of every process it spans),
+    returning the KV whole so that one process can offer it."""
+    devices = jax.devices()[: len(spec.devices)]
+    program = PrefillProgram(model.arch, place_params(model.params, devices), max_len, spec, gather_kv=True)
+    if warmup:
+        from tqdm.auto import tqdm
+
+        for shape in tqdm(program.shapes(), desc="compiling", unit="program", disable=not progress):
+            program.compile(*shape)
+    return program
+
+
+def follow_leader(model: LoadedModel, spec: PrefillInstance, max_len: int, warmup: bool) -> None:
+    """A follower process of a multi-process prefill instance: the leader's calls, until it stops."""
+    lockstep.follow(build_program(model, spec, max_len, warmup, progress=False))
+
+
 class PrefillService(ipb_grpc.PrefillInstanceServicer):
     def __init__(self, name: str, model: LoadedModel, spec: PrefillInstance, max_len: int, kv: KVTransfer, *, warmup: bool, progress: bool):
-        devices = jax.devices()[: len(spec.devices)]
         self.name = name
         self.max_len = max_len
         self.kv = kv
-        self.program = PrefillProgram(model.arch, place_params(model.params, devices), max_len, spec)
-        self._transit_device = devices[0]
+        self.program = build_program(model, spec, max_len, warmup, progress)
+        self._followers = spec.processes > 1
+        if self._followers:
+            self.program.broadcast = lockstep.lead
         self._waiting = WaitingQueue()
         self._stop = threading.Event()
         self._tickets: dict[str, _Ticket] = {}
         self._outcomes = collections.Counter()
         self._lock = threading.Lock()
         self.worker = PrefillWorker(name, self.program, self._waiting, self._offer, self._stop)
-        if warmup:
-            from tqdm.auto import tqdm
-
-            for shape in tqdm(self.program.shapes(), desc="compiling", unit="program", disable=not progress):
-                self.program.compile(*shape)
         for t in self.worker.threads:
             t.start()
 
     def _offer(self, kv: KVPieces, going: list[tuple[int, Sequence]]) -> None:
         """The transfer thread's job here: one offer per request row, gathered onto one device."""
         ((_, batch_kv),) = kv  # no stage cuts: the decode process cuts for its own stages
+        whole = batch_kv.addressable_data(0)  # replicated: this process's own copy, on one device
         for row, seq in going:
             with self._lock:
                 ticket = self._tickets.get(seq.request_id)
             if ticket is None or seq.aborted.is_set():
                 continue  # its RPC is gone: nobody would pull it
             try:
-                offer = self.kv.offer(jax.device_put(batch_kv[:, :, row : row + 1], self._transit_device))
+                offer = self.kv.offer(whole[:, :, row : row + 1])
             except Exception as exc:
                 log.exception("offering KV of %s failed", seq.request_id)
                 ticket.settle(error=f"offering KV failed: {exc}")
@@ -140,3 +158,5 @@ class PrefillService(ipb_grpc.PrefillInstanceServicer):
         self._waiting.wake()
         for t in self.worker.threads:
             t.join()
+        if self._followers:  # after the prefill thread: no call may follow the stop
+            lockstep.stop_followers()

@@ -2,9 +2,10 @@
 
 A health thread asks every instance for its ``Status`` every ``health_seconds``. One that does
 not answer is taken out of rotation at once (also when a call to it fails); it is put back when it
-answers again, e.g. after a restart on the same address. Choices are least-loaded: the prefill
-instance with the fewest requests in flight from this router, the decode instance with the most
-free slots (its last status less the requests sent there since).
+answers again, e.g. after a restart on the same address. The policy picks among the healthy ones:
+``least_loaded`` (the default) takes the prefill instance with the fewest requests in flight from
+this router and the decode instance with the most free slots (counting requests sent there that
+may not have landed yet); ``round_robin`` takes them in turn, a baseline to compare against.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class Instance:
 
 
 class Registry:
-    def __init__(self, prefill: list[str], decode: list[str], health_seconds: float):
+    def __init__(self, prefill: list[str], decode: list[str], health_seconds: float, policy: str = "least_loaded"):
+        self.policy = policy
+        self._turn = {"prefill": 0, "decode": 0}
         self.instances: list[Instance] = []
         for role, addresses, stub in (("prefill", prefill, ipb_grpc.PrefillInstanceStub), ("decode", decode, ipb_grpc.DecodeInstanceStub)):
             for i, address in enumerate(addresses):
@@ -114,6 +117,9 @@ class Registry:
 
     def _best(self, role: Role, need: int) -> Instance | None:
         ready = [i for i in self.of(role) if i.healthy and i.status is not None and i.status.max_seq_len >= need]
+        if self.policy == "round_robin" and ready:
+            self._turn[role] += 1
+            return ready[self._turn[role] % len(ready)]
         if role == "prefill":
             return min(ready, key=lambda i: i.in_flight, default=None)
         return max(ready, key=self._free_slots, default=None)

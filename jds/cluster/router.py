@@ -55,7 +55,7 @@ class Router:
         self.cluster = cluster
         self.max_waiting = max_waiting
         self.max_seq_len = max(spec.max_seq_len or model.max_seq_len for spec in placement.decode)
-        self.registry = Registry(cluster.prefill, cluster.decode, cluster.health_seconds)
+        self.registry = Registry(cluster.prefill, cluster.decode, cluster.health_seconds, cluster.policy)
         self._lock = threading.Lock()
         self._sequences: dict[str, Sequence] = {}
         self._calls: dict[str, grpc.Future | grpc.Call] = {}  # the RPC each request waits on
@@ -155,7 +155,7 @@ class Router:
                     return
                 except _PullFailed as exc:
                     if self.cluster.on_pull_failure != "reprefill" or attempt:
-                        raise _Outcome("error", str(exc)) from None
+                        raise _Outcome("error", str(exc), unavailable=True) from None  # transient: a retry may succeed
                     log.warning("%s: %s; prefilling it again", seq.request_id, exc)
         except _Outcome as out:
             if offered is not None:  # nobody will pull it: have it released now, not at its lease
@@ -182,7 +182,6 @@ class Router:
         request = ipb.PrefillRequest(request_id=seq.request_id, prompt_ids=seq.request.prompt_ids, sampling=sampling_message(seq))
         while True:
             instance = self._acquire(seq, "prefill")
-            sent = time.perf_counter()
             try:
                 future = instance.stub.Prefill.future(request)
                 self._track(seq, future)
@@ -199,12 +198,9 @@ class Router:
                 raise _Outcome("error", f"prefill on {instance.name} failed: {err.details()}") from None
             finally:
                 self.registry.release(instance)
-            t = seq.timings
             if not seq.tokens:  # the first prefill of this request sets its timings
-                t.prefill_start = time.perf_counter() - response.prefill_seconds
-                t.route.append(instance.name)
-            elif t.prefill_start is None or t.prefill_start < sent:
-                t.route.append(instance.name)
+                seq.timings.prefill_start = time.perf_counter() - response.prefill_seconds
+            seq.timings.route.append(instance.name)
             return response, instance
 
     def _decode(self, seq: Sequence, instance: Instance, kv: ipb.KVOffer) -> None:

@@ -11,6 +11,7 @@ the stages busy, and WORKSPACE.md says why this is not one SPMD program).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import jax
@@ -96,14 +97,25 @@ class PrefillProgram:
     decode stage receives whole pieces and nothing is sliced after the program.
     """
 
-    def __init__(self, arch: Architecture, params: Params, max_len: int, batching: PrefillBatching, cuts: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        arch: Architecture,
+        params: Params,
+        max_len: int,
+        batching: PrefillBatching,
+        cuts: tuple[int, ...] = (),
+        gather_kv: bool = False,
+    ):
+        """``gather_kv`` returns the KV whole on every device of the mesh (for an offer to another
+        process) instead of sharded over ``tp`` (for a device-to-device handoff)."""
         self.arch = arch
         self.params = params
         self.mesh = jax.tree.leaves(params)[0].sharding.mesh
         self.buckets = length_buckets(max_len)
         self.batching = batching
         self.starts = (0, *cuts)
-        kv_sharding = NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
+        self.broadcast: Callable[[tuple], None] | None = None  # a multi-process instance's leader tells its followers
+        kv_sharding = replicated(self.mesh) if gather_kv else NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
         self._fn = jax.jit(
             functools.partial(_prefill_and_sample, arch=arch, cuts=cuts),
             out_shardings=(replicated(self.mesh), replicated(self.mesh), (kv_sharding,) * len(self.starts)),
@@ -142,8 +154,14 @@ class PrefillProgram:
             tokens[i, : s.prompt_len] = s.request.prompt_ids
             lengths[i] = s.prompt_len
             set_row(rows, i, s)
-        first, is_stop, kv = self._fn(self.params, tokens, lengths, rows)
+        if self.broadcast is not None:
+            self.broadcast((tokens, lengths, rows))
+        first, is_stop, kv = self.call(tokens, lengths, rows)
         return np.asarray(first), np.asarray(is_stop), list(zip(self.starts, kv))
+
+    def call(self, tokens: np.ndarray, lengths: np.ndarray, rows: SamplingRows):
+        """The program on prepared host inputs (what a multi-process instance's followers call)."""
+        return self._fn(self.params, tokens, lengths, rows)
 
     def compile(self, batch: int, bucket: int) -> None:
         """Compile one shape ahead of time (nothing runs; later calls of that shape reuse it)."""

@@ -38,12 +38,24 @@ class PrefillBatching(_Section):
 class PrefillInstance(PrefillBatching, _Process):
     devices: list[NonNegativeInt] = Field(min_length=1)
     tp: PositiveInt = 1
+    processes: PositiveInt = Field(
+        default=1, description="processes (hosts) the instance spans with jax.distributed; its devices are split evenly among them"
+    )
 
     @model_validator(mode="after")
     def _tp_uses_all_devices(self) -> PrefillInstance:
         if len(self.devices) != self.tp:
             raise ValueError(f"tp {self.tp} needs exactly {self.tp} devices, got {len(self.devices)}")
+        if len(self.devices) % self.processes:
+            raise ValueError(f"processes {self.processes} must divide the instance's {len(self.devices)} devices")
         return self
+
+    def process_share(self, values: list[int] | None, process: int) -> list[int] | None:
+        """Process ``process``'s even share of ``values`` (its devices, or its cores)."""
+        if values is None:
+            return None
+        n = len(values) // self.processes
+        return values[process * n : (process + 1) * n] or values
 
 
 class _DecodeSlots(_Section):

@@ -20,7 +20,6 @@ device-to-device copy.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime
 import itertools
@@ -58,7 +57,7 @@ class KVTransfer:
 
     def __init__(self, host: str = "127.0.0.1", lease_seconds: float = 30.0):
         client = jax.devices()[0].client
-        self._server = transfer.start_transfer_server(client, f"{host}:0", [f"{host}:0"] * jax.device_count())
+        self._server = transfer.start_transfer_server(client, f"{host}:0", [f"{host}:0"] * jax.local_device_count())
         self.address: str = self._server.address()
         self.lease_seconds = lease_seconds
         self._connections: dict[str, object] = {}
@@ -66,7 +65,6 @@ class KVTransfer:
         # Ids are unique across processes too: a random prefix per process, then a counter.
         self._ids = itertools.count((secrets.randbits(31) << 32) + 1)
         self._offers: dict[int, tuple[jax.ShapeDtypeStruct, float]] = {}  # id -> (what, lease end)
-        self._waiter = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kv-pull")
 
     # -- prefill side ---------------------------------------------------------------------------
 
@@ -88,7 +86,7 @@ class KVTransfer:
         if spec is None or time.time() > expires_at - PULL_MARGIN_SECONDS:
             return False
         (kv,) = self._connection(self.address).pull(uuid, [spec])
-        self._waiter.submit(kv.block_until_ready)
+        _arrival(kv)  # lands in the background, then is dropped with the thread
         return True
 
     @property
@@ -113,14 +111,40 @@ class KVTransfer:
         spec = jax.ShapeDtypeStruct(offer.shape, np.dtype(offer.dtype), sharding=jax.sharding.SingleDeviceSharding(device))
         try:
             (kv,) = self._connection(offer.address).pull(offer.uuid, [spec])
-            return self._waiter.submit(kv.block_until_ready).result(timeout=min(timeout, left))
-        except concurrent.futures.TimeoutError:
-            raise PullFailed(f"KV {offer.uuid} from {offer.address} did not arrive within {min(timeout, left):.1f} s") from None
         except Exception as exc:  # the library's own errors: the peer closed, refused, ...
             raise PullFailed(f"KV {offer.uuid} from {offer.address}: {exc}") from exc
+        landed = _arrival(kv)
+        if not landed.done.wait(min(timeout, left)):
+            raise PullFailed(f"KV {offer.uuid} from {offer.address} did not arrive within {min(timeout, left):.1f} s")
+        if landed.error is not None:
+            raise PullFailed(f"KV {offer.uuid} from {offer.address}: {landed.error}") from landed.error
+        return kv
 
     def _connection(self, address: str):
         with self._lock:
             if address not in self._connections:
                 self._connections[address] = self._server.connect(address)
             return self._connections[address]
+
+
+class _Arrival:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: Exception | None = None
+
+
+def _arrival(array: jax.Array) -> _Arrival:
+    """Wait for ``array`` to land on a daemon thread: a pull that never lands must not keep the
+    process from exiting (a pool's worker threads would be joined at exit, forever)."""
+    arrival = _Arrival()
+
+    def wait() -> None:
+        try:
+            array.block_until_ready()
+        except Exception as exc:
+            arrival.error = exc
+        finally:
+            arrival.done.set()
+
+    threading.Thread(target=wait, name="kv-arrival", daemon=True).start()
+    return arrival
