@@ -93,12 +93,10 @@ def plan_children(config_path: str, config: Config, extra: list[str], router_ext
         if len(addresses) != len(specs):
             raise ConfigError(f"cluster.{role}: give one host:port per placement.{role} instance ({len(specs)}), got {len(addresses)}")
         for i, spec in enumerate(specs):
-            processes = getattr(spec, "processes", 1)
-            for k in range(processes):  # process 0 serves; the others follow it (jax.distributed)
+            for k in range(spec.processes):  # process 0 serves; the others follow it (jax.distributed)
                 name = f"{role}{i}" if k == 0 else f"{role}{i}.{k}"
-                devices = spec.process_share(spec.devices, k) if processes > 1 else spec.devices
-                argv = [*base, "--role", role, "--instance", str(i), *(["--process", str(k)] if processes > 1 else []), *extra]
-                instances.append(Child(name, argv, _instance_env(devices), group=f"{role}{i}"))
+                argv = [*base, "--role", role, "--instance", str(i), *(["--process", str(k)] if spec.processes > 1 else []), *extra]
+                instances.append(Child(name, argv, _instance_env(spec.process_share(spec.devices, k)), group=f"{role}{i}"))
     router_env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the router runs no model: it must not claim an accelerator
     router = Child("router", [*base, "--role", "router", *extra, *router_extra], router_env)
     return instances, router

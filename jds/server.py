@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="deployment YAML (default: configs/smollm2-135m.yaml)")
     parser.add_argument("--role", choices=("all", "router", "prefill", "decode"), default="all", help="what this process serves (default all)")
     parser.add_argument("--instance", type=int, default=0, help="with --role prefill or decode: which instance of the placement")
-    parser.add_argument("--process", type=int, default=0, help="with --role prefill: which process of a multi-process instance (0 serves)")
+    parser.add_argument("--process", type=int, default=0, help="with --role prefill or decode: which process of a multi-process instance (0 serves)")
     parser.add_argument("--host", default=None, help="address to listen on (default: server.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="gRPC port (default: server.port, 50051; 0 picks one)")
     parser.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible API over HTTP here (default: server.http_port, off; 0 picks one)")
@@ -95,14 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.role in ("prefill", "decode"):
             spec, address = _instance(config, args.role, args.instance)
-            processes = getattr(spec, "processes", 1)
-            if not 0 <= args.process < processes:
-                raise ConfigError(f"--process {args.process}: placement.{args.role}[{args.instance}] spans {processes} process(es)")
-            share = spec.process_share if processes > 1 else (lambda values, _: values)
-            _pin_cpus(share(spec.cpus, args.process), f"placement.{args.role}[{args.instance}].cpus")
-            _give_cpu_devices(len(share(spec.devices, args.process)))
-            if processes > 1:
-                _join_instance(config, f"{args.role}{args.instance}", processes, args.process)
+            if not 0 <= args.process < spec.processes:
+                raise ConfigError(f"--process {args.process}: placement.{args.role}[{args.instance}] spans {spec.processes} process(es)")
+            _pin_cpus(spec.process_share(spec.cpus, args.process), f"placement.{args.role}[{args.instance}].cpus")
+            _give_cpu_devices(len(spec.process_share(spec.devices, args.process)))
+            if spec.processes > 1:
+                _join_instance(config, f"{args.role}{args.instance}", spec.processes, args.process)
             return _serve_instance(config, args, spec, address)
         if args.role == "all":
             _pin_cpus(config.placement.cpus, "placement.cpus")
@@ -215,13 +213,17 @@ def _serve_instance(config: Config, args: argparse.Namespace, spec, address: str
         port = args.port
     model = load_model(config)
     warmup = config.server.warmup and not args.no_warmup
-    if args.role == "prefill" and args.process > 0:
-        from jds.cluster.prefill_role import follow_leader
-
+    if args.process > 0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a follower stops when its leader says so (or is killed)
-
         log.info("ready: process %d of %s follows process 0", args.process, name)
-        follow_leader(model, spec, _longest_decode(config, model), warmup)
+        if args.role == "prefill":
+            from jds.cluster.prefill_role import follow_leader
+
+            follow_leader(model, spec, _longest_decode(config, model), warmup)
+        else:
+            from jds.cluster.decode_role import follow_leader as follow_decode_leader
+
+            follow_decode_leader(model, spec, warmup)
         log.info("stopped")
         return 0
     kv = KVTransfer(cluster.transfer_host, cluster.lease_seconds)

@@ -1,6 +1,6 @@
-"""Roles as real processes: ``python -m jds.launch`` runs a router, two prefill instances (one of
-them tensor-parallel over two processes joined by ``jax.distributed``) and two decode instances of
-the tiny model; the tests talk to the router as clients and to the instances as the router does,
+"""Roles as real processes: ``python -m jds.launch`` runs a router, two prefill and two decode
+instances of the tiny model (one of each tensor-parallel over two processes joined by
+``jax.distributed``); the tests talk to the router as clients and to the instances as the router does,
 and kill instances to see what survives.
 
 Outputs are checked against the single-process offline API on the identical seeded model.
@@ -49,15 +49,15 @@ def cluster(tmp_path_factory):
     config["model"]["max_seq_len"] = MAX_SEQ_LEN
     config["placement"] = {
         "mode": "disaggregated",
-        # prefill1 is one tensor-parallel instance over two processes (jax.distributed), one device each
+        # prefill1 and decode1 are tensor-parallel instances over two processes each (jax.distributed)
         "prefill": [{"devices": [0]}, {"devices": [1, 2], "tp": 2, "processes": 2}],
-        "decode": [{"devices": [3], "slots": SLOTS}, {"devices": [4], "slots": SLOTS}],
+        "decode": [{"devices": [3], "slots": SLOTS}, {"devices": [4, 5], "tp": 2, "slots": SLOTS, "processes": 2}],
     }
-    ports = _free_ports(5)
+    ports = _free_ports(6)
     config["cluster"] = {
         "prefill": [f"127.0.0.1:{p}" for p in ports[:2]],
         "decode": [f"127.0.0.1:{p}" for p in ports[2:4]],
-        "coordinators": {"prefill1": f"127.0.0.1:{ports[4]}"},
+        "coordinators": {"prefill1": f"127.0.0.1:{ports[4]}", "decode1": f"127.0.0.1:{ports[5]}"},
         "lease_seconds": LEASE,
         "health_seconds": 0.2,
         "pull_timeout_seconds": 10,
@@ -128,7 +128,7 @@ PROMPTS = [[5 + i, 17, 99 + i, 4][: 2 + i % 3] * (1 + i % 2) for i in range(6)]
 
 def test_outputs_equal_the_single_process_engine_and_every_instance_serves(cluster, stub, offline):
     info = stub.ModelInfo(pb.ModelInfoRequest())
-    assert (info.slots_total, info.devices) == (2 * SLOTS, 5) and "disaggregated" in info.placement
+    assert (info.slots_total, info.devices) == (2 * SLOTS, 6) and "disaggregated" in info.placement
     expected = offline.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     got: dict[int, list[int]] = {}
 
@@ -142,7 +142,7 @@ def test_outputs_equal_the_single_process_engine_and_every_instance_serves(clust
         t.join()
     assert [got[i] for i in range(len(PROMPTS))] == [e.token_ids for e in expected]
     assert all(s.served > 0 for s in _status(cluster, "decode"))  # least loaded: both instances took requests
-    assert all(s.served > 0 for s in _status(cluster, "prefill"))  # the two-process instance too
+    assert all(s.served > 0 for s in _status(cluster, "prefill"))  # the two-process instances too
 
     sampled = offline.generate("Once upon a time", SamplingParams(max_tokens=10, temperature=0.8, seed=7, ignore_eos=True))[0]
     messages = list(stub.Generate(pb.GenerateRequest(text="Once upon a time", max_tokens=10, temperature=0.8, seed=7, ignore_eos=True), timeout=60))
@@ -248,7 +248,7 @@ def test_a_killed_prefill_process_hands_its_requests_to_the_other(cluster, stub,
 
 
 def test_the_launcher_stops_every_process_and_frees_every_port(cluster):
-    names = ["router", "prefill0", "prefill1", r"prefill1\.1", "decode0", "decode1"]
+    names = ["router", "prefill0", "prefill1", r"prefill1\.1", "decode0", "decode1", r"decode1\.1"]
     pids = [int(p) for name in names for p in re.findall(rf"started {name} \(pid (\d+)\)", cluster.text())]
     assert cluster.stop() == 0
     for pid in pids:

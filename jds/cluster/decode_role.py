@@ -14,12 +14,15 @@ import collections
 import logging
 import queue
 import threading
+import time
 
 import grpc
 import jax
+import numpy as np
 
 from jds.api import instances_pb2 as ipb
 from jds.api import instances_pb2_grpc as ipb_grpc
+from jds.cluster import lockstep
 from jds.cluster.wire import offer_from, sequence_from
 from jds.engine.decode import DecodeWorker, Delivery
 from jds.engine.programs import Pipeline, length_buckets
@@ -28,7 +31,7 @@ from jds.engine.slots import SlotPool
 from jds.mesh.placement import DecodeInstance
 from jds.mesh.stages import stage_spans
 from jds.model.loader import LoadedModel
-from jds.transfer.handoff import send_kv
+from jds.transfer.handoff import StageTarget, send_kv
 from jds.transfer.remote import KVTransfer, Offer, PullFailed
 
 log = logging.getLogger(__name__)
@@ -37,35 +40,86 @@ POLL_SECONDS = 0.05
 PULL_FAILED = "KV pull failed"
 
 
+def build_pipeline(model: LoadedModel, spec: DecodeInstance, warmup: bool, progress: bool) -> Pipeline:
+    """The instance's stages over all its devices (those of every process it spans)."""
+    devices = jax.devices()
+    arch = model.arch
+    spans = stage_spans(arch.num_layers, spec.pp, spec.layers_per_stage)
+    stage_devices = [[devices[i] for i in range(s * spec.tp, (s + 1) * spec.tp)] for s in range(spec.pp)]
+    cpu = devices[0].platform == "cpu"
+    max_seq_len = spec.max_seq_len or model.max_seq_len
+    pipeline = Pipeline(arch, model.params, spans, stage_devices, spec.slots, max_seq_len, spec.num_microbatches(cpu))
+    if warmup:
+        from tqdm.auto import tqdm
+
+        jobs = pipeline.compile([(1, b) for b in length_buckets(max_seq_len)], _starts(pipeline))
+        for job in tqdm(jobs, desc="compiling", unit="program", disable=not progress):
+            job()
+    return pipeline
+
+
+def _starts(pipeline: Pipeline) -> tuple[int, ...]:
+    return (0, *sorted(pipeline.cuts))
+
+
+def place_and_insert(pipeline: Pipeline, kv, slot_ids: np.ndarray) -> None:
+    """Cut a request's transit KV (on a device, or on the host) at the stage boundaries, put each
+    piece on its stage and write it into ``slot_ids``."""
+    starts = _starts(pipeline)
+    pieces = [(a, kv[:, a:b]) for a, b in zip(starts, (*starts[1:], kv.shape[1]))]
+    targets = [StageTarget(st.span, st.kv_sharding) for st in pipeline.stages]
+    pipeline.insert(send_kv(pieces, targets).parts, slot_ids)
+
+
+class LockstepPipeline:
+    """The pipeline of a multi-process decode instance, as its leader drives it: each call is
+    announced to the followers first (``jds.cluster.lockstep``). KV arrives on the host and is
+    placed inside ``insert``, on every process, in the decode thread's order."""
+
+    def __init__(self, pipeline: Pipeline):
+        self._pipeline = pipeline
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipeline, name)
+
+    def forward(self, *args):
+        lockstep.lead("forward", *args)
+        return self._pipeline.forward(*args)
+
+    def insert(self, host_kv: np.ndarray, slot_ids: np.ndarray) -> None:
+        lockstep.lead("insert", host_kv, slot_ids)
+        place_and_insert(self._pipeline, host_kv, slot_ids)
+
+    def reset(self) -> None:
+        lockstep.lead("reset")
+        self._pipeline.reset()
+
+
+def follow_leader(model: LoadedModel, spec: DecodeInstance, warmup: bool) -> None:
+    """A follower process of a multi-process decode instance: the leader's calls, until it stops."""
+    pipeline = build_pipeline(model, spec, warmup, progress=False)
+    lockstep.follow({"forward": pipeline.forward, "insert": lambda kv, slots: place_and_insert(pipeline, kv, slots), "reset": pipeline.reset})
+
+
 class DecodeService(ipb_grpc.DecodeInstanceServicer):
     def __init__(
         self, name: str, model: LoadedModel, spec: DecodeInstance, kv: KVTransfer, pull_timeout: float, *, warmup: bool, progress: bool
     ):
-        devices = jax.devices()
-        arch = model.arch
         self.name = name
         self.kv = kv
         self.pull_timeout = pull_timeout
         self.max_seq_len = spec.max_seq_len or model.max_seq_len
-        spans = stage_spans(arch.num_layers, spec.pp, spec.layers_per_stage)
-        stage_devices = [[devices[i] for i in range(s * spec.tp, (s + 1) * spec.tp)] for s in range(spec.pp)]
-        cpu = devices[0].platform == "cpu"
-        pipeline = Pipeline(arch, model.params, spans, stage_devices, spec.slots, self.max_seq_len, spec.num_microbatches(cpu))
+        pipeline = build_pipeline(model, spec, warmup, progress)
+        self._lockstep = spec.processes > 1
+        self._landing_device = jax.local_devices()[0]
         self._stop = threading.Event()
         self._slots_changed = threading.Condition()
         self.pool = SlotPool(spec.slots, self._slots_changed)
-        self.worker = DecodeWorker(name, pipeline, self.pool, self._stop)
-        self._starts = (0, *sorted(pipeline.cuts))
+        self.worker = DecodeWorker(name, LockstepPipeline(pipeline) if self._lockstep else pipeline, self.pool, self._stop)
         self._landing: queue.SimpleQueue[tuple[Sequence, Offer]] = queue.SimpleQueue()
         self._running = 0
         self._outcomes = collections.Counter()
         self._lock = threading.Lock()
-        if warmup:
-            from tqdm.auto import tqdm
-
-            jobs = pipeline.compile([(1, b) for b in length_buckets(self.max_seq_len)], self._starts)
-            for job in tqdm(jobs, desc="compiling", unit="program", disable=not progress):
-                job()
         self._lander = threading.Thread(target=self._land_loop, name=f"{name}-landing", daemon=True)
         for t in (self.worker.thread, self._lander):
             t.start()
@@ -85,19 +139,24 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
         if slot is None:
             seq.publish("abort")
             return
+        begin = time.perf_counter()
         try:
-            kv = self.kv.pull(offer, self.worker.targets[0].sharding.mesh.devices.flat[0], self.pull_timeout)
-            pieces = [(a, kv[:, a:b]) for a, b in zip(self._starts, (*self._starts[1:], kv.shape[1]))]
-            handoff = send_kv(pieces, self.worker.targets)
+            kv = self.kv.pull(offer, self._landing_device, self.pull_timeout)
+            if self._lockstep:  # every process places it, in the decode thread's order: keep it on the host
+                parts = np.asarray(kv)
+            else:
+                starts = _starts(self.worker.pipeline)
+                pieces = [(a, kv[:, a:b]) for a, b in zip(starts, (*starts[1:], kv.shape[1]))]
+                parts = send_kv(pieces, self.worker.targets).parts
         except Exception as exc:  # PullFailed, or placing it on the stages failed
             self.pool.release(slot)
             prefix = PULL_FAILED if isinstance(exc, PullFailed) else "placing KV failed"
             log.warning("%s for %s: %s", prefix, seq.request_id, exc)
             seq.publish("error", f"{prefix}: {exc}")
             return
-        seq.timings.transfer_seconds = handoff.seconds
+        seq.timings.transfer_seconds = time.perf_counter() - begin
         seq.timings.transfer_bytes = kv.nbytes
-        self.worker.inbox.put(Delivery(handoff.parts, [(0, seq, slot)], 1))
+        self.worker.inbox.put(Delivery(parts, [(0, seq, slot)], 1))
 
     def _reserve(self, seq: Sequence) -> int | None:
         """A free slot, waiting for one; None if the request was aborted meanwhile."""
@@ -152,3 +211,5 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
         self._stop.set()
         for t in (self.worker.thread, self._lander):
             t.join()
+        if self._lockstep:  # after the decode thread: no call may follow the stop
+            lockstep.lead(lockstep.STOP)

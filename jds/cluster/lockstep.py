@@ -1,27 +1,27 @@
-"""One prefill instance over several processes (``jax.distributed``): the leader and its followers
-run every program in lockstep.
+"""One instance over several processes (``jax.distributed``): the leader and its followers run
+every program in lockstep.
 
 JAX runs a multi-process program only when every process calls it, in the same order, with the
-same inputs. The leader (process 0) serves the router and batches requests; before each call of
-the prefill program it broadcasts the batch's host inputs (``multihost_utils.broadcast_one_to_all``
-over the instance's own devices), and each follower makes the identical call. The KV comes out
-replicated, so the leader offers its own copy; followers drop theirs.
+same inputs. The leader (process 0) serves the router; before each program call it broadcasts
+what the call needs (its host inputs, pickled, over the instance's own devices with
+``multihost_utils.broadcast_one_to_all``), and each follower makes the identical call. Outputs
+come out replicated, so the leader reads (or offers) its own copy and followers drop theirs.
+Messages are padded to power-of-two sizes, so the broadcasts compile a bounded number of times.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jds.engine.programs import PrefillProgram, empty_rows
-from jds.model.sampling import SamplingRows
-
 log = logging.getLogger(__name__)
 
-RUN, STOP = 1, 0
+STOP = "stop"
 
 
 def initialize(coordinator: str, processes: int, process: int) -> None:
@@ -31,27 +31,24 @@ def initialize(coordinator: str, processes: int, process: int) -> None:
     log.info("process %d of %d joined (coordinator %s): %d devices, %d local", process, processes, coordinator, jax.device_count(), jax.local_device_count())
 
 
-def _header(op: int, batch: int, bucket: int) -> np.ndarray:
-    return multihost_utils.broadcast_one_to_all(np.array([op, batch, bucket], np.int32))
+def _broadcast_bytes(data: bytes | None) -> bytes:
+    size = multihost_utils.broadcast_one_to_all(np.array([0 if data is None else len(data)], np.int32))
+    n = int(size[0])
+    padded = np.zeros(1 << max(n - 1, 0).bit_length(), np.uint8)
+    if data is not None:
+        padded[:n] = np.frombuffer(data, np.uint8)
+    return multihost_utils.broadcast_one_to_all(padded)[:n].tobytes()
 
 
-def lead(inputs: tuple[np.ndarray, np.ndarray, SamplingRows]) -> None:
-    """Leader: tell the followers which call comes next (``PrefillProgram.broadcast``)."""
-    tokens = inputs[0]
-    _header(RUN, *tokens.shape)
-    multihost_utils.broadcast_one_to_all(inputs)
+def lead(op: str, *args) -> None:
+    """Leader: tell the followers the next call (``op`` with host-side ``args``)."""
+    _broadcast_bytes(pickle.dumps((op, args)))
 
 
-def stop_followers() -> None:
-    _header(STOP, 0, 0)
-
-
-def follow(program: PrefillProgram) -> None:
-    """Follower: make every call the leader makes, until it says stop."""
+def follow(handlers: dict[str, Callable]) -> None:
+    """Follower: make every call the leader announces, until it announces ``STOP``."""
     while True:
-        op, batch, bucket = (int(v) for v in _header(STOP, 0, 0))
+        op, args = pickle.loads(_broadcast_bytes(None))
         if op == STOP:
             return
-        shapes = (np.zeros((batch, bucket), np.int32), np.zeros(batch, np.int32), empty_rows(batch))
-        tokens, lengths, rows = multihost_utils.broadcast_one_to_all(shapes)
-        jax.block_until_ready(program.call(np.asarray(tokens), np.asarray(lengths), jax.tree.map(np.asarray, rows)))
+        jax.block_until_ready(handlers[op](*args))

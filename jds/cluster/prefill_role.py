@@ -63,7 +63,7 @@ def build_program(model: LoadedModel, spec: PrefillInstance, max_len: int, warmu
 
 def follow_leader(model: LoadedModel, spec: PrefillInstance, max_len: int, warmup: bool) -> None:
     """A follower process of a multi-process prefill instance: the leader's calls, until it stops."""
-    lockstep.follow(build_program(model, spec, max_len, warmup, progress=False))
+    lockstep.follow({"prefill": build_program(model, spec, max_len, warmup, progress=False).call})
 
 
 class PrefillService(ipb_grpc.PrefillInstanceServicer):
@@ -74,7 +74,7 @@ class PrefillService(ipb_grpc.PrefillInstanceServicer):
         self.program = build_program(model, spec, max_len, warmup, progress)
         self._followers = spec.processes > 1
         if self._followers:
-            self.program.broadcast = lockstep.lead
+            self.program.broadcast = lambda inputs: lockstep.lead("prefill", *inputs)
         self._waiting = WaitingQueue()
         self._stop = threading.Event()
         self._tickets: dict[str, _Ticket] = {}
@@ -159,4 +159,4 @@ class PrefillService(ipb_grpc.PrefillInstanceServicer):
         for t in self.worker.threads:
             t.join()
         if self._followers:  # after the prefill thread: no call may follow the stop
-            lockstep.stop_followers()
+            lockstep.lead(lockstep.STOP)

@@ -21,9 +21,25 @@ class _Section(BaseModel):
 
 
 class _Process(_Section):
+    """How a prefill or decode instance runs when roles run as processes."""
+
     cpus: list[NonNegativeInt] | None = Field(
         default=None, min_length=1, description="CPU cores this instance's process is pinned to when roles run as processes"
     )
+    processes: PositiveInt = Field(
+        default=1, description="processes (hosts) the instance spans with jax.distributed; its devices are split evenly among them"
+    )
+
+    def process_share(self, values: list[int] | None, process: int) -> list[int] | None:
+        """Process ``process``'s even share of ``values`` (the instance's devices, or its cores)."""
+        if values is None or self.processes == 1:
+            return values
+        n = len(values) // self.processes
+        return values[process * n : (process + 1) * n] or values
+
+    def _check_processes(self, devices: int) -> None:
+        if devices % self.processes:
+            raise ValueError(f"processes {self.processes} must divide the instance's {devices} devices")
 
 
 class PrefillBatching(_Section):
@@ -38,24 +54,13 @@ class PrefillBatching(_Section):
 class PrefillInstance(PrefillBatching, _Process):
     devices: list[NonNegativeInt] = Field(min_length=1)
     tp: PositiveInt = 1
-    processes: PositiveInt = Field(
-        default=1, description="processes (hosts) the instance spans with jax.distributed; its devices are split evenly among them"
-    )
 
     @model_validator(mode="after")
     def _tp_uses_all_devices(self) -> PrefillInstance:
         if len(self.devices) != self.tp:
             raise ValueError(f"tp {self.tp} needs exactly {self.tp} devices, got {len(self.devices)}")
-        if len(self.devices) % self.processes:
-            raise ValueError(f"processes {self.processes} must divide the instance's {len(self.devices)} devices")
+        self._check_processes(len(self.devices))
         return self
-
-    def process_share(self, values: list[int] | None, process: int) -> list[int] | None:
-        """Process ``process``'s even share of ``values`` (its devices, or its cores)."""
-        if values is None:
-            return None
-        n = len(values) // self.processes
-        return values[process * n : (process + 1) * n] or values
 
 
 class _DecodeSlots(_Section):
@@ -82,6 +87,7 @@ class DecodeInstance(_DecodeSlots, _Process):
             raise ValueError(f"layers_per_stage has {len(self.layers_per_stage)} entries for pp {self.pp}")
         if self.microbatches is not None and self.slots % self.microbatches:
             raise ValueError(f"slots {self.slots} is not a multiple of microbatches {self.microbatches}")
+        self._check_processes(len(self.devices))
         return self
 
     def num_microbatches(self, cpu: bool) -> int:
