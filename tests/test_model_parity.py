@@ -30,10 +30,10 @@ decode_jit = jax.jit(llama.decode_step, static_argnums=4)
 CHUNK = 5
 
 
-@functools.partial(jax.jit, static_argnums=5)
-def chunk_jit(params, cache, tokens, start, row, arch):
-    """Logits at every position of a prompt chunk written into cache row ``row``."""
-    x, cache = llama.decoder_layers(params.layers, cache, llama.embed(params, tokens), start, row, arch)
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def chunk_jit(params, cache, tokens, start, row, arch, context):
+    """Logits at every position of a prompt chunk written into cache row ``row``, reading ``context`` positions."""
+    x, cache = llama.decoder_layers(params.layers, cache, llama.embed(params, tokens), start, row, arch, context)
     return jax.vmap(lambda h: llama.logits(params, h, arch), in_axes=1, out_axes=1)(x), cache
 
 
@@ -70,13 +70,15 @@ def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bou
                 np.testing.assert_allclose(np.asarray(logits[i + 1]), ref[positions[i + 1]], atol=bound, rtol=0)
         positions = positions + 1
 
-    # Chunked prefill: each prompt in chunks of 5 against its own cache row, every position checked.
+    # Chunked prefill: each prompt in chunks of 5 against its own cache row, every position checked;
+    # each chunk reads only the cache positions in use, rounded up to a power of two (>= 16 of 64).
     cache = KVCache.zeros(arch, 2, 64, params.embed.dtype)
     for p, ref in zip(prompts, refs):
         for start in range(0, len(p), CHUNK):
             chunk = np.zeros((1, CHUNK), np.int32)
             chunk[0, : len(p[start : start + CHUNK])] = p[start : start + CHUNK]
-            logits, cache = chunk_jit(params, cache, chunk, np.array([start], np.int32), 1, arch)
+            context = max(16, 1 << max(start - 1, 0).bit_length())
+            logits, cache = chunk_jit(params, cache, chunk, np.array([start], np.int32), 1, arch, context)
             real = min(CHUNK, len(p) - start)
             np.testing.assert_allclose(np.asarray(logits[0, :real]), ref[start : start + real], atol=bound, rtol=0)
 

@@ -136,8 +136,9 @@ class ColocatedWorker:
         set_row(rows, 0, seq)
         try:
             out = self.pipeline.forward(
-                tokens, np.array([c.done], np.int32), c.slot, np.array([real - 1], np.int32), rows, np.zeros(1, np.int32)
-            )
+                tokens, np.array([c.done], np.int32), c.slot, np.array([real - 1], np.int32), rows, np.zeros(1, np.int32),
+                self.pipeline.context(c.done),
+            )  # fmt: skip
             c.done += real
             if c.done < seq.prompt_len:
                 return

@@ -79,7 +79,8 @@ class DecodeBatch:
         positions = np.full(n, self.pipeline.max_seq_len, np.int32)
         for s, seq in members.items():
             tokens[s - lo, 0], positions[s - lo], steps[s - lo] = seq.tokens[-1], seq.position, len(seq.tokens)
-        out = self.pipeline.forward(tokens, positions, lo, np.zeros(n, np.int32), slice_rows(self.rows, lo, hi), steps)
+        context = self.pipeline.context(max(seq.position for seq in members.values()))
+        out = self.pipeline.forward(tokens, positions, lo, np.zeros(n, np.int32), slice_rows(self.rows, lo, hi), steps, context)
         self._inflight[m] = (out, members)
 
     def _collect(self, m: int) -> None:

@@ -168,10 +168,10 @@ class PrefillProgram:
         self._fn.lower(self.params, *jax.tree.map(_spec, self._inputs(batch, bucket))).compile()
 
 
-def _run_stage(params: Params, cache: KVCache, inputs, start, row_offset, last_index, rows, steps, *, arch, first, last):
-    """One stage's layers for one microbatch; the last stage also samples."""
+def _run_stage(params: Params, cache: KVCache, inputs, start, row_offset, last_index, rows, steps, *, arch, first, last, context):
+    """One stage's layers for one microbatch, reading ``context`` cache positions; the last stage also samples."""
     x = llama.embed(params, inputs) if first else inputs
-    x, cache = llama.decoder_layers(params.layers, cache, x, start, row_offset, arch)
+    x, cache = llama.decoder_layers(params.layers, cache, x, start, row_offset, arch, context)
     if not last:
         return x, cache
     h = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
@@ -205,6 +205,7 @@ class Stage:
         self._run = jax.jit(
             functools.partial(_run_stage, arch=arch, first=span.first, last=span.last),
             donate_argnums=1,
+            static_argnames="context",
             out_shardings=(self.activations, self.cache_sharding),
         )
         self._insert = jax.jit(_insert_pieces, donate_argnums=0, static_argnums=3, out_shardings=self.cache_sharding)
@@ -213,9 +214,9 @@ class Stage:
         last = self.span.last
         return (inputs, start, np.int32(row_offset), last_index if last else None, rows if last else None, steps if last else None)
 
-    def run(self, inputs, start, row_offset, last_index, rows, steps):
+    def run(self, inputs, start, row_offset, last_index, rows, steps, context: int):
         args = self._run_args(inputs, start, row_offset, last_index, rows, steps)
-        out, self.cache = self._run(self.params, self.cache, *args)
+        out, self.cache = self._run(self.params, self.cache, *args, context=context)
         return out
 
     def insert(self, pieces: KVPieces, slot_ids: np.ndarray) -> None:
@@ -227,15 +228,15 @@ class Stage:
         """A fresh cache, after a failed program may have consumed the donated one."""
         self.cache = self._zeros()
 
-    def compile_run(self, batch: int, length: int) -> None:
-        """Compile this stage for ``batch`` rows of ``length`` new tokens, ahead of time."""
+    def compile_run(self, batch: int, length: int, context: int) -> None:
+        """Compile this stage for ``batch`` rows of ``length`` new tokens reading ``context`` positions, ahead of time."""
         if self.span.first:
             inputs = jax.ShapeDtypeStruct((batch, length), jnp.int32)
         else:
             inputs = jax.ShapeDtypeStruct((batch, length, self.arch.hidden_size), self.dtype, sharding=self.activations)
         vector = np.zeros(batch, np.int32)
         args = self._run_args(inputs, vector, 0, vector, empty_rows(batch), vector)
-        self._run.lower(self.params, self.cache, *jax.tree.map(_spec, args)).compile()
+        self._run.lower(self.params, self.cache, *jax.tree.map(_spec, args), context=context).compile()
 
     def compile_insert(self, batch: int, bucket: int, starts: Seq[int]) -> None:
         """Compile the insert of a (batch, bucket) prefill cut at ``starts``, ahead of time."""
@@ -265,19 +266,27 @@ class Pipeline:
     ):
         self.slots = slots
         self.max_seq_len = max_seq_len
+        self.contexts = length_buckets(max_seq_len)  # how many cache positions a step may read
         self.microbatches = microbatches
         size = slots // microbatches
         self.microbatch_bounds = [(lo, lo + size) for lo in range(0, slots, size)]  # slot range [lo, hi) of each
         self.stages = [Stage(arch, params, span, devs, slots, max_seq_len) for span, devs in zip(spans, stage_devices)]
 
-    def forward(self, tokens: np.ndarray, start: np.ndarray, row_offset: int, last_index: np.ndarray, rows, steps):
-        """Dispatch one microbatch through every stage (asynchronously); device (tokens, is_stop)."""
+    def context(self, longest: int) -> int:
+        """The cache positions a step must read when its rows hold up to ``longest`` tokens."""
+        return next(c for c in self.contexts if c >= longest)
+
+    def forward(self, tokens: np.ndarray, start: np.ndarray, row_offset: int, last_index: np.ndarray, rows, steps, context: int):
+        """Dispatch one microbatch through every stage (asynchronously), reading ``context`` cache
+        positions (``Pipeline.context``); device (tokens, is_stop)."""
         x = tokens
         for stage in self.stages:
             if not stage.span.first:
                 x = jax.device_put(x, stage.activations)
             last = stage.span.last
-            x = stage.run(x, start, np.int32(row_offset), last_index if last else None, rows if last else None, steps if last else None)
+            x = stage.run(
+                x, start, np.int32(row_offset), last_index if last else None, rows if last else None, steps if last else None, context
+            )
         return x
 
     def insert(self, parts: list[KVPieces], slot_ids: np.ndarray) -> None:
@@ -297,8 +306,8 @@ class Pipeline:
     def compile(self, prefill_shapes: Seq[tuple[int, int]], starts: Seq[int], chunk: int | None = None) -> list:
         """Ahead-of-time compile jobs: a decode step, a prompt chunk, the insert of every prefill shape."""
         size = self.slots // self.microbatches
-        jobs = [functools.partial(st.compile_run, size, 1) for st in self.stages]
+        jobs = [functools.partial(st.compile_run, size, 1, c) for st in self.stages for c in self.contexts]
         if chunk:
-            jobs += [functools.partial(st.compile_run, 1, chunk) for st in self.stages]
+            jobs += [functools.partial(st.compile_run, 1, chunk, c) for st in self.stages for c in self.contexts]
         jobs += [functools.partial(st.compile_insert, b, t, starts) for st in self.stages for b, t in prefill_shapes]
         return jobs

@@ -126,20 +126,29 @@ def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Archite
 
 
 def decoder_layers(
-    layers: LayerParams, cache: KVCache, x: jax.Array, start: jax.Array, row_offset: jax.Array | int, arch: Architecture
+    layers: LayerParams,
+    cache: KVCache,
+    x: jax.Array,
+    start: jax.Array,
+    row_offset: jax.Array | int,
+    arch: Architecture,
+    context: int | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run new tokens through the given layers against cache rows ``row_offset .. row_offset + B``.
 
     x: ``[B, T, D]``, the tokens of row b sitting at positions ``start[b] .. start[b] + T``. They
     attend to the row's cached positions before ``start[b]`` and causally to each other; their
-    K/V are written at their positions (positions past the cache are dropped). ``layers`` and
-    ``cache`` hold the same layer range, so a pipeline stage runs exactly its own slice. Jit with
-    the cache donated so the writes happen in place.
+    K/V are written at their positions (positions past the cache are dropped). ``context`` (static,
+    at least every attending row's ``start``) is how many cache positions are read: a step reads
+    the positions in use rounded up to a bucket, not the whole cache. ``layers`` and ``cache`` hold
+    the same layer range, so a pipeline stage runs exactly its own slice. Jit with the cache
+    donated so the writes happen in place.
     """
     b, t, _ = x.shape
+    context = cache.seq if context is None else context
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    cached = (jnp.arange(cache.seq)[None, :] < start[:, None])[:, None, :]  # [B, 1, S]
-    block = (1, b) + cache.k.shape[2:]
+    cached = (jnp.arange(context)[None, :] < start[:, None])[:, None, :]  # [B, 1, context]
+    block = (1, b, cache.k.shape[2], context, cache.k.shape[4])
 
     # The cache is only read inside the layer loop; the new K/V of all layers are written once
     # after it. Writing into the cache inside the loop made XLA copy the whole cache per layer.
