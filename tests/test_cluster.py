@@ -257,3 +257,26 @@ def test_the_launcher_stops_every_process_and_frees_every_port(cluster):
         host, port = address.split(":")
         with socket.socket() as s:
             assert s.connect_ex((host, int(port))) != 0, f"{address} still accepts connections"
+
+
+def test_the_router_policies_pick_the_least_loaded_or_in_turn_and_skip_unhealthy_instances():
+    from jds.cluster.registry import Instance, Registry
+
+    def decoder(name: str, free: int, healthy: bool = True) -> Instance:
+        status = ipb.InstanceStatus(slots_total=4, slots_free=free, max_seq_len=MAX_SEQ_LEN)
+        return Instance(name, "decode", "unused", None, None, healthy=healthy, status=status)
+
+    never = threading.Event()
+    least = Registry([], [], 60, "least_loaded")
+    least.instances += [decoder("busy", 1), decoder("idle", 4), decoder("down", 4, healthy=False)]
+    picks = [least.acquire("decode", 10, 1, never).name for _ in range(5)]
+    assert picks[:3] == ["idle"] * 3 and "down" not in picks  # idle until its free slots match busy's
+    assert least.acquire("decode", MAX_SEQ_LEN + 1, 0.1, never) is None  # nothing holds that many positions
+    least.instances.clear()  # no channels to close
+    least.close()
+
+    turns = Registry([], [], 60, "round_robin")
+    turns.instances += [decoder("a", 1), decoder("b", 4), decoder("down", 4, healthy=False)]
+    assert {turns.acquire("decode", 10, 1, never).name for _ in range(4)} == {"a", "b"}
+    turns.instances.clear()
+    turns.close()
