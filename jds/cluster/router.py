@@ -27,8 +27,8 @@ from jds.api import instances_pb2 as ipb
 from jds.cluster.registry import Instance, Registry
 from jds.cluster.wire import sampling_message
 from jds.config import ClusterSection
-from jds.engine.engine import QueueFull, validate_request
 from jds.engine.request import Request
+from jds.engine.running import RunningRequests
 from jds.engine.sequence import RequestStream, Sequence
 from jds.mesh.placement import Placement
 from jds.model.loader import LoadedModel
@@ -56,8 +56,8 @@ class Router:
         self.max_waiting = max_waiting
         self.max_seq_len = max(spec.max_seq_len or model.max_seq_len for spec in placement.decode)
         self.registry = Registry(cluster.prefill, cluster.decode, cluster.health_seconds, cluster.policy)
-        self._lock = threading.Lock()
-        self._sequences: dict[str, Sequence] = {}
+        self._running = RunningRequests(model, self.max_seq_len, max_waiting)
+        self._lock = threading.Lock()  # guards _calls and _waiting
         self._calls: dict[str, grpc.Future | grpc.Call] = {}  # the RPC each request waits on
         self._waiting = 0  # requests not yet past prefill
         self._stop = threading.Event()
@@ -65,27 +65,23 @@ class Router:
     # -- the engine's interface -----------------------------------------------------------------
 
     def validate(self, request: Request) -> tuple[int, ...]:
-        return validate_request(self.model, request, self.max_seq_len)
+        return self._running.validate(request)
 
     def submit(self, request: Request) -> RequestStream:
         if self._stop.is_set():
             raise RuntimeError("router is shut down")
-        seq = Sequence(request, self.model.tokenizer, self.validate(request), self.max_seq_len)
+        seq = self._running.admit(request, lambda: self._waiting, self._count_waiting)
         seq.on_finish = self._forget
-        with self._lock:
-            if request.request_id in self._sequences:
-                raise ValueError(f"request_id {request.request_id!r} is already running")
-            if self.max_waiting is not None and self._waiting >= self.max_waiting:
-                raise QueueFull(f"{self._waiting} requests are already waiting (limit {self.max_waiting})")
-            self._sequences[request.request_id] = seq
-            self._waiting += 1
-            stream = seq.stream()
         threading.Thread(target=self._drive, args=(seq,), name=f"request-{request.request_id[:8]}", daemon=True).start()
-        return stream
+        return seq.stream()
+
+    def _count_waiting(self, seq: Sequence) -> None:
+        with self._lock:
+            self._waiting += 1
 
     def abort(self, request_id: str) -> bool:
+        seq = self._running.get(request_id)
         with self._lock:
-            seq = self._sequences.get(request_id)
             call = self._calls.get(request_id)
         if seq is None:
             return False
@@ -100,26 +96,23 @@ class Router:
 
     @property
     def num_running(self) -> int:
-        with self._lock:
-            return len(self._sequences)
+        return len(self._running)
 
     def slot_usage(self) -> tuple[int, int]:
         return self.registry.slot_usage()
 
     def shutdown(self) -> None:
         self._stop.set()
-        with self._lock:
-            ids = list(self._sequences)
-        for request_id in ids:
-            self.abort(request_id)
+        for seq in self._running.all():
+            self.abort(seq.request_id)
         end = time.monotonic() + 10
         while self.num_running and time.monotonic() < end:
             time.sleep(0.02)
         self.registry.close()
 
     def _forget(self, seq: Sequence) -> None:
+        self._running.forget(seq)
         with self._lock:
-            self._sequences.pop(seq.request_id, None)
             self._calls.pop(seq.request_id, None)
 
     def _track(self, seq: Sequence, call) -> None:

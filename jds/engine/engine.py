@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 from jds.engine.colocated import ColocatedWorker
 from jds.engine.decode import DecodeWorker
 from jds.engine.prefill import DecodeRouter, PrefillWorker
-from jds.engine.programs import MAX_STOP_IDS, Pipeline, PrefillProgram, place_params
-from jds.engine.request import Request, validate_prompt
-from jds.engine.sequence import RequestStream, Sequence
+from jds.engine.programs import Pipeline, PrefillProgram, place_params
+from jds.engine.request import Request
+from jds.engine.running import RunningRequests
+from jds.engine.sequence import RequestStream
 from jds.engine.slots import SlotPool
 from jds.engine.waiting import WaitingQueue
 from jds.mesh.fit import check_placement
@@ -33,15 +34,11 @@ from jds.model.loader import LoadedModel
 log = logging.getLogger(__name__)
 
 
-class QueueFull(RuntimeError):
-    """More requests wait for prefill than the engine was told to hold; try again later."""
-
-
 class Engine:
     """All instances of one placement in this process; thread-safe ``submit`` / ``abort``.
 
     ``max_waiting`` bounds the requests waiting for prefill; beyond it ``submit`` raises
-    ``QueueFull`` (a server turns that into RESOURCE_EXHAUSTED).
+    ``QueueFull`` (from ``jds.engine.running``; a server turns it into RESOURCE_EXHAUSTED).
     """
 
     def __init__(
@@ -63,8 +60,6 @@ class Engine:
         self._stop = threading.Event()
         self._slots_changed = threading.Condition()
         self._waiting = WaitingQueue()
-        self._lock = threading.Lock()
-        self._sequences: dict[str, Sequence] = {}
         self.prefill_workers: list[PrefillWorker] = []
         self.decode_workers: list[DecodeWorker] = []
         self.colocated_workers: list[ColocatedWorker] = []
@@ -74,6 +69,7 @@ class Engine:
             self._build_colocated(devices)
         self.max_seq_len = max(w.max_seq_len for w in self.decode_workers + self.colocated_workers)
         self.model = model.without_params()  # every instance holds its own placed copy
+        self._running = RunningRequests(self.model, self.max_seq_len, max_waiting)
         log.info("placement: %s", describe(placement))
         if warmup:
             self.warmup(progress)
@@ -142,32 +138,17 @@ class Engine:
 
     def validate(self, request: Request) -> tuple[int, ...]:
         """Raise ValueError naming the problem if the engine cannot run ``request``; else its stop ids."""
-        return validate_request(self.model, request, self.max_seq_len)
+        return self._running.validate(request)
 
     def submit(self, request: Request) -> RequestStream:
         """Queue a request; its stream yields tokens and text as they are produced."""
         if self._stop.is_set():
             raise RuntimeError("engine is shut down")
-        seq = Sequence(request, self.model.tokenizer, self.validate(request), self.max_seq_len)
-        seq.on_finish = self._forget
-        with self._lock:
-            if request.request_id in self._sequences:
-                raise ValueError(f"request_id {request.request_id!r} is already running")
-            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (limit {self.max_waiting})")
-            self._sequences[request.request_id] = seq
-            stream = seq.stream()
-            self._waiting.put(seq)
-        return stream
-
-    def _forget(self, seq: Sequence) -> None:
-        with self._lock:
-            self._sequences.pop(seq.request_id, None)
+        return self._running.admit(request, lambda: len(self._waiting), self._waiting.put).stream()
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is; its slot and KV are freed. False if it is not running."""
-        with self._lock:
-            seq = self._sequences.get(request_id)
+        seq = self._running.get(request_id)
         if seq is None:
             return False
         seq.aborted.set()
@@ -183,8 +164,7 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        with self._lock:
-            return len(self._sequences)
+        return len(self._running)
 
     def slot_usage(self) -> tuple[int, int]:
         """(slots in use, total slots) over every decode-capable instance."""
@@ -198,21 +178,8 @@ class Engine:
         for t in self._threads():
             if t.is_alive():
                 t.join()
-        with self._lock:
-            left = list(self._sequences.values())
-        for seq in left:
+        for seq in self._running.all():
             seq.publish("abort")
-
-
-def validate_request(model: LoadedModel, request: Request, max_seq_len: int) -> tuple[int, ...]:
-    """Raise ValueError naming the problem if ``request`` cannot run; else its stop ids (EOS first)."""
-    validate_prompt(request.prompt_ids, model.arch.vocab_size, max_seq_len)
-    tok = model.tokenizer
-    eos = () if request.params.ignore_eos or tok is None else tok.eos_ids
-    ids = tuple(dict.fromkeys(eos + request.params.stop_token_ids))
-    if len(ids) > MAX_STOP_IDS:
-        raise ValueError(f"stop_token_ids: at most {MAX_STOP_IDS} stop token ids per request (EOS included), got {len(ids)}")
-    return ids
 
 
 def describe(placement: Placement) -> str:

@@ -14,7 +14,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from jds.engine.engine import Engine, QueueFull
+from jds.engine.engine import Engine
+from jds.engine.running import QueueFull
 from jds.engine.request import Request
 from jds.engine.sequence import RequestStream
 from jds.sampling_params import SamplingParams

@@ -1,0 +1,66 @@
+"""The requests admitted and not yet finished, by id: what ``Engine`` and the cluster's ``Router``
+both own, and the one place each of them checks, admits, finds and forgets a request."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from jds.engine.programs import MAX_STOP_IDS
+from jds.engine.request import Request, validate_prompt
+from jds.engine.sequence import Sequence
+from jds.model.loader import LoadedModel
+
+
+class QueueFull(RuntimeError):
+    """More requests wait for prefill than the engine was told to hold; try again later."""
+
+
+class RunningRequests:
+    def __init__(self, model: LoadedModel, max_seq_len: int, max_waiting: int | None):
+        self._model = model
+        self._max_seq_len = max_seq_len
+        self._max_waiting = max_waiting
+        self._lock = threading.Lock()
+        self._by_id: dict[str, Sequence] = {}
+
+    def validate(self, request: Request) -> tuple[int, ...]:
+        """Raise ValueError naming the problem if ``request`` cannot run; else its stop ids (EOS first)."""
+        validate_prompt(request.prompt_ids, self._model.arch.vocab_size, self._max_seq_len)
+        tok = self._model.tokenizer
+        eos = () if request.params.ignore_eos or tok is None else tok.eos_ids
+        ids = tuple(dict.fromkeys(eos + request.params.stop_token_ids))
+        if len(ids) > MAX_STOP_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_IDS} stop token ids per request (EOS included), got {len(ids)}")
+        return ids
+
+    def admit(self, request: Request, waiting: Callable[[], int], enqueue: Callable[[Sequence], None]) -> Sequence:
+        """Check ``request`` (ValueError naming the problem), refuse a duplicate id or a full
+        waiting queue (``QueueFull``), else ``enqueue`` its new sequence, atomically with those
+        checks so that concurrent callers never exceed ``max_waiting``."""
+        seq = Sequence(request, self._model.tokenizer, self.validate(request), self._max_seq_len)
+        seq.on_finish = self.forget
+        with self._lock:
+            if request.request_id in self._by_id:
+                raise ValueError(f"request_id {request.request_id!r} is already running")
+            if self._max_waiting is not None and waiting() >= self._max_waiting:
+                raise QueueFull(f"{waiting()} requests are already waiting (limit {self._max_waiting})")
+            self._by_id[request.request_id] = seq
+            enqueue(seq)
+        return seq
+
+    def forget(self, seq: Sequence) -> None:
+        with self._lock:
+            self._by_id.pop(seq.request_id, None)
+
+    def get(self, request_id: str) -> Sequence | None:
+        with self._lock:
+            return self._by_id.get(request_id)
+
+    def all(self) -> list[Sequence]:
+        with self._lock:
+            return list(self._by_id.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_id)
