@@ -25,13 +25,12 @@ from jds.api import instances_pb2_grpc as ipb_grpc
 from jds.cluster import lockstep
 from jds.cluster.wire import offer_from, sequence_from
 from jds.engine.decode import DecodeWorker, Delivery
-from jds.engine.programs import Pipeline, length_buckets
+from jds.engine.programs import Pipeline, compile_all, decode_pipeline, length_buckets
 from jds.engine.sequence import Sequence
 from jds.engine.slots import SlotPool
 from jds.mesh.placement import DecodeInstance
-from jds.mesh.stages import stage_spans
 from jds.model.loader import LoadedModel
-from jds.transfer.handoff import StageTarget, send_kv
+from jds.transfer.handoff import send_kv
 from jds.transfer.remote import KVTransfer, Offer, PullFailed
 
 log = logging.getLogger(__name__)
@@ -41,34 +40,23 @@ PULL_FAILED = "KV pull failed"
 
 
 def build_pipeline(model: LoadedModel, spec: DecodeInstance, warmup: bool, progress: bool) -> Pipeline:
-    """The instance's stages over all its devices (those of every process it spans)."""
-    devices = jax.devices()
-    arch = model.arch
-    spans = stage_spans(arch.num_layers, spec.pp, spec.layers_per_stage)
-    stage_devices = [[devices[i] for i in range(s * spec.tp, (s + 1) * spec.tp)] for s in range(spec.pp)]
-    cpu = devices[0].platform == "cpu"
+    """The instance's stages over all its devices (those of every process it spans, in order)."""
+    devices = dict(zip(spec.devices, jax.devices()))
+    stage_devices = [[devices[d] for d in spec.stage_devices(i)] for i in range(spec.pp)]
     max_seq_len = spec.max_seq_len or model.max_seq_len
-    pipeline = Pipeline(arch, model.params, spans, stage_devices, spec.slots, max_seq_len, spec.num_microbatches(cpu))
+    pipeline = decode_pipeline(model.arch, model.params, spec, stage_devices, max_seq_len)
     if warmup:
-        from tqdm.auto import tqdm
-
-        jobs = pipeline.compile([(1, b) for b in length_buckets(max_seq_len)], _starts(pipeline))
-        for job in tqdm(jobs, desc="compiling", unit="program", disable=not progress):
-            job()
+        compile_all(pipeline.compile([(1, b) for b in length_buckets(max_seq_len)], pipeline.starts), progress)
     return pipeline
 
 
-def _starts(pipeline: Pipeline) -> tuple[int, ...]:
-    return (0, *sorted(pipeline.cuts))
+def place(pipeline: Pipeline, kv) -> list:
+    """A request's transit KV (on a device, or on the host) cut and put on the stages that own its layers."""
+    return send_kv(pipeline.cut(kv), pipeline.targets).parts
 
 
 def place_and_insert(pipeline: Pipeline, kv, slot_ids: np.ndarray) -> None:
-    """Cut a request's transit KV (on a device, or on the host) at the stage boundaries, put each
-    piece on its stage and write it into ``slot_ids``."""
-    starts = _starts(pipeline)
-    pieces = [(a, kv[:, a:b]) for a, b in zip(starts, (*starts[1:], kv.shape[1]))]
-    targets = [StageTarget(st.span, st.kv_sharding) for st in pipeline.stages]
-    pipeline.insert(send_kv(pieces, targets).parts, slot_ids)
+    pipeline.insert(place(pipeline, kv), slot_ids)
 
 
 class LockstepPipeline:
@@ -142,12 +130,8 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
         begin = time.perf_counter()
         try:
             kv = self.kv.pull(offer, self._landing_device, self.pull_timeout)
-            if self._lockstep:  # every process places it, in the decode thread's order: keep it on the host
-                parts = np.asarray(kv)
-            else:
-                starts = _starts(self.worker.pipeline)
-                pieces = [(a, kv[:, a:b]) for a, b in zip(starts, (*starts[1:], kv.shape[1]))]
-                parts = send_kv(pieces, self.worker.targets).parts
+            # A multi-process instance places it on every process, in the decode thread's order: keep it on the host.
+            parts = np.asarray(kv) if self._lockstep else place(self.worker.pipeline, kv)
         except Exception as exc:  # PullFailed, or placing it on the stages failed
             self.pool.release(slot)
             prefix = PULL_FAILED if isinstance(exc, PullFailed) else "placing KV failed"

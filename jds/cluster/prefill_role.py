@@ -12,6 +12,7 @@ its first process and ``follow_leader`` in the others (``jds.cluster.lockstep``)
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from jds.api import instances_pb2_grpc as ipb_grpc
 from jds.cluster import lockstep
 from jds.cluster.wire import offer_message, sequence_from
 from jds.engine.prefill import PrefillWorker
-from jds.engine.programs import KVPieces, PrefillProgram, place_params
+from jds.engine.programs import KVPieces, PrefillProgram, compile_all, place_params
 from jds.engine.sequence import Sequence
 from jds.engine.waiting import WaitingQueue
 from jds.mesh.placement import PrefillInstance
@@ -54,10 +55,7 @@ def build_program(model: LoadedModel, spec: PrefillInstance, max_len: int, warmu
     devices = jax.devices()[: len(spec.devices)]
     program = PrefillProgram(model.arch, place_params(model.params, devices), max_len, spec, gather_kv=True)
     if warmup:
-        from tqdm.auto import tqdm
-
-        for shape in tqdm(program.shapes(), desc="compiling", unit="program", disable=not progress):
-            program.compile(*shape)
+        compile_all([functools.partial(program.compile, *shape) for shape in program.shapes()], progress)
     return program
 
 

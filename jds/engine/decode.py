@@ -18,7 +18,6 @@ import numpy as np
 from jds.engine.programs import Pipeline, empty_rows, set_row, slice_rows
 from jds.engine.sequence import Sequence
 from jds.engine.slots import SlotPool
-from jds.transfer.handoff import StageTarget
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ class DecodeWorker:
         self.pool = pool
         self.batch = DecodeBatch(pipeline, pool)
         self.inbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
-        self.targets = [StageTarget(st.span, st.kv_sharding) for st in pipeline.stages]
+        self.targets = pipeline.targets
         self._stop = stop
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
 

@@ -15,12 +15,11 @@ import logging
 import threading
 
 import jax
-from tqdm.auto import tqdm
 
 from jds.engine.colocated import ColocatedWorker
 from jds.engine.decode import DecodeWorker
 from jds.engine.prefill import DecodeRouter, PrefillWorker
-from jds.engine.programs import Pipeline, PrefillProgram, place_params
+from jds.engine.programs import Pipeline, PrefillProgram, compile_all, decode_pipeline, place_params
 from jds.engine.request import Request
 from jds.engine.running import RunningRequests
 from jds.engine.sequence import RequestStream
@@ -82,10 +81,7 @@ class Engine:
         arch = self.model.arch
         seq = spec.max_seq_len or self.model.max_seq_len
         if isinstance(spec, DecodeInstance):
-            spans = stage_spans(arch.num_layers, spec.pp, spec.layers_per_stage)
-            stage_devices = [[devices[d] for d in spec.stage_devices(i)] for i in range(spec.pp)]
-            cpu = devices[0].platform == "cpu"
-            return Pipeline(arch, params, spans, stage_devices, spec.slots, seq, spec.num_microbatches(cpu))
+            return decode_pipeline(arch, params, spec, [[devices[d] for d in spec.stage_devices(i)] for i in range(spec.pp)], seq)
         spans = stage_spans(arch.num_layers, 1)
         return Pipeline(arch, params, spans, [[devices[d] for d in spec.devices]], spec.slots, seq, 1)
 
@@ -131,8 +127,7 @@ class Engine:
             jobs += w.pipeline.compile(shapes, self.prefill_workers[0].program.starts)
         for w in self.colocated_workers:
             jobs += w.pipeline.compile(w.program.shapes(), w.program.starts, w.chunk)
-        for job in tqdm(jobs, desc="compiling", unit="program", disable=not progress):
-            job()
+        compile_all(jobs, progress)
 
     # -- requests ---------------------------------------------------------------------------
 

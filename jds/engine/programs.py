@@ -19,14 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jds.mesh.placement import PrefillBatching
+from jds.mesh.placement import DecodeInstance, PrefillBatching
 from jds.mesh.rules import make_mesh, mesh_spec, replicated, shardings
-from jds.mesh.stages import StageSpan, stage_params
+from jds.mesh.stages import StageSpan, stage_params, stage_spans
 from jds.model import llama
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import TRANSIT_AXES, KVCache, insert
 from jds.model.params import Params
 from jds.model.sampling import SamplingRows, sample
+from jds.transfer.handoff import StageTarget
 
 MIN_BUCKET = 16
 MAX_STOP_IDS = 8
@@ -303,6 +304,20 @@ class Pipeline:
         """The layers where a stage starts, other than 0."""
         return {stage.span.start for stage in self.stages[1:]}
 
+    @property
+    def targets(self) -> list[StageTarget]:
+        """Where each stage wants its KV: its layer range and transit sharding."""
+        return [StageTarget(st.span, st.kv_sharding) for st in self.stages]
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """The first layer of every stage."""
+        return (0, *sorted(self.cuts))
+
+    def cut(self, kv) -> KVPieces:
+        """A whole-layer transit KV (on a device or the host) cut at this pipeline's stage starts."""
+        return [(a, kv[:, a:b]) for a, b in zip(self.starts, (*self.starts[1:], kv.shape[1]))]
+
     def compile(self, prefill_shapes: Seq[tuple[int, int]], starts: Seq[int], chunk: int | None = None) -> list:
         """Ahead-of-time compile jobs: a decode step, a prompt chunk, the insert of every prefill shape."""
         size = self.slots // self.microbatches
@@ -311,3 +326,18 @@ class Pipeline:
             jobs += [functools.partial(st.compile_run, 1, chunk, c) for st in self.stages for c in self.contexts]
         jobs += [functools.partial(st.compile_insert, b, t, starts) for st in self.stages for b, t in prefill_shapes]
         return jobs
+
+
+def decode_pipeline(arch: Architecture, params: Params, spec: DecodeInstance, stage_devices: list[list[jax.Device]], max_seq_len: int) -> Pipeline:
+    """A decode instance's pipeline: its stage split, over ``stage_devices`` (one list per stage)."""
+    spans = stage_spans(arch.num_layers, spec.pp, spec.layers_per_stage)
+    cpu = stage_devices[0][0].platform == "cpu"
+    return Pipeline(arch, params, spans, stage_devices, spec.slots, max_seq_len, spec.num_microbatches(cpu))
+
+
+def compile_all(jobs: list[Callable[[], None]], progress: bool) -> None:
+    """Run ahead-of-time compile jobs, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    for job in tqdm(jobs, desc="compiling", unit="program", disable=not progress):
+        job()
