@@ -94,11 +94,11 @@ class OpenAIFrontend:
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, http: Request):
-            return await self._serve(body, http, self._completion_request(body), "cmpl", self._completion_choice)
+            return await self._serve(body, http, self._completion_request(body))
 
         @app.post("/v1/chat/completions")
         async def chat_completions(body: ChatCompletionRequest, http: Request):
-            return await self._serve(body, http, self._chat_request(body), "chatcmpl", self._chat_choice)
+            return await self._serve(body, http, self._chat_request(body))
 
         return app
 
@@ -144,14 +144,14 @@ class OpenAIFrontend:
 
         return build
 
-    async def _serve(self, body, http: Request, build: Callable[[], EngineRequest], prefix: str, choice: Callable):
+    async def _serve(self, body, http: Request, build: Callable[[], EngineRequest]):
         if body.model != self.model_name:
             return self._unknown_model(body.model)
         try:
             request, stream = admit(self.engine, self.accepting, self.metrics, build)
         except Refused as refusal:
             return error_response(HTTP_STATUS[refusal.kind], str(refusal), refusal.field)
-        reply = _Reply(f"{prefix}-{request.request_id}", self.model_name, body, len(request.prompt_ids), choice)
+        reply = _Reply(request.request_id, self.model_name, body, len(request.prompt_ids))
         if body.stream:
             return StreamingResponse(self._events(request, stream, reply), media_type="text/event-stream")
         return await self._whole(request, stream, reply, http)
@@ -207,30 +207,25 @@ class OpenAIFrontend:
     def _finished(self, reply: _Reply, last: StreamOutput) -> None:
         self.metrics.finished(last.finish_reason, reply.prompt_tokens, reply.completion_tokens, last.timings)
 
-    # -- choices ------------------------------------------------------------------------------
-
-    @staticmethod
-    def _completion_choice(text: str, finish_reason: str | None, whole: bool) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-    @staticmethod
-    def _chat_choice(text: str, finish_reason: str | None, whole: bool) -> dict[str, Any]:
-        key, value = ("message", {"role": "assistant", "content": text}) if whole else ("delta", {"content": text})
-        return {"index": 0, key: value, "logprobs": None, "finish_reason": finish_reason}
-
 
 class _Reply:
     """The response of one request under construction: ids, shapes, and its token count."""
 
-    def __init__(self, response_id: str, model: str, body, prompt_tokens: int, choice: Callable):
-        self.id = response_id
+    def __init__(self, request_id: str, model: str, body, prompt_tokens: int):
+        self.chat = isinstance(body, ChatCompletionRequest)
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id}"
         self.model = model
         self.body = body
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.created = int(time.time())
-        self.chat = isinstance(body, ChatCompletionRequest)
-        self.choice = choice
+
+    def choice(self, text: str, finish_reason: str | None, whole: bool) -> dict[str, Any]:
+        """One choice: a chat message (or, streamed, a delta), or a completion's text."""
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        key, value = ("message", {"role": "assistant", "content": text}) if whole else ("delta", {"content": text})
+        return {"index": 0, key: value, "logprobs": None, "finish_reason": finish_reason}
 
     def _envelope(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
