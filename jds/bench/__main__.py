@@ -22,16 +22,7 @@ APIS = ("grpc", "openai")
 
 
 def _slo(text: str | None, default: SLO, scale: float) -> SLO:
-    slo = default
-    if text:
-        values = {}
-        for part in text.split(","):
-            key, _, value = part.partition("=")
-            if key not in ("ttft", "tpot") or not value:
-                raise ValueError(f"--slo: expected ttft=SECONDS,tpot=SECONDS, got {part!r}")
-            values[key] = float(value)
-        slo = SLO(**values)
-    return slo.scaled(scale)
+    return (SLO.parse(text) if text else default).scaled(scale)
 
 
 def _workload_args(parser: argparse.ArgumentParser) -> None:

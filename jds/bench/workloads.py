@@ -53,6 +53,17 @@ class SLO(BaseModel):
     ttft: PositiveFloat | None = None
     tpot: PositiveFloat | None = None
 
+    @classmethod
+    def parse(cls, text: str) -> SLO:
+        """From ``ttft=SECONDS,tpot=SECONDS`` (either part may be left out)."""
+        values = {}
+        for part in text.split(","):
+            key, _, value = part.partition("=")
+            if key not in ("ttft", "tpot") or not value:
+                raise ValueError(f"--slo: expected ttft=SECONDS,tpot=SECONDS, got {part!r}")
+            values[key] = float(value)
+        return cls(**values)
+
     def scaled(self, factor: float) -> SLO:
         """Tighter (factor < 1) or looser SLOs, as in DistServe's SLO-scale plots."""
         return SLO(ttft=self.ttft and self.ttft * factor, tpot=self.tpot and self.tpot * factor)

@@ -144,13 +144,14 @@ class PrefillProgram:
                 batch *= 2
         return out
 
-    def _inputs(self, batch: int, bucket: int) -> tuple[np.ndarray, np.ndarray, SamplingRows]:
+    def inputs(self, batch: int, bucket: int) -> tuple[np.ndarray, np.ndarray, SamplingRows]:
+        """Host inputs of one (batch, bucket) call, all padding: what compiles and profiles use."""
         return np.zeros((batch, bucket), np.int32), np.ones(batch, np.int32), empty_rows(batch)
 
     def run(self, seqs: list) -> tuple[np.ndarray, np.ndarray, KVPieces]:
         """First token and stop flag per sequence (host), and the batch's KV pieces (on this mesh)."""
         batch, bucket = pow2_at_least(len(seqs)), self.bucket(max(s.prompt_len for s in seqs))
-        tokens, lengths, rows = self._inputs(batch, bucket)
+        tokens, lengths, rows = self.inputs(batch, bucket)
         for i, s in enumerate(seqs):
             tokens[i, : s.prompt_len] = s.request.prompt_ids
             lengths[i] = s.prompt_len
@@ -166,7 +167,7 @@ class PrefillProgram:
 
     def compile(self, batch: int, bucket: int) -> None:
         """Compile one shape ahead of time (nothing runs; later calls of that shape reuse it)."""
-        self._fn.lower(self.params, *jax.tree.map(_spec, self._inputs(batch, bucket))).compile()
+        self._fn.lower(self.params, *jax.tree.map(_spec, self.inputs(batch, bucket))).compile()
 
 
 def _run_stage(params: Params, cache: KVCache, inputs, start, row_offset, last_index, rows, steps, *, arch, first, last, context):

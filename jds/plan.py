@@ -1,0 +1,163 @@
+"""``python -m jds.plan``: choose a placement from measurements instead of guesses.
+
+profile   measure this machine's prefill, decode and KV handoff latencies; fit the latency models
+simulate  predict a config's SLO attainment and latencies under a workload, from a profile
+search    rank disaggregated and colocated placements of N devices by goodput; write the winner
+validate  run a benchmark and the simulator on the same requests, for each config, side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from jds.bench.workloads import SLO, get_workload, plan
+
+DEFAULT_CONFIG = "configs/smollm2-135m.yaml"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def _workload_args(parser: argparse.ArgumentParser, requests: int) -> None:
+    parser.add_argument("--workload", default="chatbot", help="chatbot, code or summarization (jds/bench/workloads.yaml)")
+    parser.add_argument("--slo", default=None, help="ttft=SECONDS,tpot=SECONDS (default: the workload's)")
+    parser.add_argument("--slo-scale", type=float, default=1.0, help="multiply both SLOs")
+    parser.add_argument("--num-requests", type=int, default=requests, help="requests per simulated (or measured) rate")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _slo(args: argparse.Namespace) -> SLO:
+    return (SLO.parse(args.slo) if args.slo else get_workload(args.workload).slo).scaled(args.slo_scale)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jds.plan", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("profile", help="measure this machine and fit the latency models")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="the model to profile (its model section)")
+    p.add_argument("--out", default="profile.json")
+    p.add_argument("--cores-per-device", type=int, default=1, help="on a CPU machine: cores that make one device")
+    p.add_argument("--max-tokens", type=int, default=2048, help="largest padded prefill batch (batch x length) to time")
+    p.add_argument("--slots", default="1,4,8,16", help="decode batch sizes to time")
+    p.add_argument("--contexts", default="16,32,64,128,256,512,1024", help="decode context lengths to time")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--source", default=None, help="what to record as the profile's source")
+
+    s = commands.add_parser("simulate", help="predict a config under a workload")
+    s.add_argument("--profile", required=True)
+    s.add_argument("--config", default=DEFAULT_CONFIG)
+    s.add_argument("--rates", default="1", help="requests per second, comma-separated")
+    _workload_args(s, 200)
+
+    q = commands.add_parser("search", help="rank placements of N devices by goodput and write the best")
+    q.add_argument("--profile", required=True)
+    q.add_argument("--devices", type=int, required=True)
+    q.add_argument("--node-size", type=int, default=None, help="devices per node (default: the profile's)")
+    q.add_argument("--attainment", type=float, default=0.9)
+    q.add_argument("--config", default=DEFAULT_CONFIG, help="base config: the model and server sections of the written config")
+    q.add_argument("--out", default=None, help="write the winner here as a config")
+    q.add_argument("--top", type=int, default=15, help="rows of the ranked table")
+    _workload_args(q, 200)
+
+    v = commands.add_parser("validate", help="simulated vs measured attainment on the same requests")
+    v.add_argument("--case", action="append", required=True, metavar="CONFIG=PROFILE", help="a config and the profile of its devices; repeatable")
+    v.add_argument("--rates", required=True)
+    v.add_argument("--out", default="plan-validation")
+    _workload_args(v, 40)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        return {"profile": _profile, "simulate": _simulate, "search": _search, "validate": _validate}[args.command](args)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from jds.planner.profiler import Grid, profile
+
+    grid = Grid(args.max_tokens, _ints(args.slots), _ints(args.contexts), args.repeats)
+    result = profile(args.config, args.cores_per_device, grid, args.source)
+    result.save(args.out)
+    print(f"wrote {args.out}: {len(result.prefill)} prefill and {len(result.decode)} decode shapes on {result.device}")
+    for e in result.prefill:
+        print(f"  prefill tp{e.tp}: {e.model}")
+    for e in result.decode:
+        print(f"  decode tp{e.tp} pp{e.pp}: {e.model}")
+    for link, m in result.transfer.items():
+        print(f"  transfer over {link}: {1e3 * m.latency:.3f} ms + {m.bandwidth / 1e9:.2f} GB/s")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from jds.bench.metrics import summarize
+    from jds.config import load_config
+    from jds.planner.profile import Profile
+    from jds.planner.simulator import simulate
+    from jds.planner.validate import link_of
+
+    config, profile, slo = load_config(args.config), Profile.load(args.profile), _slo(args)
+    workload = get_workload(args.workload)
+    max_seq_len = config.model.max_seq_len or profile.model.max_seq_len
+    print(f"{args.config} under {args.workload}, SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s, {args.num_requests} requests per rate")
+    print("| rate | attainment | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |\n|---|---|---|---|")
+    for rate in _floats(args.rates):
+        records = simulate(config.placement, profile, plan(workload, rate, max_seq_len, args.seed, args.num_requests), max_seq_len, link_of(config))
+        m = summarize(records, slo)
+        print(
+            f"| {rate:g} | {100 * m['attainment']:.1f}% | {1e3 * m['ttft']['p50']:.0f} / {1e3 * m['ttft']['p90']:.0f} | "
+            f"{1e3 * (m['tpot']['p50'] or 0):.0f} / {1e3 * (m['tpot']['p90'] or 0):.0f} |"
+        )
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from jds.planner import report
+    from jds.planner.profile import Profile
+    from jds.planner.search import Search
+
+    profile, slo = Profile.load(args.profile), _slo(args)
+    search = Search(profile, get_workload(args.workload), slo, args.attainment, args.num_requests, args.seed, args.node_size)
+    print(f"{args.devices} x {profile.device} ({search.node_size} per node), {profile.model.name}, workload {args.workload}, "
+          f"SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s at {100 * args.attainment:.0f}% attainment")  # fmt: skip
+    scored = search.run(args.devices)
+    print(report.table(scored, args.top))
+    print(report.verdict(scored))
+    if args.out and scored and scored[0].goodput > 0:
+        why = f"Written by: python -m jds.plan {shlex.join(sys.argv[1:])}\n{report.verdict(scored)}\nPredicted goodput: {scored[0].goodput:.3g} req/s on {scored[0].candidate.devices} devices."
+        report.write_config(scored[0], Path(args.config), search.node_size, Path(args.out), why)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from jds.planner import validate
+
+    cases = []
+    for text in args.case:
+        config, sep, profile = text.partition("=")
+        if not sep:
+            raise ValueError(f"--case: expected CONFIG=PROFILE, got {text!r}")
+        cases.append(validate.Case(Path(config), Path(profile)))
+    workload, slo, rates, out = get_workload(args.workload), _slo(args), _floats(args.rates), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [row for case in cases for row in validate.run_case(case, workload, slo, rates, args.num_requests, args.seed, out)]
+    command = "python -m jds.plan " + shlex.join(sys.argv[1:])
+    meta = {"command": command, "workload": args.workload, "slo": slo.model_dump(), "seed": args.seed}
+    print(validate.write(rows, out, f"Planner validation: {args.workload}, SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s", command, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

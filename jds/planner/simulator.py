@@ -1,0 +1,380 @@
+"""A discrete-event replay of the engine's scheduling, with latencies from a profile.
+
+It follows the engine's rules rather than an idealised queue, because attainment near the knee
+depends on them:
+- one FCFS waiting queue; a batch is the longest prefix that fits ``max_batch`` and
+  ``max_batch_tokens`` (padded to the length bucket and a power-of-two batch, as the program is);
+- a prefill instance stalls while ``PENDING_BATCHES`` of its batches wait for decode slots;
+- in one process, a prefill instance's transfer thread reserves a slot on the decode instance with
+  the most free slots, waits when none is free, and moves the whole batch's KV; between processes,
+  each request's row is pulled by the decode instance's landing thread, one at a time, once it
+  holds a slot;
+- a decode round computes every slot at the context bucket of the longest sequence, and KV that
+  landed joins at the next round;
+- a colocated instance runs a prefill batch (or one chunk) whenever it has free slots and requests
+  wait, then a decode round: the interference disaggregation removes.
+
+Per-request results are ``RequestRecord``s, so attainment and goodput are computed by the very
+functions the benchmark uses.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+from collections.abc import Callable, Sequence
+
+from jds.bench.metrics import RequestRecord
+from jds.bench.workloads import PlannedRequest
+from jds.engine.prefill import PENDING_BATCHES
+from jds.engine.programs import length_buckets, pow2_at_least
+from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillBatching
+from jds.planner.latency import TransferModel
+from jds.planner.profile import DecodeEntry, PrefillEntry, Profile
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._events: list = []
+        self._order = itertools.count()
+
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (when, next(self._order), action))
+
+    def run(self) -> None:
+        while self._events:
+            self.now, _, action = heapq.heappop(self._events)
+            action()
+
+
+class _Request:
+    def __init__(self, planned: PlannedRequest):
+        self.planned = planned
+        self.record = RequestRecord(planned.input_len, planned.output_len, sent=planned.arrival)
+        self.position = planned.input_len - 1  # the cache position of the newest token (the engine's seq.position once prefilled)
+
+    @property
+    def done(self) -> bool:
+        return len(self.record.token_times) >= self.planned.output_len
+
+    def token(self, when: float) -> None:
+        self.record.token_times.append(when)
+        self.position += 1
+        if self.done:
+            self.record.end = when
+
+
+def _bucket(buckets: list[int], n: int) -> int:
+    return next((b for b in buckets if b >= n), buckets[-1])
+
+
+def _take(waiting: collections.deque, batching: PrefillBatching, buckets: list[int], limit: int) -> list[_Request]:
+    """The FCFS prefix one prefill batch takes (``WaitingQueue.take`` with ``PrefillProgram.fits``)."""
+    batch: list[_Request] = []
+    while waiting and len(batch) < min(limit, batching.max_batch):
+        lengths = [r.planned.input_len for r in batch] + [waiting[0].planned.input_len]
+        cost = _bucket(buckets, max(lengths)) * pow2_at_least(len(lengths))
+        if len(lengths) > 1 and cost > batching.max_batch_tokens:
+            break
+        batch.append(waiting.popleft())
+    return batch
+
+
+def _prefill_seconds(latency: PrefillEntry, buckets: list[int], batch: list[_Request]) -> tuple[float, int]:
+    """The padded batch's time and its padded length."""
+    length = _bucket(buckets, max(r.planned.input_len for r in batch))
+    return latency.batch_seconds(pow2_at_least(len(batch)), length), length
+
+
+class _Decoder:
+    """One decode instance (or a colocated instance's decode half): slots and rounds."""
+
+    def __init__(self, clock: _Clock, latency: DecodeEntry, slots: int, max_seq_len: int, on_free: Callable[[], None]):
+        self.clock = clock
+        self.latency = latency
+        self.slots = slots
+        self.free = slots
+        self.reserved_elsewhere = 0  # sent here by a router but not yet holding a slot
+        self.contexts = length_buckets(max_seq_len)
+        self.active: list[_Request] = []
+        self.landed: list[_Request] = []
+        self.stepping = False
+        self._on_free = on_free
+
+    def round_seconds(self) -> float:
+        longest = max(r.position for r in self.active)
+        return self.latency.seconds(self.slots, _bucket(self.contexts, longest))
+
+    def finish_round(self) -> None:
+        now = self.clock.now
+        still = []
+        for r in self.active:
+            r.token(now)
+            if r.done:
+                self.free += 1
+            else:
+                still.append(r)
+        freed = len(self.active) - len(still)
+        self.active = still
+        if freed:
+            self._on_free()
+
+    def land(self, requests: list[_Request]) -> None:
+        """KV that arrived: it joins the next round (starting one if the instance is idle)."""
+        self.landed += requests
+        if not self.stepping:
+            self.step()
+
+    def step(self) -> None:
+        """Start a round if anything is active (standalone decode instances drive themselves)."""
+        self.active += self.landed
+        self.landed = []
+        if not self.active:
+            self.stepping = False
+            return
+        self.stepping = True
+        self.clock.at(self.clock.now + self.round_seconds(), self._round_done)
+
+    def _round_done(self) -> None:
+        self.finish_round()
+        self.step()
+
+
+class _Handoff:
+    """Prefilled requests to decode slots: the transfer threads (one process) or landing threads (processes)."""
+
+    def __init__(self, clock: _Clock, decoders: list[_Decoder], link: TransferModel, kv_per_token: int, between_processes: bool):
+        self.clock = clock
+        self.decoders = decoders
+        self.link = link
+        self.kv_per_token = kv_per_token
+        self.between_processes = between_processes
+        self.landing = {id(d): collections.deque() for d in decoders}  # requests sent to a decode process
+        self.landing_busy = {id(d): False for d in decoders}
+        self.waiting_batches: list[tuple[list[_Request], int, Callable[[], None]]] = []  # one process: (rows left, padded length, done)
+        self.shipping = False
+
+    # one process: each prefill instance's transfer thread, here one shared FIFO of batches
+    def send(self, batch: list[_Request], length: int, done: Callable[[], None]) -> None:
+        if self.between_processes:
+            for r in batch:
+                d = max(self.decoders, key=lambda d: d.free - d.reserved_elsewhere)
+                d.reserved_elsewhere += 1
+                self.landing[id(d)].append((r, length))
+                self._land_next(d)
+            done()
+            return
+        self.waiting_batches.append((list(batch), length, done))
+        self._ship()
+
+    def slot_freed(self) -> None:
+        if self.between_processes:
+            for d in self.decoders:
+                self._land_next(d)
+        else:
+            self._ship()
+
+    def _ship(self) -> None:
+        """Reserve slots for the head batch's rows in order and move them; wait when none is free."""
+        if self.shipping or not self.waiting_batches:
+            return
+        rows, length, done = self.waiting_batches[0]
+        groups: dict[int, tuple[_Decoder, list[_Request]]] = {}
+        while rows:
+            d = max(self.decoders, key=lambda d: d.free)
+            if not d.free:
+                break
+            d.free -= 1
+            groups.setdefault(id(d), (d, []))[1].append(rows.pop(0))
+        if not groups:
+            return
+        if not rows:
+            self.waiting_batches.pop(0)
+        seconds = sum(self.link.seconds(pow2_at_least(len(g)) * length * self.kv_per_token) for _, g in groups.values())
+        self.shipping = True
+
+        def landed() -> None:
+            self.shipping = False
+            for d, g in groups.values():
+                d.land(g)
+            if not rows:
+                done()
+            self._ship()
+
+        self.clock.at(self.clock.now + seconds, landed)
+
+    def _land_next(self, d: _Decoder) -> None:
+        queue = self.landing[id(d)]
+        if self.landing_busy[id(d)] or not queue or not d.free:
+            return
+        r, length = queue.popleft()
+        d.free -= 1
+        d.reserved_elsewhere -= 1
+        self.landing_busy[id(d)] = True
+
+        def landed() -> None:
+            self.landing_busy[id(d)] = False
+            d.land([r])
+            self._land_next(d)
+
+        self.clock.at(self.clock.now + self.link.seconds(length * self.kv_per_token), landed)
+
+
+class _Prefiller:
+    """One prefill instance of a disaggregated placement."""
+
+    def __init__(self, clock: _Clock, latency: PrefillEntry, batching: PrefillBatching, buckets: list[int], waiting: collections.deque, handoff: _Handoff):
+        self.clock = clock
+        self.latency = latency
+        self.batching = batching
+        self.buckets = buckets
+        self.waiting = waiting
+        self.handoff = handoff
+        self.running = False
+        self.pending = 0
+
+    def poke(self) -> None:
+        if self.running or self.pending >= PENDING_BATCHES or not self.waiting:
+            return
+        batch = _take(self.waiting, self.batching, self.buckets, self.batching.max_batch)
+        seconds, length = _prefill_seconds(self.latency, self.buckets, batch)
+        self.running = True
+        self.clock.at(self.clock.now + seconds, lambda: self._done(batch, length))
+
+    def _done(self, batch: list[_Request], length: int) -> None:
+        self.running = False
+        going = []
+        for r in batch:
+            r.token(self.clock.now)
+            if not r.done:
+                going.append(r)
+        if going:
+            self.pending += 1
+            self.handoff.send(going, length, self._shipped)
+        self.poke()
+
+    def _shipped(self) -> None:
+        self.pending -= 1
+        self.poke()
+
+
+class _Colocated:
+    """One colocated instance: prefill first whenever slots are free, then a decode round."""
+
+    def __init__(self, clock: _Clock, spec: ColocatedInstance, prefill: PrefillEntry, decode: DecodeEntry, buckets: list[int], waiting: collections.deque, max_seq_len: int):
+        self.clock = clock
+        self.spec = spec
+        self.prefill = prefill
+        self.buckets = buckets
+        self.waiting = waiting
+        self.decoder = _Decoder(clock, decode, spec.slots, spec.max_seq_len or max_seq_len, lambda: None)
+        self.chunking: tuple[_Request, int] | None = None  # (request, prompt tokens done)
+        self.busy = False
+
+    def poke(self) -> None:
+        if not self.busy:
+            self._iterate()
+
+    def _iterate(self) -> None:
+        self.busy = True
+        d = self.decoder
+        if self.spec.chunked_prefill is None and d.free and self.waiting:
+            batch = _take(self.waiting, self.spec, self.buckets, d.free)
+            d.free -= len(batch)
+            seconds, _ = _prefill_seconds(self.prefill, self.buckets, batch)
+            self.clock.at(self.clock.now + seconds, lambda: self._prefilled(batch))
+        elif self.spec.chunked_prefill is not None and (self.chunking or (d.free and self.waiting)):
+            if self.chunking is None:
+                d.free -= 1
+                self.chunking = (self.waiting.popleft(), 0)
+            chunk = self.spec.chunked_prefill
+            done = self.chunking[1]
+            context = _bucket(d.contexts, done)
+            self.clock.at(self.clock.now + self.prefill.chunk_seconds(chunk, context), self._chunked)
+        else:
+            self._decode_round()
+
+    def _prefilled(self, batch: list[_Request]) -> None:
+        for r in batch:
+            r.token(self.clock.now)
+            if r.done:
+                self.decoder.free += 1
+            else:
+                self.decoder.active.append(r)
+        self._decode_round()
+
+    def _chunked(self) -> None:
+        r, done = self.chunking
+        done += self.spec.chunked_prefill
+        if done < r.planned.input_len:
+            self.chunking = (r, done)
+        else:
+            self.chunking = None
+            r.token(self.clock.now)
+            if r.done:
+                self.decoder.free += 1
+            else:
+                self.decoder.active.append(r)
+        self._decode_round()
+
+    def _decode_round(self) -> None:
+        d = self.decoder
+        if not d.active:
+            if (d.free and self.waiting) or self.chunking:
+                self._iterate()
+            else:
+                self.busy = False
+            return
+        self.clock.at(self.clock.now + d.round_seconds(), self._round_done)
+
+    def _round_done(self) -> None:
+        self.decoder.finish_round()
+        self._iterate()
+
+
+def simulate(
+    placement: Placement,
+    profile: Profile,
+    requests: Sequence[PlannedRequest],
+    max_seq_len: int,
+    link: str = "device",
+) -> list[RequestRecord]:
+    """What each request would see under ``placement``: one ``RequestRecord`` per request, in order.
+
+    ``link`` is how KV moves: ``device`` within one serving process (a batch at a time); ``process``
+    or ``network`` between processes (a config with a ``cluster:`` section), one request at a time.
+    """
+    clock = _Clock()
+    waiting: collections.deque[_Request] = collections.deque()
+    buckets = length_buckets(max_seq_len)
+    workers: list[_Prefiller | _Colocated] = []
+    if placement.mode == "colocated":
+        for spec in placement.instances:
+            prefill, decode = profile.prefill_latency(spec.tp), profile.decode_latency(spec.tp, 1)
+            workers.append(_Colocated(clock, spec, prefill, decode, buckets, waiting, max_seq_len))
+    else:
+        decoders: list[_Decoder] = []
+        handoff_ref: list[_Handoff] = []
+        for spec in placement.decode:
+            decoders.append(_decoder(clock, profile, spec, max_seq_len, lambda: handoff_ref[0].slot_freed()))
+        handoff = _Handoff(clock, decoders, profile.link(link), profile.model.kv_bytes_per_token, link != "device")
+        handoff_ref.append(handoff)
+        for spec in placement.prefill:
+            workers.append(_Prefiller(clock, profile.prefill_latency(spec.tp), spec, buckets, waiting, handoff))
+    sims = [_Request(r) for r in requests]
+
+    def arrive(r: _Request) -> None:
+        waiting.append(r)
+        for w in workers:
+            w.poke()
+
+    for r in sims:
+        clock.at(r.planned.arrival, lambda r=r: arrive(r))
+    clock.run()
+    return [r.record for r in sims]
+
+
+def _decoder(clock: _Clock, profile: Profile, spec: DecodeInstance, max_seq_len: int, on_free: Callable[[], None]) -> _Decoder:
+    return _Decoder(clock, profile.decode_latency(spec.tp, spec.pp), spec.slots, spec.max_seq_len or max_seq_len, on_free)

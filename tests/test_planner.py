@@ -1,0 +1,259 @@
+"""The planner: the latency fit, the simulator on cases worked out by hand, the search, the CLI.
+
+The simulator's agreement with real servers is shown by ``python -m jds.plan validate`` (its
+table is in docs/results); here each rule of the engine it replays is checked on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jds.bench.metrics import attainment
+from jds.bench.workloads import SLO, PlannedRequest, get_workload
+from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillInstance
+from jds.planner.candidates import Candidate, ColocatedShape, DecodeShape, PrefillShape, max_slots
+from jds.planner.latency import DecodeModel, PrefillModel, TransferModel, least_squares
+from jds.planner.profile import DecodeEntry, ModelFacts, PrefillEntry, Profile
+from jds.planner.search import Search, highest_rate
+from jds.planner.simulator import simulate
+from tests_paths import CONFIGS, REPO
+
+GPU_PROFILE = REPO / "docs" / "results" / "planner-gpu-example" / "h100-llama2-7b.json"
+
+
+# -- the fit ----------------------------------------------------------------------------------------
+
+
+def test_prefill_fit_recovers_known_coefficients():
+    truth = PrefillModel(base=0.004, per_token=2.5e-4, per_square=3e-8)
+    points = [(b, n, truth.batch_seconds(b, n)) for b in (1, 2, 4, 8) for n in (16, 64, 256, 1024) if b * n <= 4096]
+    fit = PrefillModel.fit(points)
+    for got, want in zip((fit.base, fit.per_token, fit.per_square), (truth.base, truth.per_token, truth.per_square)):
+        assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_decode_and_transfer_fits_recover_known_coefficients_under_noise():
+    rng = np.random.default_rng(0)
+    truth = DecodeModel(base=0.02, per_row=1e-3, per_context=2e-7)
+    points = [(b, c, truth.seconds(b, c) * rng.normal(1, 0.01)) for b in (1, 4, 8, 16, 32) for c in (16, 128, 1024, 2048)]
+    fit = DecodeModel.fit(points)
+    assert fit.base == pytest.approx(truth.base, rel=0.05)
+    assert fit.per_row == pytest.approx(truth.per_row, rel=0.15)
+    assert fit.per_context == pytest.approx(truth.per_context, rel=0.1)
+    link = TransferModel(latency=1e-4, bandwidth=10e9)
+    got = TransferModel.fit([(n, link.seconds(n)) for n in (2**20, 2**22, 2**24, 2**26)])
+    assert got.latency == pytest.approx(link.latency, rel=1e-6) and got.bandwidth == pytest.approx(link.bandwidth, rel=1e-6)
+
+
+def test_least_squares_drops_a_coefficient_that_would_come_out_negative():
+    x = np.array([1.0, 2, 3, 4])
+    t = 1.0 + 0.5 * x + np.array([0.02, -0.03, 0.03, -0.02])  # noise that a free third term would fit with a negative sign
+    coef = least_squares(np.stack([np.ones(4), x, x**3], 1), t)
+    assert (coef >= 0).all()
+    assert coef[0] == pytest.approx(1.0, abs=0.1) and coef[1] == pytest.approx(0.5, abs=0.05)
+
+
+# -- the simulator, on cases computed by hand -------------------------------------------------------
+
+
+def _profile(prefill=PrefillModel(base=1.0, per_token=0, per_square=0), decode=DecodeModel(base=0.5, per_row=0, per_context=0),
+             transfer=TransferModel(latency=0.25, bandwidth=1e30), memory=10**12, weights=10**9, tps=(1,), pps=(1,)) -> Profile:  # fmt: skip
+    return Profile(
+        source="hand-made for tests",
+        device="test device",
+        devices_per_node=8,
+        device_memory_bytes=memory,
+        model=ModelFacts(name="m", num_layers=8, weight_bytes=weights, kv_bytes_per_token=1000, max_seq_len=512),
+        prefill=[PrefillEntry(tp=t, model=prefill) for t in tps],
+        decode=[DecodeEntry(tp=t, pp=p, model=decode) for t in tps for p in pps],
+        transfer={"device": transfer, "process": transfer, "network": transfer},
+    )
+
+
+def _disaggregated(slots: int = 8, max_batch: int = 8) -> Placement:
+    return Placement(mode="disaggregated", prefill=[PrefillInstance(devices=[0], max_batch=max_batch)], decode=[DecodeInstance(devices=[1], slots=slots)])
+
+
+def test_one_request_through_prefill_transfer_and_decode():
+    (r,) = simulate(_disaggregated(), _profile(), [PlannedRequest(0.0, 20, 5)], 512)
+    # prefill 1 s; KV lands at 1.25; four rounds of 0.5 s
+    assert r.token_times == pytest.approx([1.0, 1.75, 2.25, 2.75, 3.25])
+    assert r.ttft == pytest.approx(1.0) and r.tpot == pytest.approx(2.25 / 4)
+
+
+def test_prefill_is_fcfs_and_batches_what_fits():
+    requests = [PlannedRequest(0.0, 20, 1), PlannedRequest(0.1, 20, 1), PlannedRequest(0.2, 20, 1)]
+    one_at_a_time = simulate(_disaggregated(max_batch=1), _profile(), requests, 512)
+    assert [r.ttft for r in one_at_a_time] == pytest.approx([1.0, 1.9, 2.8])
+    # batched: the first runs alone (32 padded tokens); the two that came meanwhile share a batch of 2 x 32
+    per_token = _profile(prefill=PrefillModel(base=0.0, per_token=0.01, per_square=0))
+    batched = simulate(_disaggregated(), per_token, requests, 512)
+    assert [r.ttft for r in batched] == pytest.approx([0.32, 0.96 - 0.1, 0.96 - 0.2])
+
+
+def test_requests_wait_for_a_decode_slot_and_tpot_counts_the_wait():
+    a, b = simulate(_disaggregated(slots=1), _profile(), [PlannedRequest(0.0, 20, 3), PlannedRequest(0.0, 20, 3)], 512)
+    assert a.token_times == pytest.approx([1.0, 1.75, 2.25])
+    # b's prefill ran at 1-2 s; its slot frees when a ends at 2.25, its KV lands at 2.5
+    assert b.token_times == pytest.approx([2.0, 3.0, 3.5])
+
+
+def test_decode_rounds_read_the_context_bucket_of_the_longest_sequence():
+    decode = DecodeModel(base=0.0, per_row=0.0, per_context=0.001)  # seconds per row per context position
+    (r,) = simulate(_disaggregated(slots=2), _profile(decode=decode), [PlannedRequest(0.0, 30, 4)], 512)
+    # positions 30, 31 read bucket 32; position 32 still reads 32; 2 slots x 32 x 0.001 = 0.064 s a round
+    assert np.diff(r.token_times)[1:] == pytest.approx([0.064, 0.064])
+    (r,) = simulate(_disaggregated(slots=2), _profile(decode=decode), [PlannedRequest(0.0, 33, 3)], 512)
+    assert np.diff(r.token_times)[1:] == pytest.approx([0.128])  # bucket 64
+
+
+def test_colocated_prefill_interrupts_running_decodes():
+    placement = Placement(mode="colocated", instances=[ColocatedInstance(devices=[0], slots=4)])
+    a, b = simulate(placement, _profile(), [PlannedRequest(0.0, 20, 4), PlannedRequest(1.2, 20, 2)], 512)
+    # a: prefill 0-1, round 1-1.5; b arrived at 1.2, so its prefill runs 1.5-2.5 before a's next round
+    assert a.token_times == pytest.approx([1.0, 1.5, 3.0, 3.5])
+    assert b.token_times == pytest.approx([2.5, 3.0])
+
+
+def test_chunked_prefill_alternates_chunks_and_rounds():
+    chunk = PrefillModel(base=0.0, per_token=0.01, per_square=0)  # a 16-token chunk: 0.16 s
+    placement = Placement(mode="colocated", instances=[ColocatedInstance(devices=[0], slots=4, chunked_prefill=16)])
+    a, b = simulate(placement, _profile(prefill=chunk), [PlannedRequest(0.0, 16, 3), PlannedRequest(0.0, 40, 2)], 512)
+    # a's one chunk, then a round; b's first chunk waits for that round, and the next round for it
+    assert a.token_times == pytest.approx([0.16, 0.66, 0.66 + 0.16 + 0.5])
+    # b: chunks of 16, 16 and 8 tokens (each padded to 16); a's rounds sit between the first two
+    assert b.ttft == pytest.approx(1.32 + 2 * 0.16)
+
+
+def test_processes_pull_each_request_over_the_process_link():
+    slow = TransferModel(latency=0.0, bandwidth=1000 * 32 / 0.3)  # one request's 32-token row in 0.3 s
+    profile = _profile(transfer=slow)
+    # the first request keeps prefill busy until 1 s; the next two then share one prefill batch (1-2 s)
+    requests = [PlannedRequest(0.0, 20, 1), PlannedRequest(0.1, 20, 2), PlannedRequest(0.1, 20, 2)]
+    by_batch = simulate(_disaggregated(), profile, requests, 512, link="device")[1:]
+    by_request = simulate(_disaggregated(), profile, requests, 512, link="process")[1:]
+    # one process: the batch's two rows (2 x 32 tokens) move at once in 0.6 s, then one round
+    assert [r.token_times[1] for r in by_batch] == pytest.approx([2.0 + 0.6 + 0.5] * 2)
+    # processes: the landing thread pulls one row after the other, 0.3 s each; the second row
+    # lands during the first's round and joins the next one
+    assert [r.token_times[1] for r in by_request] == pytest.approx([2.0 + 0.3 + 0.5, 2.0 + 0.3 + 0.5 + 0.5])
+
+
+def test_attainment_is_the_benchmarks():
+    records = simulate(_disaggregated(), _profile(), [PlannedRequest(0.0, 20, 5), PlannedRequest(0.0, 20, 5)], 512)
+    assert [r.ttft for r in records] == pytest.approx([1.0, 2.0])
+    assert attainment(records, SLO(ttft=2.5, tpot=1.0)) == 1.0
+    assert attainment(records, SLO(ttft=1.5)) == 0.5
+    assert attainment(records, SLO(ttft=2.5, tpot=0.1)) == 0.0
+
+
+# -- candidates and search ---------------------------------------------------------------------------
+
+
+def test_candidate_layout_keeps_instances_inside_nodes():
+    c = Candidate(prefill=PrefillShape(2), decode=DecodeShape(tp=2, pp=2, slots=8), n_prefill=3, n_decode=1)
+    placement = c.placement(node_size=4)
+    assert [p.devices for p in placement.prefill] == [[0, 1], [2, 3], [4, 5]]
+    assert placement.decode[0].devices == [8, 9, 10, 11]  # would straddle nodes at 6-9
+    assert Candidate(colocated=ColocatedShape(1, 8, 256), n_colocated=2).placement(8).instances[1].chunked_prefill == 256
+
+
+def test_max_slots_is_the_memory_left_beside_the_weights():
+    profile = _profile(memory=10 * 2**30, weights=4 * 2**30)
+    per_slot = 1000 * 512
+    assert max_slots(profile, tp=1, pp=1) == int((0.9 * 10 * 2**30 - 4 * 2**30) // per_slot)
+    assert max_slots(profile, tp=2, pp=2) == int((0.9 * 40 * 2**30 - 4 * 2**30) // per_slot)
+
+
+def test_highest_rate_brackets_and_bisects():
+    seen = []
+
+    def measure(rate):
+        seen.append(rate)
+        return 1.0 if rate <= 3.3 else 0.5
+
+    assert highest_rate(measure, 0.9, start=0.1) == pytest.approx(3.3, rel=0.05)
+    assert highest_rate(measure, 0.9, start=100.0) == pytest.approx(3.3, rel=0.05)
+    assert highest_rate(lambda rate: 0.0, 0.9, start=1.0) == 0.0
+
+
+def test_search_prefers_disaggregation_when_prefill_interference_breaks_tpot():
+    # long prefills and a tight TPOT: a colocated round waits behind every prefill
+    profile = _profile(prefill=PrefillModel(base=0.5, per_token=1e-3, per_square=0), decode=DecodeModel(base=0.02, per_row=1e-3, per_context=0),
+                       transfer=TransferModel(latency=1e-3, bandwidth=1e10))  # fmt: skip
+    workload = get_workload("code")
+    scored = Search(profile, workload, SLO(ttft=3.0, tpot=0.035), num_requests=60, log=lambda _: None).run(2)
+    assert scored[0].candidate.disaggregated and scored[0].goodput > 0
+    best_colocated = max(s.per_device for s in scored if not s.candidate.disaggregated)
+    assert scored[0].per_device > best_colocated
+
+
+def test_search_says_when_colocated_wins():
+    from jds.planner import report
+
+    # cheap prefills and a loose TPOT: giving a device to prefill only halves decode capacity
+    profile = _profile(prefill=PrefillModel(base=0.01, per_token=1e-5, per_square=0), decode=DecodeModel(base=0.05, per_row=1e-3, per_context=0))
+    scored = Search(profile, get_workload("code"), SLO(ttft=1.0, tpot=0.5), num_requests=60, log=lambda _: None).run(2)
+    assert not scored[0].candidate.disaggregated
+    assert report.verdict(scored).startswith("Colocated serving wins")
+
+
+# -- the profile and the command line ------------------------------------------------------------
+
+
+def test_profile_names_a_missing_shape_and_round_trips(tmp_path):
+    profile = _profile(tps=(1, 2), pps=(1,))
+    with pytest.raises(KeyError, match="tp 4"):
+        profile.prefill_latency(4)
+    with pytest.raises(KeyError, match="pp 2"):
+        profile.decode_latency(1, 2)
+    profile.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json") == profile
+
+
+def test_plan_search_on_the_gpu_example_writes_a_config_that_loads(tmp_path):
+    from jds.config import load_config
+
+    out = tmp_path / "best.yaml"
+    cmd = [sys.executable, "-m", "jds.plan", "search", "--profile", str(GPU_PROFILE), "--devices", "8", "--workload", "chatbot",
+           "--slo", "ttft=1.0,tpot=0.1", "--num-requests", "100", "--config", str(CONFIGS / "llama7b.yaml"), "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "| 1 |" in done.stdout and ("Disaggregation wins" in done.stdout or "Colocated serving wins" in done.stdout)
+    config = load_config(out)
+    assert len(config.placement.devices) <= 8
+    assert config.model.name == "llama-2-7b"
+
+
+def test_plan_profile_measures_and_fits_a_small_model(tmp_path):
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, "-m", "jds.plan", "profile", "--config", str(CONFIGS / "tiny.yaml"), "--out", str(out), "--cores-per-device", "1",
+           "--max-tokens", "256", "--slots", "1,8", "--contexts", "16,128", "--repeats", "1"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    profile = Profile.load(out)
+    assert profile.model.name == "tiny-random" and profile.model.max_seq_len == 512
+    assert {e.tp for e in profile.prefill} >= {1} and (1, 1) in {(e.tp, e.pp) for e in profile.decode}
+    for entry in profile.prefill:
+        assert len(entry.points) >= 6 and all(t > 0 for *_, t in entry.points)
+        assert entry.model.per_token > 0  # more tokens take longer
+    data = json.loads(out.read_text())
+    assert data["source"].startswith("measured on")
+
+
+def test_plan_rejects_a_bad_case_argument(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "jds.plan", "validate", "--case", "nothing", "--rates", "1"], capture_output=True, text=True)
+    assert done.returncode == 1 and "CONFIG=PROFILE" in done.stderr
+
+
+def test_a_measured_shape_is_predicted_by_its_measurement():
+    entry = PrefillEntry(tp=1, model=PrefillModel(base=0.1, per_token=0.0, per_square=0.0), points=[(1, 32, 0.7)])
+    assert entry.batch_seconds(1, 32) == 0.7
+    assert entry.batch_seconds(2, 32) == pytest.approx(0.1)  # not measured: the fit
+    decode = DecodeEntry(tp=1, pp=1, model=DecodeModel(base=0.05, per_row=0.0, per_context=0.0), points=[(8, 256, 0.11)])
+    assert decode.seconds(8, 256) == 0.11 and decode.seconds(8, 512) == pytest.approx(0.05)
