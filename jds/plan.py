@@ -1,6 +1,7 @@
 """``python -m jds.plan``: choose a placement from measurements instead of guesses.
 
 profile   measure this machine's prefill, decode and KV handoff latencies; fit the latency models
+calibrate measure how much slower the phases run in a real server of a config than alone
 simulate  predict a config's SLO attainment and latencies under a workload, from a profile
 search    rank disaggregated and colocated placements of N devices by goodput; write the winner
 validate  run a benchmark and the simulator on the same requests, for each config, side by side
@@ -14,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from jds.bench.workloads import SLO, get_workload, plan
+from jds.bench.workloads import SLO, get_workload, load_trace, plan
 
 DEFAULT_CONFIG = "configs/smollm2-135m.yaml"
 
@@ -53,10 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--source", default=None, help="what to record as the profile's source")
 
+    c = commands.add_parser("calibrate", help="measure a real server's overhead over the profile's programs")
+    c.add_argument("--profile", required=True, help="updated in place (or written to --out)")
+    c.add_argument("--config", required=True, help="the server to measure: a placement of the profile's device kind")
+    c.add_argument("--out", default=None)
+
     s = commands.add_parser("simulate", help="predict a config under a workload")
     s.add_argument("--profile", required=True)
     s.add_argument("--config", default=DEFAULT_CONFIG)
     s.add_argument("--rates", default="1", help="requests per second, comma-separated")
+    s.add_argument("--trace", default=None, help="replay JSONL {timestamp ms, input_length, output_length} instead of --rates")
     _workload_args(s, 200)
 
     q = commands.add_parser("search", help="rank placements of N devices by goodput and write the best")
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
-        return {"profile": _profile, "simulate": _simulate, "search": _search, "validate": _validate}[args.command](args)
+        return {"profile": _profile, "calibrate": _calibrate, "simulate": _simulate, "search": _search, "validate": _validate}[args.command](args)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -87,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 def _profile(args: argparse.Namespace) -> int:
     from jds.planner.profiler import Grid, profile
 
+    import platform
+
     grid = Grid(args.max_tokens, _ints(args.slots), _ints(args.contexts), args.repeats)
-    result = profile(args.config, args.cores_per_device, grid, args.source)
+    source = args.source or f"measured on {platform.node()} with python -m jds.plan {shlex.join(sys.argv[1:])}"
+    result = profile(args.config, args.cores_per_device, grid, source)
     result.save(args.out)
     print(f"wrote {args.out}: {len(result.prefill)} prefill and {len(result.decode)} decode shapes on {result.device}")
     for e in result.prefill:
@@ -97,6 +107,20 @@ def _profile(args: argparse.Namespace) -> int:
         print(f"  decode tp{e.tp} pp{e.pp}: {e.model}")
     for link, m in result.transfer.items():
         print(f"  transfer over {link}: {1e3 * m.latency:.3f} ms + {m.bandwidth / 1e9:.2f} GB/s")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from jds.planner.calibrate import calibrate
+    from jds.planner.profile import Profile
+
+    profile = Profile.load(args.profile)
+    with tempfile.TemporaryDirectory() as logs:
+        serving = calibrate(Path(args.config), profile, Path(logs))
+    profile.model_copy(update={"serving": serving}).save(args.out or args.profile)
+    print(f"in a server of {args.config}: prefill x{serving.prefill:.3f}, decode x{serving.decode:.3f} the profile's times")
     return 0
 
 
@@ -110,13 +134,17 @@ def _simulate(args: argparse.Namespace) -> int:
     config, profile, slo = load_config(args.config), Profile.load(args.profile), _slo(args)
     workload = get_workload(args.workload)
     max_seq_len = config.model.max_seq_len or profile.model.max_seq_len
-    print(f"{args.config} under {args.workload}, SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s, {args.num_requests} requests per rate")
-    print("| rate | attainment | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |\n|---|---|---|---|")
-    for rate in _floats(args.rates):
-        records = simulate(config.placement, profile, plan(workload, rate, max_seq_len, args.seed, args.num_requests), max_seq_len, link_of(config))
-        m = summarize(records, slo)
+    if args.trace:
+        requests = load_trace(args.trace, max_seq_len)
+        runs = {len(requests) / max(requests[-1].arrival, 1e-9): requests}
+    else:
+        runs = {rate: plan(workload, rate, max_seq_len, args.seed, args.num_requests) for rate in _floats(args.rates)}
+    print(f"{args.config} under {args.trace or args.workload}, SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s")
+    print("| rate | requests | attainment | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |\n|---|---|---|---|---|")
+    for rate, requests in runs.items():
+        m = summarize(simulate(config.placement, profile, requests, max_seq_len, link_of(config)), slo)
         print(
-            f"| {rate:g} | {100 * m['attainment']:.1f}% | {1e3 * m['ttft']['p50']:.0f} / {1e3 * m['ttft']['p90']:.0f} | "
+            f"| {rate:.3g} | {len(requests)} | {100 * m['attainment']:.1f}% | {1e3 * m['ttft']['p50']:.0f} / {1e3 * m['ttft']['p90']:.0f} | "
             f"{1e3 * (m['tpot']['p50'] or 0):.0f} / {1e3 * (m['tpot']['p90'] or 0):.0f} |"
         )
     return 0
@@ -133,6 +161,8 @@ def _search(args: argparse.Namespace) -> int:
           f"SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s at {100 * args.attainment:.0f}% attainment")  # fmt: skip
     scored = search.run(args.devices)
     print(report.table(scored, args.top))
+    print("\nThe best prefill and decode shapes at each prefill:decode split:")
+    print(report.ratio_table(scored))
     print(report.verdict(scored))
     if args.out and scored and scored[0].goodput > 0:
         why = f"Written by: python -m jds.plan {shlex.join(sys.argv[1:])}\n{report.verdict(scored)}\nPredicted goodput: {scored[0].goodput:.3g} req/s on {scored[0].candidate.devices} devices."

@@ -74,6 +74,12 @@ class Candidate:
         return self.colocated is None
 
     @property
+    def slots(self) -> int:
+        if self.disaggregated:
+            return self.n_decode * self.decode.slots
+        return self.n_colocated * self.colocated.slots
+
+    @property
     def devices(self) -> int:
         if self.disaggregated:
             return self.n_prefill * self.prefill.devices + self.n_decode * self.decode.devices
@@ -132,8 +138,7 @@ def colocated_shapes(profile: Profile, devices: int) -> list[ColocatedShape]:
     out = []
     for tp in sorted(t for t in tps if t <= devices):
         room = max_slots(profile, tp, 1)
-        for s in (s for s in SLOT_CHOICES if s <= room):
-            out += [ColocatedShape(tp, s, chunk) for chunk in (None, *CHUNK_CHOICES)]
+        out += [ColocatedShape(tp, s) for s in SLOT_CHOICES if s <= room]
     return out
 
 

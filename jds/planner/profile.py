@@ -53,6 +53,11 @@ class PrefillEntry(_Measured):
     model: PrefillModel
     points: list[tuple[int, int, float]] = Field(default_factory=list, description="(batch, padded length, seconds)")
 
+    def scaled(self, factor: float) -> PrefillEntry:
+        m = self.model
+        model = PrefillModel(base=m.base * factor, per_token=m.per_token * factor, per_square=m.per_square * factor)
+        return PrefillEntry(tp=self.tp, model=model, points=[(b, n, t * factor) for b, n, t in self.points])
+
     def batch_seconds(self, batch: int, length: int) -> float:
         """A padded batch of ``batch`` prompts of ``length`` tokens."""
         return self._measured.get((batch, length)) or self.model.batch_seconds(batch, length)
@@ -68,9 +73,27 @@ class DecodeEntry(_Measured):
     model: DecodeModel = Field(description="one round: every microbatch of the instance advances one token")
     points: list[tuple[int, int, float]] = Field(default_factory=list, description="(slots, context, seconds)")
 
+    def scaled(self, factor: float) -> DecodeEntry:
+        m = self.model
+        model = DecodeModel(base=m.base * factor, per_row=m.per_row * factor, per_context=m.per_context * factor)
+        return DecodeEntry(tp=self.tp, pp=self.pp, model=model, points=[(b, c, t * factor) for b, c, t in self.points])
+
     def seconds(self, slots: int, context: int) -> float:
         """One round of ``slots`` slots reading ``context`` cache positions."""
         return self._measured.get((slots, context)) or self.model.seconds(slots, context)
+
+
+class Serving(_Section):
+    """How much slower the phases run inside a serving process than alone (``python -m jds.plan calibrate``).
+
+    The profiler times programs alone. A server also streams every token, runs its Python loop
+    between steps, and (on a small machine) shares its cores with its clients; calibration
+    measures that on a real server of one config and keeps it as a factor per phase.
+    """
+
+    prefill: PositiveFloat = 1.0
+    decode: PositiveFloat = 1.0
+    calibrated_with: str | None = None
 
 
 class Profile(_Section):
@@ -83,17 +106,18 @@ class Profile(_Section):
     prefill: list[PrefillEntry]
     decode: list[DecodeEntry]
     transfer: dict[str, TransferModel] = Field(description=f"KV handoff per link kind: {', '.join(LINKS)}")
+    serving: Serving = Field(default_factory=Serving)
 
     def prefill_latency(self, tp: int) -> PrefillEntry:
         for entry in self.prefill:
             if entry.tp == tp:
-                return entry
+                return entry.scaled(self.serving.prefill) if self.serving.prefill != 1 else entry
         raise KeyError(f"the profile has no prefill entry for tp {tp} (it has {sorted(e.tp for e in self.prefill)})")
 
     def decode_latency(self, tp: int, pp: int) -> DecodeEntry:
         for entry in self.decode:
             if (entry.tp, entry.pp) == (tp, pp):
-                return entry
+                return entry.scaled(self.serving.decode) if self.serving.decode != 1 else entry
         have = sorted((e.tp, e.pp) for e in self.decode)
         raise KeyError(f"the profile has no decode entry for tp {tp}, pp {pp} (it has (tp, pp) {have})")
 

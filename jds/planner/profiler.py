@@ -25,6 +25,7 @@ from jds.planner.latency import DecodeModel, PrefillModel, TransferModel
 from jds.planner.profile import DecodeEntry, ModelFacts, PrefillEntry, Profile
 
 TRANSFER_MEGABYTES = (1, 4, 16, 64)
+DECODE_REPEATS = 7  # a round is short and its median noisy; more samples cost little
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +101,7 @@ def _measure(config_path: str, job: Job, grid: Grid) -> dict:
                     for out in outs:
                         np.asarray(out[0])
 
-                points.append((slots, context, timed(round_trip, grid.repeats, 1)))
+                points.append((slots, context, timed(round_trip, max(grid.repeats, DECODE_REPEATS), 1)))
             del pipeline
         return {"points": points}
     return {"device": _device_transfer(devices, grid.repeats), "process": _process_transfer(devices, grid.repeats)}
@@ -148,7 +149,7 @@ def _run_job(config_path: str, job: Job, grid: Grid, cpus: list[int] | None) -> 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def profile(config_path: str, cores_per_device: int, grid: Grid, source: str | None = None) -> Profile:
+def profile(config_path: str, cores_per_device: int, grid: Grid, source: str) -> Profile:
     """Measure every shape this machine allows and fit the models (a progress bar per job)."""
     import jax
 
@@ -191,7 +192,7 @@ def profile(config_path: str, cores_per_device: int, grid: Grid, source: str | N
         max_seq_len=model.max_seq_len,
     )
     return Profile(
-        source=source or f"measured on {platform.node()} with python -m jds.plan profile --config {config_path}",
+        source=source,
         device=device,
         devices_per_node=devices,
         device_memory_bytes=max(memory, 1),

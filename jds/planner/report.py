@@ -29,6 +29,14 @@ def table(scored: Sequence[Scored], top: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def ratio_table(scored: Sequence[Scored]) -> str:
+    """Goodput at each prefill:decode split of the best per-phase shapes (the high-affinity search)."""
+    rows = sorted((s for s in scored if s.note == "high affinity"), key=lambda s: s.candidate.n_prefill)
+    lines = ["| prefill : decode instances | placement | devices | goodput (req/s) | per device |", "|---|---|---|---|---|"]
+    lines += [f"| {s.candidate.n_prefill} : {s.candidate.n_decode} | {s.candidate} | {s.candidate.devices} | {s.goodput:.3g} | {s.per_device:.3g} |" for s in rows]
+    return "\n".join(lines)
+
+
 def verdict(scored: Sequence[Scored]) -> str:
     """One sentence: which kind of placement wins, and by how much over the best of the other kind."""
     if not scored or scored[0].goodput == 0:

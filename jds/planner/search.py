@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Sequence
 
 from jds.bench.metrics import attainment, search_goodput, summarize
 from jds.bench.workloads import SLO, PlannedRequest, Workload, plan
-from jds.planner.candidates import Candidate, colocated_shapes, decode_shapes, prefill_shapes
+from jds.planner.candidates import CHUNK_CHOICES, Candidate, ColocatedShape, colocated_shapes, decode_shapes, prefill_shapes
 from jds.planner.latency import PrefillModel, TransferModel
 from jds.planner.profile import PrefillEntry, Profile
 from jds.planner.simulator import simulate
 
-BISECT_STEPS = 6
+BISECT_STEPS = 5
 MAX_DOUBLINGS = 16
 KEEP_PER_PHASE = 3  # per-phase shapes carried into the joint search of a node (low affinity)
+RUNS_PER_SLOT = 4  # simulate at least this many requests per decode slot, so slots cannot absorb a whole run
+MIN_RUN_SECONDS = 60.0  # and at least this long a run (and ten TTFT SLOs), so a queue cannot hide inside the SLO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +65,8 @@ class Search:
         self.max_seq_len = self.profile.model.max_seq_len
         self.node_size = self.node_size or self.profile.devices_per_node
 
-    def requests(self, rate: float) -> list[PlannedRequest]:
-        return plan(self.workload, rate, self.max_seq_len, self.seed, self.num_requests)
+    def requests(self, rate: float, num: int | None = None) -> list[PlannedRequest]:
+        return plan(self.workload, rate, self.max_seq_len, self.seed, num or self.num_requests)
 
     def goodput(self, candidate: Candidate, *, slo: SLO | None = None, profile: Profile | None = None,
                 first_token_only: bool = False, link: str = "device", note: str = "") -> Scored:  # fmt: skip
@@ -71,12 +74,13 @@ class Search:
         slo = slo or self.slo
         profile = profile or self.profile
         placement = candidate.placement(self.node_size)
+        seconds = max(MIN_RUN_SECONDS, 10 * (slo.ttft or 0))
         runs: dict[float, list] = {}
 
         def measure(rate: float) -> float:
             if rate in runs:
                 return attainment(runs[rate], slo)
-            requests = self.requests(rate)
+            requests = self.requests(rate, max(self.num_requests, RUNS_PER_SLOT * candidate.slots, math.ceil(rate * seconds)))
             if first_token_only:
                 requests = [dataclasses.replace(r, output_len=1) for r in requests]
             runs[rate] = simulate(placement, profile, requests, self.max_seq_len, link)
@@ -89,13 +93,15 @@ class Search:
         """A first guess: the rate at which prefill alone would be busy half the time."""
         shape = candidate.prefill or candidate.colocated
         count = candidate.n_prefill or candidate.n_colocated
-        median = self.requests(1.0)[len(self.requests(1.0)) // 2].input_len
+        median = sorted(r.input_len for r in self.requests(1.0))[self.num_requests // 2]
         return 0.5 * count / max(self.profile.prefill_latency(shape.tp).batch_seconds(1, median), 1e-6)
 
     # -- the searches -------------------------------------------------------------------------
 
     def phase_goodputs(self, devices: int) -> tuple[list[Scored], list[Scored]]:
-        """Every prefill shape by TTFT alone, every decode shape by TPOT alone."""
+        """Every prefill shape by TTFT alone (requests end at their first token); every decode
+        shape under the whole SLO with prefill and transfer free, so that queueing for its slots
+        (which prefill stalls on) shows in TTFT."""
         prefills, decodes = prefill_shapes(self.profile, devices), decode_shapes(self.profile, devices)
         if not prefills or not decodes:
             return [], []
@@ -107,10 +113,12 @@ class Search:
             self.goodput(Candidate(prefill=p, decode=decodes[0], n_prefill=1, n_decode=1), slo=SLO(ttft=self.slo.ttft), first_token_only=True)
             for p in prefills
         ]
-        d_scores = [
-            self.goodput(Candidate(prefill=prefills[0], decode=d, n_prefill=1, n_decode=1), slo=SLO(tpot=self.slo.tpot), profile=free_prefill)
-            for d in decodes
-        ]
+        d_scores = []
+        for _, shapes in itertools.groupby(decodes, key=lambda d: (d.tp, d.pp)):
+            for d in shapes:  # slot counts ascending: stop once more slots stop paying
+                d_scores.append(self.goodput(Candidate(prefill=prefills[0], decode=d, n_prefill=1, n_decode=1), profile=free_prefill))
+                if len(d_scores) > 1 and d_scores[-2].candidate.decode.tp == d.tp and d_scores[-2].candidate.decode.pp == d.pp and d_scores[-1].goodput < d_scores[-2].goodput:
+                    break
         p_scores.sort(key=lambda s: -s.goodput / s.candidate.prefill.devices)
         d_scores.sort(key=lambda s: -s.goodput / s.candidate.decode.devices)
         return p_scores, d_scores
@@ -146,7 +154,15 @@ class Search:
         return out
 
     def colocated(self, devices: int) -> list[Scored]:
-        return [self.goodput(Candidate(colocated=c, n_colocated=devices // c.devices), note="colocated") for c in colocated_shapes(self.profile, devices)]
+        """Each tp degree at every slot count, then chunked prefill at the best slot count."""
+        out = []
+        for tp, shapes in itertools.groupby(colocated_shapes(self.profile, devices), key=lambda c: c.tp):
+            n = devices // tp
+            plain = [self.goodput(Candidate(colocated=c, n_colocated=n), note="colocated") for c in shapes]
+            best = max(plain, key=lambda s: s.goodput).candidate.colocated
+            chunked = [ColocatedShape(tp, best.slots, chunk) for chunk in CHUNK_CHOICES]
+            out += plain + [self.goodput(Candidate(colocated=c, n_colocated=n), note="colocated, chunked prefill") for c in chunked]
+        return out
 
     def run(self, devices: int) -> list[Scored]:
         """Every candidate for ``devices`` devices, best goodput per device first."""
@@ -155,7 +171,7 @@ class Search:
         for s in p_scores:
             self.log(f"  {s.candidate.prefill}: {s.goodput:.3g} req/s by TTFT alone")
         for s in d_scores:
-            self.log(f"  {s.candidate.decode}: {s.goodput:.3g} req/s by TPOT alone")
+            self.log(f"  {s.candidate.decode}: {s.goodput:.3g} req/s with prefill free")
         scored = self.high_affinity(devices, p_scores, d_scores) + self.low_affinity(devices, p_scores, d_scores) + self.colocated(devices)
         return sorted(scored, key=lambda s: (-s.per_device, s.candidate.devices))
 

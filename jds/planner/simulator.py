@@ -20,6 +20,7 @@ functions the benchmark uses.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import heapq
 import itertools
@@ -52,22 +53,26 @@ class _Clock:
 class _Request:
     def __init__(self, planned: PlannedRequest):
         self.planned = planned
-        self.record = RequestRecord(planned.input_len, planned.output_len, sent=planned.arrival)
-        self.position = planned.input_len - 1  # the cache position of the newest token (the engine's seq.position once prefilled)
+        self.first: float | None = None  # when prefill published its token
+        self.decoder: _Decoder | None = None
+        self.join = 0  # index of its first round in its decoder's ``round_ends``
+        self.finished = False
 
-    @property
-    def done(self) -> bool:
-        return len(self.record.token_times) >= self.planned.output_len
+    def first_token(self, when: float) -> bool:
+        """Prefill's token is out; whether the request goes on to decode."""
+        self.first = when
+        self.finished = self.planned.output_len == 1
+        return not self.finished
 
-    def token(self, when: float) -> None:
-        self.record.token_times.append(when)
-        self.position += 1
-        if self.done:
-            self.record.end = when
+    def record(self) -> RequestRecord:
+        times = [self.first]
+        if self.decoder is not None:
+            times += self.decoder.round_ends[self.join : self.join + self.planned.output_len - 1]
+        return RequestRecord(self.planned.input_len, self.planned.output_len, sent=self.planned.arrival, token_times=times, end=times[-1])
 
 
 def _bucket(buckets: list[int], n: int) -> int:
-    return next((b for b in buckets if b >= n), buckets[-1])
+    return buckets[min(bisect.bisect_left(buckets, n), len(buckets) - 1)]
 
 
 def _take(waiting: collections.deque, batching: PrefillBatching, buckets: list[int], limit: int) -> list[_Request]:
@@ -89,7 +94,13 @@ def _prefill_seconds(latency: PrefillEntry, buckets: list[int], batch: list[_Req
 
 
 class _Decoder:
-    """One decode instance (or a colocated instance's decode half): slots and rounds."""
+    """One decode instance (or a colocated instance's decode half): slots and rounds.
+
+    A round's cost depends only on the slot count and the longest sequence, so a round is
+    simulated in O(log n) whatever the batch: each request's token times are the round end
+    times from its first round on (``_Request.record``), finishing requests come off a heap
+    keyed by their last round, and the longest one off a heap keyed by its length at round 0.
+    """
 
     def __init__(self, clock: _Clock, latency: DecodeEntry, slots: int, max_seq_len: int, on_free: Callable[[], None]):
         self.clock = clock
@@ -98,27 +109,48 @@ class _Decoder:
         self.free = slots
         self.reserved_elsewhere = 0  # sent here by a router but not yet holding a slot
         self.contexts = length_buckets(max_seq_len)
-        self.active: list[_Request] = []
+        self.round_ends: list[float] = []
+        self.active = 0
         self.landed: list[_Request] = []
         self.stepping = False
         self._on_free = on_free
+        self._finishing: list = []  # (index of its last round, order, request)
+        self._longest: list = []  # (-(position at round 0), order, request); finished ones linger until on top
+        self._order = itertools.count()
+        self._cost: dict[int, float] = {}  # round seconds by context
+
+    @property
+    def busy(self) -> bool:
+        return self.active > 0
+
+    def join(self, requests: list[_Request]) -> None:
+        """Requests take part from the next round on (their slots already counted off ``free``)."""
+        k = len(self.round_ends)
+        for r in requests:
+            r.decoder, r.join = self, k
+            self.active += 1
+            heapq.heappush(self._finishing, (k + r.planned.output_len - 2, next(self._order), r))
+            heapq.heappush(self._longest, (k - r.planned.input_len, next(self._order), r))
 
     def round_seconds(self) -> float:
-        longest = max(r.position for r in self.active)
-        return self.latency.seconds(self.slots, _bucket(self.contexts, longest))
+        """The next round: every slot computed, at the context bucket of the longest sequence."""
+        while self._longest[0][2].finished:
+            heapq.heappop(self._longest)
+        context = _bucket(self.contexts, len(self.round_ends) - self._longest[0][0])  # the longest one's position
+        if context not in self._cost:
+            self._cost[context] = self.latency.seconds(self.slots, context)
+        return self._cost[context]
 
     def finish_round(self) -> None:
-        now = self.clock.now
-        still = []
-        for r in self.active:
-            r.token(now)
-            if r.done:
-                self.free += 1
-            else:
-                still.append(r)
-        freed = len(self.active) - len(still)
-        self.active = still
+        k = len(self.round_ends)
+        self.round_ends.append(self.clock.now)
+        freed = 0
+        while self._finishing and self._finishing[0][0] == k:
+            heapq.heappop(self._finishing)[2].finished = True
+            freed += 1
         if freed:
+            self.active -= freed
+            self.free += freed
             self._on_free()
 
     def land(self, requests: list[_Request]) -> None:
@@ -129,8 +161,9 @@ class _Decoder:
 
     def step(self) -> None:
         """Start a round if anything is active (standalone decode instances drive themselves)."""
-        self.active += self.landed
-        self.landed = []
+        if self.landed:
+            self.join(self.landed)
+            self.landed = []
         if not self.active:
             self.stepping = False
             return
@@ -143,7 +176,8 @@ class _Decoder:
 
 
 class _Handoff:
-    """Prefilled requests to decode slots: the transfer threads (one process) or landing threads (processes)."""
+    """Prefilled requests to decode slots: each prefill instance's transfer thread (one process),
+    or each decode instance's landing thread (processes)."""
 
     def __init__(self, clock: _Clock, decoders: list[_Decoder], link: TransferModel, kv_per_token: int, between_processes: bool):
         self.clock = clock
@@ -153,11 +187,13 @@ class _Handoff:
         self.between_processes = between_processes
         self.landing = {id(d): collections.deque() for d in decoders}  # requests sent to a decode process
         self.landing_busy = {id(d): False for d in decoders}
-        self.waiting_batches: list[tuple[list[_Request], int, Callable[[], None]]] = []  # one process: (rows left, padded length, done)
-        self.shipping = False
+        # one process: per prefill instance, its batches waiting to ship (rows left, transit bytes, done)
+        self.batches: dict[int, list[tuple[list[_Request], int, Callable[[], None]]]] = collections.defaultdict(list)
+        self.shipping: set[int] = set()
 
-    # one process: each prefill instance's transfer thread, here one shared FIFO of batches
-    def send(self, batch: list[_Request], length: int, done: Callable[[], None]) -> None:
+    def send(self, source: int, batch: list[_Request], length: int, padded_rows: int, done: Callable[[], None]) -> None:
+        """Prefill instance ``source`` hands over a batch (``padded_rows`` rows of ``length``
+        tokens were computed); ``done`` once every row has left it."""
         if self.between_processes:
             for r in batch:
                 d = max(self.decoders, key=lambda d: d.free - d.reserved_elsewhere)
@@ -166,21 +202,23 @@ class _Handoff:
                 self._land_next(d)
             done()
             return
-        self.waiting_batches.append((list(batch), length, done))
-        self._ship()
+        self.batches[source].append((list(batch), padded_rows * length * self.kv_per_token, done))
+        self._ship(source)
 
     def slot_freed(self) -> None:
         if self.between_processes:
             for d in self.decoders:
                 self._land_next(d)
         else:
-            self._ship()
+            for source in list(self.batches):
+                self._ship(source)
 
-    def _ship(self) -> None:
+    def _ship(self, source: int) -> None:
         """Reserve slots for the head batch's rows in order and move them; wait when none is free."""
-        if self.shipping or not self.waiting_batches:
+        queue = self.batches[source]
+        if source in self.shipping or not queue:
             return
-        rows, length, done = self.waiting_batches[0]
+        rows, nbytes, done = queue[0]
         groups: dict[int, tuple[_Decoder, list[_Request]]] = {}
         while rows:
             d = max(self.decoders, key=lambda d: d.free)
@@ -191,17 +229,17 @@ class _Handoff:
         if not groups:
             return
         if not rows:
-            self.waiting_batches.pop(0)
-        seconds = sum(self.link.seconds(pow2_at_least(len(g)) * length * self.kv_per_token) for _, g in groups.values())
-        self.shipping = True
+            queue.pop(0)
+        seconds = len(groups) * self.link.seconds(nbytes)  # every ship moves the whole batch's KV (``send_kv``)
+        self.shipping.add(source)
 
         def landed() -> None:
-            self.shipping = False
+            self.shipping.discard(source)
             for d, g in groups.values():
                 d.land(g)
             if not rows:
                 done()
-            self._ship()
+            self._ship(source)
 
         self.clock.at(self.clock.now + seconds, landed)
 
@@ -245,14 +283,10 @@ class _Prefiller:
 
     def _done(self, batch: list[_Request], length: int) -> None:
         self.running = False
-        going = []
-        for r in batch:
-            r.token(self.clock.now)
-            if not r.done:
-                going.append(r)
+        going = [r for r in batch if r.first_token(self.clock.now)]
         if going:
             self.pending += 1
-            self.handoff.send(going, length, self._shipped)
+            self.handoff.send(id(self), going, length, pow2_at_least(len(batch)), self._shipped)
         self.poke()
 
     def _shipped(self) -> None:
@@ -297,12 +331,9 @@ class _Colocated:
             self._decode_round()
 
     def _prefilled(self, batch: list[_Request]) -> None:
-        for r in batch:
-            r.token(self.clock.now)
-            if r.done:
-                self.decoder.free += 1
-            else:
-                self.decoder.active.append(r)
+        going = [r for r in batch if r.first_token(self.clock.now)]
+        self.decoder.free += len(batch) - len(going)
+        self.decoder.join(going)
         self._decode_round()
 
     def _chunked(self) -> None:
@@ -312,16 +343,15 @@ class _Colocated:
             self.chunking = (r, done)
         else:
             self.chunking = None
-            r.token(self.clock.now)
-            if r.done:
-                self.decoder.free += 1
+            if r.first_token(self.clock.now):
+                self.decoder.join([r])
             else:
-                self.decoder.active.append(r)
+                self.decoder.free += 1
         self._decode_round()
 
     def _decode_round(self) -> None:
         d = self.decoder
-        if not d.active:
+        if not d.busy:
             if (d.free and self.waiting) or self.chunking:
                 self._iterate()
             else:
@@ -373,7 +403,7 @@ def simulate(
     for r in sims:
         clock.at(r.planned.arrival, lambda r=r: arrive(r))
     clock.run()
-    return [r.record for r in sims]
+    return [r.record() for r in sims]
 
 
 def _decoder(clock: _Clock, profile: Profile, spec: DecodeInstance, max_seq_len: int, on_free: Callable[[], None]) -> _Decoder:
