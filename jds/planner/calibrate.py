@@ -21,14 +21,11 @@ from pathlib import Path
 from jds.bench.workloads import PlannedRequest
 from jds.engine.programs import length_buckets
 from jds.planner.profile import Profile, Serving
+from jds.planner.simulator import bucket
 
 PROMPT_LENGTHS = (100, 200, 400)
 PROMPT_GAP_SECONDS = 4.0
 DECODE_PROMPTS, DECODE_TOKENS, SKIP_TOKENS = (120, 320), 64, 16
-
-
-def _bucket(buckets: list[int], n: int) -> int:
-    return next(b for b in buckets if b >= n)
 
 
 def calibrate(config_path: Path, profile: Profile, log_dir: Path) -> Serving:
@@ -48,7 +45,7 @@ def calibrate(config_path: Path, profile: Profile, log_dir: Path) -> Serving:
         buckets = length_buckets(info.max_seq_len)
         alone = [PlannedRequest(PROMPT_GAP_SECONDS * i, n, 1) for i, n in enumerate(PROMPT_LENGTHS * 2)]
         records = run_load(server.address, alone, info, desc="calibrating prefill")
-        prefill_ratio = statistics.median(r.ttft / prefill.batch_seconds(1, _bucket(buckets, r.input_len)) for r in records)
+        prefill_ratio = statistics.median(r.ttft / prefill.batch_seconds(1, bucket(buckets, r.input_len)) for r in records)
         records = []
         for prompt in DECODE_PROMPTS:
             full = [PlannedRequest(0.0, prompt, DECODE_TOKENS) for _ in range(decode_spec.slots)]
@@ -59,5 +56,5 @@ def calibrate(config_path: Path, profile: Profile, log_dir: Path) -> Serving:
     for r in records:
         for k in range(SKIP_TOKENS, len(r.token_times)):
             position = r.input_len + k - 1  # the cache position the round that made token k wrote
-            ratios.append((r.token_times[k] - r.token_times[k - 1]) / decode.seconds(decode_spec.slots, _bucket(buckets, position)))
+            ratios.append((r.token_times[k] - r.token_times[k - 1]) / decode.seconds(decode_spec.slots, bucket(buckets, position)))
     return Serving(prefill=prefill_ratio, decode=statistics.median(ratios), calibrated_with=str(config_path))

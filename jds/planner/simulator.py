@@ -71,7 +71,8 @@ class _Request:
         return RequestRecord(self.planned.input_len, self.planned.output_len, sent=self.planned.arrival, token_times=times, end=times[-1])
 
 
-def _bucket(buckets: list[int], n: int) -> int:
+def bucket(buckets: list[int], n: int) -> int:
+    """The smallest of ``buckets`` (ascending) holding ``n``; the largest if none does."""
     return buckets[min(bisect.bisect_left(buckets, n), len(buckets) - 1)]
 
 
@@ -80,7 +81,7 @@ def _take(waiting: collections.deque, batching: PrefillBatching, buckets: list[i
     batch: list[_Request] = []
     while waiting and len(batch) < min(limit, batching.max_batch):
         lengths = [r.planned.input_len for r in batch] + [waiting[0].planned.input_len]
-        cost = _bucket(buckets, max(lengths)) * pow2_at_least(len(lengths))
+        cost = bucket(buckets, max(lengths)) * pow2_at_least(len(lengths))
         if len(lengths) > 1 and cost > batching.max_batch_tokens:
             break
         batch.append(waiting.popleft())
@@ -89,7 +90,7 @@ def _take(waiting: collections.deque, batching: PrefillBatching, buckets: list[i
 
 def _prefill_seconds(latency: PrefillEntry, buckets: list[int], batch: list[_Request]) -> tuple[float, int]:
     """The padded batch's time and its padded length."""
-    length = _bucket(buckets, max(r.planned.input_len for r in batch))
+    length = bucket(buckets, max(r.planned.input_len for r in batch))
     return latency.batch_seconds(pow2_at_least(len(batch)), length), length
 
 
@@ -136,7 +137,7 @@ class _Decoder:
         """The next round: every slot computed, at the context bucket of the longest sequence."""
         while self._longest[0][2].finished:
             heapq.heappop(self._longest)
-        context = _bucket(self.contexts, len(self.round_ends) - self._longest[0][0])  # the longest one's position
+        context = bucket(self.contexts, len(self.round_ends) - self._longest[0][0])  # the longest one's position
         if context not in self._cost:
             self._cost[context] = self.latency.seconds(self.slots, context)
         return self._cost[context]
@@ -325,7 +326,7 @@ class _Colocated:
                 self.chunking = (self.waiting.popleft(), 0)
             chunk = self.spec.chunked_prefill
             done = self.chunking[1]
-            context = _bucket(d.contexts, done)
+            context = bucket(d.contexts, done)
             self.clock.at(self.clock.now + self.prefill.chunk_seconds(chunk, context), self._chunked)
         else:
             self._decode_round()
