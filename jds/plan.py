@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import shlex
 import sys
 from pathlib import Path
@@ -92,19 +93,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
+    from jds.planner.latency import relative_errors
     from jds.planner.profiler import Grid, profile
-
-    import platform
 
     grid = Grid(args.max_tokens, _ints(args.slots), _ints(args.contexts), args.repeats)
     source = args.source or f"measured on {platform.node()} with python -m jds.plan {shlex.join(sys.argv[1:])}"
     result = profile(args.config, args.cores_per_device, grid, source)
     result.save(args.out)
     print(f"wrote {args.out}: {len(result.prefill)} prefill and {len(result.decode)} decode shapes on {result.device}")
-    for e in result.prefill:
-        print(f"  prefill tp{e.tp}: {e.model}")
-    for e in result.decode:
-        print(f"  decode tp{e.tp} pp{e.pp}: {e.model}")
+    for name, e, predict in [(f"prefill tp{e.tp}", e, e.model.batch_seconds) for e in result.prefill] + [
+        (f"decode tp{e.tp} pp{e.pp}", e, e.model.seconds) for e in result.decode
+    ]:  # fmt: skip
+        errors = sorted(relative_errors(predict, e.points))
+        print(f"  {name}: {e.model}; fit error on its {len(errors)} points: median {errors[len(errors) // 2]:.1%}, worst {errors[-1]:.1%}")
     for link, m in result.transfer.items():
         print(f"  transfer over {link}: {1e3 * m.latency:.3f} ms + {m.bandwidth / 1e9:.2f} GB/s")
     return 0

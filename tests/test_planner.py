@@ -236,6 +236,7 @@ def test_plan_profile_measures_and_fits_a_small_model(tmp_path):
            "--max-tokens", "256", "--slots", "1,8", "--contexts", "16,128", "--repeats", "1"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "fit error on its" in done.stdout
     profile = Profile.load(out)
     assert profile.model.name == "tiny-random" and profile.model.max_seq_len == 512
     assert {e.tp for e in profile.prefill} >= {1} and (1, 1) in {(e.tp, e.pp) for e in profile.decode}
