@@ -64,6 +64,7 @@ class Search:
     def __post_init__(self) -> None:
         self.max_seq_len = self.profile.model.max_seq_len
         self.node_size = self.node_size or self.profile.devices_per_node
+        self._median_prompt = sorted(r.input_len for r in self.requests(1.0))[self.num_requests // 2]
 
     def requests(self, rate: float, num: int | None = None) -> list[PlannedRequest]:
         return plan(self.workload, rate, self.max_seq_len, self.seed, num or self.num_requests)
@@ -93,8 +94,7 @@ class Search:
         """A first guess: the rate at which prefill alone would be busy half the time."""
         shape = candidate.prefill or candidate.colocated
         count = candidate.n_prefill or candidate.n_colocated
-        median = sorted(r.input_len for r in self.requests(1.0))[self.num_requests // 2]
-        return 0.5 * count / max(self.profile.prefill_latency(shape.tp).batch_seconds(1, median), 1e-6)
+        return 0.5 * count / max(self.profile.prefill_latency(shape.tp).batch_seconds(1, self._median_prompt), 1e-6)
 
     # -- the searches -------------------------------------------------------------------------
 
@@ -115,10 +115,13 @@ class Search:
         ]
         d_scores = []
         for _, shapes in itertools.groupby(decodes, key=lambda d: (d.tp, d.pp)):
+            best = 0.0
             for d in shapes:  # slot counts ascending: stop once more slots stop paying
-                d_scores.append(self.goodput(Candidate(prefill=prefills[0], decode=d, n_prefill=1, n_decode=1), profile=free_prefill))
-                if len(d_scores) > 1 and d_scores[-2].candidate.decode.tp == d.tp and d_scores[-2].candidate.decode.pp == d.pp and d_scores[-1].goodput < d_scores[-2].goodput:
+                scored = self.goodput(Candidate(prefill=prefills[0], decode=d, n_prefill=1, n_decode=1), profile=free_prefill)
+                d_scores.append(scored)
+                if scored.goodput < best:
                     break
+                best = scored.goodput
         p_scores.sort(key=lambda s: -s.goodput / s.candidate.prefill.devices)
         d_scores.sort(key=lambda s: -s.goodput / s.candidate.decode.devices)
         return p_scores, d_scores
