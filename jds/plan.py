@@ -21,19 +21,35 @@ from jds.bench.workloads import SLO, get_workload, load_trace, plan
 DEFAULT_CONFIG = "configs/smollm2-135m.yaml"
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
+def _positive(cast):
+    """An argparse type: a positive number, so a bad option is refused with its name, not a traceback."""
+
+    def parse(text: str):
+        value = cast(text)
+        if value <= 0:
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = f"positive {cast.__name__}"
+    return parse
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",")]
+def _list_of(cast):
+    """An argparse type: comma-separated positive numbers."""
+    one = _positive(cast)
+
+    def parse(text: str) -> list:
+        return [one(x) for x in text.split(",")]
+
+    parse.__name__ = f"comma-separated positive {cast.__name__}s"
+    return parse
 
 
 def _workload_args(parser: argparse.ArgumentParser, requests: int) -> None:
     parser.add_argument("--workload", default="chatbot", help="chatbot, code or summarization (jds/bench/workloads.yaml)")
     parser.add_argument("--slo", default=None, help="ttft=SECONDS,tpot=SECONDS (default: the workload's)")
-    parser.add_argument("--slo-scale", type=float, default=1.0, help="multiply both SLOs")
-    parser.add_argument("--num-requests", type=int, default=requests, help="requests per simulated (or measured) rate")
+    parser.add_argument("--slo-scale", type=_positive(float), default=1.0, help="multiply both SLOs")
+    parser.add_argument("--num-requests", type=_positive(int), default=requests, help="requests per simulated (or measured) rate")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -48,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("profile", help="measure this machine and fit the latency models")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="the model to profile (its model section)")
     p.add_argument("--out", default="profile.json")
-    p.add_argument("--cores-per-device", type=int, default=1, help="on a CPU machine: cores that make one device")
-    p.add_argument("--max-tokens", type=int, default=2048, help="largest padded prefill batch (batch x length) to time")
-    p.add_argument("--slots", default="1,4,8,16", help="decode batch sizes to time")
-    p.add_argument("--contexts", default="16,32,64,128,256,512,1024", help="decode context lengths to time")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--cores-per-device", type=_positive(int), default=1, help="on a CPU machine: cores that make one device")
+    p.add_argument("--max-tokens", type=_positive(int), default=2048, help="largest padded prefill batch (batch x length) to time")
+    p.add_argument("--slots", type=_list_of(int), default="1,4,8,16", help="decode batch sizes to time")
+    p.add_argument("--contexts", type=_list_of(int), default="16,32,64,128,256,512,1024", help="decode context lengths to time")
+    p.add_argument("--repeats", type=_positive(int), default=2)
     p.add_argument("--source", default=None, help="what to record as the profile's source")
 
     c = commands.add_parser("calibrate", help="measure a real server's overhead over the profile's programs")
@@ -63,23 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     s = commands.add_parser("simulate", help="predict a config under a workload")
     s.add_argument("--profile", required=True)
     s.add_argument("--config", default=DEFAULT_CONFIG)
-    s.add_argument("--rates", default="1", help="requests per second, comma-separated")
+    s.add_argument("--rates", type=_list_of(float), default="1", help="requests per second, comma-separated")
     s.add_argument("--trace", default=None, help="replay JSONL {timestamp ms, input_length, output_length} instead of --rates")
     _workload_args(s, 200)
 
     q = commands.add_parser("search", help="rank placements of N devices by goodput and write the best")
     q.add_argument("--profile", required=True)
-    q.add_argument("--devices", type=int, required=True)
-    q.add_argument("--node-size", type=int, default=None, help="devices per node (default: the profile's)")
-    q.add_argument("--attainment", type=float, default=0.9)
+    q.add_argument("--devices", type=_positive(int), required=True)
+    q.add_argument("--node-size", type=_positive(int), default=None, help="devices per node (default: the profile's)")
+    q.add_argument("--attainment", type=_positive(float), default=0.9)
     q.add_argument("--config", default=DEFAULT_CONFIG, help="base config: the model and server sections of the written config")
     q.add_argument("--out", default=None, help="write the winner here as a config")
-    q.add_argument("--top", type=int, default=15, help="rows of the ranked table")
+    q.add_argument("--top", type=_positive(int), default=15, help="rows of the ranked table")
     _workload_args(q, 200)
 
     v = commands.add_parser("validate", help="simulated vs measured attainment on the same requests")
     v.add_argument("--case", action="append", required=True, metavar="CONFIG=PROFILE", help="a config and the profile of its devices; repeatable")
-    v.add_argument("--rates", required=True)
+    v.add_argument("--rates", type=_list_of(float), required=True)
     v.add_argument("--out", default="plan-validation")
     _workload_args(v, 40)
 
@@ -96,7 +112,7 @@ def _profile(args: argparse.Namespace) -> int:
     from jds.planner.latency import relative_errors
     from jds.planner.profiler import Grid, profile
 
-    grid = Grid(args.max_tokens, _ints(args.slots), _ints(args.contexts), args.repeats)
+    grid = Grid(args.max_tokens, tuple(args.slots), tuple(args.contexts), args.repeats)
     source = args.source or f"measured on {platform.node()} with python -m jds.plan {shlex.join(sys.argv[1:])}"
     result = profile(args.config, args.cores_per_device, grid, source)
     result.save(args.out)
@@ -139,7 +155,7 @@ def _simulate(args: argparse.Namespace) -> int:
         requests = load_trace(args.trace, max_seq_len)
         runs = {len(requests) / max(requests[-1].arrival, 1e-9): requests}
     else:
-        runs = {rate: plan(workload, rate, max_seq_len, args.seed, args.num_requests) for rate in _floats(args.rates)}
+        runs = {rate: plan(workload, rate, max_seq_len, args.seed, args.num_requests) for rate in args.rates}
     print(f"{args.config} under {args.trace or args.workload}, SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s")
     print("| rate | requests | attainment | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |\n|---|---|---|---|---|")
     for rate, requests in runs.items():
@@ -181,7 +197,7 @@ def _validate(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--case: expected CONFIG=PROFILE, got {text!r}")
         cases.append(validate.Case(Path(config), Path(profile)))
-    workload, slo, rates, out = get_workload(args.workload), _slo(args), _floats(args.rates), Path(args.out)
+    workload, slo, rates, out = get_workload(args.workload), _slo(args), args.rates, Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [row for case in cases for row in validate.run_case(case, workload, slo, rates, args.num_requests, args.seed, out)]
     command = "python -m jds.plan " + shlex.join(sys.argv[1:])

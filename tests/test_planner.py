@@ -269,3 +269,17 @@ def test_plan_simulate_replays_a_trace(tmp_path):
     assert done.returncode == 0, done.stderr
     row = done.stdout.strip().splitlines()[-1].split("|")
     assert row[2].strip() == "20" and row[3].strip() == "100.0%"  # 4 req/s of short requests: well within the node
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["search", "--profile", str(GPU_PROFILE), "--devices", "0"], "--devices"),
+        (["simulate", "--profile", str(GPU_PROFILE), "--rates", "1,abc"], "--rates"),
+        (["profile", "--cores-per-device", "-1"], "--cores-per-device"),
+        (["search", "--profile", str(GPU_PROFILE), "--devices", "8", "--slo", "ttft=fast"], "--slo"),
+    ],
+)
+def test_plan_refuses_bad_options_by_name(args, option):
+    done = subprocess.run([sys.executable, "-m", "jds.plan", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and option in done.stderr, done.stderr[-500:]

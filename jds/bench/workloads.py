@@ -59,8 +59,11 @@ class SLO(BaseModel):
         values = {}
         for part in text.split(","):
             key, _, value = part.partition("=")
-            if key not in ("ttft", "tpot") or not value:
-                raise ValueError(f"--slo: expected ttft=SECONDS,tpot=SECONDS, got {part!r}")
+            try:
+                if key not in ("ttft", "tpot") or float(value) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"--slo: expected ttft=SECONDS,tpot=SECONDS with positive seconds, got {part!r}") from None
             values[key] = float(value)
         return cls(**values)
 
