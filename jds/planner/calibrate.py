@@ -28,6 +28,14 @@ PROMPT_GAP_SECONDS = 4.0
 DECODE_PROMPTS, DECODE_TOKENS, SKIP_TOKENS = (120, 320), 64, 16
 
 
+def _all_ok(records: list) -> list:
+    """The records, if every request finished: a ratio over failed requests would mean nothing."""
+    failed = [r.error or "no tokens" for r in records if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} calibration request(s) failed, the first with: {failed[0]}")
+    return records
+
+
 def calibrate(config_path: Path, profile: Profile, log_dir: Path) -> Serving:
     from jds.bench.loadgen import model_info, run_load
     from jds.bench.server_process import ServerProcess
@@ -44,12 +52,12 @@ def calibrate(config_path: Path, profile: Profile, log_dir: Path) -> Serving:
         info = model_info(server.address)
         buckets = length_buckets(info.max_seq_len)
         alone = [PlannedRequest(PROMPT_GAP_SECONDS * i, n, 1) for i, n in enumerate(PROMPT_LENGTHS * 2)]
-        records = run_load(server.address, alone, info, desc="calibrating prefill")
+        records = _all_ok(run_load(server.address, alone, info, desc="calibrating prefill"))
         prefill_ratio = statistics.median(r.ttft / prefill.batch_seconds(1, bucket(buckets, r.input_len)) for r in records)
         records = []
         for prompt in DECODE_PROMPTS:
             full = [PlannedRequest(0.0, prompt, DECODE_TOKENS) for _ in range(decode_spec.slots)]
-            records += run_load(server.address, full, info, desc="calibrating decode")
+            records += _all_ok(run_load(server.address, full, info, desc="calibrating decode"))
     finally:
         server.stop()
     ratios = []
