@@ -119,6 +119,17 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(tmp_path):
     expected_kv = 2 * 4 * 4 * 32 * 16 * 4  # K and V, 4 layers, 4 KV heads, 32 positions, head_dim 16, float32
     assert prefill["handoff_bytes"] == expected_kv and 0 < prefill["of_matmul_peak"]
     assert "jds / floor" in (out / "micro.md").read_text()
+    assert set(result["peers"]) == {"transformers", "llama.cpp"} and all(n == "not measured: --no-peer" for n in result["peers"].values())
+    assert result["peak_rss_bytes"]["jds"] > sum(r["bytes"] for r in result["decode"][:1]) // 2  # at least the weights
+
+
+def test_a_peer_runs_in_its_own_process_and_reports_that_process_peak_memory():
+    import os
+
+    from jds.bench.micro import in_own_process, peak_rss_bytes
+
+    pid, rss = in_own_process(os.getpid)
+    assert pid != os.getpid() and 0 < rss and rss != peak_rss_bytes()
 
 
 def test_report_round_trips_through_json(tmp_path):

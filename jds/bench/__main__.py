@@ -2,7 +2,7 @@
 
 serve    run a workload against a running server at one or more rates
 compare  start a server per config, run the identical workload on each, report side by side
-micro    the model's programs against the machine's measured limits and transformers
+micro    the model's programs against the machine's measured limits and installed peers
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     micro.add_argument("--batches", default="1,8,32")
     micro.add_argument("--contexts", default="256,2048", help="decode cache positions")
     micro.add_argument("--prompts", default="128,512", help="prefill prompt lengths")
-    micro.add_argument("--no-peer", action="store_true", help="skip transformers even if installed")
+    micro.add_argument("--no-peer", action="store_true", help="skip the peers (transformers, llama.cpp) even if installed")
     micro.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -136,7 +136,6 @@ def _compare(args: argparse.Namespace, out: Path) -> list[report.Sweep]:
 
 
 def _micro(args: argparse.Namespace, out: Path) -> int:
-    import importlib.util
     import json
     import os
 
@@ -150,14 +149,13 @@ def _micro(args: argparse.Namespace, out: Path) -> int:
     config = load_config(args.config)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     batches, contexts, prompts = ints(args.batches), ints(args.contexts), ints(args.prompts)
-    peer = None
     checkpoint = config.model.checkpoint
-    if not args.no_peer and checkpoint and checkpoint.endswith(".gguf") and importlib.util.find_spec("transformers"):
-        log.info("measuring the transformers peer")
-        peer = micro.transformers_peer(str(config.resolve_path(checkpoint)), batches, prompts)
+    gguf = str(config.resolve_path(checkpoint)) if checkpoint and checkpoint.endswith(".gguf") else None
+    log.info("measuring the installed peers")
+    peers = micro.measure_peers(gguf, batches, prompts, wanted=not args.no_peer)
     model = load_model(config)
     log.info("measuring jds")
-    result = micro.run(model, batches, contexts, prompts, peer)
+    result = micro.run(model, batches, contexts, prompts, peers)
     out.mkdir(parents=True, exist_ok=True)
     (out / "micro.json").write_text(json.dumps({"command": sys.argv, **result}, indent=1) + "\n")
     text = micro.markdown(result)

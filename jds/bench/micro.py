@@ -1,19 +1,29 @@
-"""``python -m jds.bench micro``: jds' programs against the machine's measured limits and a peer.
+"""``python -m jds.bench micro``: jds' programs against the machine's measured limits and peers.
 
 All figures come from one run on one machine: the limits (memory bandwidth, matmul FLOP/s) are
 measured first, then each jds program is reported as a ratio to the floor those limits imply.
 Decode is memory-bound, so its floor is (weight bytes + KV bytes read) / bandwidth; prefill is
 compute-bound, so its ceiling is the matmul FLOP/s. The KV handoff is reported as bytes, time and
-a fraction of the prefill time of the same prompt. With transformers and torch installed, the same
-model and shapes through transformers give the peer ratios.
+a fraction of the prefill time of the same prompt. Installed peers run the same GGUF file at the
+same shapes, each in its own process so that every peak resident memory reported is one model's:
+transformers on torch (float32, dequantised) and llama.cpp through ``llama-cpp-python`` (the
+file's own quantised blocks, the CPU speed reference users know).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
+import importlib.util
+import multiprocessing
+import os
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +39,7 @@ from jds.mesh.stages import stage_spans
 from jds.model import llama
 from jds.model.kv_cache import TRANSIT_AXES, KVCache
 from jds.model.loader import LoadedModel
+from jds.model.weights.gguf_file import open_gguf
 from jds.sampling_params import SamplingParams
 from jds.transfer.handoff import StageTarget, send_kv
 
@@ -111,15 +122,37 @@ def prefill_and_handoff(model: LoadedModel, tokens: int, devices: list[jax.Devic
     return prefill_seconds, handoffs[2].seconds, handoffs[2].bytes
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far.
+
+    On Linux from ``VmHWM``, which starts afresh in a new program; ``ru_maxrss`` would carry the
+    parent's peak over into a spawned child and report a small peer as large as its parent.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, the others KiB
+
+
+def _with_peak_rss(fn: Callable, *args) -> tuple[object, int]:
+    return fn(*args), peak_rss_bytes()
+
+
+def in_own_process(fn: Callable, *args) -> tuple[object, int]:
+    """``fn(*args)`` in a fresh (spawned) process, and that process's peak resident memory."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_with_peak_rss, fn, *args).result()
+
+
 def transformers_peer(gguf: str, batches: list[int], prompts: list[int], steps: int = 16) -> dict[str, dict[int, float]]:
     """Decode step and prefill seconds of the same GGUF through transformers (torch, float32)."""
-    import os
-    from pathlib import Path
-
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     path = Path(gguf)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     out: dict[str, dict[int, float]] = {"decode": {}, "prefill": {}}
@@ -139,34 +172,89 @@ def transformers_peer(gguf: str, batches: list[int], prompts: list[int], steps: 
     return out
 
 
-def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: list[int], peer: dict | None) -> dict:
-    """Every measurement of the micro-benchmark, as one JSON-ready dict."""
+def llama_cpp_peer(gguf: str, batches: list[int], prompts: list[int], steps: int = 16) -> dict[str, dict[int, float]]:
+    """Batch-1 decode step and prefill seconds of the same GGUF through llama.cpp on every core.
+
+    llama.cpp computes with the file's own quantised blocks, so it reads fewer weight bytes per
+    step than float32 jds. Its Python API runs one sequence, so only batch 1 is measured.
+    """
+    from llama_cpp import Llama
+
+    threads = len(os.sched_getaffinity(0))
+    longest = max(prompts)
+    llm = Llama(model_path=gguf, n_ctx=max(longest, 16 + 2 * steps), n_batch=longest, n_ubatch=longest,
+                n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
+    out: dict[str, dict[int, float]] = {"decode": {}, "prefill": {}}
+    for tokens in prompts:
+        ids = [100] * tokens
+
+        def prefill() -> None:
+            llm.reset()
+            llm.eval(ids)
+
+        out["prefill"][tokens] = timed(prefill, repeats=3, warmup=1)
+    if 1 in batches:
+        llm.reset()
+        llm.eval([100] * 16)
+        out["decode"][1] = timed(lambda: llm.eval([100]), repeats=steps, warmup=2)
+    return out
+
+
+def gguf_tensor_types(gguf: str) -> str:
+    """How the file stores its tensors, e.g. ``Q4_1 x210, F32 x61``: what llama.cpp computes with."""
+    counts = collections.Counter(t.tensor_type.name for t in open_gguf(gguf).tensors)
+    return ", ".join(f"{name} x{n}" for name, n in counts.most_common())
+
+
+# peer name -> (the module it needs, how it is measured, what it computes with)
+PEERS: dict[str, tuple[str, Callable, Callable[[str], str]]] = {
+    "transformers": ("transformers", transformers_peer, lambda gguf: "float32, dequantised from the GGUF"),
+    "llama.cpp": ("llama_cpp", llama_cpp_peer, lambda gguf: f"the GGUF's own blocks ({gguf_tensor_types(gguf)})"),
+}
+
+
+def measure_peers(gguf: str | None, batches: list[int], prompts: list[int], wanted: bool) -> dict[str, dict]:
+    """Each peer's times and peak resident memory, or why it was not measured."""
+    peers = {}
+    for name, (module, measure, describe) in PEERS.items():
+        if not wanted:
+            peers[name] = {"note": "not measured: --no-peer"}
+        elif gguf is None:
+            peers[name] = {"note": "not measured: the checkpoint is not a GGUF file"}
+        elif importlib.util.find_spec(module) is None:
+            peers[name] = {"note": f"not measured: {module} is not installed"}
+        else:
+            times, rss = in_own_process(measure, gguf, batches, prompts)
+            peers[name] = {"note": describe(gguf), "peak_rss_bytes": rss, **times}
+    return peers
+
+
+def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: list[int], peers: dict[str, dict]) -> dict:
+    """Every measurement of the micro-benchmark, as one JSON-ready dict (``peers`` from ``measure_peers``)."""
     bandwidth, flops = memory_bandwidth(), matmul_flops()
     weights = decode_weight_bytes(model)
     kv_per_token = model.arch.kv_bytes_per_token(model.dtype.itemsize)
+
+    def peer_times(phase: str, key: int) -> dict[str, float]:
+        return {name: p[phase][key] for name, p in peers.items() if key in p.get(phase, {})}
+
     decode = []
     for context in contexts:
         for batch in batches:
             seconds = decode_step_seconds(model, batch, context)
             read = weights + batch * context * kv_per_token  # the step reads every cache position
-            row = {"batch": batch, "context": context, "seconds": seconds, "bytes": read,
-                   "gb_per_s": read / seconds / 1e9, "floor_seconds": read / bandwidth, "over_floor": seconds / (read / bandwidth)}  # fmt: skip
-            if peer and batch in peer["decode"]:
-                row["peer_seconds"] = peer["decode"][batch]
-                row["speedup_vs_peer"] = peer["decode"][batch] / seconds
-            decode.append(row)
+            decode.append({"batch": batch, "context": context, "seconds": seconds, "bytes": read,
+                           "gb_per_s": read / seconds / 1e9, "floor_seconds": read / bandwidth,
+                           "over_floor": seconds / (read / bandwidth), "peers": peer_times("decode", batch)})  # fmt: skip
     devices = jax.devices()[:2]
     prefill = []
     for tokens in prompts:
         seconds, handoff_seconds, handoff_bytes = prefill_and_handoff(model, tokens, devices)
         work = prefill_flops(model, tokens)
-        row = {"tokens": tokens, "seconds": seconds, "flops": work, "flops_per_s": work / seconds,
-               "of_matmul_peak": work / seconds / flops, "handoff_seconds": handoff_seconds, "handoff_bytes": handoff_bytes,
-               "handoff_gb_per_s": handoff_bytes / handoff_seconds / 1e9, "handoff_of_prefill": handoff_seconds / seconds}  # fmt: skip
-        if peer and tokens in peer["prefill"]:
-            row["peer_seconds"] = peer["prefill"][tokens]
-            row["speedup_vs_peer"] = peer["prefill"][tokens] / seconds
-        prefill.append(row)
+        prefill.append({"tokens": tokens, "seconds": seconds, "flops": work, "flops_per_s": work / seconds,
+                        "of_matmul_peak": work / seconds / flops, "handoff_seconds": handoff_seconds, "handoff_bytes": handoff_bytes,
+                        "handoff_gb_per_s": handoff_bytes / handoff_seconds / 1e9, "handoff_of_prefill": handoff_seconds / seconds,
+                        "peers": peer_times("prefill", tokens)})  # fmt: skip
     return {
         "model": model.name,
         "dtype": str(model.dtype),
@@ -177,12 +265,21 @@ def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: li
         "decode": decode,
         "prefill": prefill,
         "handoff": "in-process device_put from device 0 to device 1" if len(devices) > 1 else "same device",
+        "peers": {name: p["note"] for name, p in peers.items()},
+        # jds ran in this process and each peer in its own, so every figure is one model's
+        "peak_rss_bytes": {"jds": peak_rss_bytes(), **{name: p["peak_rss_bytes"] for name, p in peers.items() if "peak_rss_bytes" in p}},
     }
 
 
 def markdown(result: dict) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
-    peer = lambda row: (f"{ms(row['peer_seconds'])} | {row['speedup_vs_peer']:.2f}x" if "peer_seconds" in row else "- | -")  # noqa: E731
+    names = [name for name, note in result["peers"].items() if not note.startswith("not measured")]
+    heads = "".join(f" {n} ms | speed vs {n} |" for n in names)
+    rules = "---:|---:|" * len(names)
+
+    def peers(row: dict) -> str:
+        return "".join(f" {ms(row['peers'][n])} | {row['peers'][n] / row['seconds']:.2f}x |" if n in row["peers"] else " - | - |" for n in names)
+
     lines = [
         f"# Micro-benchmarks: {result['model']} ({result['dtype']})",
         "",
@@ -190,24 +287,29 @@ def markdown(result: dict) -> str:
         f"float32 matmul **{result['matmul_gflop_per_s']:.0f} GFLOP/s**. Weights read per decode step: "
         f"{result['weight_bytes'] / 1e6:.0f} MB.",
         "",
+        "Peers on the same GGUF file: " + "; ".join(f"{n}: {note}" for n, note in result["peers"].items())
+        + ". Speed vs a peer is its time over jds' (above 1: jds is faster).",
+        "",
+        "Peak resident memory: " + ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in result["peak_rss_bytes"].items()) + ".",
+        "",
         "## Decode step (memory-bound: floor = bytes read / bandwidth)",
         "",
-        "| batch | cache positions | jds ms | GB/s | floor ms | jds / floor | transformers ms | speed vs transformers |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| batch | cache positions | jds ms | GB/s | floor ms | jds / floor |{heads}",
+        f"|---:|---:|---:|---:|---:|---:|{rules}",
     ]
     for r in result["decode"]:
-        lines.append(f"| {r['batch']} | {r['context']} | {ms(r['seconds'])} | {r['gb_per_s']:.1f} | {ms(r['floor_seconds'])} | {r['over_floor']:.2f} | {peer(r)} |")
+        lines.append(f"| {r['batch']} | {r['context']} | {ms(r['seconds'])} | {r['gb_per_s']:.1f} | {ms(r['floor_seconds'])} | {r['over_floor']:.2f} |{peers(r)}")
     lines += [
         "",
         "## Prefill (compute-bound: ceiling = matmul FLOP/s) and KV handoff",
         "",
-        "| prompt tokens | jds ms | GFLOP/s | of matmul peak | transformers ms | speed vs transformers | handoff MB | handoff ms | handoff GB/s | handoff / prefill |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| prompt tokens | jds ms | GFLOP/s | of matmul peak | handoff MB | handoff ms | handoff GB/s | handoff / prefill |{heads}",
+        f"|---:|---:|---:|---:|---:|---:|---:|---:|{rules}",
     ]
     for r in result["prefill"]:
         lines.append(
-            f"| {r['tokens']} | {ms(r['seconds'])} | {r['flops_per_s'] / 1e9:.0f} | {r['of_matmul_peak']:.0%} | {peer(r)} | "
-            f"{r['handoff_bytes'] / 1e6:.1f} | {ms(r['handoff_seconds'])} | {r['handoff_gb_per_s']:.1f} | {r['handoff_of_prefill']:.1%} |"
+            f"| {r['tokens']} | {ms(r['seconds'])} | {r['flops_per_s'] / 1e9:.0f} | {r['of_matmul_peak']:.0%} | "
+            f"{r['handoff_bytes'] / 1e6:.1f} | {ms(r['handoff_seconds'])} | {r['handoff_gb_per_s']:.1f} | {r['handoff_of_prefill']:.1%} |{peers(r)}"
         )
-    lines += ["", f"Handoff: {result['handoff']}. Transformers decodes from a 16-token prompt (a short, growing cache)."]
+    lines += ["", f"Handoff: {result['handoff']}. Peers decode from a 16-token prompt (a short, growing cache)."]
     return "\n".join(lines) + "\n"
