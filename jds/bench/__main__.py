@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     micro = commands.add_parser("micro", help="decode, prefill and handoff against the machine's limits")
     micro.add_argument("--config", default=None, help="deployment YAML (default: configs/smollm2-135m.yaml)")
     micro.add_argument("--batches", default="1,8,32")
-    micro.add_argument("--contexts", default="256,2048", help="decode cache positions")
+    micro.add_argument("--contexts", default="32,256,2048", help="decode cache positions (32: about what the peers read, from a 16-token prompt)")
     micro.add_argument("--prompts", default="128,512", help="prefill prompt lengths")
     micro.add_argument("--no-peer", action="store_true", help="skip the peers (transformers, llama.cpp) even if installed")
     micro.add_argument("--out", default="bench-results")
