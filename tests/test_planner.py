@@ -13,14 +13,16 @@ import sys
 import numpy as np
 import pytest
 
-from jds.bench.metrics import attainment
+from jds.bench.metrics import RequestRecord, attainment
 from jds.bench.workloads import SLO, PlannedRequest, get_workload
 from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillInstance
+from jds.engine.programs import length_buckets
+from jds.planner.calibrate import PREFILL_BUSY, SKIP_TOKENS, _decode_ratios, _probes
 from jds.planner.candidates import Candidate, ColocatedShape, DecodeShape, PrefillShape, max_slots
 from jds.planner.latency import DecodeModel, PrefillModel, TransferModel, least_squares
 from jds.planner.profile import DecodeEntry, ModelFacts, PrefillEntry, Profile
 from jds.planner.search import Search, highest_rate
-from jds.planner.simulator import simulate
+from jds.planner.simulator import bucket, simulate
 from tests_paths import CONFIGS, REPO
 
 GPU_PROFILE = REPO / "docs" / "results" / "planner-gpu-example" / "h100-llama2-7b.json"
@@ -201,6 +203,30 @@ def test_search_says_when_colocated_wins():
     scored = Search(profile, get_workload("code"), SLO(ttft=1.0, tpot=0.5), num_requests=60, log=lambda _: None).run(2)
     assert not scored[0].candidate.disaggregated
     assert report.verdict(scored).startswith("Colocated serving wins")
+
+
+# -- calibration's loads --------------------------------------------------------------------------
+
+
+def test_calibration_prompts_keep_prefill_busy_the_intended_share_without_queueing():
+    prefill = PrefillEntry(tp=1, model=PrefillModel(base=0.1, per_token=0.001, per_square=0))
+    buckets = length_buckets(2048)
+    probes = _probes(5.0, 25.0, [100, 200], prefill, buckets)
+    assert probes[0].arrival == 5.0 and probes[-1].arrival < 25.0
+    assert [p.input_len for p in probes[:4]] == [100, 200, 100, 200] and all(p.output_len == 2 for p in probes)
+    busy = sum(prefill.batch_seconds(1, bucket(buckets, p.input_len)) for p in probes[:-1])
+    assert busy / (probes[-1].arrival - probes[0].arrival) == pytest.approx(PREFILL_BUSY)
+
+
+def test_calibration_counts_decode_gaps_only_from_the_skip_and_the_start_on():
+    decode = DecodeEntry(tp=1, pp=1, model=DecodeModel(base=0.1, per_row=0, per_context=0))
+    times = [0.1 * k for k in range(40)]  # rounds of exactly the predicted 0.1 s, then two slower ones
+    times += [times[-1] + 0.2, times[-1] + 0.4]
+    record = RequestRecord(input_len=100, output_len=len(times), sent=0.0, token_times=times, end=times[-1])
+    ratios = _decode_ratios([record], decode, 8, length_buckets(2048), since=3.0)
+    assert len(ratios) == len(times) - 31 and ratios[:-2] == pytest.approx([1.0] * (len(ratios) - 2))
+    assert ratios[-2:] == pytest.approx([2.0, 2.0])
+    assert len(_decode_ratios([record], decode, 8, length_buckets(2048), since=0.0)) == len(times) - SKIP_TOKENS
 
 
 # -- the profile and the command line ------------------------------------------------------------
