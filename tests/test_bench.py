@@ -119,6 +119,9 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(tmp_path):
     expected_kv = 2 * 4 * 4 * 32 * 16 * 4  # K and V, 4 layers, 4 KV heads, 32 positions, head_dim 16, float32
     assert prefill["handoff_bytes"] == expected_kv and 0 < prefill["of_matmul_peak"]
     assert "jds / floor" in (out / "micro.md").read_text()
+    engine = result["engine"]  # one request through the engine against the bare step of its shapes
+    assert engine["slots"] > 1 and engine["seconds_per_token"] > 0 and engine["over_bare"] == pytest.approx(engine["seconds_per_token"] / engine["bare_seconds"])
+    assert "Engine decode against the bare step" in (out / "micro.md").read_text()
     assert set(result["peers"]) == {"transformers", "llama.cpp"} and all(n == "not measured: --no-peer" for n in result["peers"].values())
     assert result["peak_rss_bytes"]["jds"] > sum(r["bytes"] for r in result["decode"][:1]) // 2  # at least the weights
 

@@ -156,6 +156,8 @@ def _micro(args: argparse.Namespace, out: Path) -> int:
     model = load_model(config)
     log.info("measuring jds")
     result = micro.run(model, batches, contexts, prompts, peers)
+    log.info("measuring the engine's decode")
+    result["engine"] = micro.engine_decode(config, model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "micro.json").write_text(json.dumps({"command": sys.argv, **result}, indent=1) + "\n")
     text = micro.markdown(result)

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jds.engine.programs import PrefillProgram, place_params
+from jds.config import Config
+from jds.engine.programs import PrefillProgram, length_buckets, place_params
 from jds.engine.request import Request
 from jds.engine.sequence import Sequence
 from jds.mesh.placement import PrefillBatching
@@ -229,6 +230,32 @@ def measure_peers(gguf: str | None, batches: list[int], prompts: list[int], want
     return peers
 
 
+def engine_decode(config: Config, model: LoadedModel, prompt: int = 64, tokens: int = 64) -> dict:
+    """One request's decode through the engine, against the bare jitted step at the same shapes.
+
+    A decode round computes every slot of the instance at the context bucket of its longest row,
+    so the bare figure is ``decode_step_seconds`` at the instance's slot count, averaged over the
+    buckets the request's rounds read; what the engine adds is its Python loop, sampling and
+    streaming. A pipelined decode instance runs other programs, so it is not compared.
+    """
+    from jds.llm import LLM
+
+    placement = config.placement
+    spec = placement.instances[0] if placement.mode == "colocated" else placement.decode[0]
+    if getattr(spec, "pp", 1) > 1:
+        return {"note": "not measured: the decode instance is pipelined"}
+    params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
+    with LLM(config, progress=False) as llm:
+        llm.generate([[100] * prompt], params)  # compiles the context buckets this request reads
+        out = llm.generate([[100] * prompt], params)[0]
+    per_token = (out.timings.finished - out.timings.first_token) / (len(out.token_ids) - 1)
+    buckets = length_buckets(model.max_seq_len)
+    reads = collections.Counter(next(c for c in buckets if c >= p) for p in range(prompt, prompt + tokens))
+    bare = sum(n * decode_step_seconds(model, spec.slots, c) for c, n in reads.items()) / tokens
+    return {"slots": spec.slots, "prompt": prompt, "tokens": tokens, "seconds_per_token": per_token,
+            "bare_seconds": bare, "over_bare": per_token / bare}  # fmt: skip
+
+
 def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: list[int], peers: dict[str, dict]) -> dict:
     """Every measurement of the micro-benchmark, as one JSON-ready dict (``peers`` from ``measure_peers``)."""
     bandwidth, flops = memory_bandwidth(), matmul_flops()
@@ -312,4 +339,15 @@ def markdown(result: dict) -> str:
             f"{r['handoff_bytes'] / 1e6:.1f} | {ms(r['handoff_seconds'])} | {r['handoff_gb_per_s']:.1f} | {r['handoff_of_prefill']:.1%} |{peers(r)}"
         )
     lines += ["", f"Handoff: {result['handoff']}. Peers decode from a 16-token prompt (a short, growing cache)."]
+    engine = result.get("engine", {})
+    if "over_bare" in engine:
+        lines += [
+            "",
+            "## Engine decode against the bare step",
+            "",
+            f"One request ({engine['prompt']}-token prompt, {engine['tokens']} tokens) through the engine, whose rounds compute "
+            f"all {engine['slots']} slots: {ms(engine['seconds_per_token'])} ms per token (Python loop, sampling and streaming "
+            f"included) against {ms(engine['bare_seconds'])} ms for the bare jitted step at the same shapes: "
+            f"**{engine['over_bare']:.2f}x**.",
+        ]
     return "\n".join(lines) + "\n"
