@@ -244,6 +244,8 @@ def engine_decode(config: Config, model: LoadedModel, prompt: int = 64, tokens: 
     spec = placement.instances[0] if placement.mode == "colocated" else placement.decode[0]
     if getattr(spec, "pp", 1) > 1:
         return {"note": "not measured: the decode instance is pipelined"}
+    if max(placement.devices) >= len(jax.devices()):
+        return {"note": f"not measured: the placement uses device {max(placement.devices)}, this run has {len(jax.devices())}"}
     params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
     with LLM(config, progress=False) as llm:
         llm.generate([[100] * prompt], params)  # compiles the context buckets this request reads
@@ -340,7 +342,9 @@ def markdown(result: dict) -> str:
         )
     lines += ["", f"Handoff: {result['handoff']}. Peers decode from a 16-token prompt (a short, growing cache)."]
     engine = result.get("engine", {})
-    if "over_bare" in engine:
+    if "note" in engine:
+        lines += ["", f"Engine decode against the bare step: {engine['note']}."]
+    elif engine:
         lines += [
             "",
             "## Engine decode against the bare step",
