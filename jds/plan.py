@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--profile", required=True, help="updated in place (or written to --out)")
     c.add_argument("--config", required=True, help="the server to measure: a placement of the profile's device kind")
     c.add_argument("--out", default=None)
+    c.add_argument("--workload", default="code", help="the load to calibrate with: chatbot, code or summarization")
+    c.add_argument("--rate", type=_positive(float), default=None, help="requests per second (default 0.6), best near the knee")
+    c.add_argument("--num-requests", type=_positive(int), default=None, help="default 48")
+    c.add_argument("--seed", type=int, default=None, help="default 1, unlike validate's, so that validation sees other requests")
 
     s = commands.add_parser("simulate", help="predict a config under a workload")
     s.add_argument("--profile", required=True)
@@ -135,7 +139,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     profile = Profile.load(args.profile)
     with tempfile.TemporaryDirectory() as logs:
-        serving = calibrate(Path(args.config), profile, Path(logs))
+        given = {k: v for k, v in (("rate", args.rate), ("num_requests", args.num_requests), ("seed", args.seed)) if v is not None}
+        serving = calibrate(Path(args.config), profile, get_workload(args.workload), Path(logs), **given)
     profile.model_copy(update={"serving": serving}).save(args.out or args.profile)
     print(f"in a server of {args.config}: prefill x{serving.prefill:.3f}, decode x{serving.decode:.3f} the profile's times")
     return 0

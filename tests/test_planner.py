@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 
 from jds.bench.metrics import RequestRecord, attainment
-from jds.bench.workloads import SLO, PlannedRequest, get_workload
+from jds.bench.workloads import SLO, PlannedRequest, get_workload, plan
 from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillInstance
-from jds.engine.programs import length_buckets
-from jds.planner.calibrate import PREFILL_BUSY, SKIP_TOKENS, _decode_ratios, _probes
+from jds.planner.calibrate import fit
 from jds.planner.candidates import Candidate, ColocatedShape, DecodeShape, PrefillShape, max_slots
 from jds.planner.latency import DecodeModel, PrefillModel, TransferModel, least_squares
-from jds.planner.profile import DecodeEntry, ModelFacts, PrefillEntry, Profile
+from jds.planner.profile import DecodeEntry, ModelFacts, PrefillEntry, Profile, Serving
 from jds.planner.search import Search, highest_rate
-from jds.planner.simulator import bucket, simulate
+from jds.planner.simulator import simulate
 from tests_paths import CONFIGS, REPO
 
 GPU_PROFILE = REPO / "docs" / "results" / "planner-gpu-example" / "h100-llama2-7b.json"
@@ -146,6 +145,20 @@ def test_processes_pull_each_request_over_the_process_link():
     assert [r.token_times[1] for r in by_request] == pytest.approx([2.0 + 0.3 + 0.5, 2.0 + 0.3 + 0.5 + 0.5])
 
 
+def test_a_pull_from_a_busy_cpu_prefill_process_waits_for_its_batch():
+    requests = [PlannedRequest(0.0, 20, 2), PlannedRequest(0.5, 20, 2)]
+    placement = _disaggregated(max_batch=1)
+    free = simulate(placement, _profile(), requests, 512, link="process")
+    waits = simulate(placement, _profile().model_copy(update={"pulls_wait_for_prefill": True}), requests, 512, link="process")
+    # the first prefill ends at 1 s and the second starts then; a pull asked for at 1 s is answered
+    # at once (lands at 1.25), or only when the second prefill is done (2 + 0.25)
+    assert free[0].token_times == pytest.approx([1.0, 1.25 + 0.5])
+    assert waits[0].token_times == pytest.approx([1.0, 2.25 + 0.5])
+    # the second's pull, behind the first's on the landing thread, lands at 2.5 and joins the round
+    # after the one the first started at 2.25
+    assert waits[1].token_times == pytest.approx([2.0, 2.75 + 0.5])
+
+
 def test_attainment_is_the_benchmarks():
     records = simulate(_disaggregated(), _profile(), [PlannedRequest(0.0, 20, 5), PlannedRequest(0.0, 20, 5)], 512)
     assert [r.ttft for r in records] == pytest.approx([1.0, 2.0])
@@ -205,28 +218,27 @@ def test_search_says_when_colocated_wins():
     assert report.verdict(scored).startswith("Colocated serving wins")
 
 
-# -- calibration's loads --------------------------------------------------------------------------
+# -- calibration ----------------------------------------------------------------------------------
 
 
-def test_calibration_prompts_keep_prefill_busy_the_intended_share_without_queueing():
-    prefill = PrefillEntry(tp=1, model=PrefillModel(base=0.1, per_token=0.001, per_square=0))
-    buckets = length_buckets(2048)
-    probes = _probes(5.0, 25.0, [100, 200], prefill, buckets)
-    assert probes[0].arrival == 5.0 and probes[-1].arrival < 25.0
-    assert [p.input_len for p in probes[:4]] == [100, 200, 100, 200] and all(p.output_len == 2 for p in probes)
-    busy = sum(prefill.batch_seconds(1, bucket(buckets, p.input_len)) for p in probes[:-1])
-    assert busy / (probes[-1].arrival - probes[0].arrival) == pytest.approx(PREFILL_BUSY)
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_calibration_recovers_the_factors_a_run_was_slowed_by(mode):
+    placement = _disaggregated() if mode == "disaggregated" else Placement(mode="colocated", instances=[ColocatedInstance(devices=[0], slots=8)])
+    profile = _profile(prefill=PrefillModel(base=0.05, per_token=1e-3, per_square=0), decode=DecodeModel(base=0.08, per_row=2e-3, per_context=0))
+    requests = plan(get_workload("code"), 1.0, 512, 0, 40)
+    slowed = profile.model_copy(update={"serving": Serving(prefill=1.3, decode=1.2)})
+    measured = simulate(placement, slowed, requests, 512)
+    got = fit(placement, profile, requests, measured, 512, "device")
+    assert got.prefill == pytest.approx(1.3, rel=0.03) and got.decode == pytest.approx(1.2, rel=0.03)
 
 
-def test_calibration_counts_decode_gaps_only_from_the_skip_and_the_start_on():
-    decode = DecodeEntry(tp=1, pp=1, model=DecodeModel(base=0.1, per_row=0, per_context=0))
-    times = [0.1 * k for k in range(40)]  # rounds of exactly the predicted 0.1 s, then two slower ones
-    times += [times[-1] + 0.2, times[-1] + 0.4]
-    record = RequestRecord(input_len=100, output_len=len(times), sent=0.0, token_times=times, end=times[-1])
-    ratios = _decode_ratios([record], decode, 8, length_buckets(2048), since=3.0)
-    assert len(ratios) == len(times) - 31 and ratios[:-2] == pytest.approx([1.0] * (len(ratios) - 2))
-    assert ratios[-2:] == pytest.approx([2.0, 2.0])
-    assert len(_decode_ratios([record], decode, 8, length_buckets(2048), since=0.0)) == len(times) - SKIP_TOKENS
+def test_calibration_stops_at_the_end_of_its_range_when_no_factor_explains_a_run():
+    profile = _profile()
+    requests = [PlannedRequest(0.0, 20, 5)]
+    (r,) = simulate(_disaggregated(), profile, requests, 512)
+    hopeless = RequestRecord(input_len=20, output_len=5, sent=0.0, token_times=[t * 100 for t in r.token_times], end=r.end * 100)
+    got = fit(_disaggregated(), profile, requests, [hopeless], 512, "device")
+    assert got.prefill == pytest.approx(4.0) and got.decode == pytest.approx(4.0)
 
 
 # -- the profile and the command line ------------------------------------------------------------

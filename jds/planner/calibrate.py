@@ -2,118 +2,104 @@
 
 A profile times the programs alone. The same programs in a server also pay for streaming each
 token, the Python loop between steps, moving KV and, on a small machine, the router and clients
-sharing the cores. Calibration starts the config's server, sends fixed loads through gRPC, and
-divides what the client saw by what the profile predicts for the very same shapes:
+sharing the cores; disaggregated phases on one host also slow each other through its caches and
+memory bandwidth. None of that is in the profile, and how much of it there is depends on the load
+and on the host of the day.
 
-- prefill: prompts of a few lengths, one at a time (TTFT);
-- decode: the slots busy with equal requests, gaps between tokens once all have joined, at two
-  prompt lengths so that rounds read two context buckets.
+So calibration starts the config's server, sends it a workload at one rate for as long as a
+validation run lasts, and simulates the very same requests. It then looks for the two factors,
+one per phase, by which the profile's times must be stretched for the simulation to show the
+mean TTFT and the mean TPOT the client saw (``fit``). Sustained load is the point: earlier
+calibrations timed bursts of a few seconds, and servers kept busy for minutes ran slower than
+those bursts said (at the knee, attainment came out 5 to 15 points optimistic).
 
-How the phases are loaded depends on what the simulator already models. A colocated instance
-interleaves prefill and decode on the same devices, and the simulator replays that interleaving,
-so each phase is measured with the other idle. Disaggregated phases run at the same time on their
-own devices, and the simulator treats them as independent; what one costs the other through the
-shared host (caches and memory bandwidth, KV pulls, the router streaming tokens, clients) is only
-seen when both run. So there, prompts keep prefill about ``PREFILL_BUSY`` of the time while decode
-is measured (a typical share near the knee, where attainment is decided), each asking for two
-tokens so that its KV moves and lands in the slot left free for it; their TTFT gives the prefill
-factor.
-
-The medians become the profile's ``serving`` factors. The loads are fixed bursts, not a
-workload's arrivals, so a later ``validate`` on a workload remains an independent check.
+The calibration run is one rate with its own seed; ``validate`` then checks the factors on other
+rates and other requests.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jds.bench.metrics import RequestRecord
-from jds.bench.workloads import PlannedRequest
-from jds.engine.programs import length_buckets
-from jds.planner.profile import DecodeEntry, PrefillEntry, Profile, Serving
-from jds.planner.simulator import bucket
+from jds.bench.workloads import PlannedRequest, Workload, plan
+from jds.mesh.placement import Placement
+from jds.planner.profile import Profile, Serving
+from jds.planner.simulator import simulate
 
-PROMPT_LENGTHS = (100, 200, 400)
-PROMPT_GAP_SECONDS = 4.0
-DECODE_PROMPTS, DECODE_TOKENS, SKIP_TOKENS = (120, 320), 64, 16
-PREFILL_BUSY = 0.6
-
-
-def _all_ok(records: list[RequestRecord]) -> list[RequestRecord]:
-    """The records, if every request finished: a ratio over failed requests would mean nothing."""
-    failed = [r.error or "no tokens" for r in records if not r.ok]
-    if failed:
-        raise RuntimeError(f"{len(failed)} calibration request(s) failed, the first with: {failed[0]}")
-    return records
+RATE, NUM_REQUESTS, SEED = 0.6, 48, 1
+FACTOR_RANGE = (0.25, 4.0)
+ROUNDS, HALVINGS = 4, 16
 
 
-def _prefill_ratios(records: list[RequestRecord], prefill: PrefillEntry, buckets: list[int]) -> list[float]:
-    return [r.ttft / prefill.batch_seconds(1, bucket(buckets, r.input_len)) for r in records]
+def _means(records: Sequence[RequestRecord]) -> tuple[float, float]:
+    """Mean TTFT and mean TPOT of the requests that finished: means, not medians, because a median
+    stands still while the factors move the requests around it, and the fit needs a slope."""
+    ok = [r for r in records if r.ok]
+    tpots = [t for r in ok if (t := r.tpot) is not None]
+    if not ok or not tpots:
+        raise RuntimeError("calibration needs finished requests with two tokens or more")
+    return statistics.fmean(r.ttft for r in ok), statistics.fmean(tpots)
 
 
-def _decode_ratios(records: list[RequestRecord], decode: DecodeEntry, slots: int, buckets: list[int], since: float) -> list[float]:
-    """Gaps between tokens, from the ``SKIP_TOKENS``-th and from ``since`` on, over the profile's round."""
-    ratios = []
-    for r in records:
-        for k in range(SKIP_TOKENS, len(r.token_times)):
-            if r.token_times[k - 1] < since:
-                continue
-            position = r.input_len + k - 1  # the cache position the round that made token k wrote
-            ratios.append((r.token_times[k] - r.token_times[k - 1]) / decode.seconds(slots, bucket(buckets, position)))
-    return ratios
+def _solve(seconds: Callable[[float], float], target: float) -> float:
+    """The factor in ``FACTOR_RANGE`` at which ``seconds`` (nondecreasing in it) reaches ``target``,
+    by halving the interval in log space; an end of the range when the target lies beyond it."""
+    lo, hi = (math.log(f) for f in FACTOR_RANGE)
+    if seconds(math.exp(hi)) <= target:
+        return math.exp(hi)
+    if seconds(math.exp(lo)) >= target:
+        return math.exp(lo)
+    for _ in range(HALVINGS):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if seconds(math.exp(mid)) < target else (lo, mid)
+    return math.exp((lo + hi) / 2)
 
 
-def _probes(start: float, end: float, lengths: list[int], prefill: PrefillEntry, buckets: list[int]) -> list[PlannedRequest]:
-    """Two-token prompts from ``start`` to ``end``, each followed by a pause that keeps prefill ``PREFILL_BUSY``."""
-    probes, t = [], start
-    while t < end:
-        n = lengths[len(probes) % len(lengths)]
-        probes.append(PlannedRequest(t, n, 2))
-        t += prefill.batch_seconds(1, bucket(buckets, n)) / PREFILL_BUSY
-    return probes
+def fit(
+    placement: Placement, profile: Profile, requests: Sequence[PlannedRequest], measured: Sequence[RequestRecord], max_seq_len: int, link: str
+) -> Serving:
+    """The serving factors with which ``simulate`` reproduces ``measured``'s mean TTFT and TPOT.
+
+    TTFT moves mostly with the prefill factor and TPOT with the decode one, but each also moves
+    with the other (colocated rounds wait for prefills; prefill waits for slots), so the two are
+    solved in turn until they settle.
+    """
+    ttft_target, tpot_target = _means(measured)
+
+    def means(prefill: float, decode: float) -> tuple[float, float]:
+        scaled = profile.model_copy(update={"serving": Serving(prefill=prefill, decode=decode)})
+        return _means(simulate(placement, scaled, requests, max_seq_len, link))
+
+    prefill = decode = 1.0
+    for _ in range(ROUNDS):
+        decode = _solve(lambda d: means(prefill, d)[1], tpot_target)
+        prefill = _solve(lambda p: means(p, decode)[0], ttft_target)
+    return Serving(prefill=prefill, decode=decode)
 
 
-def calibrate(config_path: Path, profile: Profile, log_dir: Path) -> Serving:
+def calibrate(
+    config_path: Path, profile: Profile, workload: Workload, log_dir: Path, rate: float = RATE, num_requests: int = NUM_REQUESTS, seed: int = SEED
+) -> Serving:
     from jds.bench.loadgen import model_info, run_load
     from jds.bench.server_process import ServerProcess
     from jds.config import load_config
+    from jds.planner.validate import link_of
 
-    placement = load_config(config_path).placement
-    disaggregated = placement.mode == "disaggregated"
-    prefill_spec = placement.prefill[0] if disaggregated else placement.instances[0]
-    decode_spec = placement.decode[0] if disaggregated else placement.instances[0]
-    slots = decode_spec.slots
-    bare = profile.model_copy(update={"serving": Serving()})
-    prefill = bare.prefill_latency(prefill_spec.tp)
-    decode = bare.decode_latency(decode_spec.tp, getattr(decode_spec, "pp", 1))
+    config = load_config(config_path)
     server = ServerProcess(config_path.resolve(), log_dir / f"calibrate-{config_path.stem}.log")
-    prefill_ratios: list[float] = []
-    decode_ratios: list[float] = []
     try:
         info = model_info(server.address)
-        buckets = length_buckets(info.max_seq_len)
-        if not disaggregated:
-            alone = [PlannedRequest(PROMPT_GAP_SECONDS * i, n, 1) for i, n in enumerate(PROMPT_LENGTHS * 2)]
-            prefill_ratios = _prefill_ratios(_all_ok(run_load(server.address, alone, info, desc="calibrating prefill")), prefill, buckets)
-        for prompt in DECODE_PROMPTS:
-            held, tokens, probes, start = slots, DECODE_TOKENS, [], 0.0
-            if disaggregated:
-                # One slot is left to the prompts, which fit the burst's context bucket so that
-                # rounds keep the shape predicted for them. They start well after the burst should be
-                # prefilled (a prompt batched with the burst would time the burst), and the burst
-                # decodes for DECODE_TOKENS rounds beside them, the rounds that count.
-                held = slots - 1
-                lengths = [n for n in PROMPT_LENGTHS if bucket(buckets, n + 1) <= bucket(buckets, prompt + SKIP_TOKENS)]
-                round_seconds = decode.seconds(slots, bucket(buckets, prompt + SKIP_TOKENS))
-                start = 2.5 * held * prefill.batch_seconds(1, bucket(buckets, prompt))
-                tokens = math.ceil(start / round_seconds) + DECODE_TOKENS
-                probes = _probes(start, start + DECODE_TOKENS * round_seconds, lengths, prefill, buckets)
-            burst = [PlannedRequest(0.0, prompt, tokens) for _ in range(held)]
-            records = _all_ok(run_load(server.address, burst + probes, info, desc="calibrating decode"))
-            decode_ratios += _decode_ratios(records[:held], decode, slots, buckets, since=start)
-            prefill_ratios += _prefill_ratios(records[held:], prefill, buckets)
+        requests = plan(workload, rate, info.max_seq_len, seed, num_requests)
+        records = run_load(server.address, requests, info, seed, desc=f"calibrating at {rate:g} req/s")
     finally:
         server.stop()
-    return Serving(prefill=statistics.median(prefill_ratios), decode=statistics.median(decode_ratios), calibrated_with=str(config_path))
+    failed = [r.error or "no tokens" for r in records if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} calibration request(s) failed, the first with: {failed[0]}")
+    bare = profile.model_copy(update={"serving": Serving()})
+    serving = fit(config.placement, bare, requests, records, info.max_seq_len, link_of(config))
+    return serving.model_copy(update={"calibrated_with": f"{config_path} at {rate:g} req/s of the {workload.name} workload, seed {seed}"})

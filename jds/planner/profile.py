@@ -106,6 +106,11 @@ class Profile(_Section):
     prefill: list[PrefillEntry]
     decode: list[DecodeEntry]
     transfer: dict[str, TransferModel] = Field(description=f"KV handoff per link kind: {', '.join(LINKS)}")
+    pulls_wait_for_prefill: bool = Field(
+        default=False,
+        description="a prefill process serves KV pulls from the cores that compute its prefills (a CPU device), so a pull "
+        "asked for while a prefill runs is answered after it",
+    )
     serving: Serving = Field(default_factory=Serving)
 
     def prefill_latency(self, tp: int) -> PrefillEntry:

@@ -200,6 +200,7 @@ def profile(config_path: str, cores_per_device: int, grid: Grid, source: str) ->
         prefill=prefill,
         decode=decode,
         transfer=transfer,
+        pulls_wait_for_prefill=cpu,
     )
 
 

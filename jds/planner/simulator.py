@@ -8,7 +8,8 @@ depends on them:
 - in one process, a prefill instance's transfer thread reserves a slot on the decode instance with
   the most free slots, waits when none is free, and moves the whole batch's KV; between processes,
   each request's row is pulled by the decode instance's landing thread, one at a time, once it
-  holds a slot;
+  holds a slot (and, where the profile says pulls wait for prefill, not before the prefill process
+  finishes the batch it is computing);
 - a decode round computes every slot at the context bucket of the longest sequence, and KV that
   landed joins at the next round;
 - a colocated instance runs a prefill batch (or one chunk) whenever it has free slots and requests
@@ -180,31 +181,34 @@ class _Handoff:
     """Prefilled requests to decode slots: each prefill instance's transfer thread (one process),
     or each decode instance's landing thread (processes)."""
 
-    def __init__(self, clock: _Clock, decoders: list[_Decoder], link: TransferModel, kv_per_token: int, between_processes: bool):
+    def __init__(
+        self, clock: _Clock, decoders: list[_Decoder], link: TransferModel, kv_per_token: int, between_processes: bool, pulls_wait: bool
+    ):
         self.clock = clock
         self.decoders = decoders
         self.link = link
         self.kv_per_token = kv_per_token
         self.between_processes = between_processes
+        self.pulls_wait = pulls_wait  # a pull is answered only once its prefill process is not computing
         self.landing = {id(d): collections.deque() for d in decoders}  # requests sent to a decode process
         self.landing_busy = {id(d): False for d in decoders}
         # one process: per prefill instance, its batches waiting to ship (rows left, transit bytes, done)
         self.batches: dict[int, list[tuple[list[_Request], int, Callable[[], None]]]] = collections.defaultdict(list)
         self.shipping: set[int] = set()
 
-    def send(self, source: int, batch: list[_Request], length: int, padded_rows: int, done: Callable[[], None]) -> None:
+    def send(self, source: _Prefiller, batch: list[_Request], length: int, padded_rows: int, done: Callable[[], None]) -> None:
         """Prefill instance ``source`` hands over a batch (``padded_rows`` rows of ``length``
         tokens were computed); ``done`` once every row has left it."""
         if self.between_processes:
             for r in batch:
                 d = max(self.decoders, key=lambda d: d.free - d.reserved_elsewhere)
                 d.reserved_elsewhere += 1
-                self.landing[id(d)].append((r, length))
+                self.landing[id(d)].append((r, length, source))
                 self._land_next(d)
             done()
             return
-        self.batches[source].append((list(batch), padded_rows * length * self.kv_per_token, done))
-        self._ship(source)
+        self.batches[id(source)].append((list(batch), padded_rows * length * self.kv_per_token, done))
+        self._ship(id(source))
 
     def slot_freed(self) -> None:
         if self.between_processes:
@@ -248,7 +252,7 @@ class _Handoff:
         queue = self.landing[id(d)]
         if self.landing_busy[id(d)] or not queue or not d.free:
             return
-        r, length = queue.popleft()
+        r, length, source = queue.popleft()
         d.free -= 1
         d.reserved_elsewhere -= 1
         self.landing_busy[id(d)] = True
@@ -258,7 +262,13 @@ class _Handoff:
             d.land([r])
             self._land_next(d)
 
-        self.clock.at(self.clock.now + self.link.seconds(length * self.kv_per_token), landed)
+        def asked() -> None:
+            # After everything else due now: a prefill that starts as its previous batch hands over
+            # is running by the time the pull reaches its process.
+            answered = max(self.clock.now, source.busy_until) if self.pulls_wait else self.clock.now
+            self.clock.at(answered + self.link.seconds(length * self.kv_per_token), landed)
+
+        self.clock.at(self.clock.now, asked)
 
 
 class _Prefiller:
@@ -272,6 +282,7 @@ class _Prefiller:
         self.waiting = waiting
         self.handoff = handoff
         self.running = False
+        self.busy_until = 0.0  # when the batch being computed ends
         self.pending = 0
 
     def poke(self) -> None:
@@ -280,14 +291,15 @@ class _Prefiller:
         batch = _take(self.waiting, self.batching, self.buckets, self.batching.max_batch)
         seconds, length = _prefill_seconds(self.latency, self.buckets, batch)
         self.running = True
-        self.clock.at(self.clock.now + seconds, lambda: self._done(batch, length))
+        self.busy_until = self.clock.now + seconds
+        self.clock.at(self.busy_until, lambda: self._done(batch, length))
 
     def _done(self, batch: list[_Request], length: int) -> None:
         self.running = False
         going = [r for r in batch if r.first_token(self.clock.now)]
         if going:
             self.pending += 1
-            self.handoff.send(id(self), going, length, pow2_at_least(len(batch)), self._shipped)
+            self.handoff.send(self, going, length, pow2_at_least(len(batch)), self._shipped)
         self.poke()
 
     def _shipped(self) -> None:
@@ -390,7 +402,7 @@ def simulate(
         handoff_ref: list[_Handoff] = []
         for spec in placement.decode:
             decoders.append(_decoder(clock, profile, spec, max_seq_len, lambda: handoff_ref[0].slot_freed()))
-        handoff = _Handoff(clock, decoders, profile.link(link), profile.model.kv_bytes_per_token, link != "device")
+        handoff = _Handoff(clock, decoders, profile.link(link), profile.model.kv_bytes_per_token, link != "device", profile.pulls_wait_for_prefill)
         handoff_ref.append(handoff)
         for spec in placement.prefill:
             workers.append(_Prefiller(clock, profile.prefill_latency(spec.tp), spec, buckets, waiting, handoff))
