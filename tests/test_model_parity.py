@@ -60,7 +60,7 @@ def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bou
         np.testing.assert_allclose(np.asarray(logits[i]), ref[split[i] - 1], atol=bound, rtol=0)
 
     # Decode the rest of each prompt token by token from slots that are not the prefill rows.
-    cache = insert(KVCache.zeros(arch, len(prompts) + 1, 64, params.embed.dtype), kv.stacked(), np.arange(1, len(prompts) + 1))
+    cache = insert(KVCache.zeros(arch, len(prompts) + 1, 64, params.embed.dtype), kv, np.arange(1, len(prompts) + 1))
     positions = np.array([0] + split, np.int32)
     for _ in range(max(len(p) - s for p, s in zip(prompts, split))):
         step_tokens = np.array([0] + [p[min(pos, len(p) - 1)] for p, pos in zip(prompts, positions[1:])], np.int32)

@@ -31,12 +31,14 @@ def test_every_parameter_has_one_axis_name_per_dimension(tie):
 def test_cache_axes_and_insert_into_slots():
     cache = KVCache.zeros(ARCH, batch=4, seq=16, dtype=jnp.float32)
     assert len(logical_axes(cache).k) == cache.k.ndim and logical_axes(cache).k[1] == "batch"
-    update = KVCache(k=jnp.ones((3, 2, 2, 8, 8)), v=2 * jnp.ones((3, 2, 2, 8, 8))).stacked()
+    assert logical_axes(cache).k[3:] == ("head_dim", "seq") and logical_axes(cache).v[3:] == ("seq", "head_dim")
+    update = np.random.default_rng(0).standard_normal((2, 3, 2, 2, 8, ARCH.head_dim)).astype(np.float32)  # transit layout
     cache = jax.jit(insert, donate_argnums=0)(cache, update, np.array([2, 4]))  # slot 4 is padding: dropped
-    k = np.asarray(cache.k)
-    assert k[:, 2, :, :8].min() == 1 and k[:, 2, :, 8:].max() == 0
-    assert k[:, [0, 1, 3]].max() == 0
-    assert np.asarray(cache.v)[:, 2, :, :8].min() == 2
+    k, v = np.asarray(cache.k), np.asarray(cache.v)
+    np.testing.assert_array_equal(k[:, 2, :, :, :8], update[0, :, 0].swapaxes(-1, -2))  # keys land transposed
+    np.testing.assert_array_equal(v[:, 2, :, :8], update[1, :, 0])
+    assert k[:, 2, :, :, 8:].max() == 0 and v[:, 2, :, 8:].max() == 0
+    assert k[:, [0, 1, 3]].max() == 0 and v[:, [0, 1, 3]].max() == 0
 
 
 def test_build_params_names_wrong_shapes():

@@ -86,9 +86,8 @@ def _spec(value) -> jax.ShapeDtypeStruct:
 def _prefill_and_sample(params: Params, tokens, lengths, rows: SamplingRows, *, arch: Architecture, cuts: tuple[int, ...]):
     logits, kv = llama.prefill(params, tokens, lengths, arch)
     first, is_stop = sample(logits, rows, jnp.zeros(tokens.shape[0], jnp.int32))
-    stacked = kv.stacked()
     bounds = (0, *cuts, arch.num_layers)
-    return first, is_stop, tuple(stacked[:, a:b] for a, b in zip(bounds, bounds[1:]))
+    return first, is_stop, tuple(kv[:, a:b] for a, b in zip(bounds, bounds[1:]))
 
 
 class PrefillProgram:
@@ -244,9 +243,9 @@ class Stage:
         """Compile the insert of a (batch, bucket) prefill cut at ``starts``, ahead of time."""
         bounds = [*starts, self.arch.num_layers]
         mine = [(a, b) for a, b in zip(bounds, bounds[1:]) if self.span.start <= a < self.span.stop]
-        k = self.cache.k
+        v = self.cache.v
         pieces = tuple(
-            jax.ShapeDtypeStruct((2, b - a, batch, k.shape[2], bucket, k.shape[4]), k.dtype, sharding=self.kv_sharding)
+            jax.ShapeDtypeStruct((2, b - a, batch, v.shape[2], bucket, v.shape[4]), v.dtype, sharding=self.kv_sharding)
             for a, b in mine
         )
         offsets = tuple(a - self.span.start for a, _ in mine)
