@@ -67,6 +67,9 @@ class ServerSection(BaseModel):
     max_waiting: PositiveInt = Field(default=256, description="requests waiting for prefill; more get RESOURCE_EXHAUSTED")
     drain_seconds: float = Field(default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     warmup: bool = Field(default=True, description="compile every program shape before reporting SERVING")
+    compile_cache: str | None = Field(
+        default="~/.cache/jds/compiled", description="directory of compiled programs kept across restarts; null compiles afresh"
+    )
 
 
 class ClusterSection(BaseModel):

@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=None, help="the router's OpenAI-compatible HTTP port")
     parser.add_argument("--metrics-port", type=int, default=None, help="the router's Prometheus port")
     parser.add_argument("--no-warmup", action="store_true", help="instances skip compiling ahead")
+    parser.add_argument("--compile-cache", default=None, help="the instances' directory of compiled programs (default: server.compile_cache); 'none' compiles afresh")
     parser.add_argument("--log-requests", action="store_true", help="the router logs one line per finished request")
     parser.add_argument("--no-restart", action="store_true", help="leave an instance that exits down")
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds each instance may take to serve")
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         extra = ["--no-warmup"] if args.no_warmup else []
+        extra += [f"--compile-cache={args.compile_cache}"] if args.compile_cache is not None else []
         router_extra = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items() if name.endswith("port") and value is not None]
         router_extra += ["--log-requests"] if args.log_requests else []
         instances, router = plan_children(args.config, config, extra, router_extra)

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible API over HTTP here (default: server.http_port, off; 0 picks one)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: server.metrics_port)")
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling ahead (first requests compile)")
+    parser.add_argument("--compile-cache", default=None, help="directory of compiled programs kept across restarts (default: server.compile_cache); 'none' compiles afresh")
     parser.add_argument("--log-requests", action="store_true", help="one log line per finished request, with its timings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -101,14 +102,24 @@ def main(argv: list[str] | None = None) -> int:
             _give_cpu_devices(len(spec.process_share(spec.devices, args.process)))
             if spec.processes > 1:
                 _join_instance(config, f"{args.role}{args.instance}", spec.processes, args.process)
+            _use_compile_cache(config, args)
             return _serve_instance(config, args, spec, address)
         if args.role == "all":
             _pin_cpus(config.placement.cpus, "placement.cpus")
             _give_cpu_devices(max(config.placement.devices) + 1)
+        _use_compile_cache(config, args)
         return _serve(config, args)
     except (ConfigError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 1
+
+
+def _use_compile_cache(config: Config, args: argparse.Namespace) -> None:
+    """Before anything compiles: keep compiled programs where the flag or the config says."""
+    from jds.engine.compile_cache import use_compile_cache
+
+    directory = config.server.compile_cache if args.compile_cache is None else args.compile_cache
+    use_compile_cache(None if directory == "none" else directory)
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:

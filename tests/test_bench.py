@@ -124,6 +124,9 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(tmp_path):
     assert "Engine decode against the bare step" in (out / "micro.md").read_text()
     assert set(result["peers"]) == {"transformers", "llama.cpp"} and all(n == "not measured: --no-peer" for n in result["peers"].values())
     assert result["peak_rss_bytes"]["jds"] > result["weight_bytes"]  # the process holds at least the weights
+    startup = result["startup"]  # the server started twice, the second time from the compile cache the first filled
+    assert startup["programs"] > 0 and startup["cold_seconds"] > 0 and startup["warm_seconds"] > 0
+    assert f"compiling all {startup['programs']} program shapes" in (out / "micro.md").read_text()
 
 
 def test_a_peer_runs_in_its_own_process_and_reports_that_process_peak_memory():

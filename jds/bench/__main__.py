@@ -143,7 +143,7 @@ def _micro(args: argparse.Namespace, out: Path) -> int:
     # threads among devices, so a process with more would time single-device programs slower.
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     from jds.bench import micro
-    from jds.config import load_config
+    from jds.config import DEFAULT_CONFIG, load_config
     from jds.model.loader import load_model
 
     config = load_config(args.config)
@@ -153,9 +153,12 @@ def _micro(args: argparse.Namespace, out: Path) -> int:
     gguf = str(config.resolve_path(checkpoint)) if checkpoint and checkpoint.endswith(".gguf") else None
     log.info("measuring the installed peers")
     peers = micro.measure_peers(gguf, batches, prompts, wanted=not args.no_peer)
+    log.info("measuring the server's start-up")
+    startup = micro.server_startup(Path(args.config) if args.config else DEFAULT_CONFIG)
     model = load_model(config)
     log.info("measuring jds")
     result = micro.run(model, batches, contexts, prompts, peers)
+    result["startup"] = startup
     log.info("measuring the engine's decode")
     result["engine"] = micro.engine_decode(config, model)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,11 @@ import functools
 import importlib.util
 import multiprocessing
 import os
+import re
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from jds.bench.server_process import ServerProcess
 from jds.config import Config
 from jds.engine.programs import PrefillProgram, length_buckets, place_params
 from jds.engine.request import Request
@@ -121,6 +124,24 @@ def prefill_and_handoff(model: LoadedModel, tokens: int, devices: list[jax.Devic
     target = StageTarget(stage_spans(model.arch.num_layers, 1)[0], NamedSharding(make_mesh([destination]), mesh_spec(TRANSIT_AXES)))
     handoffs = sorted((send_kv(kv["pieces"], [target]) for _ in range(5)), key=lambda h: h.seconds)
     return prefill_seconds, handoffs[2].seconds, handoffs[2].bytes
+
+
+COMPILED = re.compile(r"compiled (\d+) programs in")
+
+
+def server_startup(config_path: Path) -> dict:
+    """Seconds from starting ``python -m jds.server`` to SERVING, warm-up compile included: first
+    with an empty compile cache (a first start on a machine), then again with the cache it filled
+    (every later start); and how many programs warm-up compiles."""
+    seconds = []
+    with tempfile.TemporaryDirectory() as folder:
+        for run in ("cold", "warm"):
+            begin = time.monotonic()
+            proc = ServerProcess(config_path, Path(folder) / f"{run}.log", "--compile-cache", str(Path(folder) / "compiled"))
+            seconds.append(time.monotonic() - begin)
+            text = proc.text()
+            proc.stop()
+    return {"cold_seconds": seconds[0], "warm_seconds": seconds[1], "programs": int(COMPILED.search(text).group(1))}
 
 
 def peak_rss_bytes() -> int:
@@ -341,6 +362,15 @@ def markdown(result: dict) -> str:
             f"{r['handoff_bytes'] / 1e6:.1f} | {ms(r['handoff_seconds'])} | {r['handoff_gb_per_s']:.1f} | {r['handoff_of_prefill']:.1%} |{peers(r)}"
         )
     lines += ["", f"Handoff: {result['handoff']}. Peers decode from a 16-token prompt (a short, growing cache)."]
+    if "startup" in result:
+        s = result["startup"]
+        lines += [
+            "",
+            "## Start-up",
+            "",
+            f"`python -m jds.server` to SERVING, compiling all {s['programs']} program shapes ahead: "
+            f"**{s['cold_seconds']:.1f} s** with an empty compile cache, **{s['warm_seconds']:.1f} s** when restarted with the cache it filled.",
+        ]
     engine = result.get("engine", {})
     if "note" in engine:
         lines += ["", f"Engine decode against the bare step: {engine['note']}."]

@@ -11,6 +11,8 @@ the stages busy, and WORKSPACE.md says why this is not one SPMD program).
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
@@ -28,6 +30,8 @@ from jds.model.kv_cache import TRANSIT_AXES, KVCache, insert
 from jds.model.params import Params
 from jds.model.sampling import SamplingRows, sample
 from jds.transfer.handoff import StageTarget
+
+log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
 MAX_STOP_IDS = 8
@@ -339,5 +343,7 @@ def compile_all(jobs: list[Callable[[], None]], progress: bool) -> None:
     """Run ahead-of-time compile jobs, with a progress bar."""
     from tqdm.auto import tqdm
 
+    start = time.perf_counter()
     for job in tqdm(jobs, desc="compiling", unit="program", disable=not progress):
         job()
+    log.info("compiled %d programs in %.1f s", len(jobs), time.perf_counter() - start)
