@@ -150,6 +150,38 @@ class _Gate:
         return self.fn(*args, **kwargs)
 
 
+def test_slots_are_handed_out_lowest_first():
+    from jds.engine.slots import SlotPool
+
+    pool = SlotPool(4, threading.Condition())
+    assert [pool.try_reserve() for _ in range(3)] == [0, 1, 2]
+    pool.release(1)
+    pool.release(0)
+    assert [pool.try_reserve(), pool.try_reserve(), pool.try_reserve(), pool.try_reserve()] == [0, 1, 3, None]
+
+
+def test_a_decode_step_computes_the_rows_up_to_the_highest_slot_in_use(tiny, monkeypatch):
+    from jds.engine.programs import Pipeline
+
+    rows: list[int] = []
+    forward = Pipeline.forward
+
+    def counted(self, tokens, *args):
+        rows.append(tokens.shape[0])
+        return forward(self, tokens, *args)
+
+    monkeypatch.setattr(Pipeline, "forward", counted)
+    engine = _engine(tiny, {"instances": {"devices": [0], "slots": 16}})  # row buckets 1, 8, 16
+    try:
+        _run(engine, PROMPTS[:1])
+        assert set(rows) == {1}  # alone in slot 0
+        rows.clear()
+        _run(engine, PROMPTS[:5], tag="five")  # slots 0-4 while all run: 8 rows
+        assert max(rows) == 8 and set(rows) <= {1, 8}
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("where", ["waiting", "prefill", "transfer", "decode"])
 def test_abort_anywhere_frees_slot_and_kv(tiny, monkeypatch, where):
     engine = _engine(tiny, DISAGG)

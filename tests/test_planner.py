@@ -107,10 +107,24 @@ def test_requests_wait_for_a_decode_slot_and_tpot_counts_the_wait():
 def test_decode_rounds_read_the_context_bucket_of_the_longest_sequence():
     decode = DecodeModel(base=0.0, per_row=0.0, per_context=0.001)  # seconds per row per context position
     (r,) = simulate(_disaggregated(slots=2), _profile(decode=decode), [PlannedRequest(0.0, 30, 4)], 512)
-    # positions 30, 31 read bucket 32; position 32 still reads 32; 2 slots x 32 x 0.001 = 0.064 s a round
-    assert np.diff(r.token_times)[1:] == pytest.approx([0.064, 0.064])
+    # positions 30, 31 read bucket 32; position 32 still reads 32; 1 row (slot 0 alone) x 32 x 0.001 = 0.032 s a round
+    assert np.diff(r.token_times)[1:] == pytest.approx([0.032, 0.032])
     (r,) = simulate(_disaggregated(slots=2), _profile(decode=decode), [PlannedRequest(0.0, 33, 3)], 512)
-    assert np.diff(r.token_times)[1:] == pytest.approx([0.128])  # bucket 64
+    assert np.diff(r.token_times)[1:] == pytest.approx([0.064])  # bucket 64
+
+
+def test_decode_rounds_compute_the_rows_up_to_the_highest_slot_in_use():
+    decode = DecodeModel(base=0.0, per_row=0.1, per_context=0.0)  # 16 slots: row buckets 1, 8, 16
+    blocker = PlannedRequest(0.0, 20, 1)  # prefilled 0-1 s, no decode: the five that come meanwhile share the next batch
+
+    def five(long: int) -> list:
+        return [PlannedRequest(0.1, 20, 4 if i == long else 2) for i in range(5)]
+
+    # the five are prefilled 1-2 s, land at 2.25 in slots 0-4, and the first round computes 8 rows (0.8 s)
+    low_stays = simulate(_disaggregated(slots=16), _profile(decode=decode), [blocker, *five(0)], 512)
+    assert low_stays[1].token_times == pytest.approx([2.0, 3.05, 3.15, 3.25])  # slot 0 alone after it: 1 row
+    high_stays = simulate(_disaggregated(slots=16), _profile(decode=decode), [blocker, *five(4)], 512)
+    assert high_stays[5].token_times == pytest.approx([2.0, 3.05, 3.85, 4.65])  # slot 4 alone: rows 0-4, a bucket of 8
 
 
 def test_colocated_prefill_interrupts_running_decodes():

@@ -71,15 +71,15 @@ class DecodeBatch:
         members = {s: seq for s, seq in self.active.items() if lo <= s < hi}
         if not members:
             return
-        n = hi - lo
+        n = self.pipeline.rows(max(members) - lo + 1)  # rows lo .. lo + n, a bucket covering every member
         tokens, steps = np.zeros((n, 1), np.int32), np.zeros(n, np.int32)
-        # Free slots still compute (the whole microbatch runs), but at a position past the cache,
-        # so their K/V writes are dropped: a slot being filled chunk by chunk must not be touched.
+        # Free slots among those rows still compute, but at a position past the cache, so their
+        # K/V writes are dropped: a slot being filled chunk by chunk must not be touched.
         positions = np.full(n, self.pipeline.max_seq_len, np.int32)
         for s, seq in members.items():
             tokens[s - lo, 0], positions[s - lo], steps[s - lo] = seq.tokens[-1], seq.position, len(seq.tokens)
         context = self.pipeline.context(max(seq.position for seq in members.values()))
-        out = self.pipeline.forward(tokens, positions, lo, np.zeros(n, np.int32), slice_rows(self.rows, lo, hi), steps, context)
+        out = self.pipeline.forward(tokens, positions, lo, np.zeros(n, np.int32), slice_rows(self.rows, lo, lo + n), steps, context)
         self._inflight[m] = (out, members)
 
     def _collect(self, m: int) -> None:

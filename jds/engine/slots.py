@@ -7,13 +7,17 @@ engine share one condition, so a router waiting for room wakes when any instance
 
 from __future__ import annotations
 
+import heapq
 import threading
 
 
 class SlotPool:
+    """Free slots of one decode instance, handed out lowest first: a decode step computes the rows
+    up to the highest slot in use, so keeping the busy slots low keeps light-load steps small."""
+
     def __init__(self, slots: int, cond: threading.Condition):
         self.size = slots
-        self._free = list(range(slots - 1, -1, -1))  # pop() hands out the lowest index first
+        self._free = list(range(slots))  # a heap
         self._cond = cond
 
     @property
@@ -26,11 +30,11 @@ class SlotPool:
 
     def try_reserve(self) -> int | None:
         with self._cond:
-            return self._free.pop() if self._free else None
+            return heapq.heappop(self._free) if self._free else None
 
     def release(self, slot: int) -> None:
         with self._cond:
             if slot in self._free:
                 raise RuntimeError(f"slot {slot} released twice")
-            self._free.append(slot)
+            heapq.heappush(self._free, slot)
             self._cond.notify_all()

@@ -7,7 +7,7 @@ grows with the batch size and the total context read. A handoff is a fixed laten
 over a bandwidth. Each model is linear in its coefficients, so ordinary least squares fits it.
 
 Shapes are the ones the engine really runs: prompts padded to their length bucket and the batch
-to a power of two, decode steps over every slot of a microbatch at the context bucket. The
+to a power of two, decode steps over a row bucket of a microbatch at the context bucket. The
 simulator asks for those same shapes, so padding costs appear in predictions as they do in
 reality.
 """
@@ -72,7 +72,7 @@ class PrefillModel(_Model):
 class DecodeModel(_Model):
     """Seconds of one decode round: ``base + per_row * batch + per_context * batch * context``.
 
-    ``batch`` is the rows a step computes (every slot of the microbatch, free ones too) and
+    ``batch`` is the rows a step computes (up to the highest slot in use, free ones among them too) and
     ``context`` the cache positions each reads. ``base`` is the weights' read time plus the fixed
     cost of a step (dispatch, sampling, the host loop).
     """

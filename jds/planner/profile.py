@@ -113,6 +113,11 @@ class Profile(_Section):
     )
     serving: Serving = Field(default_factory=Serving)
 
+    @property
+    def cpu(self) -> bool:
+        """Whether the devices are CPU cores (the profiler names them so)."""
+        return self.device.startswith("CPU")
+
     def prefill_latency(self, tp: int) -> PrefillEntry:
         for entry in self.prefill:
             if entry.tp == tp:

@@ -10,8 +10,9 @@ depends on them:
   each request's row is pulled by the decode instance's landing thread, one at a time, once it
   holds a slot (and, where the profile says pulls wait for prefill, not before the prefill process
   finishes the batch it is computing);
-- a decode round computes every slot at the context bucket of the longest sequence, and KV that
-  landed joins at the next round;
+- slots are handed out lowest first; a decode round computes the slots up to the highest in use,
+  rounded up to a row bucket (every slot when an instance runs several microbatches), at the
+  context bucket of the longest sequence, and KV that landed joins at the next round;
 - a colocated instance runs a prefill batch (or one chunk) whenever it has free slots and requests
   wait, then a decode round: the interference disaggregation removes.
 
@@ -30,7 +31,7 @@ from collections.abc import Callable, Sequence
 from jds.bench.metrics import RequestRecord
 from jds.bench.workloads import PlannedRequest
 from jds.engine.prefill import PENDING_BATCHES
-from jds.engine.programs import length_buckets, pow2_at_least
+from jds.engine.programs import length_buckets, pow2_at_least, row_buckets
 from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillBatching
 from jds.planner.latency import TransferModel
 from jds.planner.profile import DecodeEntry, PrefillEntry, Profile
@@ -57,6 +58,7 @@ class _Request:
         self.first: float | None = None  # when prefill published its token
         self.decoder: _Decoder | None = None
         self.join = 0  # index of its first round in its decoder's ``round_ends``
+        self.slot = 0  # which slot of its decoder it holds
         self.finished = False
 
     def first_token(self, when: float) -> bool:
@@ -98,16 +100,18 @@ def _prefill_seconds(latency: PrefillEntry, buckets: list[int], batch: list[_Req
 class _Decoder:
     """One decode instance (or a colocated instance's decode half): slots and rounds.
 
-    A round's cost depends only on the slot count and the longest sequence, so a round is
+    A round's cost depends only on the rows it computes and the longest sequence, so a round is
     simulated in O(log n) whatever the batch: each request's token times are the round end
     times from its first round on (``_Request.record``), finishing requests come off a heap
-    keyed by their last round, and the longest one off a heap keyed by its length at round 0.
+    keyed by their last round, the longest one off a heap keyed by its length at round 0, and
+    the highest slot in use off a heap of slots. ``microbatches`` above 1 computes every slot.
     """
 
-    def __init__(self, clock: _Clock, latency: DecodeEntry, slots: int, max_seq_len: int, on_free: Callable[[], None]):
+    def __init__(self, clock: _Clock, latency: DecodeEntry, slots: int, microbatches: int, max_seq_len: int, on_free: Callable[[], None]):
         self.clock = clock
         self.latency = latency
         self.slots = slots
+        self.row_buckets = row_buckets(slots) if microbatches == 1 else [slots]
         self.free = slots
         self.reserved_elsewhere = 0  # sent here by a router but not yet holding a slot
         self.contexts = length_buckets(max_seq_len)
@@ -119,7 +123,10 @@ class _Decoder:
         self._finishing: list = []  # (index of its last round, order, request)
         self._longest: list = []  # (-(position at round 0), order, request); finished ones linger until on top
         self._order = itertools.count()
-        self._cost: dict[int, float] = {}  # round seconds by context
+        self._free_slots = list(range(slots))  # a heap: lowest first, as the engine's SlotPool
+        self._in_use = [False] * slots
+        self._highest: list[int] = []  # negated slots taken; freed ones linger until on top
+        self._cost: dict[tuple[int, int], float] = {}  # round seconds by (rows, context)
 
     @property
     def busy(self) -> bool:
@@ -129,26 +136,33 @@ class _Decoder:
         """Requests take part from the next round on (their slots already counted off ``free``)."""
         k = len(self.round_ends)
         for r in requests:
-            r.decoder, r.join = self, k
+            r.decoder, r.join, r.slot = self, k, heapq.heappop(self._free_slots)
+            self._in_use[r.slot] = True
+            heapq.heappush(self._highest, -r.slot)
             self.active += 1
             heapq.heappush(self._finishing, (k + r.planned.output_len - 2, next(self._order), r))
             heapq.heappush(self._longest, (k - r.planned.input_len, next(self._order), r))
 
     def round_seconds(self) -> float:
-        """The next round: every slot computed, at the context bucket of the longest sequence."""
+        """The next round: the rows up to the highest slot in use, at the context bucket of the longest sequence."""
         while self._longest[0][2].finished:
             heapq.heappop(self._longest)
+        while not self._in_use[-self._highest[0]]:
+            heapq.heappop(self._highest)
+        rows = bucket(self.row_buckets, 1 - self._highest[0])
         context = bucket(self.contexts, len(self.round_ends) - self._longest[0][0])  # the longest one's position
-        if context not in self._cost:
-            self._cost[context] = self.latency.seconds(self.slots, context)
-        return self._cost[context]
+        if (rows, context) not in self._cost:
+            self._cost[rows, context] = self.latency.seconds(rows, context)
+        return self._cost[rows, context]
 
     def finish_round(self) -> None:
         k = len(self.round_ends)
         self.round_ends.append(self.clock.now)
         freed = 0
         while self._finishing and self._finishing[0][0] == k:
-            heapq.heappop(self._finishing)[2].finished = True
+            r = heapq.heappop(self._finishing)[2]
+            r.finished, self._in_use[r.slot] = True, False
+            heapq.heappush(self._free_slots, r.slot)
             freed += 1
         if freed:
             self.active -= freed
@@ -316,7 +330,7 @@ class _Colocated:
         self.prefill = prefill
         self.buckets = buckets
         self.waiting = waiting
-        self.decoder = _Decoder(clock, decode, spec.slots, spec.max_seq_len or max_seq_len, lambda: None)
+        self.decoder = _Decoder(clock, decode, spec.slots, 1, spec.max_seq_len or max_seq_len, lambda: None)
         self.chunking: tuple[_Request, int] | None = None  # (request, prompt tokens done)
         self.busy = False
 
@@ -420,4 +434,5 @@ def simulate(
 
 
 def _decoder(clock: _Clock, profile: Profile, spec: DecodeInstance, max_seq_len: int, on_free: Callable[[], None]) -> _Decoder:
-    return _Decoder(clock, profile.decode_latency(spec.tp, spec.pp), spec.slots, spec.max_seq_len or max_seq_len, on_free)
+    latency, microbatches = profile.decode_latency(spec.tp, spec.pp), spec.num_microbatches(profile.cpu)
+    return _Decoder(clock, latency, spec.slots, microbatches, spec.max_seq_len or max_seq_len, on_free)
