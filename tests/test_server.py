@@ -115,10 +115,10 @@ BAD = [
     ({"text": "hi", "token_ids": [1, 2]}, "input: .*got text and token_ids"),
     ({"token_ids": [1, 49152]}, r"token_ids: ids must be in \[0, 49152\)"),
     ({"token_ids": [-3]}, "token_ids: ids must be in"),
-    ({"token_ids": [1] * MAX_SEQ_LEN}, "token_ids: the prompt has 128 tokens; max_seq_len is 128"),
+    ({"token_ids": [1] * MAX_SEQ_LEN}, f"token_ids: the prompt has {MAX_SEQ_LEN} tokens; max_seq_len is {MAX_SEQ_LEN}"),
     ({"text": "hi", "max_tokens": 0}, "max_tokens: must be an integer >= 1"),
     ({"text": "hi", "max_tokens": -5}, "max_tokens: must be an integer >= 1"),
-    ({"text": "hi", "max_tokens": 500}, "max_tokens: 500 is beyond the limit"),
+    ({"text": "hi", "max_tokens": 1000}, "max_tokens: 1000 is beyond the limit"),
     ({"text": "hi", "temperature": -0.5}, "temperature: must be >= 0"),
     ({"text": "hi", "top_p": 0.0}, r"top_p: must be in \(0, 1\]"),
     ({"text": "hi", "top_p": 1.5}, r"top_p: must be in \(0, 1\]"),
@@ -153,7 +153,7 @@ def test_cancel_and_deadline_free_the_slot_and_count_as_aborted(server, stub):
     assert (info.slots_in_use, info.running) == (0, 0)
 
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.Generate(pb.GenerateRequest(**{**long, "max_tokens": 127 - 3}), timeout=0.2))
+        list(stub.Generate(pb.GenerateRequest(**{**long, "max_tokens": MAX_SEQ_LEN - 3}), timeout=0.2))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     info = wait_idle(stub)
     assert (info.slots_in_use, info.running) == (0, 0)

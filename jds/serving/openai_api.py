@@ -31,7 +31,7 @@ from jds.serving.openai_schema import ChatCompletionRequest, CompletionRequest
 
 HTTP_STATUS = {"invalid": 400, "not_found": 404, "busy": 429, "unavailable": 503}
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}
-DISCONNECT_POLL_SECONDS = 0.25
+DISCONNECT_POLL_SECONDS = 0.1
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
