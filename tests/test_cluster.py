@@ -63,7 +63,8 @@ def cluster(tmp_path_factory):
         "pull_timeout_seconds": 10,
         "on_pull_failure": "reprefill",  # KV lost with a killed prefill process is prefilled again
     }
-    config["server"] = {"max_waiting": 16}
+    # compile afresh: the cancellation test needs a prefill still compiling, not loaded from an earlier run's cache
+    config["server"] = {"max_waiting": 16, "compile_cache": None}
     (folder / "cluster.yaml").write_text(yaml.safe_dump(config))
     proc = ServerProcess(folder / "cluster.yaml", folder / "launch.log", "--no-warmup")
     proc.config = config

@@ -21,7 +21,7 @@ def write_config(path, max_waiting: int = 8, cpus: list[int] | None = None) -> N
     tiny = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     tiny["model"]["max_seq_len"] = MAX_SEQ_LEN
     tiny["placement"] = {"mode": "colocated", "instances": [{"devices": [0], "slots": SLOTS, "max_batch": 2}], "cpus": cpus}
-    tiny["server"] = {"max_waiting": max_waiting, "drain_seconds": 30}
+    tiny["server"] = {"max_waiting": max_waiting, "drain_seconds": 30, "compile_cache": None}  # compile afresh: no run sees another's programs
     path.write_text(yaml.safe_dump(tiny))
 
 
