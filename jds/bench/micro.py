@@ -83,9 +83,14 @@ def decode_weight_bytes(model: LoadedModel) -> int:
     return total if model.params.lm_head is None else total - model.params.embed.nbytes
 
 
+# One jitted step for every shape, so a shape measured again reuses its compiled program.
+_decode_step = jax.jit(llama.decode_step, static_argnames="arch", donate_argnums=1)
+DECODE_PASSES = 3
+
+
 def decode_step_seconds(model: LoadedModel, batch: int, context: int) -> float:
     """One jitted decode step of ``batch`` rows over a cache of ``context`` positions."""
-    step = jax.jit(functools.partial(llama.decode_step, arch=model.arch), donate_argnums=1)
+    step = functools.partial(_decode_step, arch=model.arch)
     state = {"cache": KVCache.zeros(model.arch, batch, context, model.dtype)}
     tokens = np.full(batch, 100, np.int32)
     positions = np.full(batch, context // 2, np.int32)
@@ -288,10 +293,18 @@ def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: li
     def peer_times(phase: str, key: int) -> dict[str, float]:
         return {name: p[phase][key] for name, p in peers.items() if key in p.get(phase, {})}
 
+    # The whole grid, DECODE_PASSES times over (every other pass in reverse, so no shape always
+    # follows the same one), and each shape's median pass: on a shared host a shape caught in a
+    # slow spell (a second or two) otherwise reads up to 3x slow in one run.
+    grid = [(batch, context) for context in contexts for batch in batches]
+    passes = collections.defaultdict(list)
+    for n in range(DECODE_PASSES):
+        for batch, context in grid if n % 2 == 0 else reversed(grid):
+            passes[batch, context].append(decode_step_seconds(model, batch, context))
     decode = []
     for context in contexts:
         for batch in batches:
-            seconds = decode_step_seconds(model, batch, context)
+            seconds = statistics.median(passes[batch, context])
             read = weights + batch * context * kv_per_token  # the step reads every cache position
             decode.append({"batch": batch, "context": context, "seconds": seconds, "bytes": read,
                            "gb_per_s": read / seconds / 1e9, "floor_seconds": read / bandwidth,
