@@ -32,7 +32,7 @@ def use_compile_cache(directory: str | None) -> None:
         log.warning("not keeping compiled programs: %s", exc)
         return
     jax.config.update("jax_compilation_cache_dir", str(path))
-    # Every program, however quick to compile: most take under a second, and 66 of them add up.
+    # Every program, however quick to compile: most take under a second, and 74 of them add up.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     log.info("compiled programs are kept in %s", path)

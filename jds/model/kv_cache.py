@@ -39,10 +39,6 @@ class KVCache:
         return cls(k=jnp.zeros((*lead, arch.head_dim, seq), dtype), v=jnp.zeros((*lead, seq, arch.head_dim), dtype))
 
     @property
-    def batch(self) -> int:
-        return self.v.shape[1]
-
-    @property
     def seq(self) -> int:
         return self.v.shape[3]
 
