@@ -43,6 +43,10 @@ class ModelSection(BaseModel):
         default="checkpoint", description="'checkpoint', a tokenizer.json / GGUF path, or null for token ids only"
     )
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    quantization: Literal["none", "int8"] = Field(
+        default="none",
+        description="int8: projection and embedding weights stored as int8, one scale per output channel",
+    )
     seed: int = 0
     max_seq_len: PositiveInt | None = Field(default=None, description="longest prompt + output; default 2048")
 

@@ -111,7 +111,11 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(tmp_path):
     assert main(["micro", "--config", str(CONFIGS / "tiny.yaml"), "--batches", "1,4", "--contexts", "64", "--prompts", "32", "--no-peer", "--out", str(out)]) == 0
     result = json.loads((out / "micro.json").read_text())
     assert result["memory_bandwidth_gb_per_s"] > 0 and result["matmul_gflop_per_s"] > 0
-    assert [(r["batch"], r["context"]) for r in result["decode"]] == [(1, 64), (4, 64)]
+    assert [(r["weights"], r["batch"], r["context"]) for r in result["decode"]] == [
+        ("float", 1, 64), ("float", 4, 64), ("int8", 1, 64), ("int8", 4, 64)
+    ]
+    float_bytes, int8_bytes = result["weight_bytes"], result["int8_weight_bytes"]
+    assert int8_bytes < float_bytes / 3  # int8 values and their float32 scales against float32 weights
     for row in result["decode"]:
         assert row["over_floor"] == pytest.approx(row["seconds"] / row["floor_seconds"])
         assert row["floor_seconds"] == pytest.approx(row["bytes"] / (result["memory_bandwidth_gb_per_s"] * 1e9))

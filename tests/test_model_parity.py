@@ -18,12 +18,18 @@ import torch
 
 from jds.model import llama
 from jds.model.kv_cache import KVCache, insert
+from jds.model.quantize import quantize_params
 from jds.model.weights.gguf_file import load_gguf
 from jds.model.weights.hf_checkpoint import load_hf
 from reference_models import save_hf, tiny_hf_model
 
 TINY_BOUND = 1e-4
 SMOLLM2_BOUND = 1e-3
+# Weight-only int8 (one scale per output channel) moved SmolLM2's logits by up to 1.33 here, and
+# the top token agreed with transformers at every checked position; a wrong layout or scale moves
+# them by many units and the top token almost everywhere.
+INT8_BOUND = 2.0
+INT8_AGREEMENT = 0.95
 
 prefill_jit = jax.jit(llama.prefill, static_argnums=3)
 decode_jit = jax.jit(llama.decode_step, static_argnums=4)
@@ -49,30 +55,40 @@ def _reference_logits(model, prompt: list[int]) -> np.ndarray:
         return model(torch.tensor([prompt])).logits[0].numpy()
 
 
-def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bound: float) -> None:
-    """Batched, padded prefill matches at each prompt's last token; decode steps match after it."""
+def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bound: float) -> tuple[float, float]:
+    """Batched, padded prefill matches at each prompt's last token; decode steps match after it.
+    Returns the largest logit difference seen and the share of positions whose top token agrees."""
     params = jax.device_put(params)
     refs = [_reference_logits(model, p) for p in prompts]
+    seen = {"worst": 0.0, "agree": 0, "count": 0}
+
+    def check(actual, expected) -> None:
+        actual = np.asarray(actual)
+        np.testing.assert_allclose(actual, expected, atol=bound, rtol=0)
+        seen["worst"] = max(seen["worst"], float(np.max(np.abs(actual - expected))))
+        seen["agree"] += int(np.sum(actual.argmax(-1) == expected.argmax(-1)))
+        seen["count"] += actual.size // actual.shape[-1]
+
     split = [len(p) // 2 for p in prompts]
     tokens, lengths = _padded([p[:s] for p, s in zip(prompts, split)], 16)
     logits, kv = prefill_jit(params, tokens, lengths, arch)
     for i, ref in enumerate(refs):
-        np.testing.assert_allclose(np.asarray(logits[i]), ref[split[i] - 1], atol=bound, rtol=0)
+        check(logits[i], ref[split[i] - 1])
 
     # Decode the rest of each prompt token by token from slots that are not the prefill rows.
-    cache = insert(KVCache.zeros(arch, len(prompts) + 1, 64, params.embed.dtype), kv, np.arange(1, len(prompts) + 1))
+    cache = insert(KVCache.zeros(arch, len(prompts) + 1, 64, params.final_norm.dtype), kv, np.arange(1, len(prompts) + 1))
     positions = np.array([0] + split, np.int32)
     for _ in range(max(len(p) - s for p, s in zip(prompts, split))):
         step_tokens = np.array([0] + [p[min(pos, len(p) - 1)] for p, pos in zip(prompts, positions[1:])], np.int32)
         logits, cache = decode_jit(params, cache, step_tokens, positions, arch)
         for i, (p, ref) in enumerate(zip(prompts, refs)):
             if positions[i + 1] < len(p):
-                np.testing.assert_allclose(np.asarray(logits[i + 1]), ref[positions[i + 1]], atol=bound, rtol=0)
+                check(logits[i + 1], ref[positions[i + 1]])
         positions = positions + 1
 
     # Chunked prefill: each prompt in chunks of 5 against its own cache row, every position checked;
     # each chunk reads only the cache positions in use, rounded up to a power of two (>= 16 of 64).
-    cache = KVCache.zeros(arch, 2, 64, params.embed.dtype)
+    cache = KVCache.zeros(arch, 2, 64, params.final_norm.dtype)
     for p, ref in zip(prompts, refs):
         for start in range(0, len(p), CHUNK):
             chunk = np.zeros((1, CHUNK), np.int32)
@@ -80,7 +96,8 @@ def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bou
             context = max(16, 1 << max(start - 1, 0).bit_length())
             logits, cache = chunk_jit(params, cache, chunk, np.array([start], np.int32), 1, arch, context)
             real = min(CHUNK, len(p) - start)
-            np.testing.assert_allclose(np.asarray(logits[0, :real]), ref[start : start + real], atol=bound, rtol=0)
+            check(logits[0, :real], ref[start : start + real])
+    return seen["worst"], seen["agree"] / seen["count"]
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -108,3 +125,12 @@ def test_smollm2_gguf_matches_transformers(smollm2_gguf, hf_smollm2, hf_smollm2_
     texts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Hello! How are you today? I"]
     prompts = [hf_smollm2_tokenizer(t)["input_ids"] for t in texts]
     _check_prefill_and_decode(hf_smollm2, arch, params, prompts, SMOLLM2_BOUND)
+
+
+def test_smollm2_int8_weights_stay_near_transformers(smollm2_gguf, hf_smollm2, hf_smollm2_tokenizer):
+    arch, params = load_gguf(smollm2_gguf, progress=False)
+    texts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Hello! How are you today? I"]
+    prompts = [hf_smollm2_tokenizer(t)["input_ids"] for t in texts]
+    worst, agree = _check_prefill_and_decode(hf_smollm2, arch, quantize_params(params), prompts, INT8_BOUND)
+    print(f"int8 against transformers: largest logit difference {worst:.3f}, top token agrees at {agree:.0%} of positions")
+    assert agree >= INT8_AGREEMENT

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import importlib.util
 import multiprocessing
@@ -43,6 +44,7 @@ from jds.mesh.stages import stage_spans
 from jds.model import llama
 from jds.model.kv_cache import TRANSIT_AXES, KVCache
 from jds.model.loader import LoadedModel
+from jds.model.quantize import quantize_params
 from jds.model.weights.gguf_file import open_gguf
 from jds.sampling_params import SamplingParams
 from jds.transfer.handoff import StageTarget, send_kv
@@ -80,7 +82,8 @@ def decode_weight_bytes(model: LoadedModel) -> int:
     """Weight bytes one decode step reads: all of them, except an untied input embedding, of
     which it reads only the rows of the batch's tokens."""
     total = sum(x.nbytes for x in jax.tree.leaves(model.params))
-    return total if model.params.lm_head is None else total - model.params.embed.nbytes
+    untied_embed = sum(x.nbytes for x in jax.tree.leaves(model.params.embed))
+    return total if model.params.lm_head is None else total - untied_embed
 
 
 # One jitted step for every shape, so a shape measured again reuses its compiled program.
@@ -285,9 +288,14 @@ def engine_decode(config: Config, model: LoadedModel, prompt: int = 64, tokens: 
 
 
 def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: list[int], peers: dict[str, dict]) -> dict:
-    """Every measurement of the micro-benchmark, as one JSON-ready dict (``peers`` from ``measure_peers``)."""
+    """Every measurement of the micro-benchmark, as one JSON-ready dict (``peers`` from ``measure_peers``).
+
+    Decode is measured twice over the grid: with the model's float weights and with the same
+    weights quantised to int8 (``model.quantization: int8``), the form to hold against llama.cpp's
+    8-bit file."""
     bandwidth, flops = memory_bandwidth(), matmul_flops()
-    weights = decode_weight_bytes(model)
+    models = {"float": model, "int8": dataclasses.replace(model, params=quantize_params(model.params))}
+    weights = {kind: decode_weight_bytes(m) for kind, m in models.items()}
     kv_per_token = model.arch.kv_bytes_per_token(model.dtype.itemsize)
 
     def peer_times(phase: str, key: int) -> dict[str, float]:
@@ -296,19 +304,18 @@ def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: li
     # The whole grid, DECODE_PASSES times over (every other pass in reverse, so no shape always
     # follows the same one), and each shape's median pass: on a shared host a shape caught in a
     # slow spell (a second or two) otherwise reads up to 3x slow in one run.
-    grid = [(batch, context) for context in contexts for batch in batches]
+    grid = [(kind, batch, context) for kind in models for context in contexts for batch in batches]
     passes = collections.defaultdict(list)
     for n in range(DECODE_PASSES):
-        for batch, context in grid if n % 2 == 0 else reversed(grid):
-            passes[batch, context].append(decode_step_seconds(model, batch, context))
+        for kind, batch, context in grid if n % 2 == 0 else reversed(grid):
+            passes[kind, batch, context].append(decode_step_seconds(models[kind], batch, context))
     decode = []
-    for context in contexts:
-        for batch in batches:
-            seconds = statistics.median(passes[batch, context])
-            read = weights + batch * context * kv_per_token  # the step reads every cache position
-            decode.append({"batch": batch, "context": context, "seconds": seconds, "bytes": read,
-                           "gb_per_s": read / seconds / 1e9, "floor_seconds": read / bandwidth,
-                           "over_floor": seconds / (read / bandwidth), "peers": peer_times("decode", batch)})  # fmt: skip
+    for kind, batch, context in grid:
+        seconds = statistics.median(passes[kind, batch, context])
+        read = weights[kind] + batch * context * kv_per_token  # the step reads every cache position
+        decode.append({"weights": kind, "batch": batch, "context": context, "seconds": seconds, "bytes": read,
+                       "gb_per_s": read / seconds / 1e9, "floor_seconds": read / bandwidth,
+                       "over_floor": seconds / (read / bandwidth), "peers": peer_times("decode", batch)})  # fmt: skip
     devices = jax.devices()[:2]
     prefill = []
     for tokens in prompts:
@@ -321,7 +328,8 @@ def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: li
     return {
         "model": model.name,
         "dtype": str(model.dtype),
-        "weight_bytes": weights,
+        "weight_bytes": weights["float"],
+        "int8_weight_bytes": weights["int8"],
         "devices": [str(d) for d in devices],
         "memory_bandwidth_gb_per_s": bandwidth / 1e9,
         "matmul_gflop_per_s": flops / 1e9,
@@ -348,7 +356,7 @@ def markdown(result: dict) -> str:
         "",
         f"Machine limits measured in this run: memory bandwidth **{result['memory_bandwidth_gb_per_s']:.1f} GB/s**, "
         f"float32 matmul **{result['matmul_gflop_per_s']:.0f} GFLOP/s**. Weights read per decode step: "
-        f"{result['weight_bytes'] / 1e6:.0f} MB.",
+        f"{result['weight_bytes'] / 1e6:.0f} MB ({result['int8_weight_bytes'] / 1e6:.0f} MB as int8).",
         "",
         "Peers on the same GGUF file: " + "; ".join(f"{n}: {note}" for n, note in result["peers"].items())
         + ". Speed vs a peer is its time over jds' (above 1: jds is faster).",
@@ -357,11 +365,15 @@ def markdown(result: dict) -> str:
         "",
         "## Decode step (memory-bound: floor = bytes read / bandwidth)",
         "",
-        f"| batch | cache positions | jds ms | GB/s | floor ms | jds / floor |{heads}",
-        f"|---:|---:|---:|---:|---:|---:|{rules}",
+        f"| weights | batch | cache positions | jds ms | GB/s | floor ms | jds / floor |{heads}",
+        f"|---|---:|---:|---:|---:|---:|---:|{rules}",
     ]
     for r in result["decode"]:
-        lines.append(f"| {r['batch']} | {r['context']} | {ms(r['seconds'])} | {r['gb_per_s']:.1f} | {ms(r['floor_seconds'])} | {r['over_floor']:.2f} |{peers(r)}")
+        weights = result["dtype"] if r["weights"] == "float" else r["weights"]
+        lines.append(
+            f"| {weights} | {r['batch']} | {r['context']} | {ms(r['seconds'])} | {r['gb_per_s']:.1f} | {ms(r['floor_seconds'])} | "
+            f"{r['over_floor']:.2f} |{peers(r)}"
+        )
     lines += [
         "",
         "## Prefill (compute-bound: ceiling = matmul FLOP/s) and KV handoff",

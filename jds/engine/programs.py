@@ -218,7 +218,7 @@ class Stage:
         self.cache_sharding = shardings(cache_shape, self.mesh)
         self.activations = replicated(self.mesh)
         self.kv_sharding = NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
-        self.dtype = jax.tree.leaves(self.params)[0].dtype
+        self.dtype = self.params.layers.attn_norm.dtype  # the activations' (weights may be int8)
         self._zeros = jax.jit(
             functools.partial(KVCache.zeros, arch, slots, seq, self.dtype, span.num_layers), out_shardings=self.cache_sharding
         )

@@ -8,12 +8,14 @@ Activations stay in the parameter dtype; normalisation, softmax and logits are c
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVCache
-from jds.model.params import LayerParams, Params
+from jds.model.params import Int8Weight, LayerParams, Params, Weight
 from jds.model.rope import apply_rope, inverse_frequencies
 
 _MASKED = jnp.finfo(jnp.float32).min
@@ -96,38 +98,77 @@ def _one_token_attention(
     return out.reshape(b, 1, h, hd).astype(q.dtype)
 
 
+def project(spec: str, x: jax.Array, w: Weight, preferred_element_type: jnp.dtype | None = None) -> jax.Array:
+    """``einsum(spec, x, w)`` for a float weight. For an ``Int8Weight`` the same product as one
+    matrix product of x's trailing (summed) axes, flattened, with the values, then the
+    per-channel scale."""
+    if not isinstance(w, Int8Weight):
+        return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+    x_axes, rest = spec.split(",")
+    w_axes, out_axes = rest.split("->")
+    summed = len(set(x_axes) & set(w_axes) - set(out_axes))
+    lead = x.shape[: x.ndim - summed]
+    rows = x.reshape(math.prod(lead), -1)
+    values = w.values.astype(x.dtype)
+    y = jnp.matmul(rows, values if w.inputs_first else values.T, preferred_element_type=jnp.float32)
+    y = y.reshape(*lead, *w.scale.shape) * w.scale.astype(jnp.float32)
+    return y.astype(preferred_element_type or x.dtype)
+
+
 def mlp(x: jax.Array, layer: LayerParams) -> jax.Array:
-    gate = jnp.einsum("btd,df->btf", x, layer.w_gate)
-    up = jnp.einsum("btd,df->btf", x, layer.w_up)
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer.w_down)
+    gate = project("btd,df->btf", x, layer.w_gate)
+    up = project("btd,df->btf", x, layer.w_up)
+    # silu(gate) * up, ending in a division by a vector: XLA's CPU backend will not copy that
+    # into the loop of an int8 batch-1 product, which would redo it once per output (2.5x slower).
+    return project("btf,fd->btd", gate * up / (1 + jnp.exp(-gate)), layer.w_down)
 
 
 def _qkv(x: jax.Array, layer: LayerParams, positions: jax.Array, arch: Architecture):
     """Project to queries, keys and values; rotate q and k. k and v come out in cache layout."""
     h = rms_norm(x, layer.attn_norm, arch.rms_norm_eps)
     inv_freq = inverse_frequencies(arch)
-    q = apply_rope(jnp.einsum("btd,dhk->bthk", h, layer.wq), positions, inv_freq)
-    k = apply_rope(jnp.einsum("btd,dhk->bthk", h, layer.wk), positions, inv_freq)
-    v = jnp.einsum("btd,dhk->bthk", h, layer.wv)
+    q = apply_rope(project("btd,dhk->bthk", h, layer.wq), positions, inv_freq)
+    k = apply_rope(project("btd,dhk->bthk", h, layer.wk), positions, inv_freq)
+    v = project("btd,dhk->bthk", h, layer.wv)
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
 def _finish_layer(x: jax.Array, attn_out: jax.Array, layer: LayerParams, arch: Architecture) -> jax.Array:
-    x = x + jnp.einsum("bthk,hkd->btd", attn_out, layer.wo)
+    x = x + project("bthk,hkd->btd", attn_out, layer.wo)
     return x + mlp(rms_norm(x, layer.mlp_norm, arch.rms_norm_eps), layer)
 
 
 def logits(params: Params, x: jax.Array, arch: Architecture) -> jax.Array:
     """Final norm and output projection, in float32: ``[B, D] -> [B, vocab]``."""
     h = rms_norm(x, params.final_norm, arch.rms_norm_eps)
+    head = params.embed if params.lm_head is None else params.lm_head
+    if isinstance(head, Int8Weight):
+        return _int8_logits(h, head)
     if params.lm_head is None:
-        return jnp.einsum("bd,vd->bv", h, params.embed, preferred_element_type=jnp.float32)
-    return jnp.einsum("bd,dv->bv", h, params.lm_head, preferred_element_type=jnp.float32)
+        return jnp.einsum("bd,vd->bv", h, head, preferred_element_type=jnp.float32)
+    return jnp.einsum("bd,dv->bv", h, head, preferred_element_type=jnp.float32)
+
+
+HEAD_CHUNK = 4096  # vocabulary rows per piece of an int8 output head
+
+
+def _int8_logits(h: jax.Array, head: Int8Weight) -> jax.Array:
+    """Logits over an int8 head ``[vocab, D]``, a piece of the vocabulary at a time. Converted
+    whole for a batch of rows, the table's float copy (4 bytes per weight, written then read) cost
+    2.5x the float32 product itself; a piece's copy stays in cache."""
+    vocab = head.scale.shape[0]
+    chunk = max((c for c in range(1, min(HEAD_CHUNK, vocab) + 1) if vocab % c == 0), default=vocab)
+    pieces = Int8Weight(head.values.reshape(vocab // chunk, chunk, -1), head.scale.reshape(vocab // chunk, chunk))
+    out = jax.lax.map(lambda piece: project("bd,vd->bv", h, piece, preferred_element_type=jnp.float32), pieces)
+    return jnp.moveaxis(out, 0, 1).reshape(h.shape[0], vocab)
 
 
 def embed(params: Params, tokens: jax.Array) -> jax.Array:
     """Token ids ``[B, T]`` to activations ``[B, T, D]``."""
-    return params.embed[tokens]
+    table = params.embed
+    if isinstance(table, Int8Weight):
+        return table.values[tokens].astype(table.scale.dtype) * table.scale[tokens][..., None]
+    return table[tokens]
 
 
 def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Architecture) -> tuple[jax.Array, jax.Array]:

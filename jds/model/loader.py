@@ -13,6 +13,7 @@ import numpy as np
 from jds.config import Config
 from jds.model.architecture import Architecture
 from jds.model.params import Params, init_params
+from jds.model.quantize import quantize_params
 from jds.model.tokenizer import Tokenizer
 from jds.model.weights.gguf_file import gguf_architecture, load_gguf, open_gguf
 from jds.model.weights.hf_checkpoint import hf_architecture, load_hf
@@ -121,11 +122,16 @@ def load_model(config: Config, progress: bool = True, weights: bool = True) -> L
     section = config.model
     dtype = resolve_dtype(section.dtype)
     arch, params = load_params(config, dtype, progress) if weights else (model_architecture(config), None)
+    if params is not None and section.quantization == "int8":
+        params = quantize_params(params)
     tokenizer = load_tokenizer(config)
     if tokenizer is not None and tokenizer.vocab_size > arch.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {arch.vocab_size}"
         )
     max_seq_len = resolve_max_seq_len(config, arch)
-    log.info("model %s: %.1fM parameters, %s, max_seq_len %d", section.name, arch.num_params() / 1e6, dtype, max_seq_len)
+    log.info(
+        "model %s: %.1fM parameters, %s%s, max_seq_len %d",
+        section.name, arch.num_params() / 1e6, dtype, " (int8 weights)" if section.quantization == "int8" else "", max_seq_len,
+    )
     return LoadedModel(section.name, arch, params, tokenizer, max_seq_len, jnp.dtype(dtype))

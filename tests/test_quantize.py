@@ -1,0 +1,104 @@
+"""Weight-only int8: rounding, products, sharding and the config key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from jax.sharding import PartitionSpec
+
+from jds.config import ConfigError, load_config, parse_config
+from jds.mesh.rules import make_mesh, shardings
+from jds.model import llama
+from jds.model.params import Int8Weight, LayerParams, init_params
+from jds.model.quantize import quantize_params, quantize_weight
+from tests_paths import CONFIGS
+
+TINY = load_config(CONFIGS / "tiny.yaml").model.architecture
+# The product each projection field takes part in, as in the model.
+SPECS = {"wq": "btd,dhk->bthk", "wk": "btd,dhk->bthk", "wv": "btd,dhk->bthk", "wo": "bthk,hkd->btd",
+         "w_gate": "btd,df->btf", "w_up": "btd,df->btf", "w_down": "btf,fd->btd"}  # fmt: skip
+
+
+def _dequantized(w: Int8Weight, names: tuple[str, ...], contract: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """The float weight an Int8Weight stands for, back in the float field's layout."""
+    values = np.asarray(w.values, np.float32)
+    if w.inputs_first:
+        values = values.swapaxes(-1, -2)
+    scale = np.asarray(w.scale, np.float32).reshape(values.shape[:-1])
+    kept = [i for i, n in enumerate(names) if n not in contract]
+    summed = [names.index(n) for n in contract]
+    moved = (values * scale[..., None]).reshape([shape[i] for i in kept + summed])
+    return np.transpose(moved, np.argsort(kept + summed))
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(LayerParams) if f.name == name)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_int8_weights_round_to_within_half_a_step_of_each_output_channel(name):
+    f = _field(name)
+    w = getattr(init_params(TINY, jax.random.key(1)).layers, name)
+    q = quantize_weight(w, f.metadata["axes"], f.metadata["contract"])
+    assert q.values.dtype == jnp.int8 and int(jnp.max(jnp.abs(q.values))) == 127  # each channel's largest maps to 127
+    assert q.inputs_first == (name == "wo")  # the one weight summed over two axes
+    back = _dequantized(q, f.metadata["axes"], f.metadata["contract"], w.shape)
+    kept = [i for i, n in enumerate(f.metadata["axes"]) if n not in f.metadata["contract"]]
+    step = np.asarray(q.scale, np.float32)
+    step = np.expand_dims(step, [i for i in range(w.ndim) if i not in kept])
+    assert np.all(np.abs(back - np.asarray(w)) <= step / 2 + 1e-7)
+
+
+def test_an_all_zero_channel_stays_zero():
+    w = jnp.zeros((2, 8, 4)).at[:, :, 1:].set(1.0)
+    q = quantize_weight(w, ("layers", "embed", "mlp"), ("embed",))
+    assert np.all(np.asarray(q.values)[:, 0] == 0) and np.all(np.isfinite(np.asarray(q.scale)))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int8_products_equal_the_float_product_of_the_weights_they_stand_for(batch):
+    params = init_params(TINY, jax.random.key(2))
+    quantized = quantize_params(params)
+    rng = np.random.default_rng(0)
+    for name, spec in SPECS.items():
+        f = _field(name)
+        w = getattr(params.layers, name)[0]
+        q = jax.tree.map(lambda a: a[0], getattr(quantized.layers, name))
+        names, contract = f.metadata["axes"][1:], f.metadata["contract"]
+        back = _dequantized(q, names, contract, w.shape)
+        x = rng.standard_normal([batch, 2] + [w.shape[names.index(n)] for n in contract]).astype(np.float32)
+        np.testing.assert_allclose(llama.project(spec, x, q), np.einsum(spec, x, back), rtol=1e-4, atol=1e-5)
+    # The embedding table, looked up by token, and the output head over the whole vocabulary.
+    table = _dequantized(quantized.embed, ("vocab", "embed"), ("embed",), params.embed.shape)
+    tokens = np.array([[3, 0, 255]])
+    np.testing.assert_allclose(llama.embed(quantized, tokens), table[tokens], rtol=1e-6)
+    assert not TINY.tie_embeddings  # so the head is its own field, [embed, vocab] as floats
+    head = _dequantized(quantized.lm_head, ("embed", "vocab"), ("embed",), params.lm_head.shape)
+    h = rng.standard_normal((batch, TINY.hidden_size)).astype(np.float32)
+    normed = np.asarray(llama.rms_norm(h, params.final_norm, TINY.rms_norm_eps))
+    np.testing.assert_allclose(llama.logits(quantized, h, TINY), normed @ head, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_weights_shard_like_the_float_fields_they_replace():
+    quantized = quantize_params(init_params(TINY, jax.random.key(0)))
+    sh = shardings(quantized, make_mesh(jax.devices()[:2]))
+    assert sh.layers.wq.values.spec == PartitionSpec(None, "tp", None)  # [layers, heads x head_dim, embed]
+    assert sh.layers.wq.scale.spec == PartitionSpec(None, "tp", None)  # [layers, heads, head_dim]
+    assert sh.layers.wo.values.spec == PartitionSpec(None, "tp", None)  # inputs first: [layers, heads x head_dim, embed]
+    assert sh.layers.wo.scale.spec == PartitionSpec(None, None)
+    assert sh.layers.w_down.values.spec == PartitionSpec(None, None, "tp") and sh.embed.values.spec == PartitionSpec(None, None)
+    placed = jax.device_put(quantized, sh)
+    heads = TINY.num_heads * TINY.head_dim
+    assert placed.layers.wq.values.addressable_shards[0].data.shape == (TINY.num_layers, heads // 2, TINY.hidden_size)
+
+
+def test_the_config_names_an_unknown_quantization():
+    data = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    data["model"]["quantization"] = "int4"
+    with pytest.raises(ConfigError, match="model.quantization"):
+        parse_config(data)
