@@ -116,6 +116,13 @@ def test_sharding_rules_split_heads_and_mlp_only():
     assert placed.layers.wk.addressable_shards[0].data.shape == (4, 128, 2, 16)
 
 
+def test_int8_weights_are_counted_at_one_byte_and_the_cache_at_the_activations_width():
+    p = Placement.model_validate({"instances": {"devices": [0], "slots": 2}})
+    (full,) = memory_needs(p, TINY, 4, 512)
+    (int8,) = memory_needs(p, TINY, 4, 512, weight_itemsize=1)
+    assert int8.weights * 4 == full.weights and int8.kv == full.kv
+
+
 def test_memory_needs_count_stage_slices():
     p = Placement.model_validate(
         {"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1, 2], "pp": 2, "slots": 4, "max_seq_len": 64}}

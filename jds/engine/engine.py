@@ -55,7 +55,8 @@ class Engine:
         self.placement = placement
         self.max_waiting = max_waiting
         devices = jax.devices()
-        check_placement(placement, model.arch, model.dtype.itemsize, model.max_seq_len, devices)
+        weight_itemsize = 1 if model.quantization == "int8" else None
+        check_placement(placement, model.arch, model.dtype.itemsize, model.max_seq_len, devices, weight_itemsize)
         self._stop = threading.Event()
         self._slots_changed = threading.Condition()
         self._waiting = WaitingQueue()

@@ -45,9 +45,14 @@ def kv_bytes(arch: Architecture, itemsize: int, layers: int, tp: int, slots: int
     return 2 * layers * slots * (arch.num_kv_heads // tp) * seq * arch.head_dim * itemsize
 
 
-def memory_needs(placement: Placement, arch: Architecture, itemsize: int, max_seq_len: int) -> list[MemoryNeed]:
-    """Per-device bytes each instance (each decode stage) needs, for the fit check and for logs."""
+def memory_needs(
+    placement: Placement, arch: Architecture, itemsize: int, max_seq_len: int, weight_itemsize: int | None = None
+) -> list[MemoryNeed]:
+    """Per-device bytes each instance (each decode stage) needs, for the fit check and for logs.
+    ``weight_itemsize`` is the weights' bytes per parameter when they are stored narrower than the
+    activations and cache (1 for int8; their per-channel scales add under 1%)."""
     head = not arch.tie_embeddings
+    kv_itemsize, itemsize = itemsize, weight_itemsize or itemsize
     needs = []
     for where, inst in placement.named_instances():
         if isinstance(inst, PrefillInstance):
@@ -59,12 +64,12 @@ def memory_needs(placement: Placement, arch: Architecture, itemsize: int, max_se
                 w = weight_bytes(arch, itemsize, span.num_layers, inst.tp, span.first, span.last and head)
                 if span.last and not head and not span.first:
                     w += arch.vocab_size * arch.hidden_size * itemsize  # tied output needs the embedding too
-                kv = kv_bytes(arch, itemsize, span.num_layers, inst.tp, inst.slots, seq)
+                kv = kv_bytes(arch, kv_itemsize, span.num_layers, inst.tp, inst.slots, seq)
                 needs.append(MemoryNeed(f"placement.{where} stage {span.index}", w, kv, tuple(inst.stage_devices(span.index))))
         else:
             seq = inst.max_seq_len or max_seq_len
             w = weight_bytes(arch, itemsize, arch.num_layers, inst.tp, True, head)
-            kv = kv_bytes(arch, itemsize, arch.num_layers, inst.tp, inst.slots, seq)
+            kv = kv_bytes(arch, kv_itemsize, arch.num_layers, inst.tp, inst.slots, seq)
             needs.append(MemoryNeed(f"placement.{where}", w, kv, tuple(inst.devices)))
     return needs
 
@@ -83,7 +88,12 @@ def _device_limit(device: jax.Device) -> int | None:
 
 
 def check_placement(
-    placement: Placement, arch: Architecture, itemsize: int, max_seq_len: int, devices: list[jax.Device]
+    placement: Placement,
+    arch: Architecture,
+    itemsize: int,
+    max_seq_len: int,
+    devices: list[jax.Device],
+    weight_itemsize: int | None = None,
 ) -> None:
     """Raise ConfigError naming the key if the placement cannot run this model on these devices."""
     for where, inst in placement.named_instances():
@@ -106,7 +116,7 @@ def check_placement(
                 )
         if isinstance(inst, ColocatedInstance) and inst.chunked_prefill and inst.chunked_prefill > (inst.max_seq_len or max_seq_len):
             raise ConfigError(f"{key}.chunked_prefill: {inst.chunked_prefill} is longer than max_seq_len")
-    needs = memory_needs(placement, arch, itemsize, max_seq_len)
+    needs = memory_needs(placement, arch, itemsize, max_seq_len, weight_itemsize)
     if all(d.platform == "cpu" for d in devices):
         total = sum(n.per_device * len(n.devices) for n in needs)
         budget = int(_host_memory() * HOST_MEMORY_FRACTION)
@@ -135,4 +145,5 @@ def check_config(config: Config, placement: Placement | None = None) -> None:
 
     arch = model_architecture(config)
     itemsize = resolve_dtype(config.model.dtype).itemsize
-    check_placement(placement or config.placement, arch, itemsize, resolve_max_seq_len(config, arch), jax.devices())
+    weight_itemsize = 1 if config.model.quantization == "int8" else None
+    check_placement(placement or config.placement, arch, itemsize, resolve_max_seq_len(config, arch), jax.devices(), weight_itemsize)

@@ -38,6 +38,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     max_seq_len: int
     dtype: jnp.dtype
+    quantization: str = "none"
 
     def without_params(self) -> LoadedModel:
         return dataclasses.replace(self, params=None)
@@ -134,4 +135,4 @@ def load_model(config: Config, progress: bool = True, weights: bool = True) -> L
         "model %s: %.1fM parameters, %s%s, max_seq_len %d",
         section.name, arch.num_params() / 1e6, dtype, " (int8 weights)" if section.quantization == "int8" else "", max_seq_len,
     )
-    return LoadedModel(section.name, arch, params, tokenizer, max_seq_len, jnp.dtype(dtype))
+    return LoadedModel(section.name, arch, params, tokenizer, max_seq_len, jnp.dtype(dtype), section.quantization)
