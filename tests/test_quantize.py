@@ -26,9 +26,9 @@ SPECS = {"wq": "btd,dhk->bthk", "wk": "btd,dhk->bthk", "wv": "btd,dhk->bthk", "w
 
 def _dequantized(w: Int8Weight, names: tuple[str, ...], contract: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
     """The float weight an Int8Weight stands for, back in the float field's layout."""
-    values = np.asarray(w.values, np.float32)
-    if w.inputs_first:
-        values = values.swapaxes(-1, -2)
+    if w.out_in is not None and w.in_out is not None:  # both layouts hold the same values
+        np.testing.assert_array_equal(np.asarray(w.in_out), np.asarray(w.out_in).swapaxes(-1, -2))
+    values = np.asarray(w.out_in if w.out_in is not None else w.in_out.swapaxes(-1, -2), np.float32)
     scale = np.asarray(w.scale, np.float32).reshape(values.shape[:-1])
     kept = [i for i, n in enumerate(names) if n not in contract]
     summed = [names.index(n) for n in contract]
@@ -40,13 +40,17 @@ def _field(name: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(LayerParams) if f.name == name)
 
 
+@pytest.mark.parametrize("batched_copy", [False, True])
 @pytest.mark.parametrize("name", SPECS)
-def test_int8_weights_round_to_within_half_a_step_of_each_output_channel(name):
+def test_int8_weights_round_to_within_half_a_step_of_each_output_channel(name, batched_copy):
     f = _field(name)
     w = getattr(init_params(TINY, jax.random.key(1)).layers, name)
-    q = quantize_weight(w, f.metadata["axes"], f.metadata["contract"])
-    assert q.values.dtype == jnp.int8 and int(jnp.max(jnp.abs(q.values))) == 127  # each channel's largest maps to 127
-    assert q.inputs_first == (name == "wo")  # the one weight summed over two axes
+    q = quantize_weight(w, f.metadata["axes"], f.metadata["contract"], batched_copy)
+    # The output projection (summed over heads x head_dim) is kept inputs first only; the others
+    # outputs first, and inputs first as well when batched products get their own copy.
+    assert (q.out_in is None) == (name == "wo") and (q.in_out is None) == (name != "wo" and not batched_copy)
+    values = q.out_in if q.out_in is not None else q.in_out
+    assert values.dtype == jnp.int8 and int(jnp.max(jnp.abs(values))) == 127  # each channel's largest maps to 127
     back = _dequantized(q, f.metadata["axes"], f.metadata["contract"], w.shape)
     kept = [i for i, n in enumerate(f.metadata["axes"]) if n not in f.metadata["contract"]]
     step = np.asarray(q.scale, np.float32)
@@ -57,13 +61,14 @@ def test_int8_weights_round_to_within_half_a_step_of_each_output_channel(name):
 def test_an_all_zero_channel_stays_zero():
     w = jnp.zeros((2, 8, 4)).at[:, :, 1:].set(1.0)
     q = quantize_weight(w, ("layers", "embed", "mlp"), ("embed",))
-    assert np.all(np.asarray(q.values)[:, 0] == 0) and np.all(np.isfinite(np.asarray(q.scale)))
+    assert np.all(np.asarray(q.out_in)[:, 0] == 0) and np.all(np.isfinite(np.asarray(q.scale)))
 
 
+@pytest.mark.parametrize("batched_copies", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_int8_products_equal_the_float_product_of_the_weights_they_stand_for(batch):
+def test_int8_products_equal_the_float_product_of_the_weights_they_stand_for(batch, batched_copies):
     params = init_params(TINY, jax.random.key(2))
-    quantized = quantize_params(params)
+    quantized = quantize_params(params, batched_copies)
     rng = np.random.default_rng(0)
     for name, spec in SPECS.items():
         f = _field(name)
@@ -71,7 +76,7 @@ def test_int8_products_equal_the_float_product_of_the_weights_they_stand_for(bat
         q = jax.tree.map(lambda a: a[0], getattr(quantized.layers, name))
         names, contract = f.metadata["axes"][1:], f.metadata["contract"]
         back = _dequantized(q, names, contract, w.shape)
-        x = rng.standard_normal([batch, 2] + [w.shape[names.index(n)] for n in contract]).astype(np.float32)
+        x = rng.standard_normal([batch, 1] + [w.shape[names.index(n)] for n in contract]).astype(np.float32)
         np.testing.assert_allclose(llama.project(spec, x, q), np.einsum(spec, x, back), rtol=1e-4, atol=1e-5)
     # The embedding table, looked up by token, and the output head over the whole vocabulary.
     table = _dequantized(quantized.embed, ("vocab", "embed"), ("embed",), params.embed.shape)
@@ -85,16 +90,19 @@ def test_int8_products_equal_the_float_product_of_the_weights_they_stand_for(bat
 
 
 def test_int8_weights_shard_like_the_float_fields_they_replace():
-    quantized = quantize_params(init_params(TINY, jax.random.key(0)))
+    quantized = quantize_params(init_params(TINY, jax.random.key(0)), batched_copies=True)
     sh = shardings(quantized, make_mesh(jax.devices()[:2]))
-    assert sh.layers.wq.values.spec == PartitionSpec(None, "tp", None)  # [layers, heads x head_dim, embed]
+    assert sh.layers.wq.out_in.spec == PartitionSpec(None, "tp", None)  # [layers, heads x head_dim, embed]
+    assert sh.layers.wq.in_out.spec == PartitionSpec(None, None, "tp")  # [layers, embed, heads x head_dim]
     assert sh.layers.wq.scale.spec == PartitionSpec(None, "tp", None)  # [layers, heads, head_dim]
-    assert sh.layers.wo.values.spec == PartitionSpec(None, "tp", None)  # inputs first: [layers, heads x head_dim, embed]
+    assert sh.layers.wo.out_in is None and sh.layers.wo.in_out.spec == PartitionSpec(None, "tp", None)
     assert sh.layers.wo.scale.spec == PartitionSpec(None, None)
-    assert sh.layers.w_down.values.spec == PartitionSpec(None, None, "tp") and sh.embed.values.spec == PartitionSpec(None, None)
+    assert sh.layers.w_down.out_in.spec == PartitionSpec(None, None, "tp") and sh.embed.out_in.spec == PartitionSpec(None, None)
+    assert sh.embed.in_out is None  # the table and head: one row per token only
     placed = jax.device_put(quantized, sh)
     heads = TINY.num_heads * TINY.head_dim
-    assert placed.layers.wq.values.addressable_shards[0].data.shape == (TINY.num_layers, heads // 2, TINY.hidden_size)
+    assert placed.layers.wq.out_in.addressable_shards[0].data.shape == (TINY.num_layers, heads // 2, TINY.hidden_size)
+    assert placed.layers.wq.in_out.addressable_shards[0].data.shape == (TINY.num_layers, TINY.hidden_size, heads // 2)
 
 
 def test_the_config_names_an_unknown_quantization():

@@ -44,7 +44,7 @@ from jds.mesh.stages import stage_spans
 from jds.model import llama
 from jds.model.kv_cache import TRANSIT_AXES, KVCache
 from jds.model.loader import LoadedModel
-from jds.model.quantize import quantize_params
+from jds.model.quantize import keeps_batched_copies, quantize_params
 from jds.model.weights.gguf_file import open_gguf
 from jds.sampling_params import SamplingParams
 from jds.transfer.handoff import StageTarget, send_kv
@@ -294,7 +294,8 @@ def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: li
     weights quantised to int8 (``model.quantization: int8``), the form to hold against llama.cpp's
     8-bit file."""
     bandwidth, flops = memory_bandwidth(), matmul_flops()
-    models = {"float": model, "int8": dataclasses.replace(model, params=quantize_params(model.params))}
+    int8_params = quantize_params(model.params, keeps_batched_copies())
+    models = {"float": model, "int8": dataclasses.replace(model, params=int8_params, quantization="int8")}
     weights = {kind: decode_weight_bytes(m) for kind, m in models.items()}
     kv_per_token = model.arch.kv_bytes_per_token(model.dtype.itemsize)
 

@@ -17,6 +17,7 @@ from jds.config import Config, ConfigError
 from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillInstance
 from jds.mesh.stages import stage_spans
 from jds.model.architecture import Architecture
+from jds.model.quantize import int8_bytes_per_weight, keeps_batched_copies
 
 HOST_MEMORY_FRACTION = 0.8  # leave room for the runtime, compiled programs and activations
 
@@ -41,6 +42,11 @@ def weight_bytes(arch: Architecture, itemsize: int, layers: int, tp: int, embed:
     return (layers * per_layer + extra) * itemsize
 
 
+def quantized_itemsize(quantization: str) -> int | None:
+    """Bytes per weight when the weights are stored narrower than the activations (None: not)."""
+    return int8_bytes_per_weight(keeps_batched_copies()) if quantization == "int8" else None
+
+
 def kv_bytes(arch: Architecture, itemsize: int, layers: int, tp: int, slots: int, seq: int) -> int:
     return 2 * layers * slots * (arch.num_kv_heads // tp) * seq * arch.head_dim * itemsize
 
@@ -50,7 +56,7 @@ def memory_needs(
 ) -> list[MemoryNeed]:
     """Per-device bytes each instance (each decode stage) needs, for the fit check and for logs.
     ``weight_itemsize`` is the weights' bytes per parameter when they are stored narrower than the
-    activations and cache (1 for int8; their per-channel scales add under 1%)."""
+    activations and cache (``quantized_itemsize``)."""
     head = not arch.tie_embeddings
     kv_itemsize, itemsize = itemsize, weight_itemsize or itemsize
     needs = []
@@ -145,5 +151,7 @@ def check_config(config: Config, placement: Placement | None = None) -> None:
 
     arch = model_architecture(config)
     itemsize = resolve_dtype(config.model.dtype).itemsize
-    weight_itemsize = 1 if config.model.quantization == "int8" else None
-    check_placement(placement or config.placement, arch, itemsize, resolve_max_seq_len(config, arch), jax.devices(), weight_itemsize)
+    check_placement(
+        placement or config.placement, arch, itemsize, resolve_max_seq_len(config, arch), jax.devices(),
+        quantized_itemsize(config.model.quantization),
+    )

@@ -100,8 +100,8 @@ def _one_token_attention(
 
 def project(spec: str, x: jax.Array, w: Weight, preferred_element_type: jnp.dtype | None = None) -> jax.Array:
     """``einsum(spec, x, w)`` for a float weight. For an ``Int8Weight`` the same product as one
-    matrix product of x's trailing (summed) axes, flattened, with the values, then the
-    per-channel scale."""
+    matrix product of x's trailing (summed) axes, flattened, with the values in the layout kept
+    for this many rows, then the per-channel scale."""
     if not isinstance(w, Int8Weight):
         return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
     x_axes, rest = spec.split(",")
@@ -109,8 +109,10 @@ def project(spec: str, x: jax.Array, w: Weight, preferred_element_type: jnp.dtyp
     summed = len(set(x_axes) & set(w_axes) - set(out_axes))
     lead = x.shape[: x.ndim - summed]
     rows = x.reshape(math.prod(lead), -1)
-    values = w.values.astype(x.dtype)
-    y = jnp.matmul(rows, values if w.inputs_first else values.T, preferred_element_type=jnp.float32)
+    if w.in_out is not None and (rows.shape[0] > 1 or w.out_in is None):
+        y = jnp.matmul(rows, w.in_out.astype(x.dtype), preferred_element_type=jnp.float32)
+    else:
+        y = jnp.matmul(rows, w.out_in.astype(x.dtype).T, preferred_element_type=jnp.float32)
     y = y.reshape(*lead, *w.scale.shape) * w.scale.astype(jnp.float32)
     return y.astype(preferred_element_type or x.dtype)
 
@@ -158,7 +160,7 @@ def _int8_logits(h: jax.Array, head: Int8Weight) -> jax.Array:
     2.5x the float32 product itself; a piece's copy stays in cache."""
     vocab = head.scale.shape[0]
     chunk = max((c for c in range(1, min(HEAD_CHUNK, vocab) + 1) if vocab % c == 0), default=vocab)
-    pieces = Int8Weight(head.values.reshape(vocab // chunk, chunk, -1), head.scale.reshape(vocab // chunk, chunk))
+    pieces = Int8Weight(head.out_in.reshape(vocab // chunk, chunk, -1), None, head.scale.reshape(vocab // chunk, chunk))
     out = jax.lax.map(lambda piece: project("bd,vd->bv", h, piece, preferred_element_type=jnp.float32), pieces)
     return jnp.moveaxis(out, 0, 1).reshape(h.shape[0], vocab)
 
@@ -167,7 +169,7 @@ def embed(params: Params, tokens: jax.Array) -> jax.Array:
     """Token ids ``[B, T]`` to activations ``[B, T, D]``."""
     table = params.embed
     if isinstance(table, Int8Weight):
-        return table.values[tokens].astype(table.scale.dtype) * table.scale[tokens][..., None]
+        return table.out_in[tokens].astype(table.scale.dtype) * table.scale[tokens][..., None]
     return table[tokens]
 
 
