@@ -44,6 +44,7 @@ from jds.mesh.stages import stage_spans
 from jds.model import llama
 from jds.model.kv_cache import TRANSIT_AXES, KVCache
 from jds.model.loader import LoadedModel
+from jds.model.params import Int8Weight
 from jds.model.quantize import keeps_batched_copies, quantize_params
 from jds.model.weights.gguf_file import open_gguf
 from jds.sampling_params import SamplingParams
@@ -78,12 +79,21 @@ def matmul_flops(n: int = 2048) -> float:
     return 2 * n**3 / timed(lambda: mm(a, b).block_until_ready())
 
 
-def decode_weight_bytes(model: LoadedModel) -> int:
-    """Weight bytes one decode step reads: all of them, except an untied input embedding, of
+def decode_weight_bytes(model: LoadedModel, batch: int = 1) -> int:
+    """Weight bytes one decode step of ``batch`` rows reads: every weight once, an int8 one in the
+    layout products of that many rows read (``Int8Weight``), except an untied input embedding, of
     which it reads only the rows of the batch's tokens."""
-    total = sum(x.nbytes for x in jax.tree.leaves(model.params))
-    untied_embed = sum(x.nbytes for x in jax.tree.leaves(model.params.embed))
-    return total if model.params.lm_head is None else total - untied_embed
+    params = model.params
+
+    def read(w) -> int:
+        if not isinstance(w, Int8Weight):
+            return w.nbytes
+        one_row = w.out_in is not None and (batch == 1 or w.in_out is None)
+        return (w.out_in if one_row else w.in_out).nbytes + w.scale.nbytes
+
+    head = params.embed if params.lm_head is None else params.lm_head
+    weights = [getattr(params.layers, f.name) for f in dataclasses.fields(params.layers)] + [params.final_norm, head]
+    return sum(read(w) for w in weights)
 
 
 # One jitted step for every shape, so a shape measured again reuses its compiled program.
@@ -296,7 +306,7 @@ def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: li
     bandwidth, flops = memory_bandwidth(), matmul_flops()
     int8_params = quantize_params(model.params, keeps_batched_copies())
     models = {"float": model, "int8": dataclasses.replace(model, params=int8_params, quantization="int8")}
-    weights = {kind: decode_weight_bytes(m) for kind, m in models.items()}
+    weights = {(kind, batch): decode_weight_bytes(m, batch) for kind, m in models.items() for batch in batches}
     kv_per_token = model.arch.kv_bytes_per_token(model.dtype.itemsize)
 
     def peer_times(phase: str, key: int) -> dict[str, float]:
@@ -313,7 +323,7 @@ def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: li
     decode = []
     for kind, batch, context in grid:
         seconds = statistics.median(passes[kind, batch, context])
-        read = weights[kind] + batch * context * kv_per_token  # the step reads every cache position
+        read = weights[kind, batch] + batch * context * kv_per_token  # the step reads every cache position
         decode.append({"weights": kind, "batch": batch, "context": context, "seconds": seconds, "bytes": read,
                        "gb_per_s": read / seconds / 1e9, "floor_seconds": read / bandwidth,
                        "over_floor": seconds / (read / bandwidth), "peers": peer_times("decode", batch)})  # fmt: skip
@@ -329,8 +339,9 @@ def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: li
     return {
         "model": model.name,
         "dtype": str(model.dtype),
-        "weight_bytes": weights["float"],
-        "int8_weight_bytes": weights["int8"],
+        "weight_bytes": decode_weight_bytes(model),
+        "int8_weight_bytes": decode_weight_bytes(models["int8"]),
+        "int8_held_bytes": sum(x.nbytes for x in jax.tree.leaves(int8_params)),
         "devices": [str(d) for d in devices],
         "memory_bandwidth_gb_per_s": bandwidth / 1e9,
         "matmul_gflop_per_s": flops / 1e9,
@@ -357,7 +368,8 @@ def markdown(result: dict) -> str:
         "",
         f"Machine limits measured in this run: memory bandwidth **{result['memory_bandwidth_gb_per_s']:.1f} GB/s**, "
         f"float32 matmul **{result['matmul_gflop_per_s']:.0f} GFLOP/s**. Weights read per decode step: "
-        f"{result['weight_bytes'] / 1e6:.0f} MB ({result['int8_weight_bytes'] / 1e6:.0f} MB as int8).",
+        f"{result['weight_bytes'] / 1e6:.0f} MB ({result['int8_weight_bytes'] / 1e6:.0f} MB as int8 at batch 1; "
+        f"{result['int8_held_bytes'] / 1e6:.0f} MB of int8 held in all).",
         "",
         "Peers on the same GGUF file: " + "; ".join(f"{n}: {note}" for n, note in result["peers"].items())
         + ". Speed vs a peer is its time over jds' (above 1: jds is faster).",
