@@ -69,7 +69,7 @@ def test_health_reflection_and_model_info(server, stub):
         assert {"jds.v1.Generation", "grpc.health.v1.Health"} <= names
     info = stub.ModelInfo(pb.ModelInfoRequest())
     assert (info.model_name, info.num_layers, info.max_seq_len, info.slots_total) == ("tiny-random", 4, MAX_SEQ_LEN, 4)
-    assert "colocated" in info.placement and info.dtype == "float32"
+    assert "colocated" in info.placement and info.dtype == "float32" and info.quantization == "none"
 
 
 def test_streaming_matches_the_offline_api_for_text_chat_and_token_ids(stub, offline):

@@ -106,6 +106,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             waiting=self.engine.num_waiting,
             running=self.engine.num_running,
             devices=len(self.engine.placement.devices),
+            quantization=model.quantization,
         )
 
 
