@@ -86,10 +86,7 @@ def decode_weight_bytes(model: LoadedModel, batch: int = 1) -> int:
     params = model.params
 
     def read(w) -> int:
-        if not isinstance(w, Int8Weight):
-            return w.nbytes
-        one_row = w.out_in is not None and (batch == 1 or w.in_out is None)
-        return (w.out_in if one_row else w.in_out).nbytes + w.scale.nbytes
+        return w.matrix(batch)[0].nbytes + w.scale.nbytes if isinstance(w, Int8Weight) else w.nbytes
 
     head = params.embed if params.lm_head is None else params.lm_head
     weights = [getattr(params.layers, f.name) for f in dataclasses.fields(params.layers)] + [params.final_norm, head]

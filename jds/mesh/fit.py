@@ -58,24 +58,24 @@ def memory_needs(
     ``weight_itemsize`` is the weights' bytes per parameter when they are stored narrower than the
     activations and cache (``quantized_itemsize``)."""
     head = not arch.tie_embeddings
-    kv_itemsize, itemsize = itemsize, weight_itemsize or itemsize
+    w_itemsize = weight_itemsize or itemsize
     needs = []
     for where, inst in placement.named_instances():
         if isinstance(inst, PrefillInstance):
-            w = weight_bytes(arch, itemsize, arch.num_layers, inst.tp, True, head)
+            w = weight_bytes(arch, w_itemsize, arch.num_layers, inst.tp, True, head)
             needs.append(MemoryNeed(f"placement.{where}", w, 0, tuple(inst.devices)))
         elif isinstance(inst, DecodeInstance):
             seq = inst.max_seq_len or max_seq_len
             for span in stage_spans(arch.num_layers, inst.pp, inst.layers_per_stage):
-                w = weight_bytes(arch, itemsize, span.num_layers, inst.tp, span.first, span.last and head)
+                w = weight_bytes(arch, w_itemsize, span.num_layers, inst.tp, span.first, span.last and head)
                 if span.last and not head and not span.first:
-                    w += arch.vocab_size * arch.hidden_size * itemsize  # tied output needs the embedding too
-                kv = kv_bytes(arch, kv_itemsize, span.num_layers, inst.tp, inst.slots, seq)
+                    w += arch.vocab_size * arch.hidden_size * w_itemsize  # tied output needs the embedding too
+                kv = kv_bytes(arch, itemsize, span.num_layers, inst.tp, inst.slots, seq)
                 needs.append(MemoryNeed(f"placement.{where} stage {span.index}", w, kv, tuple(inst.stage_devices(span.index))))
         else:
             seq = inst.max_seq_len or max_seq_len
-            w = weight_bytes(arch, itemsize, arch.num_layers, inst.tp, True, head)
-            kv = kv_bytes(arch, kv_itemsize, arch.num_layers, inst.tp, inst.slots, seq)
+            w = weight_bytes(arch, w_itemsize, arch.num_layers, inst.tp, True, head)
+            kv = kv_bytes(arch, itemsize, arch.num_layers, inst.tp, inst.slots, seq)
             needs.append(MemoryNeed(f"placement.{where}", w, kv, tuple(inst.devices)))
     return needs
 

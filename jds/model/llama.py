@@ -109,10 +109,9 @@ def project(spec: str, x: jax.Array, w: Weight, preferred_element_type: jnp.dtyp
     summed = len(set(x_axes) & set(w_axes) - set(out_axes))
     lead = x.shape[: x.ndim - summed]
     rows = x.reshape(math.prod(lead), -1)
-    if w.in_out is not None and (rows.shape[0] > 1 or w.out_in is None):
-        y = jnp.matmul(rows, w.in_out.astype(x.dtype), preferred_element_type=jnp.float32)
-    else:
-        y = jnp.matmul(rows, w.out_in.astype(x.dtype).T, preferred_element_type=jnp.float32)
+    values, inputs_first = w.matrix(rows.shape[0])
+    values = values.astype(x.dtype)
+    y = jnp.matmul(rows, values if inputs_first else values.T, preferred_element_type=jnp.float32)
     y = y.reshape(*lead, *w.scale.shape) * w.scale.astype(jnp.float32)
     return y.astype(preferred_element_type or x.dtype)
 

@@ -52,6 +52,13 @@ class Int8Weight:
     in_out: jax.Array | None
     scale: jax.Array
 
+    def matrix(self, rows: int) -> tuple[jax.Array, bool]:
+        """The values a product of ``rows`` rows reads, and whether they are ``in_out``: that
+        layout for several rows where it is kept, and wherever it is the only one."""
+        if self.in_out is not None and (rows > 1 or self.out_in is None):
+            return self.in_out, True
+        return self.out_in, False
+
 
 def quantized_axes(names: tuple[str, ...], contract: tuple[str, ...]) -> Int8Weight:
     """Logical axes of an ``Int8Weight``'s arrays for a float field's axes. A flattened group of
