@@ -20,7 +20,7 @@ from jds.engine.engine import Engine
 from jds.engine.request import Request
 from jds.mesh.placement import Placement
 from jds.model.loader import load_model
-from jds.model.params import Int8Weight
+from jds.model.params import MatrixWeight
 from jds.sampling_params import SamplingParams
 from tests_paths import CONFIGS
 
@@ -83,7 +83,7 @@ def test_int8_weights_give_the_same_tokens_on_every_kind_of_placement():
     config = load_config(CONFIGS / "tiny.yaml")
     config = config.model_copy(update={"model": config.model.model_copy(update={"quantization": "int8"})})
     model = load_model(config, progress=False)
-    assert isinstance(model.params.layers.wq, Int8Weight) and model.params.final_norm.dtype == np.float32
+    assert isinstance(model.params.layers.wq, MatrixWeight) and model.params.final_norm.dtype == np.float32
     outputs = []
     for placement in (SINGLE, PLACEMENTS["p1-pp2tp2-mb2"], PLACEMENTS["colocated-tp2"]):
         engine = _engine(model, placement)

@@ -18,7 +18,7 @@ import torch
 
 from jds.model import llama
 from jds.model.kv_cache import KVCache, insert
-from jds.model.quantize import quantize_params
+from jds.model.matrices import quantize_params
 from jds.model.weights.gguf_file import load_gguf
 from jds.model.weights.hf_checkpoint import load_hf
 from reference_models import save_hf, tiny_hf_model

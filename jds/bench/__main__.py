@@ -156,8 +156,9 @@ def _micro(args: argparse.Namespace, out: Path) -> int:
     log.info("measuring the server's start-up")
     startup = micro.server_startup(Path(args.config) if args.config else DEFAULT_CONFIG)
     model = load_model(config)
+    int8 = config.model_copy(update={"model": config.model.model_copy(update={"quantization": "int8"})})
     log.info("measuring jds")
-    result = micro.run(model, batches, contexts, prompts, peers)
+    result = micro.run(model, load_model(int8, progress=False), batches, contexts, prompts, peers)
     result["startup"] = startup
     log.info("measuring the engine's decode")
     result["engine"] = micro.engine_decode(config, model)

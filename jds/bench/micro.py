@@ -44,8 +44,7 @@ from jds.mesh.stages import stage_spans
 from jds.model import llama
 from jds.model.kv_cache import TRANSIT_AXES, KVCache
 from jds.model.loader import LoadedModel
-from jds.model.params import Int8Weight
-from jds.model.quantize import keeps_batched_copies, quantize_params
+from jds.model.params import MatrixWeight
 from jds.model.weights.gguf_file import open_gguf
 from jds.sampling_params import SamplingParams
 from jds.transfer.handoff import StageTarget, send_kv
@@ -80,13 +79,15 @@ def matmul_flops(n: int = 2048) -> float:
 
 
 def decode_weight_bytes(model: LoadedModel, batch: int = 1) -> int:
-    """Weight bytes one decode step of ``batch`` rows reads: every weight once, an int8 one in the
-    layout products of that many rows read (``Int8Weight``), except an untied input embedding, of
-    which it reads only the rows of the batch's tokens."""
+    """Weight bytes one decode step of ``batch`` rows reads: every weight once, a ``MatrixWeight``
+    in the layout products of that many rows read, except an untied input embedding, of which it
+    reads only the rows of the batch's tokens."""
     params = model.params
 
     def read(w) -> int:
-        return w.matrix(batch)[0].nbytes + w.scale.nbytes if isinstance(w, Int8Weight) else w.nbytes
+        if not isinstance(w, MatrixWeight):
+            return w.nbytes
+        return w.matrix(batch)[0].nbytes + (0 if w.scale is None else w.scale.nbytes)
 
     head = params.embed if params.lm_head is None else params.lm_head
     weights = [getattr(params.layers, f.name) for f in dataclasses.fields(params.layers)] + [params.final_norm, head]
@@ -294,15 +295,16 @@ def engine_decode(config: Config, model: LoadedModel, prompt: int = 64, tokens: 
             "bare_seconds": bare, "over_bare": per_token / bare}  # fmt: skip
 
 
-def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: list[int], peers: dict[str, dict]) -> dict:
+def run(
+    model: LoadedModel, int8_model: LoadedModel, batches: list[int], contexts: list[int], prompts: list[int], peers: dict[str, dict]
+) -> dict:
     """Every measurement of the micro-benchmark, as one JSON-ready dict (``peers`` from ``measure_peers``).
 
     Decode is measured twice over the grid: with the model's float weights and with the same
-    weights quantised to int8 (``model.quantization: int8``), the form to hold against llama.cpp's
-    8-bit file."""
+    weights loaded as int8 (``int8_model``, ``model.quantization: int8``), the form to hold against
+    llama.cpp's 8-bit file."""
     bandwidth, flops = memory_bandwidth(), matmul_flops()
-    int8_params = quantize_params(model.params, keeps_batched_copies())
-    models = {"float": model, "int8": dataclasses.replace(model, params=int8_params, quantization="int8")}
+    models = {"float": model, "int8": int8_model}
     weights = {(kind, batch): decode_weight_bytes(m, batch) for kind, m in models.items() for batch in batches}
     kv_per_token = model.arch.kv_bytes_per_token(model.dtype.itemsize)
 
@@ -338,7 +340,8 @@ def run(model: LoadedModel, batches: list[int], contexts: list[int], prompts: li
         "dtype": str(model.dtype),
         "weight_bytes": decode_weight_bytes(model),
         "int8_weight_bytes": decode_weight_bytes(models["int8"]),
-        "int8_held_bytes": sum(x.nbytes for x in jax.tree.leaves(int8_params)),
+        "held_bytes": sum(x.nbytes for x in jax.tree.leaves(model.params)),
+        "int8_held_bytes": sum(x.nbytes for x in jax.tree.leaves(int8_model.params)),
         "devices": [str(d) for d in devices],
         "memory_bandwidth_gb_per_s": bandwidth / 1e9,
         "matmul_gflop_per_s": flops / 1e9,
@@ -365,8 +368,9 @@ def markdown(result: dict) -> str:
         "",
         f"Machine limits measured in this run: memory bandwidth **{result['memory_bandwidth_gb_per_s']:.1f} GB/s**, "
         f"float32 matmul **{result['matmul_gflop_per_s']:.0f} GFLOP/s**. Weights read per decode step: "
-        f"{result['weight_bytes'] / 1e6:.0f} MB ({result['int8_weight_bytes'] / 1e6:.0f} MB as int8 at batch 1; "
-        f"{result['int8_held_bytes'] / 1e6:.0f} MB of int8 held in all).",
+        f"{result['weight_bytes'] / 1e6:.0f} MB ({result['int8_weight_bytes'] / 1e6:.0f} MB as int8) at batch 1; "
+        f"held in all, both orientations counted where both are kept: {result['held_bytes'] / 1e6:.0f} MB "
+        f"({result['int8_held_bytes'] / 1e6:.0f} MB as int8).",
         "",
         "Peers on the same GGUF file: " + "; ".join(f"{n}: {note}" for n, note in result["peers"].items())
         + ". Speed vs a peer is its time over jds' (above 1: jds is faster).",

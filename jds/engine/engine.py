@@ -25,7 +25,7 @@ from jds.engine.running import RunningRequests
 from jds.engine.sequence import RequestStream
 from jds.engine.slots import SlotPool
 from jds.engine.waiting import WaitingQueue
-from jds.mesh.fit import check_placement, quantized_itemsize
+from jds.mesh.fit import check_placement, held_weight_itemsize
 from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement
 from jds.mesh.stages import stage_spans
 from jds.model.loader import LoadedModel
@@ -55,7 +55,7 @@ class Engine:
         self.placement = placement
         self.max_waiting = max_waiting
         devices = jax.devices()
-        weight_itemsize = quantized_itemsize(model.quantization)
+        weight_itemsize = held_weight_itemsize(model.quantization, model.dtype.itemsize)
         check_placement(placement, model.arch, model.dtype.itemsize, model.max_seq_len, devices, weight_itemsize)
         self._stop = threading.Event()
         self._slots_changed = threading.Condition()

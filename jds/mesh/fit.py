@@ -17,7 +17,7 @@ from jds.config import Config, ConfigError
 from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillInstance
 from jds.mesh.stages import stage_spans
 from jds.model.architecture import Architecture
-from jds.model.quantize import int8_bytes_per_weight, keeps_batched_copies
+from jds.model.matrices import keeps_batched_copies, weight_itemsize
 
 HOST_MEMORY_FRACTION = 0.8  # leave room for the runtime, compiled programs and activations
 
@@ -42,9 +42,9 @@ def weight_bytes(arch: Architecture, itemsize: int, layers: int, tp: int, embed:
     return (layers * per_layer + extra) * itemsize
 
 
-def quantized_itemsize(quantization: str) -> int | None:
-    """Bytes per weight when the weights are stored narrower than the activations (None: not)."""
-    return int8_bytes_per_weight(keeps_batched_copies()) if quantization == "int8" else None
+def held_weight_itemsize(quantization: str, itemsize: int) -> int:
+    """Bytes this backend holds per weight for ``model.quantization`` and the float dtype's size."""
+    return weight_itemsize(quantization, itemsize, keeps_batched_copies())
 
 
 def kv_bytes(arch: Architecture, itemsize: int, layers: int, tp: int, slots: int, seq: int) -> int:
@@ -55,8 +55,8 @@ def memory_needs(
     placement: Placement, arch: Architecture, itemsize: int, max_seq_len: int, weight_itemsize: int | None = None
 ) -> list[MemoryNeed]:
     """Per-device bytes each instance (each decode stage) needs, for the fit check and for logs.
-    ``weight_itemsize`` is the weights' bytes per parameter when they are stored narrower than the
-    activations and cache (``quantized_itemsize``)."""
+    ``weight_itemsize`` is the bytes held per weight where it differs from the activations' and
+    cache's ``itemsize`` (``held_weight_itemsize``)."""
     head = not arch.tie_embeddings
     w_itemsize = weight_itemsize or itemsize
     needs = []
@@ -153,5 +153,5 @@ def check_config(config: Config, placement: Placement | None = None) -> None:
     itemsize = resolve_dtype(config.model.dtype).itemsize
     check_placement(
         placement or config.placement, arch, itemsize, resolve_max_seq_len(config, arch), jax.devices(),
-        quantized_itemsize(config.model.quantization),
+        held_weight_itemsize(config.model.quantization, itemsize),
     )

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVCache
-from jds.model.params import Int8Weight, LayerParams, Params, Weight
+from jds.model.params import MatrixWeight, LayerParams, Params, Weight
 from jds.model.rope import apply_rope, inverse_frequencies
 
 _MASKED = jnp.finfo(jnp.float32).min
@@ -99,10 +99,10 @@ def _one_token_attention(
 
 
 def project(spec: str, x: jax.Array, w: Weight, preferred_element_type: jnp.dtype | None = None) -> jax.Array:
-    """``einsum(spec, x, w)`` for a float weight. For an ``Int8Weight`` the same product as one
-    matrix product of x's trailing (summed) axes, flattened, with the values in the layout kept
-    for this many rows, then the per-channel scale."""
-    if not isinstance(w, Int8Weight):
+    """``einsum(spec, x, w)``. For a ``MatrixWeight`` the same product as one matrix product of x's
+    trailing (summed) axes, flattened, with the values in the layout kept for this many rows, then
+    the per-channel scale of int8 values."""
+    if not isinstance(w, MatrixWeight):
         return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
     x_axes, rest = spec.split(",")
     w_axes, out_axes = rest.split("->")
@@ -112,7 +112,9 @@ def project(spec: str, x: jax.Array, w: Weight, preferred_element_type: jnp.dtyp
     values, inputs_first = w.matrix(rows.shape[0])
     values = values.astype(x.dtype)
     y = jnp.matmul(rows, values if inputs_first else values.T, preferred_element_type=jnp.float32)
-    y = y.reshape(*lead, *w.scale.shape) * w.scale.astype(jnp.float32)
+    y = y.reshape(*lead, *w.out_shape)
+    if w.scale is not None:
+        y = y * w.scale.astype(jnp.float32)
     return y.astype(preferred_element_type or x.dtype)
 
 
@@ -143,7 +145,7 @@ def logits(params: Params, x: jax.Array, arch: Architecture) -> jax.Array:
     """Final norm and output projection, in float32: ``[B, D] -> [B, vocab]``."""
     h = rms_norm(x, params.final_norm, arch.rms_norm_eps)
     head = params.embed if params.lm_head is None else params.lm_head
-    if isinstance(head, Int8Weight):
+    if isinstance(head, MatrixWeight):
         return _int8_logits(h, head)
     if params.lm_head is None:
         return jnp.einsum("bd,vd->bv", h, head, preferred_element_type=jnp.float32)
@@ -153,13 +155,13 @@ def logits(params: Params, x: jax.Array, arch: Architecture) -> jax.Array:
 HEAD_CHUNK = 4096  # vocabulary rows per piece of an int8 output head
 
 
-def _int8_logits(h: jax.Array, head: Int8Weight) -> jax.Array:
+def _int8_logits(h: jax.Array, head: MatrixWeight) -> jax.Array:
     """Logits over an int8 head ``[vocab, D]``, a piece of the vocabulary at a time. Converted
     whole for a batch of rows, the table's float copy (4 bytes per weight, written then read) cost
     2.5x the float32 product itself; a piece's copy stays in cache."""
-    vocab = head.scale.shape[0]
+    (vocab,) = head.out_shape
     chunk = max((c for c in range(1, min(HEAD_CHUNK, vocab) + 1) if vocab % c == 0), default=vocab)
-    pieces = Int8Weight(head.out_in.reshape(vocab // chunk, chunk, -1), None, head.scale.reshape(vocab // chunk, chunk))
+    pieces = MatrixWeight(head.out_in.reshape(vocab // chunk, chunk, -1), None, head.scale.reshape(vocab // chunk, chunk), (chunk,))
     out = jax.lax.map(lambda piece: project("bd,vd->bv", h, piece, preferred_element_type=jnp.float32), pieces)
     return jnp.moveaxis(out, 0, 1).reshape(h.shape[0], vocab)
 
@@ -167,7 +169,7 @@ def _int8_logits(h: jax.Array, head: Int8Weight) -> jax.Array:
 def embed(params: Params, tokens: jax.Array) -> jax.Array:
     """Token ids ``[B, T]`` to activations ``[B, T, D]``."""
     table = params.embed
-    if isinstance(table, Int8Weight):
+    if isinstance(table, MatrixWeight):
         return table.out_in[tokens].astype(table.scale.dtype) * table.scale[tokens][..., None]
     return table[tokens]
 

@@ -13,7 +13,7 @@ import numpy as np
 from jds.config import Config
 from jds.model.architecture import Architecture
 from jds.model.params import Params, init_params
-from jds.model.quantize import keeps_batched_copies, quantize_params
+from jds.model.matrices import as_served
 from jds.model.tokenizer import Tokenizer
 from jds.model.weights.gguf_file import gguf_architecture, load_gguf, open_gguf
 from jds.model.weights.hf_checkpoint import hf_architecture, load_hf
@@ -123,8 +123,8 @@ def load_model(config: Config, progress: bool = True, weights: bool = True) -> L
     section = config.model
     dtype = resolve_dtype(section.dtype)
     arch, params = load_params(config, dtype, progress) if weights else (model_architecture(config), None)
-    if params is not None and section.quantization == "int8":
-        params = quantize_params(params, keeps_batched_copies())
+    if params is not None:
+        params = as_served(params, section.quantization)
     tokenizer = load_tokenizer(config)
     if tokenizer is not None and tokenizer.vocab_size > arch.vocab_size:
         raise ValueError(

@@ -29,28 +29,31 @@ def axes(*names: str, contract: tuple[str, ...] = ()) -> Any:
 
 
 @struct.dataclass
-class Int8Weight:
-    """A projection weight stored as int8 with one scale per output channel.
-
-    The values are one matrix per layer (the output axes flattened, the summed axes flattened),
-    kept in one or both orientations, whichever the products it takes part in read fastest:
+class MatrixWeight:
+    """A projection weight as one matrix per layer (the output axes flattened, the summed axes
+    flattened), kept in one or both orientations, whichever the products it takes part in read
+    fastest; int8 with one scale per output channel, or in the model's float dtype.
 
     - ``out_in``, ``[layers..., outputs, inputs]``: for one row at a time. XLA's CPU backend
-      computes ``row @ out_in.T`` in one fused loop that converts each int8 as it reads it and
-      never writes a float copy (4x fewer bytes than float32, read as fast). The embedding table
-      is looked up in this layout too.
-    - ``in_out``, ``[layers..., inputs, outputs]``: for several rows. The backend converts the
-      layer to float once and YNNPACK multiplies; it ran products of 8-32 rows 1.1-1.4x faster
-      with the inputs first. It is also the only layout of a weight summed over several axes
-      (attention's output projection): the fused loop also computes its input row, and reading
-      that row through a reshape of heads x head_dim stopped it vectorising (15x slower).
+      computes ``row @ out_in.T`` in one fused loop that reads the layer's slice of the stacked
+      weights in place (converting each int8 as it reads it). From ``in_out`` the backend first
+      copies every layer's slice out of the stack, then YNNPACK reads the copy: a float32 batch-1
+      step of SmolLM2 took 24 ms that way against 18.5 ms here (a 16 ms bandwidth floor). The
+      embedding table is looked up in this layout too.
+    - ``in_out``, ``[layers..., inputs, outputs]``: for several rows, multiplied by YNNPACK (an int8
+      layer converted to float once first); it ran products of 8-32 rows 1.1-1.4x faster with the
+      inputs first. It is also the only layout of a weight summed over several axes (attention's
+      output projection): the fused loop also computes its input row, and reading that row through
+      a reshape of heads x head_dim stopped it vectorising (15x slower).
 
-    ``scale`` is ``[layers..., out...]`` in the model's float dtype.
+    ``scale`` is ``[layers..., out...]`` in the model's float dtype for int8 values, None for float.
+    ``out_shape`` is the output axes' shape, unflattened (``out...``).
     """
 
     out_in: jax.Array | None
     in_out: jax.Array | None
-    scale: jax.Array
+    scale: jax.Array | None
+    out_shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
     def matrix(self, rows: int) -> tuple[jax.Array, bool]:
         """The values a product of ``rows`` rows reads, and whether they are ``in_out``: that
@@ -60,16 +63,16 @@ class Int8Weight:
         return self.out_in, False
 
 
-def quantized_axes(names: tuple[str, ...], contract: tuple[str, ...]) -> Int8Weight:
-    """Logical axes of an ``Int8Weight``'s arrays for a float field's axes. A flattened group of
+def matrix_axes(names: tuple[str, ...], contract: tuple[str, ...]) -> MatrixWeight:
+    """Logical axes of a ``MatrixWeight``'s arrays for a float field's axes. A flattened group of
     axes is named by its first (the heads of ``heads x head_dim``), which is the one the sharding
     rules split."""
     lead = tuple(n for n in names if n == "layers")
     outputs = tuple(n for n in names if n not in contract and n != "layers")
-    return Int8Weight(lead + (outputs[0], contract[0]), lead + (contract[0], outputs[0]), lead + outputs)
+    return MatrixWeight(lead + (outputs[0], contract[0]), lead + (contract[0], outputs[0]), lead + outputs)
 
 
-Weight = jax.Array | Int8Weight  # a projection (or embedding) weight, float or quantised
+Weight = jax.Array | MatrixWeight  # a projection (or embedding) weight as loaded, or as matrices
 
 
 @struct.dataclass
@@ -104,10 +107,10 @@ def logical_axes(tree: Any) -> Any:
     updates = {}
     for f in dataclasses.fields(tree):
         value = getattr(tree, f.name)
-        if isinstance(value, Int8Weight):
-            names = quantized_axes(f.metadata["axes"], f.metadata["contract"])
+        if isinstance(value, MatrixWeight):
+            names = matrix_axes(f.metadata["axes"], f.metadata["contract"])
             specs = {k: None if getattr(value, k) is None else PartitionSpec(*getattr(names, k)) for k in ("out_in", "in_out", "scale")}
-            updates[f.name] = Int8Weight(**specs)
+            updates[f.name] = MatrixWeight(**specs, out_shape=value.out_shape)
         elif dataclasses.is_dataclass(value):
             updates[f.name] = logical_axes(value)
         elif value is not None:

@@ -1,4 +1,5 @@
-"""Weight-only int8: rounding, products, sharding and the config key."""
+"""Weights as matrices: float ones in both orientations on CPU, and weight-only int8 (rounding,
+products, sharding and the config key)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from jax.sharding import PartitionSpec
 from jds.config import ConfigError, load_config, parse_config
 from jds.mesh.rules import make_mesh, shardings
 from jds.model import llama
-from jds.model.params import Int8Weight, LayerParams, init_params
-from jds.model.quantize import quantize_params, quantize_weight
+from jds.mesh.fit import held_weight_itemsize
+from jds.model.matrices import as_served, float_matrices, matrix_weight, quantize_params
+from jds.model.params import LayerParams, MatrixWeight, init_params
 from tests_paths import CONFIGS
 
 TINY = load_config(CONFIGS / "tiny.yaml").model.architecture
@@ -24,12 +26,12 @@ SPECS = {"wq": "btd,dhk->bthk", "wk": "btd,dhk->bthk", "wv": "btd,dhk->bthk", "w
          "w_gate": "btd,df->btf", "w_up": "btd,df->btf", "w_down": "btf,fd->btd"}  # fmt: skip
 
 
-def _dequantized(w: Int8Weight, names: tuple[str, ...], contract: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
-    """The float weight an Int8Weight stands for, back in the float field's layout."""
+def _dequantized(w: MatrixWeight, names: tuple[str, ...], contract: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """The float weight a MatrixWeight stands for, back in the float field's layout."""
     if w.out_in is not None and w.in_out is not None:  # both layouts hold the same values
         np.testing.assert_array_equal(np.asarray(w.in_out), np.asarray(w.out_in).swapaxes(-1, -2))
     values = np.asarray(w.out_in if w.out_in is not None else w.in_out.swapaxes(-1, -2), np.float32)
-    scale = np.asarray(w.scale, np.float32).reshape(values.shape[:-1])
+    scale = np.ones(values.shape[:-1], np.float32) if w.scale is None else np.asarray(w.scale, np.float32).reshape(values.shape[:-1])
     kept = [i for i, n in enumerate(names) if n not in contract]
     summed = [names.index(n) for n in contract]
     moved = (values * scale[..., None]).reshape([shape[i] for i in kept + summed])
@@ -45,7 +47,7 @@ def _field(name: str) -> dataclasses.Field:
 def test_int8_weights_round_to_within_half_a_step_of_each_output_channel(name, batched_copy):
     f = _field(name)
     w = getattr(init_params(TINY, jax.random.key(1)).layers, name)
-    q = quantize_weight(w, f.metadata["axes"], f.metadata["contract"], batched_copy)
+    q = matrix_weight(w, f.metadata["axes"], f.metadata["contract"], batched_copy)
     # The output projection (summed over heads x head_dim) is kept inputs first only; the others
     # outputs first, and inputs first as well when batched products get their own copy.
     assert (q.out_in is None) == (name == "wo") and (q.in_out is None) == (name != "wo" and not batched_copy)
@@ -58,9 +60,29 @@ def test_int8_weights_round_to_within_half_a_step_of_each_output_channel(name, b
     assert np.all(np.abs(back - np.asarray(w)) <= step / 2 + 1e-7)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_float_matrices_give_the_loaded_weights_products_in_both_orientations(batch):
+    params = init_params(TINY, jax.random.key(3))
+    laid_out = float_matrices(params)
+    rng = np.random.default_rng(1)
+    for name, spec in SPECS.items():
+        w = getattr(laid_out.layers, name)
+        assert w.scale is None and w.in_out.dtype == jnp.float32
+        assert (w.out_in is None) == (name == "wo")  # summed over heads x head_dim: inputs first only
+        original = getattr(params.layers, name)
+        np.testing.assert_array_equal(_dequantized(w, _field(name).metadata["axes"], _field(name).metadata["contract"], original.shape), original)
+        layer = jax.tree.map(lambda a: a[0], w)
+        x = rng.standard_normal([batch, 1, *original.shape[1 : 1 + len(spec.split(",")[0]) - 2]]).astype(np.float32)
+        np.testing.assert_allclose(llama.project(spec, x, layer), np.einsum(spec, x, original[0]), rtol=1e-5, atol=1e-5)
+    assert laid_out.embed is params.embed and laid_out.lm_head is params.lm_head  # read in place already
+    # Where both orientations are kept (this CPU backend), the fit check counts both.
+    assert isinstance(as_served(params, "none").layers.wq, MatrixWeight)
+    assert held_weight_itemsize("none", 4) == 8 and held_weight_itemsize("int8", 4) == 2
+
+
 def test_an_all_zero_channel_stays_zero():
     w = jnp.zeros((2, 8, 4)).at[:, :, 1:].set(1.0)
-    q = quantize_weight(w, ("layers", "embed", "mlp"), ("embed",))
+    q = matrix_weight(w, ("layers", "embed", "mlp"), ("embed",))
     assert np.all(np.asarray(q.out_in)[:, 0] == 0) and np.all(np.isfinite(np.asarray(q.scale)))
 
 
