@@ -18,7 +18,7 @@ import torch
 
 from jds.model import llama
 from jds.model.kv_cache import KVCache, insert
-from jds.model.matrices import quantize_params
+from jds.model.matrices import as_served
 from jds.model.weights.gguf_file import load_gguf
 from jds.model.weights.hf_checkpoint import load_hf
 from reference_models import save_hf, tiny_hf_model
@@ -56,7 +56,8 @@ def _reference_logits(model, prompt: list[int]) -> np.ndarray:
 
 
 def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bound: float) -> tuple[float, float]:
-    """Batched, padded prefill matches at each prompt's last token; decode steps match after it.
+    """Batched, padded prefill matches at each prompt's last token; decode steps, of all rows and
+    of the first prompt alone (one-row products read other weight layouts), match after it.
     Returns the largest logit difference seen and the share of positions whose top token agrees."""
     params = jax.device_put(params)
     refs = [_reference_logits(model, p) for p in prompts]
@@ -86,6 +87,11 @@ def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bou
                 check(logits[i + 1], ref[positions[i + 1]])
         positions = positions + 1
 
+    cache = insert(KVCache.zeros(arch, 1, 64, params.final_norm.dtype), kv[:, :, :1], np.zeros(1, np.int32))
+    for pos in range(split[0], len(prompts[0])):
+        logits, cache = decode_jit(params, cache, np.array([prompts[0][pos]], np.int32), np.array([pos], np.int32), arch)
+        check(logits[0], refs[0][pos])
+
     # Chunked prefill: each prompt in chunks of 5 against its own cache row, every position checked;
     # each chunk reads only the cache positions in use, rounded up to a power of two (>= 16 of 64).
     cache = KVCache.zeros(arch, 2, 64, params.final_norm.dtype)
@@ -112,7 +118,7 @@ def test_tiny_safetensors_checkpoint_matches_transformers(tmp_path, tie):
     # Prompts longer than the rope scaling's original context (32) exercise the scaled frequencies.
     prompts = [rng.integers(0, 256, n).tolist() for n in (5, 12, 16, 9)]
     prompts.append(rng.integers(0, 256, 60).tolist())
-    _check_prefill_and_decode(model, arch, params, prompts[:4], TINY_BOUND)
+    _check_prefill_and_decode(model, arch, as_served(params, "none"), prompts[:4], TINY_BOUND)
     tokens, lengths = _padded(prompts[4:], 64)
     logits, _ = prefill_jit(jax.device_put(params), tokens, lengths, arch)
     np.testing.assert_allclose(np.asarray(logits[0]), _reference_logits(model, prompts[4])[-1], atol=TINY_BOUND, rtol=0)
@@ -124,13 +130,13 @@ def test_smollm2_gguf_matches_transformers(smollm2_gguf, hf_smollm2, hf_smollm2_
     assert arch.tie_embeddings and arch.rope_theta == 100000.0
     texts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Hello! How are you today? I"]
     prompts = [hf_smollm2_tokenizer(t)["input_ids"] for t in texts]
-    _check_prefill_and_decode(hf_smollm2, arch, params, prompts, SMOLLM2_BOUND)
+    _check_prefill_and_decode(hf_smollm2, arch, as_served(params, "none"), prompts, SMOLLM2_BOUND)
 
 
 def test_smollm2_int8_weights_stay_near_transformers(smollm2_gguf, hf_smollm2, hf_smollm2_tokenizer):
     arch, params = load_gguf(smollm2_gguf, progress=False)
     texts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Hello! How are you today? I"]
     prompts = [hf_smollm2_tokenizer(t)["input_ids"] for t in texts]
-    worst, agree = _check_prefill_and_decode(hf_smollm2, arch, quantize_params(params), prompts, INT8_BOUND)
+    worst, agree = _check_prefill_and_decode(hf_smollm2, arch, as_served(params, "int8"), prompts, INT8_BOUND)
     print(f"int8 against transformers: largest logit difference {worst:.3f}, top token agrees at {agree:.0%} of positions")
     assert agree >= INT8_AGREEMENT
