@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jds.bench.metrics import RequestRecord, attainment, goodput, search_goodput, summarize
+from jds.bench.micro import DECODE_PASSES
 from jds.bench.workloads import SLO, arrival_times, get_workload, load_trace, load_workloads, plan
 
 
@@ -111,6 +112,9 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(tmp_path):
     assert main(["micro", "--config", str(CONFIGS / "tiny.yaml"), "--batches", "1,4", "--contexts", "64", "--prompts", "32", "--no-peer", "--out", str(out)]) == 0
     result = json.loads((out / "micro.json").read_text())
     assert result["memory_bandwidth_gb_per_s"] > 0 and result["matmul_gflop_per_s"] > 0
+    # Limits sampled before the decode passes and after each (before and after each prompt's prefill).
+    assert len(result["memory_bandwidth_samples_gb_per_s"]) == DECODE_PASSES + 1 and len(result["matmul_samples_gflop_per_s"]) == 2
+    assert result["memory_bandwidth_gb_per_s"] == pytest.approx(np.median(result["memory_bandwidth_samples_gb_per_s"]))
     assert [(r["weights"], r["batch"], r["context"]) for r in result["decode"]] == [
         ("float", 1, 64), ("float", 4, 64), ("int8", 1, 64), ("int8", 4, 64)
     ]

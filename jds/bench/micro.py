@@ -1,7 +1,8 @@
 """``python -m jds.bench micro``: jds' programs against the machine's measured limits and peers.
 
 All figures come from one run on one machine: the limits (memory bandwidth, matmul FLOP/s) are
-measured first, then each jds program is reported as a ratio to the floor those limits imply.
+sampled before and between the measurements, and each jds program is reported as a ratio to the
+floor the limits' medians imply.
 Decode is memory-bound, so its floor is (weight bytes + KV bytes read) / bandwidth; prefill is
 compute-bound, so its ceiling is the matmul FLOP/s. The KV handoff is reported as bytes, time and
 a fraction of the prefill time of the same prompt. Installed peers run the same GGUF file at the
@@ -303,7 +304,10 @@ def run(
     Decode is measured twice over the grid: with the model's float weights and with the same
     weights loaded as int8 (``int8_model``, ``model.quantization: int8``), the form to hold against
     llama.cpp's 8-bit file."""
-    bandwidth, flops = memory_bandwidth(), matmul_flops()
+    # The limits are sampled before and between the measurements they judge, and each is the
+    # median of its samples: on a shared host one sample caught in a fast or slow spell moved
+    # every ratio of a run by a third.
+    bandwidths, flops_samples = [memory_bandwidth()], [matmul_flops()]
     models = {"float": model, "int8": int8_model}
     weights = {(kind, batch): decode_weight_bytes(m, batch) for kind, m in models.items() for batch in batches}
     kv_per_token = model.arch.kv_bytes_per_token(model.dtype.itemsize)
@@ -319,6 +323,8 @@ def run(
     for n in range(DECODE_PASSES):
         for kind, batch, context in grid if n % 2 == 0 else reversed(grid):
             passes[kind, batch, context].append(decode_step_seconds(models[kind], batch, context))
+        bandwidths.append(memory_bandwidth())
+    bandwidth = statistics.median(bandwidths)
     decode = []
     for kind, batch, context in grid:
         seconds = statistics.median(passes[kind, batch, context])
@@ -327,9 +333,13 @@ def run(
                        "gb_per_s": read / seconds / 1e9, "floor_seconds": read / bandwidth,
                        "over_floor": seconds / (read / bandwidth), "peers": peer_times("decode", batch)})  # fmt: skip
     devices = jax.devices()[:2]
-    prefill = []
+    measured = {}
     for tokens in prompts:
-        seconds, handoff_seconds, handoff_bytes = prefill_and_handoff(model, tokens, devices)
+        measured[tokens] = prefill_and_handoff(model, tokens, devices)
+        flops_samples.append(matmul_flops())
+    flops = statistics.median(flops_samples)
+    prefill = []
+    for tokens, (seconds, handoff_seconds, handoff_bytes) in measured.items():
         work = prefill_flops(model, tokens)
         prefill.append({"tokens": tokens, "seconds": seconds, "flops": work, "flops_per_s": work / seconds,
                         "of_matmul_peak": work / seconds / flops, "handoff_seconds": handoff_seconds, "handoff_bytes": handoff_bytes,
@@ -344,7 +354,9 @@ def run(
         "int8_held_bytes": sum(x.nbytes for x in jax.tree.leaves(int8_model.params)),
         "devices": [str(d) for d in devices],
         "memory_bandwidth_gb_per_s": bandwidth / 1e9,
+        "memory_bandwidth_samples_gb_per_s": [b / 1e9 for b in bandwidths],
         "matmul_gflop_per_s": flops / 1e9,
+        "matmul_samples_gflop_per_s": [f / 1e9 for f in flops_samples],
         "decode": decode,
         "prefill": prefill,
         "handoff": "in-process device_put from device 0 to device 1" if len(devices) > 1 else "same device",
@@ -366,8 +378,11 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Micro-benchmarks: {result['model']} ({result['dtype']})",
         "",
-        f"Machine limits measured in this run: memory bandwidth **{result['memory_bandwidth_gb_per_s']:.1f} GB/s**, "
-        f"float32 matmul **{result['matmul_gflop_per_s']:.0f} GFLOP/s**. Weights read per decode step: "
+        f"Machine limits measured in this run, each the median of samples taken before and between the measurements "
+        f"it judges: memory bandwidth **{result['memory_bandwidth_gb_per_s']:.1f} GB/s** "
+        f"({', '.join(f'{b:.1f}' for b in result['memory_bandwidth_samples_gb_per_s'])}), "
+        f"float32 matmul **{result['matmul_gflop_per_s']:.0f} GFLOP/s** "
+        f"({', '.join(f'{f:.0f}' for f in result['matmul_samples_gflop_per_s'])}). Weights read per decode step: "
         f"{result['weight_bytes'] / 1e6:.0f} MB ({result['int8_weight_bytes'] / 1e6:.0f} MB as int8) at batch 1; "
         f"held in all, both orientations counted where both are kept: {result['held_bytes'] / 1e6:.0f} MB "
         f"({result['int8_held_bytes'] / 1e6:.0f} MB as int8).",
