@@ -17,7 +17,7 @@ from jds.mesh.rules import make_mesh, shardings
 from jds.model import llama
 from jds.mesh.fit import held_weight_itemsize
 from jds.model.matrices import as_served, float_matrices, matrix_weight, quantize_params
-from jds.model.params import LayerParams, MatrixWeight, init_params
+from jds.model.params import InverseNorm, LayerParams, MatrixWeight, init_params
 from tests_paths import CONFIGS
 
 TINY = load_config(CONFIGS / "tiny.yaml").model.architecture
@@ -78,6 +78,21 @@ def test_float_matrices_give_the_loaded_weights_products_in_both_orientations(ba
     # Where both orientations are kept (this CPU backend), the fit check counts both.
     assert isinstance(as_served(params, "none").layers.wq, MatrixWeight)
     assert held_weight_itemsize("none", 4) == 8 and held_weight_itemsize("int8", 4) == 2
+
+
+def test_int8_models_keep_layer_norms_as_reciprocals_that_normalise_alike():
+    params = init_params(TINY, jax.random.key(4))
+    g = params.layers.attn_norm.at[:, 3].set(0.0).at[:, 5].set(-2.5)  # a zero and a negative channel
+    quantized = quantize_params(params.replace(layers=params.layers.replace(attn_norm=g)))
+    inverse = quantized.layers.attn_norm
+    assert isinstance(inverse, InverseNorm) and isinstance(quantized.layers.mlp_norm, InverseNorm)
+    assert quantized.final_norm is params.final_norm  # only the layers' norms feed int8 batch-1 loops
+    x = np.random.default_rng(2).standard_normal((2, 3, TINY.hidden_size)).astype(np.float32)
+    for layer in (0, TINY.num_layers - 1):
+        expected = llama.rms_norm(x, g[layer], TINY.rms_norm_eps)
+        actual = llama.rms_norm(x, jax.tree.map(lambda a: a[layer], inverse), TINY.rms_norm_eps)
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
+        assert np.all(np.asarray(actual)[..., 3] == 0)
 
 
 def test_an_all_zero_channel_stays_zero():

@@ -87,7 +87,7 @@ def decode_weight_bytes(model: LoadedModel, batch: int = 1) -> int:
 
     def read(w) -> int:
         if not isinstance(w, MatrixWeight):
-            return w.nbytes
+            return sum(a.nbytes for a in jax.tree.leaves(w))
         return w.matrix(batch)[0].nbytes + (0 if w.scale is None else w.scale.nbytes)
 
     head = params.embed if params.lm_head is None else params.lm_head
@@ -97,7 +97,7 @@ def decode_weight_bytes(model: LoadedModel, batch: int = 1) -> int:
 
 # One jitted step for every shape, so a shape measured again reuses its compiled program.
 _decode_step = jax.jit(llama.decode_step, static_argnames="arch", donate_argnums=1)
-DECODE_PASSES = 3
+DECODE_PASSES = 5
 
 
 def decode_step_seconds(model: LoadedModel, batch: int, context: int) -> float:

@@ -27,7 +27,7 @@ from jds.mesh.stages import StageSpan, stage_params, stage_spans
 from jds.model import llama
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import TRANSIT_AXES, KVCache, insert
-from jds.model.params import Params
+from jds.model.params import Params, float_dtype
 from jds.model.sampling import SamplingRows, sample
 from jds.transfer.handoff import StageTarget
 
@@ -218,7 +218,7 @@ class Stage:
         self.cache_sharding = shardings(cache_shape, self.mesh)
         self.activations = replicated(self.mesh)
         self.kv_sharding = NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
-        self.dtype = self.params.layers.attn_norm.dtype  # the activations' (weights may be int8)
+        self.dtype = float_dtype(self.params.layers)  # the activations' (weights may be int8)
         self._zeros = jax.jit(
             functools.partial(KVCache.zeros, arch, slots, seq, self.dtype, span.num_layers), out_shardings=self.cache_sharding
         )

@@ -15,15 +15,17 @@ import jax.numpy as jnp
 
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVCache
-from jds.model.params import MatrixWeight, LayerParams, Params, Weight
+from jds.model.params import InverseNorm, LayerParams, MatrixWeight, Params, Weight
 from jds.model.rope import apply_rope, inverse_frequencies
 
 _MASKED = jnp.finfo(jnp.float32).min
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array | InverseNorm, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if isinstance(weight, InverseNorm):
+        return (normed / weight.inverse.astype(jnp.float32)).astype(x.dtype)
     return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jds.model.params import LayerParams, MatrixWeight, Params
+from jds.model.params import InverseNorm, LayerParams, MatrixWeight, Params
 
 INT8_MAX = 127
 
@@ -86,10 +86,12 @@ def weight_itemsize(quantization: str, float_itemsize: int, batched_copies: bool
 
 
 def quantize_params(params: Params, batched_copies: bool = False) -> Params:
-    """The same model with int8 projections and embedding table; norms stay float.
+    """The same model with int8 projections and embedding table; norms stay float, the layers'
+    kept as reciprocals (``InverseNorm``).
 
     Each field is converted in its own call so only one float weight is converted at a time."""
     layers: LayerParams = _as_matrices(params.layers, batched_copies, int8=True)
+    layers = layers.replace(attn_norm=InverseNorm(1 / layers.attn_norm), mlp_norm=InverseNorm(1 / layers.mlp_norm))
     return _as_matrices(params, batched_copies, int8=True).replace(layers=layers)
 
 

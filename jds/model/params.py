@@ -76,15 +76,26 @@ Weight = jax.Array | MatrixWeight  # a projection (or embedding) weight as loade
 
 
 @struct.dataclass
+class InverseNorm:
+    """A layer's RMSNorm weight kept as its reciprocal, for int8 weights: the norm then divides by
+    it. XLA's CPU batch-1 loop recomputes its input row once per output, and reading a per-layer
+    slice of the norm weight inside that row stopped the int8 loop vectorising; a division by a
+    vector is not copied into the loop, so the normalised row is written once instead (SmolLM2
+    int8 batch 1: 6.2 ms against 7.2). A zero weight stays exact: ``x / inf == 0``."""
+
+    inverse: jax.Array
+
+
+@struct.dataclass
 class LayerParams:
     """All decoder layers, stacked along the leading ``layers`` axis."""
 
-    attn_norm: jax.Array = axes("layers", "embed")
+    attn_norm: jax.Array | InverseNorm = axes("layers", "embed")
     wq: Weight = axes("layers", "embed", "q_heads", "head_dim", contract=("embed",))
     wk: Weight = axes("layers", "embed", "kv_heads", "head_dim", contract=("embed",))
     wv: Weight = axes("layers", "embed", "kv_heads", "head_dim", contract=("embed",))
     wo: Weight = axes("layers", "q_heads", "head_dim", "embed", contract=("q_heads", "head_dim"))
-    mlp_norm: jax.Array = axes("layers", "embed")
+    mlp_norm: jax.Array | InverseNorm = axes("layers", "embed")
     w_gate: Weight = axes("layers", "embed", "mlp", contract=("embed",))
     w_up: Weight = axes("layers", "embed", "mlp", contract=("embed",))
     w_down: Weight = axes("layers", "mlp", "embed", contract=("mlp",))
@@ -100,6 +111,12 @@ class Params:
     lm_head: Weight | None = axes("embed", "vocab", contract=("embed",))
 
 
+def float_dtype(tree: Any) -> jnp.dtype:
+    """The model's float dtype, that of the first floating-point array in ``tree`` (with int8
+    weights, a norm or a scale)."""
+    return next(a.dtype for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating))
+
+
 def logical_axes(tree: Any) -> Any:
     """The same pytree with every array replaced by the PartitionSpec of its logical axis names."""
     if tree is None:
@@ -107,7 +124,9 @@ def logical_axes(tree: Any) -> Any:
     updates = {}
     for f in dataclasses.fields(tree):
         value = getattr(tree, f.name)
-        if isinstance(value, MatrixWeight):
+        if isinstance(value, InverseNorm):
+            updates[f.name] = InverseNorm(PartitionSpec(*f.metadata["axes"]))
+        elif isinstance(value, MatrixWeight):
             names = matrix_axes(f.metadata["axes"], f.metadata["contract"])
             specs = {k: None if getattr(value, k) is None else PartitionSpec(*getattr(names, k)) for k in ("out_in", "in_out", "scale")}
             updates[f.name] = MatrixWeight(**specs, out_shape=value.out_shape)
