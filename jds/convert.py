@@ -13,7 +13,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jds.model.tokenizer import Tokenizer
-from jds.model.weights.gguf_file import load_gguf
+from jds.model.weights.gguf_file import load_gguf, open_gguf
 from jds.model.weights.hf_checkpoint import load_hf
 from jds.model.weights.jds_checkpoint import save_checkpoint
 
@@ -22,8 +22,9 @@ def convert(source_format: str, src: Path, dst: Path, dtype: str = "float32", pr
     if dst.exists():
         raise FileExistsError(f"destination already exists: {dst}")
     if source_format == "gguf":
-        arch, params = load_gguf(src, dtype=jnp.dtype(dtype), progress=progress)
-        tokenizer = Tokenizer.from_gguf(src)
+        reader = open_gguf(src)
+        arch, params = load_gguf(reader, dtype=jnp.dtype(dtype), progress=progress)
+        tokenizer = Tokenizer.from_gguf(reader)
     else:
         arch, params = load_hf(src, dtype=jnp.dtype(dtype), progress=progress)
         tokenizer = Tokenizer.from_file(src) if (src / "tokenizer.json").is_file() else None

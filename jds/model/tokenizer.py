@@ -83,9 +83,12 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Rebuild the tokenizer described by a GGUF file's `tokenizer.*` metadata."""
-        meta = _read_gguf_tokenizer_metadata(_existing_file(Path(path)))
+    def from_gguf(cls, source: str | os.PathLike[str] | GGUFReader) -> Tokenizer:
+        """Rebuild the tokenizer described by a GGUF file's `tokenizer.*` metadata. ``source`` may
+        be a reader the weights were read through: parsing the file's metadata takes seconds."""
+        reader = source if isinstance(source, GGUFReader) else GGUFReader(_existing_file(Path(source)))
+        path = getattr(reader.data, "filename", source)
+        meta = _gguf_tokenizer_metadata(reader)
         model = meta.get("tokenizer.ggml.model")
         if model not in _GGUF_BACKENDS:
             supported = ", ".join(_GGUF_BACKENDS)
@@ -252,9 +255,8 @@ class IncrementalDetokenizer:
 # ---------------------------------------------------------------------------------------- GGUF
 
 
-def _read_gguf_tokenizer_metadata(path: Path) -> dict[str, Any]:
+def _gguf_tokenizer_metadata(reader: GGUFReader) -> dict[str, Any]:
     """The `tokenizer.*` keys as plain Python values."""
-    reader = GGUFReader(path)
     return {
         name: _field_value(field) for name, field in reader.fields.items() if name.startswith("tokenizer.")
     }

@@ -115,13 +115,15 @@ def _hf_name(name: str) -> str | None:
 
 
 def load_gguf(
-    path: str | os.PathLike, arch: Architecture | None = None, dtype: np.dtype = np.float32, progress: bool = True
+    source: str | os.PathLike | gguf.GGUFReader, arch: Architecture | None = None, dtype: np.dtype = np.float32, progress: bool = True
 ) -> tuple[Architecture, Params]:
-    """Dequantise a Llama GGUF file into host-side Params (and the architecture it records).
+    """Dequantise a Llama GGUF file (a path or an open reader) into host-side Params and the
+    architecture it records.
 
     When ``arch`` is given (from a config), the file must agree with it tensor for tensor.
     """
-    reader = open_gguf(path)
+    reader = source if isinstance(source, gguf.GGUFReader) else open_gguf(source)
+    path = getattr(reader.data, "filename", source)
     file_arch = gguf_architecture(reader)
     arch = arch or file_arch
 
