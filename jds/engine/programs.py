@@ -51,8 +51,8 @@ def row_buckets(size: int) -> list[int]:
     below ``size``, then ``size``.
 
     Slots are handed out lowest first, so at light load a step computes only the rows up to the
-    highest slot in use, rounded up to a bucket: on 2 CPU cores a SmolLM2 step takes 23 ms for 1
-    row, 30 ms for 4, 33 ms for 8 and 84 ms for 32. Each bucket costs one more compile per context
+    highest slot in use, rounded up to a bucket: on 2 CPU cores a SmolLM2 step takes 20 ms for 1
+    row, 39 ms for 8 and 94 ms for 32. Each bucket costs one more compile per context
     (about 0.5 s each), so the buckets are far apart: the default 8 slots add one, batch 1.
     """
     buckets, rows = [], 1
