@@ -318,32 +318,85 @@ def test_after_warmup_serving_compiles_nothing(tiny, placement):
         engine.shutdown()
 
 
-class _FailOnce:
-    def __init__(self, fn):
-        self.fn, self.failed = fn, False
-
-    def __call__(self, *args, **kwargs):
-        if not self.failed:
-            self.failed = True
-            raise RuntimeError("injected failure")
-        return self.fn(*args, **kwargs)
+POISON_SEED = 666  # a request whose row breaks the program it is batched into
 
 
-@pytest.mark.parametrize("where", ["prefill", "decode", "chunk"])
-def test_a_failed_program_fails_its_requests_frees_their_slots_and_the_engine_goes_on(tiny, reference, monkeypatch, where):
-    placement = {"instances": {"devices": [0], "slots": 4, "chunked_prefill": 16}} if where == "chunk" else DISAGG
+def _poison(fn, rows_of):
+    """``fn`` that raises before running whenever one of its rows is the poisoned request."""
+
+    def call(*args):
+        if POISON_SEED in rows_of(*args):
+            raise ValueError("injected bad row")
+        return fn(*args)
+
+    return call
+
+
+@pytest.mark.parametrize(
+    "where, placement",
+    [("prefill", DISAGG), ("decode", DISAGG), ("decode", SINGLE), ("chunk", {"instances": {"devices": [0], "slots": 4, "chunked_prefill": 16}})],
+    ids=["prefill", "decode-disaggregated", "decode-colocated", "chunked-prefill"],
+)
+def test_a_request_that_breaks_its_batch_fails_alone_and_its_neighbours_get_their_tokens(tiny, reference, monkeypatch, where, placement):
     engine = _engine(tiny, placement)
     try:
         if where == "prefill":
-            target = engine.prefill_workers[0].program
-            monkeypatch.setattr(target, "run", _FailOnce(target.run))
+            program = engine.prefill_workers[0].program
+            monkeypatch.setattr(program, "run", _poison(program.run, lambda seqs: [s.request.seed for s in seqs]))
         else:
             pipeline = (engine.decode_workers or engine.colocated_workers)[0].pipeline
-            monkeypatch.setattr(pipeline, "forward", _FailOnce(pipeline.forward))
-        out = _run(engine, PROMPTS[:1])[0]
-        assert out.finish_reason == "error" and "injected failure" in out.error
+            monkeypatch.setattr(pipeline, "forward", _poison(pipeline.forward, lambda *args: list(args[4].seed)))
+        requests = [Request(f"r{i}", tuple(p), GREEDY, 1000 + i) for i, p in enumerate(PROMPTS)]
+        requests.insert(2, Request("poisoned", tuple(PROMPTS[1]), GREEDY, POISON_SEED))
+        outs = [s.result() for s in [engine.submit(r) for r in requests]]
+        poisoned = outs.pop(2)
+        assert poisoned.finish_reason == "error" and "injected bad row" in poisoned.error
+        assert [o.token_ids for o in outs] == reference["greedy"]
+        assert all(o.finish_reason == "length" for o in outs)
         _wait_until(lambda: engine.slot_usage()[0] == 0)
         assert engine.slot_usage() == (0, 4) and engine.num_running == 0
+    finally:
+        engine.shutdown()
+
+
+class _DeviceFault:
+    """``Pipeline.forward`` that, on the calls numbered in ``faults``, runs and then loses every
+    stage's cache and raises, as a step failing on the device after consuming its donated cache."""
+
+    def __init__(self, pipeline, faults: set[int]):
+        self.pipeline, self.forward, self.faults, self.calls = pipeline, pipeline.forward, faults, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        out = self.forward(*args)
+        if self.calls in self.faults:
+            jax.block_until_ready(out)
+            for stage in self.pipeline.stages:
+                for leaf in jax.tree.leaves(stage.cache):
+                    leaf.delete()
+            raise RuntimeError("injected device fault")
+        return out
+
+
+@pytest.mark.parametrize("placement", [DISAGG, SINGLE, {"instances": {"devices": [0], "slots": 4, "chunked_prefill": 16}}], ids=["disaggregated", "colocated", "chunked"])
+def test_a_device_fault_sends_running_requests_back_to_prefill_once(tiny, reference, monkeypatch, placement):
+    engine = _engine(tiny, placement)
+    try:
+        pipeline = (engine.decode_workers or engine.colocated_workers)[0].pipeline
+        fault = _DeviceFault(pipeline, {6})
+        monkeypatch.setattr(pipeline, "forward", fault)
+        # Recomputed requests continue with the tokens they would have had, greedy and seeded alike.
+        assert [o.token_ids for o in _run(engine, PROMPTS)] == reference["greedy"]
+        assert [o.token_ids for o in _run(engine, PROMPTS, SAMPLED, "s")] == reference["sampled"]
+        assert fault.calls > 6
+
+        # A request the device fails a second time ends with an error; its slot is freed and the engine goes on.
+        fault.calls, fault.faults = 0, set(range(3, 60))
+        out = _run(engine, PROMPTS[:1], tag="twice")[0]
+        assert out.finish_reason == "error" and "injected device fault" in out.error
+        _wait_until(lambda: engine.slot_usage()[0] == 0)
+        assert engine.slot_usage() == (0, 4) and engine.num_running == 0
+        fault.faults = set()
         assert [o.token_ids for o in _run(engine, PROMPTS[:2], tag="after")] == reference["greedy"][:2]
     finally:
         engine.shutdown()

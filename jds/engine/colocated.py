@@ -50,7 +50,7 @@ class ColocatedWorker:
         self.program = program
         self.pipeline = pipeline
         self.pool = pool
-        self.batch = DecodeBatch(pipeline, pool)
+        self.batch = DecodeBatch(pipeline, pool, waiting.put_front)
         self.chunk = chunk
         self._waiting = waiting
         self._stop = stop
@@ -70,9 +70,7 @@ class ColocatedWorker:
                 self._iterate()
             except Exception as exc:  # never let the thread die with requests waiting on it
                 log.exception("%s failed", self.name)
-                if self._chunking is not None:
-                    self._end_chunking("error", f"{self.name} failed: {exc}")
-                self.batch.fail_all(f"{self.name} failed: {exc}")
+                self._recover(f"{self.name} failed: {exc}")
 
     def _iterate(self) -> None:
         idle = not self.batch.busy and self._chunking is None
@@ -83,7 +81,18 @@ class ColocatedWorker:
             self._prefill_chunk(timeout)
         self.batch.reap_aborted()
         if self.batch.busy:
+            resets = self.batch.resets
             self.batch.step()
+            if self.batch.resets != resets and self._chunking is not None:
+                self._chunking.done = 0  # the chunks written so far went with the cache
+
+    def _recover(self, error: str) -> None:
+        """A fault that may have consumed the cache: every request in it goes back to prefill once."""
+        if self._chunking is not None:
+            c, self._chunking = self._chunking, None
+            self.pool.release(c.slot)
+            self.batch.retry_or_fail(c.seq, error)
+        self.batch.recover(error)
 
     def _admit(self, timeout: float) -> None:
         free = self.pool.free
@@ -95,19 +104,22 @@ class ColocatedWorker:
             return
         for s in seqs:
             s.timings.route.append(self.name)
-        going, kv = prefill_batch(self.program, seqs)
-        if not going:
-            return
+        for going, kv in prefill_batch(self.program, seqs):
+            self._insert(going, kv)
+
+    def _insert(self, going: list[tuple[int, Sequence]], kv) -> None:
         slot_ids = np.full(kv[0][1].shape[2], self.pipeline.slots, np.int32)
         for row, seq in going:
             slot_ids[row] = self.pool.try_reserve()
         try:
             self.pipeline.insert([kv], slot_ids)
         except Exception as exc:
+            log.exception("KV insert failed")
             for row, seq in going:
-                seq.publish("error", f"KV insert failed: {exc}")
                 self.pool.release(int(slot_ids[row]))
-            self.batch.fail_all(f"KV insert failed: {exc}")
+                self.batch.retry_or_fail(seq, f"KV insert failed: {exc}")
+            if not self.pipeline.intact:  # it ran, and took the cache it donates with it
+                self._recover(f"KV insert failed: {exc}")
             return
         for row, seq in going:
             self.batch.join(seq, int(slot_ids[row]))
@@ -120,7 +132,8 @@ class ColocatedWorker:
             seqs = self._waiting.take(lambda lengths: True, self._accepts, 1, timeout)
             if not seqs:
                 return
-            seqs[0].timings.prefill_start = time.perf_counter()
+            if seqs[0].timings.prefill_start is None:  # not a request prefilled again after a device fault
+                seqs[0].timings.prefill_start = time.perf_counter()
             seqs[0].timings.route.append(self.name)
             self._chunking = _Chunking(seqs[0], self.pool.try_reserve())
         c = self._chunking
@@ -128,28 +141,33 @@ class ColocatedWorker:
         if seq.aborted.is_set():
             self._end_chunking("abort")
             return
-        prompt = seq.request.prompt_ids
-        real = min(self.chunk, seq.prompt_len - c.done)
+        prompt = seq.context_ids
+        real = min(self.chunk, len(prompt) - c.done)
         tokens = np.zeros((1, self.chunk), np.int32)
         tokens[0, :real] = prompt[c.done : c.done + real]
         rows = empty_rows(1)
-        set_row(rows, 0, seq)
         try:
+            set_row(rows, 0, seq)
             out = self.pipeline.forward(
                 tokens, np.array([c.done], np.int32), c.slot, np.array([real - 1], np.int32), rows, np.zeros(1, np.int32),
                 self.pipeline.context(c.done),
             )  # fmt: skip
             c.done += real
-            if c.done < seq.prompt_len:
+            if c.done < len(prompt):
                 return
             first, is_stop = np.asarray(out[0]), np.asarray(out[1])
         except Exception as exc:
-            self._end_chunking("error", f"chunked prefill failed: {exc}")
-            self.batch.fail_all(f"chunked prefill failed: {exc}")
+            log.exception("chunked prefill of %s failed", seq.request_id)
+            if self.pipeline.intact:  # it failed before it ran: this request's own input broke it
+                self._end_chunking("error", f"chunked prefill failed: {exc}")
+            else:
+                self._recover(f"chunked prefill failed: {exc}")
             return
         self._chunking = None
-        reason = seq.add(int(first[0]), bool(is_stop[0]))
-        seq.publish(reason)
+        resumed = bool(seq.tokens)  # prefilled again after a device fault: its newest token is known
+        reason = None if resumed else seq.add(int(first[0]), bool(is_stop[0]))
+        if not resumed:
+            seq.publish(reason)
         if reason is None:
             self.batch.join(seq, c.slot)
         else:

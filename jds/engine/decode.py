@@ -4,6 +4,13 @@
 holds which slot, each slot's sampling row, the pipeline that owns the KV. ``DecodeWorker`` is
 one thread per decode instance: it inserts KV deliveries into free slots between steps and steps
 while anything is active.
+
+No request can fail another. A sampling row that cannot be written fails its request as it
+joins. A step that fails before it runs (the cache it donates still whole) is run again for
+halves of its rows, down to one, so only a row whose own input breaks it fails. A step that
+fails on the device may have consumed the cache: every request holding a slot goes back to
+prefill once, to be prefilled with its prompt and tokens so far (``Sequence.context_ids``) and
+continue where it was (``recover``); it fails if that happens to it again.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import dataclasses
 import logging
 import queue
 import threading
+from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from jds.engine.programs import Pipeline, empty_rows, set_row, slice_rows
@@ -31,11 +40,14 @@ class DecodeBatch:
     microbatches are in flight on the other stages, so every stage keeps working.
     """
 
-    def __init__(self, pipeline: Pipeline, pool: SlotPool):
+    def __init__(self, pipeline: Pipeline, pool: SlotPool, requeue: Callable[[Sequence], None] | None = None):
+        """``requeue`` sends a request whose KV was lost back to prefill (None: it fails instead)."""
         self.pipeline = pipeline
         self.pool = pool
+        self.requeue = requeue
         self.active: dict[int, Sequence] = {}
         self.rows = empty_rows(pipeline.slots)  # sampling settings, written when a request takes a slot
+        self.resets = 0  # how many times the cache was replaced after a fault
         self._inflight: dict[int, tuple[object, dict[int, Sequence]]] = {}  # microbatch -> (device out, members)
 
     @property
@@ -43,8 +55,15 @@ class DecodeBatch:
         return bool(self.active or self._inflight)
 
     def join(self, seq: Sequence, slot: int) -> None:
+        """Give ``seq`` its slot; a request whose sampling row cannot be written fails alone here."""
+        try:
+            set_row(self.rows, slot, seq)
+        except Exception as exc:
+            log.exception("sampling row of %s", seq.request_id)
+            seq.publish("error", f"its sampling settings cannot be used: {exc}")
+            self.pool.release(slot)
+            return
         self.active[slot] = seq
-        set_row(self.rows, slot, seq)
 
     def leave(self, slot: int) -> None:
         del self.active[slot]
@@ -65,12 +84,24 @@ class DecodeBatch:
                 self._dispatch(m, lo, hi)
         except Exception as exc:  # a failed program may have consumed the donated cache
             log.exception("decode step failed")
-            self.fail_all(f"decode step failed: {exc}")
+            self.recover(f"decode step failed: {exc}")
 
     def _dispatch(self, m: int, lo: int, hi: int) -> None:
         members = {s: seq for s, seq in self.active.items() if lo <= s < hi}
         if not members:
             return
+        try:
+            out = self._forward(lo, members)
+        except Exception as exc:
+            if not self.pipeline.intact:
+                raise
+            self._run_apart(lo, members, exc)
+            return
+        self._inflight[m] = (out, members)
+
+    def _forward(self, lo: int, members: dict[int, Sequence], apart: bool = False):
+        """Dispatch a step of ``members``; ``apart``: with no other row's sampling settings, which
+        may be what broke the step they were part of."""
         n = self.pipeline.rows(max(members) - lo + 1)  # rows lo .. lo + n, a bucket covering every member
         tokens, steps = np.zeros((n, 1), np.int32), np.zeros(n, np.int32)
         # Free slots among those rows still compute, but at a position past the cache, so their
@@ -79,13 +110,42 @@ class DecodeBatch:
         for s, seq in members.items():
             tokens[s - lo, 0], positions[s - lo], steps[s - lo] = seq.tokens[-1], seq.position, len(seq.tokens)
         context = self.pipeline.context(max(seq.position for seq in members.values()))
-        out = self.pipeline.forward(tokens, positions, lo, np.zeros(n, np.int32), slice_rows(self.rows, lo, lo + n), steps, context)
-        self._inflight[m] = (out, members)
+        rows = slice_rows(self.rows, lo, lo + n)
+        if apart:
+            mine, only = np.fromiter(members, np.int64) - lo, empty_rows(n)
+            for kept, every in zip(jax.tree.leaves(only), jax.tree.leaves(rows)):
+                kept[mine] = every[mine]
+            rows = only
+        return self.pipeline.forward(tokens, positions, lo, np.zeros(n, np.int32), rows, steps, context)
+
+    def _run_apart(self, lo: int, members: dict[int, Sequence], exc: Exception) -> None:
+        """A step of ``members`` failed before it ran: step halves of them, at once, down to the
+        row that fails alone. Every other row gets the token it would have had."""
+        if len(members) == 1:
+            ((slot, seq),) = members.items()
+            log.error("decode step of %s failed: %s", seq.request_id, exc)
+            seq.publish("error", f"decode step failed: {exc}")
+            self.leave(slot)
+            return
+        log.warning("decode step of %d rows failed (%s); stepping them apart", len(members), exc)
+        ordered = sorted(members.items())
+        half = (len(ordered) + 1) // 2
+        for part in (dict(ordered[:half]), dict(ordered[half:])):
+            try:
+                out = self._forward(lo, part, apart=True)
+            except Exception as again:
+                if not self.pipeline.intact:
+                    raise
+                self._run_apart(lo, part, again)
+                continue
+            self._apply(out, part, lo)
 
     def _collect(self, m: int) -> None:
-        (nxt, is_stop), members = self._inflight.pop(m)
-        lo = self.pipeline.microbatch_bounds[m][0]
-        nxt, is_stop = np.asarray(nxt), np.asarray(is_stop)
+        out, members = self._inflight.pop(m)
+        self._apply(out, members, self.pipeline.microbatch_bounds[m][0])
+
+    def _apply(self, out, members: dict[int, Sequence], lo: int) -> None:
+        nxt, is_stop = np.asarray(out[0]), np.asarray(out[1])
         for s, seq in members.items():
             if self.active.get(s) is not seq:
                 continue  # aborted (and maybe replaced) while this step was in flight
@@ -95,12 +155,32 @@ class DecodeBatch:
             if reason:
                 self.leave(s)
 
-    def fail_all(self, error: str) -> None:
-        self._inflight.clear()
-        for slot, seq in list(self.active.items()):
+    def retry_or_fail(self, seq: Sequence, error: str) -> None:
+        """A request whose KV was lost (it holds no slot): back to prefill the first time, else it fails."""
+        if seq.aborted.is_set():
+            seq.publish("abort")
+            return
+        if self.requeue is None or seq.recomputed:
             seq.publish("error", error)
+            return
+        log.warning("%s: %s; prefilling its %d tokens again", seq.request_id, error, seq.context_len)
+        seq.recomputed = True
+        self.requeue(seq)
+
+    def recover(self, error: str) -> None:
+        """After a fault that may have consumed the cache: a fresh cache, and every request that
+        held a slot goes back to prefill (once) or fails."""
+        self._inflight.clear()
+        lost = list(self.active.values())
+        for slot in list(self.active):
             self.leave(slot)
-        self.pipeline.reset()
+        self.resets += 1
+        try:
+            self.pipeline.reset()
+        except Exception:  # the device may still be failing: the next step tries again, and fails its requests
+            log.exception("a fresh cache could not be made")
+        for seq in lost:
+            self.retry_or_fail(seq, error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,11 +195,13 @@ class Delivery:
 class DecodeWorker:
     """One decode instance: a pipeline, its slots, and the thread that steps it."""
 
-    def __init__(self, name: str, pipeline: Pipeline, pool: SlotPool, stop: threading.Event):
+    def __init__(
+        self, name: str, pipeline: Pipeline, pool: SlotPool, stop: threading.Event, requeue: Callable[[Sequence], None] | None = None
+    ):
         self.name = name
         self.pipeline = pipeline
         self.pool = pool
-        self.batch = DecodeBatch(pipeline, pool)
+        self.batch = DecodeBatch(pipeline, pool, requeue)
         self.inbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self.targets = pipeline.targets
         self._stop = stop
@@ -138,7 +220,7 @@ class DecodeWorker:
                     self.batch.step()
             except Exception as exc:  # never let the thread die with requests waiting on it
                 log.exception("%s failed", self.name)
-                self.batch.fail_all(f"{self.name} failed: {exc}")
+                self.batch.recover(f"{self.name} failed: {exc}")
 
     def _receive(self, wait: bool) -> None:
         try:
@@ -164,9 +246,10 @@ class DecodeWorker:
             except Exception as exc:
                 log.exception("KV insert failed")
                 for seq, slot in live:
-                    seq.publish("error", f"KV insert failed: {exc}")
                     self.pool.release(slot)
-                self.batch.fail_all(f"KV insert failed: {exc}")
+                    self.batch.retry_or_fail(seq, f"KV insert failed: {exc}")
+                if not self.pipeline.intact:  # it ran, and took the cache it donates with it
+                    self.batch.recover(f"KV insert failed: {exc}")
                 continue
             for seq, slot in live:
                 self.batch.join(seq, slot)

@@ -90,7 +90,8 @@ class Engine:
         params = self.model.params
         for i, spec in enumerate(self.placement.decode):
             pipeline = self._pipeline(params, spec, devices)
-            self.decode_workers.append(DecodeWorker(f"decode{i}", pipeline, SlotPool(spec.slots, self._slots_changed), self._stop))
+            pool = SlotPool(spec.slots, self._slots_changed)
+            self.decode_workers.append(DecodeWorker(f"decode{i}", pipeline, pool, self._stop, self._waiting.put_front))
         router = DecodeRouter(self.decode_workers, self._slots_changed, self._stop)
         longest = max(w.max_seq_len for w in self.decode_workers)
         cuts = tuple(sorted(set().union(*(w.pipeline.cuts for w in self.decode_workers))))

@@ -27,22 +27,49 @@ POLL_SECONDS = 0.05
 PENDING_BATCHES = 2  # prefilled batches whose KV may wait for transfer per instance
 
 
-def prefill_batch(program: PrefillProgram, seqs: list[Sequence]) -> tuple[list[tuple[int, Sequence]], KVPieces | None]:
-    """Run one prefill batch and publish first tokens; the (row, sequence) pairs that go on to decode."""
+Prefilled = tuple[list[tuple[int, Sequence]], KVPieces]  # (batch row, sequence) pairs that go on to decode, and the KV
+
+
+def prefill_batch(program: PrefillProgram, seqs: list[Sequence]) -> list[Prefilled]:
+    """Run one prefill batch and publish first tokens; for each program run that succeeded, the
+    requests that go on to decode and their KV.
+
+    A batch that fails is run again in halves, down to single requests, so that a request whose
+    own input breaks the program fails alone and its neighbours get the tokens they would have
+    had; a request fails once it has failed alone too (a fault of the device fails each request
+    after that one retry).
+    """
     now = time.perf_counter()
     for s in seqs:
-        s.timings.prefill_start = now
+        if s.timings.prefill_start is None:  # not a request prefilled again after a device fault
+            s.timings.prefill_start = now
+    runs = _run_apart_on_failure(program, seqs, retried=False)
+    return [(going, kv) for going, kv in (_first_tokens(out, part) for out, part in runs) if going]
+
+
+def _run_apart_on_failure(program: PrefillProgram, seqs: list[Sequence], retried: bool) -> list[tuple[tuple, list[Sequence]]]:
     try:
-        first, is_stop, kv = program.run(seqs)
+        return [(program.run(seqs), seqs)]
     except Exception as exc:
-        log.exception("prefill failed")
-        for s in seqs:
-            s.publish("error", f"prefill failed: {exc}")
-        return [], None
+        if len(seqs) == 1 and retried:
+            log.exception("prefill of %s failed", seqs[0].request_id)
+            seqs[0].publish("error", f"prefill failed: {exc}")
+            return []
+        log.warning("prefill of %d request(s) failed (%s); running them again apart", len(seqs), exc)
+        half = (len(seqs) + 1) // 2
+        parts = [seqs] if len(seqs) == 1 else [seqs[:half], seqs[half:]]
+        return [run for part in parts for run in _run_apart_on_failure(program, part, retried=True)]
+
+
+def _first_tokens(out: tuple, seqs: list[Sequence]) -> Prefilled:
+    first, is_stop, kv = out
     going = []
     for i, s in enumerate(seqs):
         if s.aborted.is_set():
             s.publish("abort")
+            continue
+        if s.tokens:  # prefilled again after a device fault: its newest token is known, its KV rebuilt
+            going.append((i, s))
             continue
         reason = s.add(int(first[i]), bool(is_stop[i]))
         s.publish(reason)
@@ -106,8 +133,8 @@ class DecodeRouter:
             except Exception as exc:
                 log.exception("KV transfer to %s failed", decoder.name)
                 for _, seq, slot in rows:
-                    seq.publish("error", f"KV transfer failed: {exc}")
                     decoder.pool.release(slot)
+                    decoder.batch.retry_or_fail(seq, f"KV transfer failed: {exc}")
                 continue
             for _, seq, _ in rows:
                 seq.timings.transfer_seconds += handoff.seconds
@@ -149,8 +176,7 @@ class PrefillWorker:
             return
         for s in seqs:
             s.timings.route.append(self.name)
-        going, kv = prefill_batch(self.program, seqs)
-        if going:
+        for going, kv in prefill_batch(self.program, seqs):
             self._put_pending((kv, going))
 
     def _put_pending(self, item) -> None:

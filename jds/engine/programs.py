@@ -176,11 +176,11 @@ class PrefillProgram:
 
     def run(self, seqs: list) -> tuple[np.ndarray, np.ndarray, KVPieces]:
         """First token and stop flag per sequence (host), and the batch's KV pieces (on this mesh)."""
-        batch, bucket = pow2_at_least(len(seqs)), self.bucket(max(s.prompt_len for s in seqs))
+        batch, bucket = pow2_at_least(len(seqs)), self.bucket(max(s.context_len for s in seqs))
         tokens, lengths, rows = self.inputs(batch, bucket)
         for i, s in enumerate(seqs):
-            tokens[i, : s.prompt_len] = s.request.prompt_ids
-            lengths[i] = s.prompt_len
+            tokens[i, : s.context_len] = s.context_ids
+            lengths[i] = s.context_len
             set_row(rows, i, s)
         if self.broadcast is not None:
             self.broadcast((tokens, lengths, rows))
@@ -337,6 +337,12 @@ class Pipeline:
     def reset(self) -> None:
         for stage in self.stages:
             stage.reset()
+
+    @property
+    def intact(self) -> bool:
+        """Whether every stage still holds its cache: a call that failed before it ran did not
+        consume the cache it donates, one that failed on the device may have."""
+        return not any(leaf.is_deleted() for stage in self.stages for leaf in jax.tree.leaves(stage.cache))
 
     @property
     def cuts(self) -> set[int]:

@@ -35,6 +35,7 @@ class Sequence:
         self.limit = min(request.params.max_tokens, max_seq_len - len(request.prompt_ids))
         self.timings = RequestTimings(arrival=time.perf_counter())
         self.aborted = threading.Event()
+        self.recomputed = False  # a device fault already sent it back to prefill once
         self.finish_reason: FinishReason | None = None
         self.on_finish: Callable[[Sequence], None] | None = None  # the engine forgets it here
         self._stream: queue.SimpleQueue[StreamOutput] = queue.SimpleQueue()
@@ -49,6 +50,17 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
+
+    @property
+    def context_ids(self) -> tuple[int, ...]:
+        """What the cache must hold before the next decode step: the prompt and every generated
+        token but the newest, which that step feeds. What a request sent back to prefill after a
+        device fault (its KV lost) is prefilled with."""
+        return self.request.prompt_ids + tuple(self.tokens[:-1])
+
+    @property
+    def context_len(self) -> int:
+        return self.prompt_len + max(0, len(self.tokens) - 1)
 
     @property
     def done(self) -> bool:

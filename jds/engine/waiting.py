@@ -26,6 +26,12 @@ class WaitingQueue:
             self._items.append(seq)
             self._cond.notify_all()
 
+    def put_front(self, seq: Sequence) -> None:
+        """Queue ``seq`` ahead of every other: a running request whose KV a device fault lost."""
+        with self._cond:
+            self._items.appendleft(seq)
+            self._cond.notify_all()
+
     def remove(self, seq: Sequence) -> bool:
         """Take ``seq`` out if it is still waiting (an abort); whether it was."""
         with self._cond:
@@ -47,7 +53,7 @@ class WaitingQueue:
         max_requests: int,
         timeout: float,
     ) -> list[Sequence]:
-        """The longest FCFS prefix that ``fits`` one batch (prompt lengths), of sequences this instance ``accepts``.
+        """The longest FCFS prefix that ``fits`` one batch (lengths to prefill), of sequences this instance ``accepts``.
 
         Waits up to ``timeout`` seconds for a first request. Never skips the head of the queue:
         a request that does not fit here waits for an instance where it does.
@@ -58,7 +64,7 @@ class WaitingQueue:
             batch: list[Sequence] = []
             while self._items and len(batch) < max_requests:
                 head = self._items[0]
-                if not accepts(head) or not fits([s.prompt_len for s in batch] + [head.prompt_len]):
+                if not accepts(head) or not fits([s.context_len for s in batch] + [head.context_len]):
                     break
                 batch.append(self._items.popleft())
             return batch
