@@ -2,14 +2,17 @@
 
 Text goes to stdout as it arrives; ``--tokens`` prints the token ids instead, ``--json`` prints the
 final message (finish reason, usage, timings) as JSON. On an error the server's status and
-message go to stderr and the exit code is 1.
+message go to stderr and the exit code is 1. A server with keys takes ``--api-key`` (default
+``$JDS_API_KEY``, its first key); one serving TLS, ``--tls-ca`` (the CA that signed its certificate).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -50,12 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument("--api-key", default=os.environ.get("JDS_API_KEY", "").split(",")[0].strip() or None, help="sent as a Bearer key")
+    parser.add_argument("--tls-ca", default=None, help="PEM file of the CA of the server's certificate: connect over TLS")
     args = parser.parse_args(argv)
-    with grpc.insecure_channel(args.server) as channel:
+    metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
+    with _channel(args.server, args.tls_ca) as channel:
         stub = pb_grpc.GenerationStub(channel)
         last = None
         try:
-            for last in stub.Generate(build_request(args), timeout=args.timeout):
+            for last in stub.Generate(build_request(args), timeout=args.timeout, metadata=metadata):
                 if args.tokens:
                     print(*last.token_ids, end=" " if last.token_ids else "", flush=True)
                 elif not args.json:
@@ -68,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print()
     return 0
+
+
+def _channel(address: str, tls_ca: str | None) -> grpc.Channel:
+    if tls_ca is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes()))
 
 
 if __name__ == "__main__":

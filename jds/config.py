@@ -59,6 +59,15 @@ class ModelSection(BaseModel):
         return self
 
 
+class TLSSection(BaseModel):
+    """A certificate and its private key (PEM files), for every port the server listens on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert: str = Field(min_length=1, description="PEM certificate (chain) the server presents")
+    key: str = Field(min_length=1, description="PEM private key of that certificate")
+
+
 class ServerSection(BaseModel):
     """How ``python -m jds.server`` listens; command-line flags override these."""
 
@@ -74,6 +83,14 @@ class ServerSection(BaseModel):
     compile_cache: str | None = Field(
         default="~/.cache/jds/compiled", description="directory of compiled programs kept across restarts; null compiles afresh"
     )
+    max_request_bytes: PositiveInt = Field(
+        default=4 * 1024 * 1024, description="largest request body (HTTP: 413 beyond it) or message (gRPC: RESOURCE_EXHAUSTED)"
+    )
+    api_keys: list[str] = Field(
+        default_factory=list, description="clients must send one (Bearer); also --api-key and $JDS_API_KEY; empty: open"
+    )
+    keys_guard_health: bool = Field(default=False, description="health checks, reflection and metrics need a key too")
+    tls: TLSSection | None = Field(default=None, description="serve gRPC, HTTP and metrics over TLS")
 
 
 class ClusterSection(BaseModel):

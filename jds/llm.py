@@ -10,6 +10,7 @@ from typing import Any
 from jds.config import Config, ConfigError, load_config
 from jds.engine.engine import Engine
 from jds.engine.request import Request, RequestOutput
+from jds.intake import check_token_ids, encode_chat, encode_text
 from jds.mesh.fit import check_config
 from jds.mesh.placement import Placement
 from jds.model.loader import LoadedModel, load_model
@@ -80,12 +81,13 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        return self._run([tuple(self.tokenizer.encode_chat(c)) for c in conversations], sampling_params)
+        return self._run([encode_chat(self.engine, c) for c in conversations], sampling_params)
 
     def _encode(self, prompt: Prompt) -> tuple[int, ...]:
+        """The same checks as the servers' (``jds.intake``); a too-long prompt is refused by the engine."""
         if isinstance(prompt, str):
-            return tuple(self.tokenizer.encode(prompt))
-        return tuple(prompt)
+            return encode_text(self.engine, prompt, "prompt")
+        return check_token_ids(self.engine, tuple(prompt), "prompt")
 
     def _run(
         self, prompt_ids: list[tuple[int, ...]], sampling_params: SamplingParams | Sequence[SamplingParams] | None

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Iterable
+
+import numpy as np
+
+# Bounds on what one request may ask of the stop-string check, which the decode thread runs after
+# every token of every row: without them one request's 100,000 stop strings slowed its whole batch
+# twofold, and a 5,000-character stop string held back all of its streamed text.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 8  # the engine's per-row stop id table; EOS shares it
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # sampling settings become float32 rows on the device
+INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,7 +25,8 @@ class SamplingParams:
     ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters. With
     ``seed`` set, the request's tokens depend only on the seed, its prompt and its own step count,
     never on which other requests share its batch. Every bad value raises ``ValueError`` naming
-    the field.
+    the field; every accepted value fits the device rows it is written into (a ``top_k`` beyond
+    any vocabulary is kept as the largest int32, which means the same: no filter).
     """
 
     max_tokens: int = 16
@@ -27,21 +40,28 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Accept lists (and a lone string for ``stop``) as users naturally write them.
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple(self.stop, "stop")
         object.__setattr__(self, "stop", stop)
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1", self.max_tokens)
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        _check(_is_float32(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0", self.temperature)
+        _check(_is_float32(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0", self.top_k)
+        object.__setattr__(self, "top_k", min(self.top_k, INT32_MAX))
         _check(
             self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32),
             "seed",
             "must be an integer in [0, 2**32)",
             self.seed,
         )
+        _check(len(stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", None)
         _check(all(isinstance(s, str) and s for s in stop), "stop", "must be non-empty strings", self.stop)
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0", self.stop_token_ids)
+        for i, s in enumerate(stop):
+            _check(len(s) <= MAX_STOP_CHARS, f"stop[{i}]", f"at most {MAX_STOP_CHARS} characters, got {len(s)}", None)
+            _check(is_unicode(s), f"stop[{i}]", "is not valid Unicode (it holds a lone surrogate)", None)
+        ids = self.stop_token_ids
+        _check(len(ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}", None)
+        _check(all(_is_int(t) and 0 <= t <= INT32_MAX for t in ids), "stop_token_ids", "must be token ids >= 0", ids)
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean", self.ignore_eos)
 
     @property
@@ -53,14 +73,37 @@ class SamplingParams:
         return self.seed if self.seed is not None else secrets.randbelow(2**32)
 
 
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: a lone UTF-16 surrogate (JSON's ``"\\ud800"``) does not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _as_tuple(value: object, field: str) -> tuple:
+    _check(isinstance(value, Iterable) and not isinstance(value, (str, bytes, dict)), field, "must be a list", value)
+    return tuple(value)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_float32(value: object) -> bool:
+    """A real number that stays finite as float32 (1e39 is finite in Python and infinite there);
+    NaN and infinities fail the comparison."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
 
 
 def _check(ok: bool, field: str, rule: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"SamplingParams.{field} {rule}, got {value!r}")
+        got = "" if value is None else f", got {_short(value)}"
+        raise ValueError(f"SamplingParams.{field} {rule}{got}")
+
+
+def _short(value: object) -> str:
+    """A value for an error message, cut so that a huge one cannot make the message huge."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling ahead (first requests compile)")
     parser.add_argument("--compile-cache", default=None, help="directory of compiled programs kept across restarts (default: server.compile_cache); 'none' compiles afresh")
     parser.add_argument("--log-requests", action="store_true", help="one log line per finished request, with its timings")
+    parser.add_argument("--api-key", action="append", default=[], help="a key clients must send (repeatable; also server.api_keys, $JDS_API_KEY)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     if args.log_requests:
@@ -126,14 +127,14 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
-    from prometheus_client import start_http_server
 
-    from jds.api import generation_pb2, generation_pb2_grpc
+    from jds.api import generation_pb2
     from jds.engine.engine import Engine
     from jds.mesh.fit import check_config
     from jds.model.loader import load_model
+    from jds.serving.access import ApiKeys, GrpcKeyCheck, grpc_credentials, http_key_check, serve_metrics
     from jds.serving.metrics import Metrics
-    from jds.serving.servicer import GenerationServicer
+    from jds.serving.servicer import GenerationServicer, register
 
     settings = config.server
     host = args.host or settings.host
@@ -160,23 +161,34 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         )
         slots = engine.slot_usage()[1]
     metrics = Metrics(engine)
+    keys = ApiKeys.gather(
+        settings.api_keys, args.api_key, guard_health=settings.keys_guard_health, on_refusal=metrics.rejected.labels("UNAUTHENTICATED").inc
+    )
+    tls = None if settings.tls is None else (str(config.resolve_path(settings.tls.cert)), str(config.resolve_path(settings.tls.key)))
     accepting = threading.Event()  # both front ends refuse new requests once it is cleared
     accepting.set()
     servicer = GenerationServicer(engine, metrics, accepting)
     # One thread per open stream: everything running plus everything allowed to wait, and a few for ModelInfo and health.
     workers = slots + settings.max_waiting + 8
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), maximum_concurrent_rpcs=workers)
-    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        interceptors=[GrpcKeyCheck(keys)] if keys.enabled else [],
+        options=[("grpc.max_receive_message_length", settings.max_request_bytes)],
+        maximum_concurrent_rpcs=workers,
+    )
+    register(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_insecure_port(address) if tls is None else server.add_secure_port(address, grpc_credentials(*tls))
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
+    scheme = "http" if tls is None else "https"
     if metrics_port is not None:
-        httpd, _ = start_http_server(metrics_port, addr=host, registry=metrics.registry)
-        log.info("metrics on http://%s:%d/metrics", host, httpd.server_port)
+        metrics_server = serve_metrics(metrics.registry, host, metrics_port, keys, tls)
+        log.info("metrics on %s://%s:%d/metrics", scheme, host, metrics_server.server_port)
     stop = _stop_on_signals()
     server.start()
     http = None
@@ -184,8 +196,11 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         from jds.serving.http_server import HttpServer
         from jds.serving.openai_api import OpenAIFrontend
 
-        http = HttpServer(OpenAIFrontend(engine, metrics, accepting).app, host, http_port)
-        log.info("OpenAI-compatible API on http://%s:%d/v1", host, http.port)
+        app = OpenAIFrontend(engine, metrics, accepting, settings.max_request_bytes).app
+        http = HttpServer(http_key_check(app, keys) if keys.enabled else app, host, http_port, tls)
+        log.info("OpenAI-compatible API on %s://%s:%d/v1", scheme, host, http.port)
+    if keys.enabled:
+        log.info("API keys required (%s)", "every endpoint" if keys.guard_health else "health checks and metrics open")
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("ready: serving %s on %s:%d", config.model.name, host, bound)

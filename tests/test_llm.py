@@ -91,19 +91,43 @@ def test_seeded_sampling_reproduces_regardless_of_batch(smollm2_llm):
 
 
 @pytest.mark.parametrize(
-    "prompt, params, message",
+    "prompt, options, message",
     [
-        ("", SamplingParams(), "prompt is empty"),
-        ([], SamplingParams(), "prompt is empty"),
-        ([1, 2, 10**6], SamplingParams(), "token ids must be integers"),
-        ([5] * 4096, SamplingParams(), "max_seq_len"),
-        ("hi", SamplingParams(stop_token_ids=list(range(20))), "stop token ids"),
+        ("", {}, "prompt: encodes to no tokens"),
+        ([], {}, "prompt: is empty"),
+        ([1, 2, 10**6], {}, r"prompt: ids must be in \[0, 49152\)"),
+        ([5] * 4096, {}, "max_seq_len"),
+        ("a\ud800b", {}, "prompt: is not valid Unicode"),
+        ("x" * 1_000_000, {}, "prompt: 1000000 characters make at least"),
+        ("hi", {"stop_token_ids": list(range(20))}, "stop_token_ids at most 8 ids"),
+        ("hi", {"stop_token_ids": [60000]}, r"stop_token_ids: ids must be in \[0, 49152\)"),
+        ("hi", {"temperature": float("inf")}, "temperature must be a finite number"),
+        ("hi", {"temperature": 1e39}, "temperature must be a finite number"),
+        ("hi", {"stop": ["x"] * 17}, "stop at most 16 stop strings"),
+        ("hi", {"stop": ["x" * 257]}, r"stop\[0\] at most 256 characters"),
+        ("hi", {"stop": 5}, "stop must be a list"),
     ],
 )
-def test_bad_requests_are_refused_and_the_engine_keeps_working(smollm2_llm, prompt, params, message):
+def test_bad_requests_are_refused_and_the_engine_keeps_working(smollm2_llm, prompt, options, message):
     with pytest.raises(ValueError, match=message):
-        smollm2_llm.generate([prompt], params)
+        smollm2_llm.generate([prompt], SamplingParams(**options))
     assert smollm2_llm.generate("Hi", SamplingParams(max_tokens=2, temperature=0))[0].token_ids
+
+
+def test_bad_conversations_are_refused_naming_the_message(smollm2_llm):
+    with pytest.raises(ValueError, match="messages: a conversation needs at least one message"):
+        smollm2_llm.chat([[]])
+    with pytest.raises(ValueError, match=r"messages\[1\].content: is not valid Unicode"):
+        smollm2_llm.chat([{"role": "system", "content": "ok"}, {"role": "user", "content": "\udfff"}])
+    with pytest.raises(ValueError, match=r"messages\[0\].role: must be one of"):
+        smollm2_llm.chat([{"role": "robot", "content": "x"}])
+
+
+def test_a_top_k_beyond_any_vocabulary_means_no_filter(smollm2_llm):
+    huge = SamplingParams(max_tokens=6, temperature=0.8, top_k=2**40, seed=5, ignore_eos=True)
+    assert huge.top_k == 2**31 - 1
+    off = SamplingParams(max_tokens=6, temperature=0.8, top_k=0, seed=5, ignore_eos=True)
+    assert smollm2_llm.generate("Hello", huge)[0].token_ids == smollm2_llm.generate("Hello", off)[0].token_ids
 
 
 def test_random_weights_config_generates_from_token_ids(caplog):

@@ -146,7 +146,7 @@ COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
 BAD = [
     ({"extra_body": {"best_effort": True}}, "best_effort", "is not a supported field"),
     ({"n": 2}, "n", "only 1 choice"),
-    ({"temperature": -1}, "temperature", "must be >= 0"),
+    ({"temperature": -1}, "temperature", "must be a finite number >= 0"),
     ({"top_p": 1.5}, "top_p", r"must be in \(0, 1\]"),
     ({"max_tokens": 0}, "max_tokens", "must be an integer >= 1"),
     ({"max_tokens": 1000}, "max_tokens", "1000 is beyond the limit"),

@@ -86,10 +86,21 @@ def test_stop_ids_are_flagged():
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-3]}, "stop_token_ids"),
         ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 1e39}, "temperature"),  # finite in Python, infinite as the float32 it becomes
+        ({"top_p": float("nan")}, "top_p"),
+        ({"stop": ["a"] * 17}, "stop"),
+        ({"stop": ["a" * 257]}, r"stop\[0\]"),
+        ({"stop": ["ok", "\ud800"]}, r"stop\[1\]"),
+        ({"stop": 7}, "stop"),
+        ({"stop_token_ids": list(range(9))}, "stop_token_ids"),
+        ({"stop_token_ids": [2**31]}, "stop_token_ids"),
+        ({"stop_token_ids": None}, "stop_token_ids"),
     ],
 )
 def test_sampling_params_name_the_bad_field(kwargs, field):
-    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}\b"):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field} "):
         SamplingParams(**kwargs)
 
 

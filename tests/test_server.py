@@ -119,7 +119,7 @@ BAD = [
     ({"text": "hi", "max_tokens": 0}, "max_tokens: must be an integer >= 1"),
     ({"text": "hi", "max_tokens": -5}, "max_tokens: must be an integer >= 1"),
     ({"text": "hi", "max_tokens": 1000}, "max_tokens: 1000 is beyond the limit"),
-    ({"text": "hi", "temperature": -0.5}, "temperature: must be >= 0"),
+    ({"text": "hi", "temperature": -0.5}, "temperature: must be a finite number >= 0"),
     ({"text": "hi", "top_p": 0.0}, r"top_p: must be in \(0, 1\]"),
     ({"text": "hi", "top_p": 1.5}, r"top_p: must be in \(0, 1\]"),
     ({"text": "hi", "top_k": -1}, "top_k: must be an integer >= 0"),

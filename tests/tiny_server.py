@@ -17,11 +17,13 @@ MAX_SEQ_LEN = 512  # the longest request (about 0.7 s) outlasts the deadlines an
 SLOTS = 4
 
 
-def write_config(path, max_waiting: int = 8, cpus: list[int] | None = None) -> None:
+def write_config(path, max_waiting: int = 8, cpus: list[int] | None = None, **server) -> None:
+    """The tiny server's config; ``server`` adds keys of the config's ``server`` section."""
     tiny = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     tiny["model"]["max_seq_len"] = MAX_SEQ_LEN
     tiny["placement"] = {"mode": "colocated", "instances": [{"devices": [0], "slots": SLOTS, "max_batch": 2}], "cpus": cpus}
-    tiny["server"] = {"max_waiting": max_waiting, "drain_seconds": 30, "compile_cache": None}  # compile afresh: no run sees another's programs
+    # compile afresh: no run sees another's programs
+    tiny["server"] = {"max_waiting": max_waiting, "drain_seconds": 30, "compile_cache": None, **server}
     path.write_text(yaml.safe_dump(tiny))
 
 

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 READY = re.compile(r"ready: serving .* on ([\d.]+):(\d+)")
-METRICS = re.compile(r"metrics on http://([\d.]+):(\d+)/metrics")
-HTTP = re.compile(r"OpenAI-compatible API on (http://[\d.]+:\d+/v1)")
+METRICS = re.compile(r"metrics on (https?://[\d.]+:\d+/metrics)")
+HTTP = re.compile(r"OpenAI-compatible API on (https?://[\d.]+:\d+/v1)")
 
 
 def launcher_needed(config: Path) -> bool:
@@ -43,8 +43,7 @@ class ServerProcess:
                 raise RuntimeError(f"server did not become ready:\n{self.text()[-3000:]}")
             time.sleep(0.2)
         self.address = f"{ready.group(1)}:{ready.group(2)}"
-        metrics = METRICS.search(self.text())
-        self.metrics_url = f"http://{metrics.group(1)}:{metrics.group(2)}/metrics"
+        self.metrics_url = METRICS.search(self.text()).group(1)
         http = HTTP.search(self.text())  # only with --http-port
         self.openai_url: str | None = http.group(1) if http else None
 

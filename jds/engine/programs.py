@@ -29,12 +29,12 @@ from jds.model.architecture import Architecture
 from jds.model.kv_cache import TRANSIT_AXES, KVCache, insert
 from jds.model.params import Params, float_dtype
 from jds.model.sampling import SamplingRows, sample
+from jds.sampling_params import MAX_STOP_TOKEN_IDS
 from jds.transfer.handoff import StageTarget
 
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
-MAX_STOP_IDS = 8
 
 
 def length_buckets(max_len: int) -> list[int]:
@@ -73,7 +73,7 @@ def empty_rows(n: int) -> SamplingRows:
         top_k=np.zeros(n, np.int32),
         top_p=np.ones(n, np.float32),
         seed=np.zeros(n, np.uint32),
-        stop_ids=np.full((n, MAX_STOP_IDS), -1, np.int32),
+        stop_ids=np.full((n, MAX_STOP_TOKEN_IDS), -1, np.int32),
     )
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from jds.engine.programs import MAX_STOP_IDS
 from jds.engine.request import Request, validate_prompt
 from jds.engine.sequence import Sequence
 from jds.model.loader import LoadedModel
+from jds.sampling_params import MAX_STOP_TOKEN_IDS
 
 
 class QueueFull(RuntimeError):
@@ -26,12 +26,19 @@ class RunningRequests:
 
     def validate(self, request: Request) -> tuple[int, ...]:
         """Raise ValueError naming the problem if ``request`` cannot run; else its stop ids (EOS first)."""
-        validate_prompt(request.prompt_ids, self._model.arch.vocab_size, self._max_seq_len)
+        vocab = self._model.arch.vocab_size
+        if not (isinstance(request.request_id, str) and request.request_id):
+            raise ValueError(f"request_id: must be a non-empty string, got {request.request_id!r}")
+        if not 0 <= request.seed < 2**32:
+            raise ValueError(f"seed: must be in [0, 2**32), got {request.seed}")
+        validate_prompt(request.prompt_ids, vocab, self._max_seq_len)
         tok = self._model.tokenizer
         eos = () if request.params.ignore_eos or tok is None else tok.eos_ids
         ids = tuple(dict.fromkeys(eos + request.params.stop_token_ids))
-        if len(ids) > MAX_STOP_IDS:
-            raise ValueError(f"stop_token_ids: at most {MAX_STOP_IDS} stop token ids per request (EOS included), got {len(ids)}")
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} stop token ids per request (EOS included), got {len(ids)}")
+        if any(t >= vocab for t in ids):
+            raise ValueError(f"stop_token_ids: ids must be in [0, {vocab}); got {[t for t in ids if t >= vocab][:8]}")
         return ids
 
     def admit(self, request: Request, waiting: Callable[[], int], enqueue: Callable[[Sequence], None]) -> Sequence:

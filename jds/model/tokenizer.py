@@ -81,6 +81,7 @@ class Tokenizer:
         self._special_ids = frozenset(
             index for index, token in backend.get_added_tokens_decoder().items() if token.special
         )
+        self._chars_per_token = _chars_per_token(backend)
 
     @classmethod
     def from_gguf(cls, source: str | os.PathLike[str] | GGUFReader) -> Tokenizer:
@@ -177,8 +178,18 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids for `text`; BOS is prepended only when the vocabulary asks for it."""
         # The backend's post-processor is bypassed so BOS policy lives in one place (`_bos_prefix`).
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        # A batch of one, because the backend's batch call releases the GIL and its single call
+        # does not: a large prompt would otherwise stop every other thread of a server (the
+        # decode loop, the HTTP event loop) for as long as it takes to encode (0.4 s for 660 kB).
+        ids = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
         return [*self._bos_prefix, *ids] if add_special else ids
+
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))``, found without encoding: no token spells more
+        than a known number of characters. 0 when the vocabulary gives no such bound (a model that
+        fuses unknown characters into one token). Lets a server refuse a prompt far beyond its
+        context without spending seconds encoding it."""
+        return len(text) // self._chars_per_token if self._chars_per_token else 0
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
@@ -445,6 +456,22 @@ def _stop_ids(
     markers = (backend.token_to_id(marker) for marker in used)
     ids = [eos_id, *extra, *markers]
     return tuple(dict.fromkeys(index for index in ids if index is not None))
+
+
+def _chars_per_token(backend: Backend) -> int | None:
+    """The most input characters one token can stand for, or None if unbounded.
+
+    A BPE token spells at most its own length: byte-level vocabularies spell one byte (so at most
+    one character) per symbol, SentencePiece ones one character ("▁" for a space). A normalizer
+    may compose characters before the model sees them (NFKC joins up to three Hangul jamo into
+    one syllable), so its presence quadruples the bound. Models that fuse runs of unknown
+    characters into one token have no bound.
+    """
+    model = backend.model
+    if not isinstance(model, models.BPE) or (model.fuse_unk and not model.byte_fallback):
+        return None
+    longest = max(len(token) for token in backend.get_vocab(with_added_tokens=True))
+    return longest * (4 if backend.normalizer is not None else 1)
 
 
 def _check_messages(messages: Sequence[Any]) -> None:

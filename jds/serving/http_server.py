@@ -13,8 +13,12 @@ import uvicorn
 
 
 class HttpServer:
-    def __init__(self, app, host: str, port: int, timeout: float = 30.0):
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+    def __init__(self, app, host: str, port: int, tls: tuple[str, str] | None = None, timeout: float = 30.0):
+        """``tls``: (certificate, key) PEM files to serve HTTPS with."""
+        cert, key = tls or (None, None)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=5, ssl_certfile=cert, ssl_keyfile=key
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
         self._thread.start()

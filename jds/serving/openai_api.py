@@ -18,20 +18,31 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jds.engine.engine import Engine
 from jds.engine.request import Request as EngineRequest
 from jds.engine.request import StreamOutput
 from jds.engine.sequence import RequestStream
-from jds.serving.admission import Refused, admit, build_request, check_token_ids, encode_chat, encode_text
+from jds.intake import build_request, check_token_ids, encode_chat, encode_text
+from jds.serving.admission import Refused, admit
 from jds.serving.metrics import Metrics
 from jds.serving.openai_schema import ChatCompletionRequest, CompletionRequest
 
 HTTP_STATUS = {"invalid": 400, "not_found": 404, "busy": 429, "unavailable": 503}
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+    500: "server_error",
+}
 DISCONNECT_POLL_SECONDS = 0.1
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -42,11 +53,19 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}
 
 
+class _Refusal(Exception):
+    """A request refused before it reaches admission: its body, its size, or its model."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.response = error_response(status, message, param, code)
+
+
 def _field_path(loc: tuple) -> str:
-    """``("body", "messages", 0, "content")`` → ``messages[0].content``; pydantic's union-member
-    tags (``list[int]``, ``TextPart``) are not fields and are left out."""
+    """``("messages", 0, "content")`` → ``messages[0].content``; pydantic's union-member tags
+    (``list[int]``, ``TextPart``) are not fields and are left out."""
     path = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
+    for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
         elif "[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool"):
@@ -56,26 +75,60 @@ def _field_path(loc: tuple) -> str:
     return path or "body"
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
+    """The request body as ``schema``; each way it can be malformed is a 400 in OpenAI's shape.
+
+    Parsed here rather than by FastAPI, whose errors have another shape (``{"detail": ...}``) and
+    whose JSON reader accepts ``NaN`` and ``Infinity``. Runs off the event loop (a worker thread).
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Refusal(400, f"body: is not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_not_json)
+    except json.JSONDecodeError as exc:
+        raise _Refusal(400, f"body: is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except ValueError as exc:  # NaN or Infinity
+        raise _Refusal(400, f"body: is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _Refusal(400, "body: is nested too deeply") from None
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = _field_path(tuple(first["loc"]))
+        message = "is not a supported field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise _Refusal(400, f"{field}: {message}", None if field == "body" else field) from None
+    except RecursionError:
+        raise _Refusal(400, "body: is nested too deeply") from None
+
+
 class OpenAIFrontend:
     """The FastAPI application and the state its handlers share with the gRPC service."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, accepting: threading.Event):
+    def __init__(self, engine: Engine, metrics: Metrics, accepting: threading.Event, max_request_bytes: int = MAX_REQUEST_BYTES):
         self.engine = engine
         self.metrics = metrics
         self.accepting = accepting
+        self.max_request_bytes = max_request_bytes
         self.model_name = engine.model.name
         self.app = self._build_app()
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="jds: OpenAI-compatible API", docs_url=None, redoc_url=None)
 
-        @app.exception_handler(RequestValidationError)
-        async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-            first = exc.errors()[0]
-            field = _field_path(tuple(first["loc"]))
-            message = "is not a supported field" if first["type"] == "extra_forbidden" else first["msg"]
-            self.metrics.rejected.labels("INVALID_ARGUMENT").inc()
-            return error_response(400, f"{field}: {message}", field)
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+            return error_response(exc.status_code, str(exc.detail))  # an unknown path or method, in OpenAI's shape
+
+        @app.exception_handler(Exception)
+        async def server_error(_: Request, exc: Exception) -> JSONResponse:  # uvicorn logs the exception
+            return error_response(500, f"internal error: {type(exc).__name__}")
 
         @app.get("/health")
         async def health() -> JSONResponse:
@@ -92,13 +145,13 @@ class OpenAIFrontend:
                 return self._unknown_model(model_id)
             return JSONResponse(self._model_card())
 
-        @app.post("/v1/completions")
-        async def completions(body: CompletionRequest, http: Request):
-            return await self._serve(body, http, self._completion_request(body))
+        @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+        async def completions(http: Request):
+            return await self._serve(http, CompletionRequest, self._completion_request)
 
-        @app.post("/v1/chat/completions")
-        async def chat_completions(body: ChatCompletionRequest, http: Request):
-            return await self._serve(body, http, self._chat_request(body))
+        @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+        async def chat_completions(http: Request):
+            return await self._serve(http, ChatCompletionRequest, self._chat_request)
 
         return app
 
@@ -118,8 +171,11 @@ class OpenAIFrontend:
         }
 
     def _unknown_model(self, name: str) -> JSONResponse:
+        return error_response(404, *self._unknown_model_error(name))
+
+    def _unknown_model_error(self, name: str) -> tuple[str, str, str]:
         self.metrics.rejected.labels("NOT_FOUND").inc()
-        return error_response(404, f"model: {name!r} is not served here; this server serves {self.model_name!r}", "model", "model_not_found")
+        return f"model: {name!r} is not served here; this server serves {self.model_name!r}", "model", "model_not_found"
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -144,17 +200,63 @@ class OpenAIFrontend:
 
         return build
 
-    async def _serve(self, body, http: Request, build: Callable[[], EngineRequest]):
-        if body.model != self.model_name:
-            return self._unknown_model(body.model)
+    async def _serve(self, http: Request, schema: type[BaseModel], builder: Callable[[Any], Callable[[], EngineRequest]]):
+        """Read, parse, check and admit a request; the parsing, tokenizing and template rendering
+        run on a worker thread, so that other clients and health checks are answered meanwhile."""
         try:
-            request, stream = admit(self.engine, self.accepting, self.metrics, build)
+            raw = await self._read_body(http)
+            body, request, stream = await self._off_loop(self._admit, raw, schema, builder)
+        except _Refusal as refusal:
+            return refusal.response
         except Refused as refusal:
             return error_response(HTTP_STATUS[refusal.kind], str(refusal), refusal.field)
         reply = _Reply(request.request_id, self.model_name, body, len(request.prompt_ids))
         if body.stream:
             return StreamingResponse(self._events(request, stream, reply), media_type="text/event-stream")
         return await self._whole(request, stream, reply, http)
+
+    async def _read_body(self, http: Request) -> bytes:
+        """The body, or a 413 as soon as it is known to be longer than ``max_request_bytes``."""
+        limit = self.max_request_bytes
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise self._too_large(int(declared))
+        chunks, size = [], 0
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large(size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, size: int) -> _Refusal:
+        self.metrics.rejected.labels("INVALID_ARGUMENT").inc()
+        return _Refusal(413, f"body: {size} bytes is more than this server accepts ({self.max_request_bytes}; server.max_request_bytes)")
+
+    async def _off_loop(self, admit_body: Callable, *args) -> tuple[Any, EngineRequest, RequestStream]:
+        """Run ``admit_body`` on a worker thread. If this handler is cancelled meanwhile (the client
+        left), a request the thread still admits is aborted at once instead of running unread."""
+        work = asyncio.get_running_loop().run_in_executor(None, admit_body, *args)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(self._abort_admitted)
+            raise
+
+    def _abort_admitted(self, work: asyncio.Future) -> None:
+        if not work.cancelled() and work.exception() is None:
+            self.engine.abort(work.result()[1].request_id)
+
+    def _admit(self, raw: bytes, schema: type[BaseModel], builder) -> tuple[Any, EngineRequest, RequestStream]:
+        try:
+            body = parse_body(raw, schema)
+        except _Refusal:
+            self.metrics.rejected.labels("INVALID_ARGUMENT").inc()
+            raise
+        if body.model != self.model_name:
+            raise _Refusal(404, *self._unknown_model_error(body.model))
+        request, stream = admit(self.engine, self.accepting, self.metrics, builder(body))
+        return body, request, stream
 
     async def _whole(self, request: EngineRequest, stream: RequestStream, reply: _Reply, http: Request) -> JSONResponse:
         """Collect the whole answer, aborting the request if the client goes away meanwhile."""
@@ -272,3 +374,18 @@ class _Reply:
 def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
+
+def _body_schema(schema: type[BaseModel]) -> dict[str, Any]:
+    """The request body's JSON schema for /openapi.json, since the handlers read the body themselves
+    (with pydantic's ``$defs`` written in place: a ``$ref`` in the document resolves from its root)."""
+    whole = schema.model_json_schema()
+    defs = whole.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(whole)}}}}

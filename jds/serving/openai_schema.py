@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jds.serving.admission import InvalidRequest
+from jds.intake import InvalidRequest
 
 
 class _Strict(BaseModel):

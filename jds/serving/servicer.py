@@ -1,22 +1,27 @@
 """The ``jds.v1.Generation`` service: protocol messages in, engine requests out, streams back.
 
 Every refusal is INVALID_ARGUMENT (or RESOURCE_EXHAUSTED, UNAVAILABLE) with a message that starts
-with the request field it is about. A client that cancels, or whose deadline passes, aborts its
-request in the engine through the RPC's termination callback, which frees its slot and KV.
+with the request field it is about, bytes that are no valid message included (``register``). A
+client that cancels, or whose deadline passes, aborts its request in the engine through the RPC's
+termination callback, which frees its slot and KV.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import grpc
+from google.protobuf import empty_pb2, unknown_fields
+from google.protobuf.message import DecodeError
 
 from jds.api import generation_pb2 as pb
 from jds.api import generation_pb2_grpc as pb_grpc
 from jds.engine.engine import Engine, describe
 from jds.engine.request import Request, RequestTimings, StreamOutput
 from jds.serving.metrics import Metrics
-from jds.serving.admission import GRPC_CODES, InvalidRequest, Refused, admit, build_request, check_token_ids, encode_chat, encode_text
+from jds.intake import InvalidRequest, build_request, check_token_ids, encode_chat, encode_text
+from jds.serving.admission import GRPC_CODES, Refused, admit
 
 FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -34,7 +39,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     # -- Generate ---------------------------------------------------------------------------
 
-    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
+    def Generate(self, request: pb.GenerateRequest | Unparsable, context: grpc.ServicerContext):
         try:
             engine_request, stream = admit(self.engine, self.accepting, self.metrics, lambda: self.to_engine_request(request))
         except Refused as refusal:
@@ -64,8 +69,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             response.timings.CopyFrom(_timings(message.timings))
         return response
 
-    def to_engine_request(self, request: pb.GenerateRequest) -> Request:
+    def to_engine_request(self, request: pb.GenerateRequest | Unparsable) -> Request:
         """Validate every field and build the engine's request; InvalidRequest names the field."""
+        if isinstance(request, Unparsable):
+            raise InvalidRequest(request.field, request.detail)
         prompt_ids, field = self._prompt(request)
         options = {name: getattr(request, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed") if request.HasField(name)}
         options.update(stop=tuple(request.stop), stop_token_ids=tuple(request.stop_token_ids), ignore_eos=request.ignore_eos)
@@ -86,7 +93,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     # -- ModelInfo --------------------------------------------------------------------------
 
-    def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
+    def ModelInfo(self, request: pb.ModelInfoRequest | Unparsable, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
+        if isinstance(request, Unparsable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.field}: {request.detail}")
         model = self.engine.model
         arch = model.arch
         in_use, total = self.engine.slot_usage()
@@ -108,6 +117,68 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             devices=len(self.engine.placement.devices),
             quantization=model.quantization,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Unparsable:
+    """Request bytes that are no valid message, handed to the method so that it refuses them as
+    INVALID_ARGUMENT naming the field (gRPC's own answer to a message it cannot read is INTERNAL)."""
+
+    field: str
+    detail: str
+
+
+def register(servicer: GenerationServicer, server: grpc.Server) -> None:
+    """``add_GenerationServicer_to_server``, with request parsing that never fails the call."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_lenient(pb.GenerateRequest), response_serializer=pb.GenerateResponse.SerializeToString
+        ),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfo, request_deserializer=_lenient(pb.ModelInfoRequest), response_serializer=pb.ModelInfoResponse.SerializeToString
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
+def _lenient(message_type):
+    def parse(raw: bytes):
+        try:
+            return message_type.FromString(raw)
+        except DecodeError:
+            field = _bad_utf8_field(raw, message_type.DESCRIPTOR)
+            if field is not None:
+                return Unparsable(field, "is not valid UTF-8")
+            return Unparsable("request", f"is not a valid {message_type.DESCRIPTOR.full_name} message")
+
+    return parse
+
+
+def _bad_utf8_field(raw: bytes, descriptor, prefix: str = "") -> str | None:
+    """The first string field (``messages[1].content``) whose bytes are not UTF-8, read from the wire."""
+    holder = empty_pb2.Empty()  # no fields of its own: every field of ``raw`` stays unknown, as bytes
+    try:
+        holder.MergeFromString(raw)
+    except DecodeError:
+        return None
+    seen: dict[int, int] = {}
+    for item in unknown_fields.UnknownFieldSet(holder):
+        field = descriptor.fields_by_number.get(item.field_number)
+        if field is None or item.wire_type != 2:  # only length-delimited fields hold strings
+            continue
+        index = seen[item.field_number] = seen.get(item.field_number, -1) + 1
+        name = prefix + field.name + (f"[{index}]" if field.is_repeated else "")
+        if field.type == field.TYPE_STRING:
+            try:
+                item.data.decode("utf-8")
+            except UnicodeDecodeError:
+                return name
+        elif field.type == field.TYPE_MESSAGE:
+            inner = _bad_utf8_field(item.data, field.message_type, name + ".")
+            if inner is not None:
+                return inner
+    return None
 
 
 def _timings(t: RequestTimings | None) -> pb.Timings:

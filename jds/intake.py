@@ -1,0 +1,157 @@
+"""What every front end accepts: the gRPC service, the OpenAI API and ``jds.LLM`` turn prompts
+(text, chat messages or token ids) and sampling options into engine ``Request``s here, and only
+here, so the three cannot drift apart.
+
+Each refusal is an ``InvalidRequest`` whose message starts with the offending field in the
+caller's own vocabulary (a gRPC client reads ``max_tokens`` where an OpenAI chat client reads
+``max_completion_tokens``). Value rules that do not depend on the model live in
+``SamplingParams``; the engine checks again what only it knows (the stop id table, its context).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from jds.engine.request import Request
+from jds.model.loader import LoadedModel
+from jds.model.tokenizer import Tokenizer
+from jds.sampling_params import SamplingParams, is_unicode
+
+ROLES = ("system", "user", "assistant")
+MAX_REQUEST_ID_CHARS = 256
+
+
+class InvalidRequest(ValueError):
+    """A request field the server cannot accept; the message starts with the field's name."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+
+
+class Serving(Protocol):
+    """What intake reads of an engine (or the cluster's router): the model and its context."""
+
+    model: LoadedModel
+    max_seq_len: int
+
+
+def encode_text(engine: Serving, text: str, field: str) -> tuple[int, ...]:
+    """Prompt ids of a text, refusing one that is not Unicode or could never fit the context."""
+    _check_unicode(text, field)
+    return _encode(engine, _tokenizer(engine, field), text, field, add_special=True)
+
+
+def encode_chat(engine: Serving, messages: Sequence[Mapping[str, str]], field: str = "messages") -> tuple[int, ...]:
+    """Prompt ids of a conversation, through the model's own chat template."""
+    tokenizer = _tokenizer(engine, field)
+    if not messages:
+        raise InvalidRequest(field, "a conversation needs at least one message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise InvalidRequest(f"{field}[{i}]", f"must be a mapping with a role and a content; got {type(m).__name__}")
+        if m.get("role") not in ROLES:
+            raise InvalidRequest(f"{field}[{i}].role", f"must be one of {', '.join(ROLES)}; got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise InvalidRequest(f"{field}[{i}].content", f"must be a string; got {type(m.get('content')).__name__}")
+        _check_unicode(m["content"], f"{field}[{i}].content")
+    try:
+        text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages])
+    except ValueError as exc:  # the template refuses the conversation (e.g. roles out of order)
+        raise InvalidRequest(field, str(exc)) from None
+    return _encode(engine, tokenizer, text, field, add_special=False)  # the template writes any BOS itself
+
+
+def check_token_ids(engine: Serving, ids: Sequence[int], field: str) -> tuple[int, ...]:
+    vocab = engine.model.arch.vocab_size
+    bad = [t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab)]
+    if bad:
+        raise InvalidRequest(field, f"ids must be in [0, {vocab}); got {bad[:8]}")
+    if not ids:
+        raise InvalidRequest(field, "is empty")
+    return tuple(ids)
+
+
+def build_request(
+    engine: Serving,
+    prompt_ids: tuple[int, ...],
+    prompt_field: str,
+    options: Mapping[str, Any],
+    request_id: str | None = None,
+    names: Mapping[str, str] | None = None,
+) -> Request:
+    """Check the prompt against the context and ``options`` (``SamplingParams`` fields; absent
+    means the default) against their rules; ``names`` maps a field to the caller's name for it.
+
+    A ``max_tokens`` beyond the context left is refused (OpenAI's and vLLM's servers do too);
+    ``jds.LLM`` instead ends such a request at the context with finish reason ``length``.
+    """
+    name = lambda field: (names or {}).get(field, field)  # noqa: E731
+    max_seq_len = engine.max_seq_len
+    room = max_seq_len - len(prompt_ids)
+    if room < 1:
+        raise InvalidRequest(
+            prompt_field,
+            f"the prompt has {len(prompt_ids)} tokens; max_seq_len is {max_seq_len} (prompt plus at least one output token)",
+        )
+    max_tokens = options.get("max_tokens", SamplingParams.max_tokens)
+    if isinstance(max_tokens, int) and max_tokens > room:
+        raise InvalidRequest(
+            name("max_tokens"),
+            f"{max_tokens} is beyond the limit: the prompt has {len(prompt_ids)} tokens and max_seq_len is "
+            f"{max_seq_len}, so at most {room} can be generated",
+        )
+    params = sampling_params(options, name)
+    if params.stop_token_ids:
+        check_token_ids(engine, params.stop_token_ids, name("stop_token_ids"))
+    return Request(check_request_id(request_id, name("request_id")), prompt_ids, params, params.resolved_seed())
+
+
+def sampling_params(options: Mapping[str, Any], name=lambda field: field) -> SamplingParams:
+    """``SamplingParams(**options)``, its refusal re-raised as ``InvalidRequest`` under the caller's name."""
+    try:
+        return SamplingParams(**options)
+    except ValueError as exc:  # "SamplingParams.top_p must be in (0, 1], got 2.0"
+        field, _, rule = str(exc).removeprefix("SamplingParams.").partition(" ")
+        base, bracket, index = field.partition("[")  # "stop[3]": the caller's name for stop, same index
+        raise InvalidRequest(name(base) + bracket + index, rule) from None
+
+
+def check_request_id(request_id: str | None, field: str = "request_id") -> str:
+    """The caller's id, checked, or a fresh one."""
+    if request_id is None:
+        return uuid.uuid4().hex
+    if not request_id:
+        raise InvalidRequest(field, "must not be empty when given")
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(field, f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
+    _check_unicode(request_id, field)
+    return request_id
+
+
+def _encode(engine: Serving, tokenizer: Tokenizer, text: str, field: str, add_special: bool) -> tuple[int, ...]:
+    """Ids of a text, refusing without encoding it one that could never fit the context."""
+    fewest = tokenizer.fewest_tokens(text)
+    if fewest >= engine.max_seq_len:
+        raise InvalidRequest(field, f"{len(text)} characters make at least {fewest} tokens; max_seq_len is {engine.max_seq_len}")
+    return _non_empty(tuple(tokenizer.encode(text, add_special=add_special)), field)
+
+
+def _check_unicode(text: str, field: str) -> None:
+    if not is_unicode(text):
+        raise InvalidRequest(field, "is not valid Unicode (it holds a lone surrogate)")
+
+
+def _tokenizer(engine: Serving, field: str) -> Tokenizer:
+    tokenizer = engine.model.tokenizer
+    if tokenizer is None:
+        raise InvalidRequest(field, "this model serves token ids only (it has no tokenizer); send token ids")
+    return tokenizer
+
+
+def _non_empty(ids: tuple[int, ...], field: str) -> tuple[int, ...]:
+    if not ids:
+        raise InvalidRequest(field, "encodes to no tokens")
+    return ids
