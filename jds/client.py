@@ -9,8 +9,10 @@ message go to stderr and the exit code is 1. A server with keys takes ``--api-ke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import ssl
 import sys
 from pathlib import Path
 
@@ -19,6 +21,48 @@ from google.protobuf.json_format import MessageToDict
 
 from jds.api import generation_pb2 as pb
 from jds.api import generation_pb2_grpc as pb_grpc
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """What a server with API keys or TLS asks of a client, on either API: a Bearer key, and the
+    certificate authority that signed the server's certificate."""
+
+    api_key: str | None = None
+    tls_ca: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Credentials:
+        return cls(args.api_key, args.tls_ca)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_ca else "http"
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """For httpx: trust the given CA (the system's when none is given)."""
+        return ssl.create_default_context(cafile=self.tls_ca) if self.tls_ca else True
+
+    def channel(self, address: str, aio: bool = False):
+        """A gRPC channel to ``address``, over TLS when a CA is given (``aio``: an asyncio one)."""
+        kind = grpc.aio if aio else grpc
+        if self.tls_ca is None:
+            return kind.insecure_channel(address)
+        return kind.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=Path(self.tls_ca).read_bytes()))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--api-key`` (default: the first key of ``$JDS_API_KEY``) and ``--tls-ca``."""
+    parser.add_argument("--api-key", default=os.environ.get("JDS_API_KEY", "").split(",")[0].strip() or None, help="sent as a Bearer key")
+    parser.add_argument("--tls-ca", default=None, help="PEM file of the CA of the server's certificate: connect over TLS")
 
 
 def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
@@ -53,15 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    parser.add_argument("--api-key", default=os.environ.get("JDS_API_KEY", "").split(",")[0].strip() or None, help="sent as a Bearer key")
-    parser.add_argument("--tls-ca", default=None, help="PEM file of the CA of the server's certificate: connect over TLS")
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
-    with _channel(args.server, args.tls_ca) as channel:
+    credentials = Credentials.from_args(args)
+    with credentials.channel(args.server) as channel:
         stub = pb_grpc.GenerationStub(channel)
         last = None
         try:
-            for last in stub.Generate(build_request(args), timeout=args.timeout, metadata=metadata):
+            for last in stub.Generate(build_request(args), timeout=args.timeout, metadata=credentials.metadata):
                 if args.tokens:
                     print(*last.token_ids, end=" " if last.token_ids else "", flush=True)
                 elif not args.json:
@@ -74,12 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print()
     return 0
-
-
-def _channel(address: str, tls_ca: str | None) -> grpc.Channel:
-    if tls_ca is None:
-        return grpc.insecure_channel(address)
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes()))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ def encode_chat(engine: Serving, messages: Sequence[Mapping[str, str]], field: s
         if not isinstance(m.get("content"), str):
             raise InvalidRequest(f"{field}[{i}].content", f"must be a string; got {type(m.get('content')).__name__}")
         _check_unicode(m["content"], f"{field}[{i}].content")
+    # The rendered conversation holds every message's content, so it is at least their length:
+    # one far beyond the context is refused before the template runs (0.4 s for 130,000 messages).
+    _refuse_beyond_context(engine, tokenizer, sum(len(m["content"]) for m in messages), field)
     try:
         text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages])
     except ValueError as exc:  # the template refuses the conversation (e.g. roles out of order)
@@ -133,10 +136,14 @@ def check_request_id(request_id: str | None, field: str = "request_id") -> str:
 
 def _encode(engine: Serving, tokenizer: Tokenizer, text: str, field: str, add_special: bool) -> tuple[int, ...]:
     """Ids of a text, refusing without encoding it one that could never fit the context."""
-    fewest = tokenizer.fewest_tokens(text)
-    if fewest >= engine.max_seq_len:
-        raise InvalidRequest(field, f"{len(text)} characters make at least {fewest} tokens; max_seq_len is {engine.max_seq_len}")
+    _refuse_beyond_context(engine, tokenizer, len(text), field)
     return _non_empty(tuple(tokenizer.encode(text, add_special=add_special)), field)
+
+
+def _refuse_beyond_context(engine: Serving, tokenizer: Tokenizer, chars: int, field: str) -> None:
+    fewest = tokenizer.fewest_tokens(chars)
+    if fewest >= engine.max_seq_len:
+        raise InvalidRequest(field, f"{chars} characters make at least {fewest} tokens; max_seq_len is {engine.max_seq_len}")
 
 
 def _check_unicode(text: str, field: str) -> None:

@@ -53,3 +53,17 @@ def smollm2_llm():
     llm = LLM(CONFIGS / "smollm2-135m.yaml", placement={"instances": {"devices": [0], "slots": 4}}, progress=False)
     yield llm
     llm.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory):
+    """One real ``python -m jds.server`` (gRPC and the OpenAI API) on ``tiny_server``'s config,
+    shared by the front-end test files: each start compiles every program shape (about 30 s)."""
+    from jds.bench.server_process import ServerProcess
+    from tiny_server import write_config
+
+    folder = tmp_path_factory.mktemp("tiny-server")
+    write_config(folder / "server.yaml")
+    proc = ServerProcess(folder / "server.yaml", folder / "server.log", "--http-port", "0")
+    yield proc
+    assert proc.stop() == 0

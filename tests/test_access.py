@@ -3,6 +3,7 @@ clients (a gRPC secure channel, ``openai`` over https with the CA), and the key 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import ssl
@@ -125,6 +126,17 @@ def test_the_client_command_takes_a_key_and_the_ca(server, tls):
     assert client("--api-key", KEYS["config"], "--tokens").returncode == 0
     refused = client()
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+
+@pytest.mark.parametrize("api", ["grpc", "openai"])
+def test_the_benchmark_measures_a_server_with_keys_and_tls(server, tls, tmp_path, api):
+    from jds.bench.__main__ import main
+
+    address = server.openai_url if api == "openai" else server.address
+    args = ["serve", "--api", api, "--server", address, "--tls-ca", str(tls / "ca.pem"), "--api-key", KEYS["config"]]
+    assert main([*args, "--workload", "code", "--rates", "4", "--num-requests", "3", "--out", str(tmp_path)]) == 0
+    (rate,) = json.loads((tmp_path / "results.json").read_text())["sweeps"][0]["rates"].values()
+    assert rate["summary"]["requests"] == 3 and rate["summary"]["failed"] == 0
 
 
 def test_refused_keys_are_counted_in_the_open_metrics(server, tls, channel):

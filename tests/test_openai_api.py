@@ -19,20 +19,15 @@ import pytest
 from jds import LLM, SamplingParams
 from jds.api import generation_pb2 as pb
 from jds.api import generation_pb2_grpc as pb_grpc
-from jds.bench.server_process import ServerProcess
-from tiny_server import MAX_SEQ_LEN, SLOTS, aborted_requests, wait_idle, write_config
+from tiny_server import MAX_SEQ_LEN, SLOTS, aborted_requests, wait_idle
 
 MODEL = "tiny-random"
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("openai")
-    write_config(folder / "server.yaml")
-    proc = ServerProcess(folder / "server.yaml", folder / "server.log", "--http-port", "0")
-    yield proc
-    assert proc.stop() == 0
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

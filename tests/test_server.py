@@ -28,12 +28,8 @@ from tests_paths import CONFIGS, REPO
 from tiny_server import MAX_SEQ_LEN, aborted_requests, wait_idle, write_config
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("server")
-    write_config(folder / "server.yaml")
-    proc = ServerProcess(folder / "server.yaml", folder / "server.log")
-    yield proc
-    assert proc.stop() == 0
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

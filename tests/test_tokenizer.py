@@ -91,6 +91,21 @@ def test_random_text_matches_transformers_and_round_trips(smollm: Tokenizer, hf_
         assert smollm.decode(ids) == text
 
 
+@FEW_EXAMPLES
+@given(text=st.one_of(st.text(st.characters(codec="utf-8"), max_size=200), st.sampled_from([" " * 500, "\n" * 300, "=" * 400, "-" * 999])))
+def test_fewest_tokens_is_a_lower_bound_on_the_encoding(smollm: Tokenizer, tiny_llama, text: str) -> None:
+    for tokenizer in (smollm, tiny_llama[0]):
+        assert tokenizer.fewest_tokens(len(text)) <= len(tokenizer.encode(text, add_special=False))
+
+
+def test_fewest_tokens_holds_for_the_longest_tokens_and_bounds_a_long_text(smollm: Tokenizer, tiny_llama) -> None:
+    for tokenizer in (smollm, tiny_llama[0]):
+        spelled = [tokenizer.decode([i], skip_special=False) for i in range(tokenizer.vocab_size)]
+        longest = max(spelled, key=len) * 20  # as few tokens per character as the vocabulary allows
+        assert 0 < tokenizer.fewest_tokens(len(longest)) <= len(tokenizer.encode(longest, add_special=False))
+    assert smollm.fewest_tokens(1_000_000) > 2048  # a megabyte prompt is refused for SmolLM2's context unread
+
+
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 def test_chat_template_matches_transformers(smollm: Tokenizer, hf_smollm2_tokenizer, conversation: list[dict]) -> None:
     expected_text = hf_smollm2_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)

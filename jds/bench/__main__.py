@@ -16,6 +16,7 @@ from jds.bench import report
 from jds.bench.loadgen import model_info, run_load
 from jds.bench.metrics import attainment, search_goodput
 from jds.bench.workloads import SLO, get_workload, load_trace, plan
+from jds.client import Credentials, add_arguments
 
 log = logging.getLogger("jds.bench")
 APIS = ("grpc", "openai")
@@ -41,9 +42,9 @@ def _workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
 
 
-def sweep(address: str, args: argparse.Namespace, label: str, api: str = "grpc") -> report.Sweep:
+def sweep(address: str, args: argparse.Namespace, label: str, api: str = "grpc", credentials: Credentials = Credentials()) -> report.Sweep:
     """Run the workload against one server at every rate (or bisect for its goodput)."""
-    info = model_info(address, api)
+    info = model_info(address, api, credentials=credentials)
     workload = get_workload(args.workload)
     slo = _slo(args.slo, workload.slo, args.slo_scale)
     result = report.Sweep(label, slo, max(1, info.devices), args.attainment, {})
@@ -52,7 +53,7 @@ def sweep(address: str, args: argparse.Namespace, label: str, api: str = "grpc")
         if requests is None:
             num = None if args.duration else (args.num_requests or 50)
             requests = plan(workload, rate, info.max_seq_len, args.seed, num, args.duration, args.burstiness)
-        records = run_load(address, requests, info, args.seed, api, desc=f"{label} @ {rate:g} req/s")
+        records = run_load(address, requests, info, args.seed, api, desc=f"{label} @ {rate:g} req/s", credentials=credentials)
         result.records[rate] = records
         value = attainment(records, slo)
         log.info("%s @ %g req/s: attainment %.0f%% over %d requests", label, rate, 100 * value, len(records))
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--server", default="127.0.0.1:50051", help="gRPC address, or with --api openai the HTTP address (host:port or URL)")
     serve.add_argument("--label", default=None, help="name in tables and plots (default: the server address)")
     serve.add_argument("--api", choices=APIS, default="grpc", help="send through gRPC or the OpenAI-compatible HTTP API")
+    add_arguments(serve)
     _workload_args(serve)
     compare = commands.add_parser("compare", help="start and benchmark a server per config, side by side")
     compare.add_argument("configs", nargs="+", help="deployment YAMLs, e.g. a colocated and a disaggregated placement")
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return _micro(args, out)
     try:
         if args.command == "serve":
-            sweeps = [sweep(args.server, args, args.label or args.server, args.api)]
+            sweeps = [sweep(args.server, args, args.label or args.server, args.api, Credentials.from_args(args))]
         else:
             sweeps = _compare(args, out)
     except (ValueError, OSError, RuntimeError) as exc:

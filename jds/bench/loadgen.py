@@ -25,6 +25,7 @@ from jds.api import generation_pb2 as pb
 from jds.api import generation_pb2_grpc as pb_grpc
 from jds.bench.metrics import RequestRecord
 from jds.bench.workloads import PlannedRequest
+from jds.client import Credentials
 
 FIRST_TOKEN_ID = 100  # stay clear of the special tokens at the start of most vocabularies
 
@@ -58,11 +59,11 @@ async def _one(send: Sender, index: int, planned: PlannedRequest, start: float, 
 Sender = Callable[[list[int], int, RequestRecord, float, float], Awaitable[None]]
 
 
-def _grpc_sender(stub: pb_grpc.GenerationStub) -> Sender:
+def _grpc_sender(stub: pb_grpc.GenerationStub, metadata: tuple) -> Sender:
     async def send(ids: list[int], max_tokens: int, record: RequestRecord, start: float, timeout: float) -> None:
         request = pb.GenerateRequest(token_ids=ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         try:
-            async for message in stub.Generate(request, timeout=timeout):
+            async for message in stub.Generate(request, timeout=timeout, metadata=metadata):
                 now = time.perf_counter() - start
                 record.token_times += [now] * len(message.token_ids)
                 if message.finish_reason:
@@ -102,15 +103,19 @@ def _openai_sender(client: httpx.AsyncClient, model: str) -> Sender:
     return send
 
 
-async def _run(address: str, api: str, requests: Sequence[PlannedRequest], info: ServerInfo, seed: int, timeout: float, desc: str) -> list[RequestRecord]:
+async def _run(
+    address: str, api: str, requests: Sequence[PlannedRequest], info: ServerInfo, seed: int, timeout: float, desc: str, credentials: Credentials
+) -> list[RequestRecord]:
     async with contextlib.AsyncExitStack() as stack:
         if api == "openai":
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)  # open loop: never queue on the client
-            client = await stack.enter_async_context(httpx.AsyncClient(base_url=openai_base(address), limits=limits))
-            send = _openai_sender(client, info.model)
+            client = httpx.AsyncClient(
+                base_url=openai_base(address, credentials), limits=limits, headers=credentials.headers, verify=credentials.verify()
+            )
+            send = _openai_sender(await stack.enter_async_context(client), info.model)
         else:
-            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
-            send = _grpc_sender(pb_grpc.GenerationStub(channel))
+            channel = await stack.enter_async_context(credentials.channel(address, aio=True))
+            send = _grpc_sender(pb_grpc.GenerationStub(channel), credentials.metadata)
         start = time.perf_counter() + 0.05
         tasks = [asyncio.create_task(_one(send, i, r, start, info, seed, timeout)) for i, r in enumerate(requests)]
         with tqdm(total=len(tasks), desc=desc, unit="req", leave=False) as bar:
@@ -128,22 +133,24 @@ def run_load(
     api: str = "grpc",
     timeout: float = 600.0,
     desc: str = "requests",
+    credentials: Credentials = Credentials(),
 ) -> list[RequestRecord]:
     """Send every request at its arrival time through ``api`` (grpc or openai); one record per request, in plan order."""
-    return asyncio.run(_run(address, api, requests, info, seed, timeout, desc))
+    return asyncio.run(_run(address, api, requests, info, seed, timeout, desc, credentials))
 
 
-def openai_base(address: str) -> str:
-    """``host:port`` or a full URL, as the base of the OpenAI API (``http://host:port/v1/``)."""
-    url = address if "://" in address else f"http://{address}"
+def openai_base(address: str, credentials: Credentials = Credentials()) -> str:
+    """``host:port`` or a full URL, as the base of the OpenAI API (``http://host:port/v1/``, https with a CA)."""
+    url = address if "://" in address else f"{credentials.scheme}://{address}"
     url = url.rstrip("/")
     return (url if url.endswith("/v1") else f"{url}/v1") + "/"
 
 
-def model_info(address: str, api: str = "grpc", timeout: float = 30.0) -> ServerInfo:
+def model_info(address: str, api: str = "grpc", timeout: float = 30.0, credentials: Credentials = Credentials()) -> ServerInfo:
     if api == "openai":
-        card = httpx.get(openai_base(address) + "models", timeout=timeout).raise_for_status().json()["data"][0]
+        url = openai_base(address, credentials) + "models"
+        card = httpx.get(url, timeout=timeout, headers=credentials.headers, verify=credentials.verify()).raise_for_status().json()["data"][0]
         return ServerInfo(card["id"], card["max_model_len"], card["vocab_size"], card.get("devices", 1))
-    with grpc.insecure_channel(address) as channel:
-        info = pb_grpc.GenerationStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+    with credentials.channel(address) as channel:
+        info = pb_grpc.GenerationStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=timeout, metadata=credentials.metadata)
     return ServerInfo(info.model_name, info.max_seq_len, info.vocab_size, info.devices)

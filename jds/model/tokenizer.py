@@ -184,12 +184,12 @@ class Tokenizer:
         ids = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
         return [*self._bos_prefix, *ids] if add_special else ids
 
-    def fewest_tokens(self, text: str) -> int:
-        """A lower bound on ``len(encode(text))``, found without encoding: no token spells more
-        than a known number of characters. 0 when the vocabulary gives no such bound (a model that
-        fuses unknown characters into one token). Lets a server refuse a prompt far beyond its
-        context without spending seconds encoding it."""
-        return len(text) // self._chars_per_token if self._chars_per_token else 0
+    def fewest_tokens(self, chars: int) -> int:
+        """A lower bound on the tokens of any text of ``chars`` characters, found without encoding:
+        no token spells more than a known number of characters. 0 when the vocabulary gives no
+        such bound (a model that fuses unknown characters into one token). Lets a server refuse a
+        prompt far beyond its context without spending seconds encoding it."""
+        return chars // self._chars_per_token if self._chars_per_token else 0
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
