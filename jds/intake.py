@@ -44,8 +44,16 @@ def encode_text(engine: Serving, text: str, field: str) -> tuple[int, ...]:
     return _encode(engine, _tokenizer(engine, field), text, field, add_special=True)
 
 
-def encode_chat(engine: Serving, messages: Sequence[Mapping[str, str]], field: str = "messages") -> tuple[int, ...]:
-    """Prompt ids of a conversation, through the model's own chat template."""
+def encode_chat(
+    engine: Serving,
+    messages: Sequence[Mapping[str, str]],
+    field: str = "messages",
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[int, ...]:
+    """Prompt ids of a conversation, through the model's own chat template (its options as
+    ``Tokenizer.apply_chat_template`` takes them)."""
     tokenizer = _tokenizer(engine, field)
     if not messages:
         raise InvalidRequest(field, "a conversation needs at least one message")
@@ -61,7 +69,8 @@ def encode_chat(engine: Serving, messages: Sequence[Mapping[str, str]], field: s
     # one far beyond the context is refused before the template runs (0.4 s for 130,000 messages).
     _refuse_beyond_context(engine, tokenizer, sum(len(m["content"]) for m in messages), field)
     try:
-        text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages])
+        conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt, continue_final_message, template_kwargs)
     except ValueError as exc:  # the template refuses the conversation (e.g. roles out of order)
         raise InvalidRequest(field, str(exc)) from None
     return _encode(engine, tokenizer, text, field, add_special=False)  # the template writes any BOS itself

@@ -22,11 +22,18 @@ INT32_MAX = int(np.iinfo(np.int32).max)
 class SamplingParams:
     """How one request samples and when it stops.
 
-    ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters. With
-    ``seed`` set, the request's tokens depend only on the seed, its prompt and its own step count,
-    never on which other requests share its batch. Every bad value raises ``ValueError`` naming
-    the field; every accepted value fits the device rows it is written into (a ``top_k`` beyond
-    any vocabulary is kept as the largest int32, which means the same: no filter).
+    ``temperature == 0`` is greedy. ``top_k == 0``, ``top_p == 1`` and ``min_p == 0`` disable
+    those filters. ``presence_penalty`` and ``frequency_penalty`` (OpenAI's: subtracted from the
+    logit of every token the output holds, once or per occurrence) and ``repetition_penalty``
+    (vLLM's and transformers': positive logits of tokens in the prompt or output divided by it,
+    negative ones multiplied) are off at 0, 0 and 1. ``min_tokens``: stop ids (EOS included) and
+    stop strings take effect only once this many tokens are generated; a stop string is cut from
+    the text unless ``include_stop_str_in_output``, and special tokens (EOS, chat markers) are left
+    out of it unless ``skip_special_tokens`` is false (vLLM's names). With ``seed`` set, the
+    request's tokens depend only on the seed, its prompt and its own step count, never on which
+    other requests share its batch. Every bad value raises ``ValueError`` naming the field; every
+    accepted value fits the device rows it is written into (a ``top_k`` beyond any vocabulary is
+    kept as the largest int32, which means the same: no filter).
     """
 
     max_tokens: int = 16
@@ -37,6 +44,13 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         # Accept lists (and a lone string for ``stop``) as users naturally write them.
@@ -63,10 +77,25 @@ class SamplingParams:
         _check(len(ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}", None)
         _check(all(_is_int(t) and 0 <= t <= INT32_MAX for t in ids), "stop_token_ids", "must be token ids >= 0", ids)
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean", self.ignore_eos)
+        _check(_is_float32(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]", self.min_p)
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens, "min_tokens", "must be an integer >= 0", self.min_tokens)
+        _check(self.min_tokens <= self.max_tokens, "min_tokens", f"must be at most max_tokens ({self.max_tokens})", self.min_tokens)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_float32(value) and -2 <= value <= 2, name, "must be in [-2, 2]", value)
+        penalty = self.repetition_penalty
+        _check(_is_float32(penalty) and 0 < penalty, "repetition_penalty", "must be a finite number > 0", penalty)
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), name, "must be a boolean", getattr(self, name))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether sampling reads the request's token history (any penalty is on)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def resolved_seed(self) -> int:
         """The seed to sample with: the given one, or a fresh random one per request."""

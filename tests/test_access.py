@@ -49,7 +49,7 @@ def server(tls):
     saved = os.environ.get("JDS_API_KEY")
     os.environ["JDS_API_KEY"] = KEYS["env"]
     try:
-        proc = ServerProcess(tls / "server.yaml", tls / "server.log", "--http-port", "0", "--api-key", KEYS["flag"])
+        proc = ServerProcess(tls / "server.yaml", tls / "server.log", "--http-port", "0", "--api-key", KEYS["flag"], "--no-warmup")
     finally:
         os.environ.pop("JDS_API_KEY") if saved is None else os.environ.__setitem__("JDS_API_KEY", saved)
     yield proc

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jds.bench.metrics import RequestRecord, attainment, goodput, search_goodput, summarize
-from jds.bench.micro import DECODE_PASSES
+from jds.bench.micro import DECODE_PASSES, SAMPLERS
 from jds.bench.workloads import SLO, arrival_times, get_workload, load_trace, load_workloads, plan
 
 
@@ -125,6 +125,11 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(tmp_path):
     for row in result["decode"]:
         assert row["over_floor"] == pytest.approx(row["seconds"] / row["floor_seconds"])
         assert row["floor_seconds"] == pytest.approx(row["bytes"] / (result["memory_bandwidth_gb_per_s"] * 1e9))
+    assert [(r["batch"], r["sampler"]) for r in result["sampling"]] == [(b, name) for b in (1, 4) for name in SAMPLERS]
+    for row in result["sampling"]:
+        greedy = next(g for g in result["sampling"] if g["batch"] == row["batch"] and g["sampler"] == "greedy")
+        assert row["over_greedy"] == pytest.approx(row["seconds"] / greedy["seconds"])
+    assert "against the greedy one" in (out / "micro.md").read_text()
     (prefill,) = result["prefill"]
     expected_kv = 2 * 4 * 4 * 32 * 16 * 4  # K and V, 4 layers, 4 KV heads, 32 positions, head_dim 16, float32
     assert prefill["handoff_bytes"] == expected_kv and 0 < prefill["of_matmul_peak"]

@@ -242,6 +242,13 @@ SAMPLING_FIELDS = {
     "ignore_eos": (st.booleans(), st.sampled_from(["yes", 1])),
     "n": (st.just(1), st.sampled_from([2, 0])),
     "stream": (st.booleans(), st.sampled_from(["no", 2])),
+    "min_p": (st.floats(0, 0.5), st.sampled_from([-0.1, 1.5, "p"])),
+    "min_tokens": (st.integers(0, 1), st.sampled_from([-1, MAX_SEQ_LEN, 1.5])),
+    "presence_penalty": (st.floats(-2, 2), st.sampled_from([2.5, -3, "x"])),
+    "frequency_penalty": (st.floats(-2, 2), st.sampled_from([2.5, -3, True])),
+    "repetition_penalty": (st.floats(0.5, 2), st.sampled_from([0, -1, 1e39])),
+    "include_stop_str_in_output": (st.booleans(), st.just("yes")),
+    "skip_special_tokens": (st.booleans(), st.just(0)),
 }
 
 
@@ -329,6 +336,11 @@ GRPC_FIELDS = {
     "stop": (st.lists(_text, max_size=3), st.sampled_from([[""], ["s"] * 17, ["s" * 300]])),
     "stop_token_ids": (st.lists(st.integers(0, VOCAB - 1), max_size=3), st.sampled_from([[-1], [VOCAB], list(range(9))])),
     "request_id": (st.none(), st.sampled_from(["", "r" * 300])),  # none: the server assigns one
+    "min_p": (st.floats(0, 0.5, width=32), st.sampled_from([-0.1, 1.5])),
+    "min_tokens": (st.integers(0, 1), st.just(MAX_SEQ_LEN)),
+    "presence_penalty": (st.floats(-2, 2, width=32), st.just(2.5)),
+    "frequency_penalty": (st.floats(-2, 2, width=32), st.just(float("inf"))),
+    "repetition_penalty": (st.floats(0.5, 2, width=32), st.sampled_from([0.0, -1.0])),
 }
 
 

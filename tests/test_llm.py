@@ -19,7 +19,7 @@ PROMPTS = [
 NEW_TOKENS = 32
 
 
-def _hf_greedy(model, tokenizer, ids: list[int], max_new: int) -> list[int]:
+def _hf_greedy(model, tokenizer, ids: list[int], max_new: int, **processors) -> list[int]:
     with torch.no_grad():
         out = model.generate(
             torch.tensor([ids]),
@@ -28,6 +28,7 @@ def _hf_greedy(model, tokenizer, ids: list[int], max_new: int) -> list[int]:
             do_sample=False,
             eos_token_id=[2],
             pad_token_id=2,
+            **processors,
         )
     return out[0, len(ids) :].tolist()
 
@@ -45,6 +46,41 @@ def test_greedy_generation_is_token_identical_to_transformers(smollm2_llm, hf_sm
         assert out.finish_reason == ("stop" if expected[-1] == 2 else "length")
         assert out.text == hf_smollm2_tokenizer.decode(expected, skip_special_tokens=True)
     assert sum(len(o.token_ids) for o in outputs) >= 4 * NEW_TOKENS
+
+
+def test_repetition_penalty_and_min_tokens_match_transformers(smollm2_llm, hf_smollm2, hf_smollm2_tokenizer):
+    """transformers' own logits processors: the repetition penalty over prompt and output tokens,
+    and stop ids held back for the first min_new_tokens."""
+    prompt = "1, 2, 3, 1, 2, 3, 1, 2,"
+    ids = hf_smollm2_tokenizer(prompt)["input_ids"]
+    ours = smollm2_llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.4, ignore_eos=True))[0]
+    assert ours.token_ids == _hf_greedy(hf_smollm2, hf_smollm2_tokenizer, ids, 16, repetition_penalty=1.4)
+    assert ours.token_ids != smollm2_llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0].token_ids
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat_ids = hf_smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    chat_ids = list(chat_ids["input_ids"] if hasattr(chat_ids, "keys") else chat_ids)
+    early = smollm2_llm.chat(messages, SamplingParams(max_tokens=64, temperature=0))[0]
+    assert early.finish_reason == "stop", early
+    least = len(early.token_ids) + 3
+    held = smollm2_llm.chat(messages, SamplingParams(max_tokens=64, temperature=0, min_tokens=least))[0]
+    assert len(held.token_ids) >= least and held.token_ids[: len(early.token_ids) - 1] == early.token_ids[:-1]
+    assert held.token_ids == _hf_greedy(hf_smollm2, hf_smollm2_tokenizer, chat_ids, 64, min_new_tokens=least)[: len(held.token_ids)]
+
+
+def test_presence_and_frequency_penalties_match_a_reference_loop_on_transformers(smollm2_llm, hf_smollm2, hf_smollm2_tokenizer):
+    """OpenAI's definition, written out over transformers' logits one greedy step at a time."""
+    prompt, presence, frequency = "the the the the the", 0.8, 0.6
+    tokens = hf_smollm2_tokenizer(prompt)["input_ids"]
+    output: list[int] = []
+    with torch.no_grad():
+        for _ in range(14):
+            logits = hf_smollm2(torch.tensor([tokens + output])).logits[0, -1].double()
+            for token in set(output):
+                logits[token] -= presence + frequency * output.count(token)
+            output.append(int(logits.argmax()))
+    params = SamplingParams(max_tokens=14, temperature=0, presence_penalty=presence, frequency_penalty=frequency, ignore_eos=True)
+    assert smollm2_llm.generate(prompt, params)[0].token_ids == output
 
 
 def test_chat_applies_template_and_stops_at_end_of_turn(smollm2_llm, hf_smollm2, hf_smollm2_tokenizer):

@@ -87,6 +87,15 @@ def test_seeded_sampling_matches_the_offline_api(client, offline):
     )
     assert answer.choices[0].text == expected.text
 
+    shaped = {"min_p": 0.05, "min_tokens": 4, "presence_penalty": 0.7, "frequency_penalty": 0.3, "repetition_penalty": 1.2}
+    expected = offline.generate("Once upon a time", SamplingParams(max_tokens=10, temperature=0.9, seed=99, **shaped))[0]
+    extra = {k: v for k, v in shaped.items() if k not in ("presence_penalty", "frequency_penalty")}
+    answer = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0.9, seed=99, presence_penalty=0.7, frequency_penalty=0.3,
+        extra_body={**extra, "return_token_ids": True},
+    )
+    assert answer.choices[0].model_extra["token_ids"] == expected.token_ids
+
 
 def test_chat_whole_and_streamed_agree_with_the_offline_api(client, offline):
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
@@ -150,7 +159,9 @@ BAD = [
     ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
     ({"prompt": 7}, "prompt", ""),
     ({"temperature": "hot"}, "temperature", ""),
-    ({"presence_penalty": 0.5}, "presence_penalty", "is not supported"),
+    ({"presence_penalty": 2.5}, "presence_penalty", r"must be in \[-2, 2\]"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty", "must be a finite number > 0"),
+    ({"extra_body": {"min_tokens": 5}}, "min_tokens", r"must be at most max_tokens \(2\)"),
     ({"logprobs": 2}, "logprobs", "is not supported"),
     ({"echo": True}, "echo", "is not supported"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "is only allowed when stream is true"),
@@ -242,3 +253,80 @@ def test_benchmark_measures_through_the_openai_api(server, tmp_path):
     assert rate["summary"]["requests"] == 4 and rate["summary"]["failed"] == 0
     for record in rate["records"]:  # every request generated exactly its planned length, each token timed
         assert len(record["token_times"]) == record["output_len"] and record["error"] is None
+
+
+# The bodies benchmarking tools send, as they send them (guidellm 0.8's openai_http backend,
+# `vllm bench serve`'s OpenAI client, aiperf's completions and chat endpoints).
+TOOL_BODIES = {
+    "guidellm-completions": (
+        "completions",
+        {"model": MODEL, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+         "max_tokens": 6, "stop": None, "ignore_eos": True, "prompt": "Synthetic prompt text"},
+    ),
+    "guidellm-chat": (
+        "chat/completions",
+        {"model": MODEL, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+         "max_completion_tokens": 6, "stop": None, "ignore_eos": True,
+         "messages": [{"role": "user", "content": [{"type": "text", "text": "Synthetic prompt text"}]}]},
+    ),
+    "vllm-bench-completions": (
+        "completions",
+        {"model": MODEL, "prompt": "Synthetic prompt text", "repetition_penalty": 1.0, "max_tokens": 6, "logprobs": None,
+         "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True},
+    ),
+    "vllm-bench-chat": (
+        "chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "Synthetic prompt text"}]}],
+         "max_completion_tokens": 6, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True},
+    ),
+    "aiperf-completions": (
+        "completions",
+        {"prompt": ["Synthetic prompt text"], "model": MODEL, "stream": True, "max_tokens": 6, "stream_options": {"include_usage": True},
+         "ignore_eos": True, "min_tokens": 6},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TOOL_BODIES)
+def test_the_bodies_benchmarking_tools_send_stream_with_usage(server, name):
+    path, body = TOOL_BODIES[name]
+    with httpx.Client(base_url=server.openai_url + "/", timeout=60) as http:
+        with http.stream("POST", path, json=body, headers={"x-request-id": f"tool-{name}"}) as response:
+            assert response.status_code == 200, response.read()
+            assert response.headers["x-request-id"] == f"tool-{name}"
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["id"].endswith(f"tool-{name}") for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    if body["stream_options"].get("continuous_usage_stats"):  # usage so far on every chunk, never falling
+        counts = [c["usage"]["completion_tokens"] for c in chunks]
+        assert counts == sorted(counts) and counts[-1] == 6 and all(c["usage"]["prompt_tokens"] > 0 for c in chunks)
+    else:
+        assert all(c["usage"] is None for c in chunks[:-1])
+
+
+def test_stop_strings_kept_in_the_output_when_asked(client):
+    full = client.completions.create(model=MODEL, prompt="Counting:", max_tokens=30, **GREEDY).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    kept = client.completions.create(
+        model=MODEL, prompt="Counting:", max_tokens=30, stop=[stop], temperature=0, extra_body={"ignore_eos": True, "include_stop_str_in_output": True}
+    )
+    assert kept.choices[0].text == full[: full.find(stop) + len(stop)] and kept.choices[0].finish_reason == "stop"
+
+
+def test_chat_template_options_render_as_transformers_does(client, hf_smollm2_tokenizer):
+    conversation = [{"role": "user", "content": "Finish my sentence."}, {"role": "assistant", "content": "The sky is"}]
+    options = {"ignore_eos": True, "return_token_ids": True, "add_generation_prompt": False}
+    continued = client.chat.completions.create(
+        model=MODEL, messages=conversation, max_tokens=2, temperature=0, extra_body={**options, "continue_final_message": True}
+    )
+    expected = hf_smollm2_tokenizer.apply_chat_template(conversation, continue_final_message=True, tokenize=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert continued.choices[0].model_extra["prompt_token_ids"] == expected
+    closed = client.chat.completions.create(model=MODEL, messages=conversation, max_tokens=2, temperature=0, extra_body=options)
+    expected = hf_smollm2_tokenizer.apply_chat_template(conversation, add_generation_prompt=False, tokenize=True)
+    assert closed.choices[0].model_extra["prompt_token_ids"] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=conversation, max_tokens=2, extra_body={"continue_final_message": True})
+    assert err.value.body["param"] == "continue_final_message"

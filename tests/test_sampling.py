@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from jds.engine.programs import empty_rows
 from jds.model.sampling import SamplingRows, sample
 from jds.sampling_params import SamplingParams
 
@@ -13,16 +14,15 @@ sample_jit = jax.jit(sample)
 LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03], np.float32))
 
 
-def _rows(n: int, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=()) -> SamplingRows:
-    stop_ids = np.full((n, 4), -1, np.int32)
-    stop_ids[:, : len(stop)] = stop
-    return SamplingRows(
-        temperature=np.full(n, temperature, np.float32),
-        top_k=np.full(n, top_k, np.int32),
-        top_p=np.full(n, top_p, np.float32),
-        seed=np.arange(n, dtype=np.uint32) if seed is None else np.full(n, seed, np.uint32),
-        stop_ids=stop_ids,
-    )
+def _rows(n: int, seed=None, stop=(), **settings) -> SamplingRows:
+    """``n`` rows with the same settings (``SamplingRows`` field names); seeds 0..n-1 unless given."""
+    rows = empty_rows(n)
+    rows.temperature[:] = 1.0
+    for name, value in settings.items():
+        getattr(rows, name)[:] = value
+    rows.seed[:] = np.arange(n) if seed is None else seed
+    rows.stop_ids[:, : len(stop)] = stop
+    return rows
 
 
 def _frequencies(n: int = 4000, **kw) -> np.ndarray:
@@ -108,3 +108,121 @@ def test_sampling_params_accept_natural_forms():
     p = SamplingParams(stop="###", stop_token_ids=[5, 6])
     assert p.stop == ("###",) and p.stop_token_ids == (5, 6)
     assert SamplingParams(seed=3).resolved_seed() == 3
+
+
+def test_min_p_keeps_tokens_at_least_that_fraction_of_the_likeliest():
+    # p = .5, .25, .15, .07, .03: min_p 0.2 keeps p >= 0.1, tokens 0..2, renormalised over .9
+    freq = _frequencies(min_p=0.2)
+    assert freq[3:].sum() == 0
+    np.testing.assert_allclose(freq[:3], np.array([0.5, 0.25, 0.15]) / 0.9, atol=0.03)
+
+
+def _wide_logits(n: int, vocab: int = 1000) -> np.ndarray:
+    """A few likely tokens, then a long tail of distinct, slowly falling logits (a filter that keeps
+    300 or 99.9% of the mass reaches deep into it)."""
+    row = (-2.0 - 1e-3 * np.arange(vocab)).astype(np.float32)
+    row[:4] = np.log([0.3, 0.2, 0.1, 0.05]) + np.log(vocab)
+    return np.tile(row, (n, 1))
+
+
+def _exact(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    p = np.exp(logits - logits.max()) * keep
+    return p / p.sum()
+
+
+@pytest.mark.parametrize(
+    "settings, kept",
+    [
+        ({"top_k": 300}, lambda order: order < 300),
+        ({"top_p": 0.999}, None),
+        ({"top_p": 0.5}, None),
+        ({"top_k": 3}, lambda order: order < 3),
+        ({"top_k": 300, "top_p": 0.9}, None),
+    ],
+    ids=["top_k-deep", "top_p-deep", "top_p-shallow", "top_k-shallow", "top_k-then-top_p"],
+)
+def test_filters_over_a_wide_vocabulary_match_the_exact_distribution(settings, kept):
+    n, vocab = 6000, 1000
+    logits = _wide_logits(n, vocab)
+    tokens, _ = sample_jit(logits, _rows(n, **settings), np.zeros(n, np.int32))
+    freq = np.bincount(np.asarray(tokens), minlength=vocab) / n
+    row = logits[0]
+    order = np.argsort(-row, kind="stable").argsort(kind="stable")  # each token's rank
+    if kept is None:  # top-p over what top-k leaves: tokens whose mass ranked before them is below top_p
+        p = _exact(row, order < settings.get("top_k", vocab))
+        ranked = np.argsort(-row, kind="stable")
+        before = (np.cumsum(p[ranked]) - p[ranked])[order]
+        keep = (before < settings["top_p"]) & (p > 0)
+    else:
+        keep = kept(order)
+    expected = _exact(row, keep)
+    assert freq[~keep].sum() == 0
+    np.testing.assert_allclose(freq[:4], expected[:4], atol=0.03)
+    np.testing.assert_allclose(freq[4:].sum(), expected[4:].sum(), atol=0.03)  # the tail as a whole
+
+
+def test_a_rows_draw_does_not_depend_on_its_batch_mates():
+    """Greedy, plain, filtered and full-sort rows mixed: each row draws what it draws alone."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(8, 1000)).astype(np.float32) * 3
+    rows = _rows(8, seed=7)
+    rows.temperature[:] = [0, 1, 0.7, 1, 1, 1.3, 1, 0.5]
+    rows.top_k[:] = [0, 0, 40, 300, 0, 0, 0, 2]
+    rows.top_p[:] = [1, 1, 1, 1, 0.9, 0.999, 1, 1]
+    rows.min_p[:] = [0, 0, 0, 0, 0, 0, 0.05, 0]
+    steps = np.arange(8, dtype=np.int32)
+    together, _ = sample_jit(logits, rows, steps)
+    for i in range(8):
+        alone, _ = sample_jit(logits[i : i + 1], jax.tree.map(lambda a: a[i : i + 1], rows), steps[i : i + 1])
+        assert int(np.asarray(alone)[0]) == int(np.asarray(together)[i]), i
+
+
+def test_min_tokens_holds_back_stop_ids_until_reached():
+    logits = np.zeros((3, 10), np.float32)
+    logits[:, 3] = 10.0  # the stop id is by far the likeliest
+    rows = _rows(3, temperature=0.0, stop=(3,), min_tokens=2)
+    tokens, is_stop = sample_jit(logits, rows, np.array([0, 1, 2], np.int32))
+    assert np.asarray(tokens).tolist()[:2] != [3, 3] and 3 not in np.asarray(tokens)[:2]
+    assert np.asarray(tokens)[2] == 3 and np.asarray(is_stop).tolist() == [False, False, True]
+
+
+def _penalised_reference(logits, history, prompt_len, presence, frequency, repetition):
+    """The penalties from their definitions, one row and one token at a time."""
+    out = logits.astype(np.float64).copy()
+    for b in range(logits.shape[0]):
+        tokens = [t for t in history[b] if t >= 0]
+        output = [t for pos, t in enumerate(history[b]) if t >= 0 and pos >= prompt_len[b]]
+        for token in set(tokens):  # vLLM / transformers: every token of prompt and output
+            out[b, token] = out[b, token] / repetition[b] if out[b, token] > 0 else out[b, token] * repetition[b]
+        for token in set(output):  # OpenAI: tokens of the output, once and per occurrence
+            out[b, token] -= presence[b] + frequency[b] * output.count(token)
+    return out
+
+
+def test_penalties_match_their_definitions():
+    from jds.model.sampling import _penalise
+
+    rng = np.random.default_rng(3)
+    b, vocab, length = 4, 50, 30
+    logits = rng.normal(size=(b, vocab)).astype(np.float32) * 2
+    history = rng.integers(0, vocab, size=(b, length)).astype(np.int32)
+    history[1, 20:] = -1  # a shorter row
+    rows = _rows(b)
+    rows.prompt_len[:] = [10, 5, 0, 30]
+    rows.presence_penalty[:] = [0.5, -0.3, 0.0, 1.0]
+    rows.frequency_penalty[:] = [0.25, 0.0, 1.5, -0.5]
+    rows.repetition_penalty[:] = [1.0, 1.3, 0.8, 2.0]
+    got = np.asarray(jax.jit(_penalise)(logits, rows, history))
+    want = _penalised_reference(logits, history, rows.prompt_len, rows.presence_penalty, rows.frequency_penalty, rows.repetition_penalty)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_penalties_only_touch_rows_that_ask_for_them():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(2, 30)).astype(np.float32)
+    history = np.tile(np.arange(30, dtype=np.int32), (2, 1))
+    rows = _rows(2, temperature=0.0)
+    rows.frequency_penalty[1] = 2.0
+    tokens, _ = sample_jit(logits, rows, np.zeros(2, np.int32), history)
+    plain, _ = sample_jit(logits, _rows(2, temperature=0.0), np.zeros(2, np.int32), history)
+    assert np.asarray(tokens)[0] == np.asarray(plain)[0] == logits[0].argmax()

@@ -89,6 +89,12 @@ def test_streaming_matches_the_offline_api_for_text_chat_and_token_ids(stub, off
     assert _tokens(_generate(stub, token_ids=[5, 6, 7, 8], max_tokens=12, temperature=0, ignore_eos=True)) == expected_ids.token_ids
 
 
+def test_penalties_and_limits_reach_the_engine_as_offline(stub, offline):
+    shaped = {"temperature": 0.8, "seed": 5, "min_p": 0.05, "min_tokens": 3, "presence_penalty": 0.5, "frequency_penalty": 0.25, "repetition_penalty": 1.3}
+    expected = offline.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, **shaped))[0]
+    assert _tokens(_generate(stub, token_ids=[5, 6, 7, 8], max_tokens=8, **shaped)) == expected.token_ids
+
+
 def test_concurrent_clients_get_what_each_gets_alone(stub):
     prompts = [[10 + i, 20 + i, 30 + i] * (i + 1) for i in range(6)]
     alone = [_tokens(_generate(stub, token_ids=p, max_tokens=10, temperature=0, ignore_eos=True)) for p in prompts]

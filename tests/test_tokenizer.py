@@ -116,6 +116,24 @@ def test_chat_template_matches_transformers(smollm: Tokenizer, hf_smollm2_tokeni
     assert smollm.encode_chat(conversation) == expected_ids
 
 
+def test_chat_template_takes_extra_variables_and_continues_a_final_message(smollm: Tokenizer) -> None:
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}{% if shout %}!{% endif %}"
+    tokenizer = Tokenizer(smollm._backend, chat_template=template)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello "}]
+    assert tokenizer.apply_chat_template(chat, False, template_kwargs={"shout": True}) == "<user>hi</user><assistant>hello </assistant>!"
+    assert tokenizer.apply_chat_template(chat, False, template_kwargs={"messages": []}).startswith("<user>hi")  # not replaced
+    assert tokenizer.apply_chat_template(chat, False, continue_final_message=True) == "<user>hi</user><assistant>hello"
+    with pytest.raises(ValueError, match="continue_final_message"):
+        tokenizer.apply_chat_template(chat, True, continue_final_message=True)
+
+
+def test_special_tokens_can_stay_in_streamed_text(smollm: Tokenizer) -> None:
+    ids = smollm.encode("Hello") + [smollm.eos_id]
+    assert "".join(_stream(IncrementalDetokenizer(smollm), ids)) == "Hello"
+    kept = "".join(_stream(IncrementalDetokenizer(smollm, skip_special=False), ids))
+    assert kept == smollm.decode(ids, skip_special=False) and kept.endswith(smollm._backend.id_to_token(smollm.eos_id))
+
+
 def test_chat_template_without_generation_prompt(smollm: Tokenizer, hf_smollm2_tokenizer) -> None:
     conversation = CONVERSATIONS[1]
     expected = hf_smollm2_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)

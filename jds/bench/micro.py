@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding
 
 from jds.bench.server_process import ServerProcess
 from jds.config import Config
-from jds.engine.programs import PrefillProgram, length_buckets, place_params
+from jds.engine.programs import PrefillProgram, empty_rows, length_buckets, place_params
 from jds.engine.request import Request
 from jds.engine.sequence import Sequence
 from jds.mesh.placement import PrefillBatching
@@ -46,6 +46,7 @@ from jds.model import llama
 from jds.model.kv_cache import TRANSIT_AXES, KVCache
 from jds.model.loader import LoadedModel
 from jds.model.params import MatrixWeight
+from jds.model.sampling import sample
 from jds.model.weights.gguf_file import open_gguf
 from jds.sampling_params import SamplingParams
 from jds.transfer.handoff import StageTarget, send_kv
@@ -110,6 +111,42 @@ def decode_step_seconds(model: LoadedModel, batch: int, context: int) -> float:
     def run() -> None:
         logits, state["cache"] = step(model.params, state["cache"], tokens, positions)
         logits.block_until_ready()
+
+    return timed(run)
+
+
+# How a decode step samples, each timed against greedy at the same batch and cache
+SAMPLERS = {
+    "greedy": {},
+    "temperature 1": {"temperature": 1.0},
+    "top-p 0.9": {"temperature": 1.0, "top_p": 0.9},
+    "top-k 50": {"temperature": 1.0, "top_k": 50},
+}
+
+
+def _sampled_step(params, cache, tokens, positions, rows, steps, *, arch):
+    logits, cache = llama.decode_step(params, cache, tokens, positions, arch)
+    return sample(logits, rows, steps), cache
+
+
+_sampled = jax.jit(_sampled_step, static_argnames="arch", donate_argnums=1)
+
+
+def sampled_step_seconds(model: LoadedModel, batch: int, context: int, settings: dict) -> float:
+    """A decode step and its sampling (``settings``: ``SamplingRows`` fields for every row)."""
+    step = functools.partial(_sampled, arch=model.arch)
+    state = {"cache": KVCache.zeros(model.arch, batch, context, model.dtype)}
+    tokens = np.full(batch, 100, np.int32)
+    positions = np.full(batch, context // 2, np.int32)
+    rows = empty_rows(batch)
+    for name, value in settings.items():
+        getattr(rows, name)[:] = value
+    rows.seed[:] = np.arange(batch)
+    steps = np.ones(batch, np.int32)
+
+    def run() -> None:
+        (token, _), state["cache"] = step(model.params, state["cache"], tokens, positions, rows, steps)
+        token.block_until_ready()
 
     return timed(run)
 
@@ -325,6 +362,18 @@ def run(
             passes[kind, batch, context].append(decode_step_seconds(models[kind], batch, context))
         bandwidths.append(memory_bandwidth())
     bandwidth = statistics.median(bandwidths)
+    # Sampling, at the middle cache length: every sampler of a batch in turn, DECODE_PASSES times over.
+    context = contexts[len(contexts) // 2]
+    sampled = collections.defaultdict(list)
+    for _ in range(DECODE_PASSES):
+        for batch in batches:
+            for name, settings in SAMPLERS.items():
+                sampled[batch, name].append(sampled_step_seconds(model, batch, context, settings))
+    sampling = [
+        {"batch": batch, "context": context, "sampler": name, "seconds": statistics.median(sampled[batch, name]),
+         "over_greedy": statistics.median(sampled[batch, name]) / statistics.median(sampled[batch, "greedy"])}
+        for batch in batches for name in SAMPLERS
+    ]  # fmt: skip
     decode = []
     for kind, batch, context in grid:
         seconds = statistics.median(passes[kind, batch, context])
@@ -358,6 +407,7 @@ def run(
         "matmul_gflop_per_s": flops / 1e9,
         "matmul_samples_gflop_per_s": [f / 1e9 for f in flops_samples],
         "decode": decode,
+        "sampling": sampling,
         "prefill": prefill,
         "handoff": "in-process device_put from device 0 to device 1" if len(devices) > 1 else "same device",
         "peers": {name: p["note"] for name, p in peers.items()},
@@ -403,6 +453,15 @@ def markdown(result: dict) -> str:
             f"| {weights} | {r['batch']} | {r['context']} | {ms(r['seconds'])} | {r['gb_per_s']:.1f} | {ms(r['floor_seconds'])} | "
             f"{r['over_floor']:.2f} |{peers(r)}"
         )
+    if "sampling" in result:
+        lines += [
+            "",
+            "## Sampling: a decode step with its sampling, against the greedy one",
+            "",
+            "| batch | cache positions | sampler | ms | / greedy |",
+            "|---:|---:|---|---:|---:|",
+        ]
+        lines += [f"| {r['batch']} | {r['context']} | {r['sampler']} | {ms(r['seconds'])} | {r['over_greedy']:.2f} |" for r in result["sampling"]]
     lines += [
         "",
         "## Prefill (compute-bound: ceiling = matmul FLOP/s) and KV handoff",

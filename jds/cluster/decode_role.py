@@ -82,11 +82,22 @@ class LockstepPipeline:
         lockstep.lead("reset")
         self._pipeline.reset()
 
+    def write_history(self, slot: int, ids) -> None:
+        lockstep.lead("write_history", slot, np.asarray(ids, np.int32))
+        self._pipeline.write_history(slot, ids)
+
 
 def follow_leader(model: LoadedModel, spec: DecodeInstance, warmup: bool) -> None:
     """A follower process of a multi-process decode instance: the leader's calls, until it stops."""
     pipeline = build_pipeline(model, spec, warmup, progress=False)
-    lockstep.follow({"forward": pipeline.forward, "insert": lambda kv, slots: place_and_insert(pipeline, kv, slots), "reset": pipeline.reset})
+    lockstep.follow(
+        {
+            "forward": pipeline.forward,
+            "insert": lambda kv, slots: place_and_insert(pipeline, kv, slots),
+            "reset": pipeline.reset,
+            "write_history": pipeline.write_history,
+        }
+    )
 
 
 class DecodeService(ipb_grpc.DecodeInstanceServicer):

@@ -58,6 +58,8 @@ class DecodeBatch:
         """Give ``seq`` its slot; a request whose sampling row cannot be written fails alone here."""
         try:
             set_row(self.rows, slot, seq)
+            if seq.request.params.penalised:  # penalties read the slot's token history
+                self.pipeline.write_history(slot, seq.context_ids)
         except Exception as exc:
             log.exception("sampling row of %s", seq.request_id)
             seq.publish("error", f"its sampling settings cannot be used: {exc}")

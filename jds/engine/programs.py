@@ -67,20 +67,28 @@ def pow2_at_least(n: int) -> int:
 
 
 def empty_rows(n: int) -> SamplingRows:
-    """Host-side sampling rows: greedy, no stop ids."""
+    """Host-side sampling rows: greedy, no stop ids, no penalties."""
     return SamplingRows(
         temperature=np.zeros(n, np.float32),
         top_k=np.zeros(n, np.int32),
         top_p=np.ones(n, np.float32),
+        min_p=np.zeros(n, np.float32),
         seed=np.zeros(n, np.uint32),
         stop_ids=np.full((n, MAX_STOP_TOKEN_IDS), -1, np.int32),
+        min_tokens=np.zeros(n, np.int32),
+        presence_penalty=np.zeros(n, np.float32),
+        frequency_penalty=np.zeros(n, np.float32),
+        repetition_penalty=np.ones(n, np.float32),
+        prompt_len=np.zeros(n, np.int32),
     )
 
 
 def set_row(rows: SamplingRows, i: int, seq) -> None:
     """Write one sequence's sampling settings into row ``i`` of host-side rows."""
     p = seq.request.params
-    rows.temperature[i], rows.top_k[i], rows.top_p[i], rows.seed[i] = p.temperature, p.top_k, p.top_p, seq.request.seed
+    rows.temperature[i], rows.top_k[i], rows.top_p[i], rows.min_p[i] = p.temperature, p.top_k, p.top_p, p.min_p
+    rows.seed[i], rows.min_tokens[i], rows.prompt_len[i] = seq.request.seed, p.min_tokens, seq.prompt_len
+    rows.presence_penalty[i], rows.frequency_penalty[i], rows.repetition_penalty[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
     rows.stop_ids[i] = -1
     rows.stop_ids[i, : len(seq.stop_ids)] = seq.stop_ids
 
@@ -109,8 +117,8 @@ def _prefill(params: Params, tokens, lengths, *, arch: Architecture, cuts: tuple
     return logits, tuple(kv[:, a:b] for a, b in zip(bounds, bounds[1:]))
 
 
-def _sample_first(logits: jax.Array, rows: SamplingRows):
-    return sample(logits, rows, jnp.zeros(logits.shape[0], jnp.int32))
+def _sample_first(logits: jax.Array, rows: SamplingRows, history: jax.Array):
+    return sample(logits, rows, jnp.zeros(logits.shape[0], jnp.int32), history)
 
 
 class PrefillProgram:
@@ -190,8 +198,16 @@ class PrefillProgram:
     def call(self, tokens: np.ndarray, lengths: np.ndarray, rows: SamplingRows):
         """The program on prepared host inputs (what a multi-process instance's followers call)."""
         logits, kv = self._prefill(self.params, tokens, lengths)
-        first, is_stop = self._sample(logits, rows)
+        first, is_stop = self._sample(logits, rows, self._history(tokens, lengths))
         return first, is_stop, kv
+
+    def _history(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Each row's prompt, padded to the longest bucket with -1 (what penalties read), so the
+        sampling program keeps one shape per batch size."""
+        history = np.full((tokens.shape[0], self.buckets[-1]), -1, np.int32)
+        real = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        history[:, : tokens.shape[1]] = np.where(real, tokens, -1)
+        return history
 
     def compile(self, batch: int, bucket: int) -> None:
         """Compile one shape ahead of time (nothing runs; later calls of that shape reuse it)."""
@@ -199,18 +215,32 @@ class PrefillProgram:
         self._prefill.lower(self.params, tokens, lengths).compile()
         if batch not in self._sample_batches:
             logits = jax.ShapeDtypeStruct((batch, self.arch.vocab_size), jnp.float32, sharding=replicated(self.mesh))
-            self._sample.lower(logits, rows).compile()
+            history = jax.ShapeDtypeStruct((batch, self.buckets[-1]), jnp.int32)
+            self._sample.lower(logits, rows, history).compile()
             self._sample_batches.add(batch)
 
 
-def _run_stage(params: Params, cache: KVCache, inputs, start, row_offset, last_index, rows, steps, *, arch, first, last, context):
-    """One stage's layers for one microbatch, reading ``context`` cache positions; the last stage also samples."""
+def _run_stage(params: Params, cache: KVCache, history, inputs, tokens, start, row_offset, last_index, rows, steps, *, arch, first, last, context):
+    """One stage's layers for one microbatch, reading ``context`` cache positions. The last stage
+    also writes the microbatch's tokens into its rows of the token ``history`` (what penalties
+    read; the cache's twin) and samples."""
     x = llama.embed(params, inputs) if first else inputs
     x, cache = llama.decoder_layers(params.layers, cache, x, start, row_offset, arch, context)
     if not last:
-        return x, cache
+        return x, cache, history
+    b, t = tokens.shape
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    rows_of = row_offset + jnp.arange(b)[:, None]
+    history = history.at[rows_of, positions].set(tokens, mode="drop")
+    seen = min(context + t, history.shape[1])  # every position up to the newest token
+    mine = jax.lax.dynamic_slice(history, (row_offset, 0), (b, seen))
+    mine = jnp.where(jnp.arange(seen)[None, :] <= (start + last_index)[:, None], mine, -1)  # not a previous occupant's
     h = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
-    return sample(llama.logits(params, h, arch), rows, steps), cache
+    return sample(llama.logits(params, h, arch), rows, steps, mine), cache, history
+
+
+def _write_history(history: jax.Array, slot: jax.Array, ids: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice(history, ids[None, :], (slot, 0))
 
 
 def _insert_pieces(cache: KVCache, pieces: tuple[jax.Array, ...], slots, offsets: tuple[int, ...]) -> KVCache:
@@ -237,22 +267,30 @@ class Stage:
             functools.partial(KVCache.zeros, arch, slots, seq, self.dtype, span.num_layers), out_shardings=self.cache_sharding
         )
         self.cache = self._zeros()
+        self._empty_history = jax.jit(lambda: jnp.full((slots, seq), -1, jnp.int32), out_shardings=self.activations)
+        self.history = self._empty_history() if span.last else None  # each slot's tokens, by position
         self._run = jax.jit(
             functools.partial(_run_stage, arch=arch, first=span.first, last=span.last),
-            donate_argnums=1,
+            donate_argnums=(1, 2),
             static_argnames="context",
-            out_shardings=(self.activations, self.cache_sharding),
+            out_shardings=(self.activations, self.cache_sharding, self.activations if span.last else None),
         )
         self._insert = jax.jit(_insert_pieces, donate_argnums=0, static_argnums=3, out_shardings=self.cache_sharding)
+        self._write_history = jax.jit(_write_history, donate_argnums=0, out_shardings=self.activations)
 
-    def _run_args(self, inputs, start, row_offset, last_index, rows, steps) -> tuple:
-        last = self.span.last
-        return (inputs, start, np.int32(row_offset), last_index if last else None, rows if last else None, steps if last else None)
+    def _run_args(self, inputs, tokens, start, row_offset, last_index, rows, steps) -> tuple:
+        if not self.span.last:
+            return (inputs, None, start, np.int32(row_offset), None, None, None)
+        return (inputs, tokens, start, np.int32(row_offset), last_index, rows, steps)
 
-    def run(self, inputs, start, row_offset, last_index, rows, steps, context: int):
-        args = self._run_args(inputs, start, row_offset, last_index, rows, steps)
-        out, self.cache = self._run(self.params, self.cache, *args, context=context)
+    def run(self, inputs, tokens, start, row_offset, last_index, rows, steps, context: int):
+        args = self._run_args(inputs, tokens, start, row_offset, last_index, rows, steps)
+        out, self.cache, self.history = self._run(self.params, self.cache, self.history, *args, context=context)
         return out
+
+    def write_history(self, slot: int, ids: np.ndarray) -> None:
+        """Set a slot's token history (the last stage's): ``ids`` ``[max_seq_len]``, -1 past its tokens."""
+        self.history = self._write_history(self.history, np.int32(slot), ids)
 
     def insert(self, pieces: KVPieces, slot_ids: np.ndarray) -> None:
         """Write the pieces (first layer, transit array on this stage's devices) into slots."""
@@ -262,6 +300,8 @@ class Stage:
     def reset(self) -> None:
         """A fresh cache, after a failed program may have consumed the donated one."""
         self.cache = self._zeros()
+        if self.span.last:
+            self.history = self._empty_history()
 
     def compile_run(self, batch: int, length: int, context: int) -> None:
         """Compile this stage for ``batch`` rows of ``length`` new tokens reading ``context`` positions, ahead of time."""
@@ -270,8 +310,8 @@ class Stage:
         else:
             inputs = jax.ShapeDtypeStruct((batch, length, self.arch.hidden_size), self.dtype, sharding=self.activations)
         vector = np.zeros(batch, np.int32)
-        args = self._run_args(inputs, vector, 0, vector, empty_rows(batch), vector)
-        self._run.lower(self.params, self.cache, *jax.tree.map(_spec, args), context=context).compile()
+        args = self._run_args(inputs, np.zeros((batch, length), np.int32), vector, 0, vector, empty_rows(batch), vector)
+        self._run.lower(self.params, self.cache, self.history, *jax.tree.map(_spec, args), context=context).compile()
 
     def compile_insert(self, batch: int, bucket: int, starts: Seq[int]) -> None:
         """Compile the insert of a (batch, bucket) prefill cut at ``starts``, ahead of time."""
@@ -323,11 +363,15 @@ class Pipeline:
         for stage in self.stages:
             if not stage.span.first:
                 x = jax.device_put(x, stage.activations)
-            last = stage.span.last
-            x = stage.run(
-                x, start, np.int32(row_offset), last_index if last else None, rows if last else None, steps if last else None, context
-            )
+            x = stage.run(x, tokens, start, row_offset, last_index, rows, steps, context)
         return x
+
+    def write_history(self, slot: int, ids) -> None:
+        """Set a slot's token history to ``ids`` (a sequence's tokens before its next step), for
+        penalties; ids are padded with -1 to ``max_seq_len``."""
+        padded = np.full(self.max_seq_len, -1, np.int32)
+        padded[: len(ids)] = ids
+        self.stages[-1].write_history(slot, padded)
 
     def insert(self, parts: list[KVPieces], slot_ids: np.ndarray) -> None:
         """Write transferred KV (each stage's pieces, already on its devices) into slots."""
@@ -342,7 +386,8 @@ class Pipeline:
     def intact(self) -> bool:
         """Whether every stage still holds its cache: a call that failed before it ran did not
         consume the cache it donates, one that failed on the device may have."""
-        return not any(leaf.is_deleted() for stage in self.stages for leaf in jax.tree.leaves(stage.cache))
+        held = [leaf for stage in self.stages for leaf in jax.tree.leaves((stage.cache, stage.history))]
+        return not any(leaf.is_deleted() for leaf in held)
 
     @property
     def cuts(self) -> set[int]:

@@ -28,7 +28,8 @@ class Sequence:
     def __init__(self, request: Request, tokenizer: Tokenizer | None, stop_ids: tuple[int, ...], max_seq_len: int):
         self.request = request
         self.stop_ids = stop_ids
-        self.detok = IncrementalDetokenizer(tokenizer, request.prompt_ids) if tokenizer is not None else None
+        skip = request.params.skip_special_tokens
+        self.detok = IncrementalDetokenizer(tokenizer, request.prompt_ids, skip) if tokenizer is not None else None
         self.tokens: list[int] = []
         self.text = ""
         self.position = len(request.prompt_ids)  # where the newest token sits once it is fed back
@@ -78,7 +79,7 @@ class Sequence:
         if self.detok is not None:
             delta = self.detok.push(token)
             self.text += delta
-            if self._cut_at_stop_string(len(delta)):
+            if len(self.tokens) > self.request.params.min_tokens and self._cut_at_stop_string(len(delta)):
                 return "stop"
         return "length" if len(self.tokens) >= self.limit else None
 
@@ -92,9 +93,10 @@ class Sequence:
         if not stops or not delta_len:
             return False
         start = max(0, len(self.text) - delta_len - max(map(len, stops)) + 1)
-        hits = [i for s in stops if (i := self.text.find(s, start)) >= 0]
+        hits = [(i, len(s)) for s in stops if (i := self.text.find(s, start)) >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            at, length = min(hits)
+            self.text = self.text[: at + length if self.request.params.include_stop_str_in_output else at]
         return bool(hits)
 
     def publish(self, reason: FinishReason | None = None, error: str | None = None, unavailable: bool = False) -> None:

@@ -194,26 +194,42 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render a conversation to the prompt text the model was trained on."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Render a conversation to the prompt text the model was trained on.
+
+        ``continue_final_message``: the text ends inside the final message (the model continues
+        it), as transformers does it: rendered without a generation prompt, then cut after that
+        message's content. ``template_kwargs``: more variables for the template (e.g. a model's
+        ``enable_thinking``); they cannot replace the conversation or the special tokens.
+        """
         if self._chat_template is None:
             raise ValueError("this tokenizer has no chat template; pass a prompt string instead of messages")
         _check_messages(messages)
+        if continue_final_message and (add_generation_prompt or not messages):
+            raise ValueError("continue_final_message needs a final message to continue and no generation prompt")
         template_tokens = {
             name: self._backend.id_to_token(index)
             for name, index in (("bos_token", self._bos_id), ("eos_token", self._eos_id))
             if index is not None
         }
         try:
-            return _compile_template(self._chat_template).render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                tools=None,
-                documents=None,
-                **template_tokens,
-            )
+            variables = {"messages": list(messages), "add_generation_prompt": add_generation_prompt, "tools": None, "documents": None}
+            text = _compile_template(self._chat_template).render({**(template_kwargs or {}), **variables, **template_tokens})
         except jinja2.TemplateError as error:
             raise ValueError(f"chat template failed: {error}") from error
+        if continue_final_message:
+            final = messages[-1]["content"].strip()
+            end = text.rfind(final)
+            if not final or end < 0:
+                raise ValueError("continue_final_message: the template does not write the final message's text as it is")
+            text = text[: end + len(final)]
+        return text
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Prompt ids for a conversation; the template writes any BOS itself, so none is added."""
@@ -231,35 +247,40 @@ class IncrementalDetokenizer:
 
     _CONTEXT_TOKENS = 5  # prompt tail kept so the first tokens decode with their left context
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special: bool = True) -> None:
         """With `prompt_ids` the deltas continue the prompt's text: a SentencePiece vocabulary then
-        keeps the leading space that decoding the generated ids alone would strip."""
+        keeps the leading space that decoding the generated ids alone would strip. With
+        `skip_special` false, special tokens (EOS, chat markers) are written into the text."""
         self._tokenizer = tokenizer
+        self._skip_special = skip_special
         context = [index for index in prompt_ids if index not in tokenizer.special_ids]
         self._ids = context[-self._CONTEXT_TOKENS :]
         self._read = len(self._ids)
-        self._read_text = tokenizer.decode(self._ids)
+        self._read_text = self._decode(self._ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special=self._skip_special)
 
     def push(self, token_id: int) -> str:
         """The text `token_id` completes, or "" while a character is still partial."""
-        if token_id in self._tokenizer.special_ids:
+        if self._skip_special and token_id in self._tokenizer.special_ids:
             return ""  # skipped in the text, so it must not widen the window either
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids)
+        text = self._decode(self._ids)
         if len(text) <= len(self._read_text) or text.endswith(REPLACEMENT_CHAR):
             return ""
         return self._release(text)
 
     def flush(self) -> str:
         """Whatever is still held back (only an unfinished or invalid byte sequence) at end of stream."""
-        text = self._tokenizer.decode(self._ids)
+        text = self._decode(self._ids)
         return self._release(text) if len(text) > len(self._read_text) else ""
 
     def _release(self, text: str) -> str:
         delta = text[len(self._read_text) :]
         self._ids = self._ids[self._read :]
         self._read = len(self._ids)
-        self._read_text = self._tokenizer.decode(self._ids)
+        self._read_text = self._decode(self._ids)
         return delta
 
 

@@ -43,6 +43,7 @@ ERROR_TYPES = {
 }
 DISCONNECT_POLL_SECONDS = 0.1
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
+REQUEST_ID_NAMES = {"request_id": "x-request-id"}  # the header an HTTP client names its request with
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -179,41 +180,48 @@ class OpenAIFrontend:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def _completion_request(self, body: CompletionRequest) -> Callable[[], EngineRequest]:
+    def _completion_request(self, body: CompletionRequest, request_id: str | None) -> Callable[[], EngineRequest]:
         def build() -> EngineRequest:
             body.unsupported()
             prompt = body.single_prompt()
             ids = encode_text(self.engine, prompt, "prompt") if isinstance(prompt, str) else check_token_ids(self.engine, prompt, "prompt")
-            return build_request(self.engine, ids, "prompt", body.sampling_options(body.max_tokens))
+            return build_request(self.engine, ids, "prompt", body.sampling_options(body.max_tokens), request_id, REQUEST_ID_NAMES)
 
         return build
 
-    def _chat_request(self, body: ChatCompletionRequest) -> Callable[[], EngineRequest]:
+    def _chat_request(self, body: ChatCompletionRequest, request_id: str | None) -> Callable[[], EngineRequest]:
         def build() -> EngineRequest:
             body.unsupported()
-            ids = encode_chat(self.engine, body.conversation())
+            ids = encode_chat(
+                self.engine, body.conversation(), "messages", body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
+            )
             limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
             if limit is None:  # as in OpenAI's chat API: until the model stops or the context is full
                 limit = max(1, self.engine.max_seq_len - len(ids))
-            return build_request(self.engine, ids, "messages", body.sampling_options(limit), names={"max_tokens": name})
+            return build_request(self.engine, ids, "messages", body.sampling_options(limit), request_id, {"max_tokens": name, **REQUEST_ID_NAMES})
 
         return build
 
-    async def _serve(self, http: Request, schema: type[BaseModel], builder: Callable[[Any], Callable[[], EngineRequest]]):
+    async def _serve(self, http: Request, schema: type[BaseModel], builder: Callable[[Any, str | None], Callable[[], EngineRequest]]):
         """Read, parse, check and admit a request; the parsing, tokenizing and template rendering
-        run on a worker thread, so that other clients and health checks are answered meanwhile."""
+        run on a worker thread, so that other clients and health checks are answered meanwhile.
+        An ``X-Request-Id`` header (as vLLM takes it) names the request, and comes back."""
+        request_id = http.headers.get("x-request-id")
         try:
             raw = await self._read_body(http)
-            body, request, stream = await self._off_loop(self._admit, raw, schema, builder)
+            body, request, stream = await self._off_loop(self._admit, raw, schema, builder, request_id)
         except _Refusal as refusal:
             return refusal.response
         except Refused as refusal:
             return error_response(HTTP_STATUS[refusal.kind], str(refusal), refusal.field)
         reply = _Reply(request.request_id, self.model_name, body, len(request.prompt_ids))
+        headers = {"x-request-id": request.request_id}
         if body.stream:
-            return StreamingResponse(self._events(request, stream, reply), media_type="text/event-stream")
-        return await self._whole(request, stream, reply, http)
+            return StreamingResponse(self._events(request, stream, reply), media_type="text/event-stream", headers=headers)
+        response = await self._whole(request, stream, reply, http)
+        response.headers.update(headers)
+        return response
 
     async def _read_body(self, http: Request) -> bytes:
         """The body, or a 413 as soon as it is known to be longer than ``max_request_bytes``."""
@@ -247,7 +255,7 @@ class OpenAIFrontend:
         if not work.cancelled() and work.exception() is None:
             self.engine.abort(work.result()[1].request_id)
 
-    def _admit(self, raw: bytes, schema: type[BaseModel], builder) -> tuple[Any, EngineRequest, RequestStream]:
+    def _admit(self, raw: bytes, schema: type[BaseModel], builder, request_id: str | None) -> tuple[Any, EngineRequest, RequestStream]:
         try:
             body = parse_body(raw, schema)
         except _Refusal:
@@ -255,7 +263,7 @@ class OpenAIFrontend:
             raise
         if body.model != self.model_name:
             raise _Refusal(404, *self._unknown_model_error(body.model))
-        request, stream = admit(self.engine, self.accepting, self.metrics, builder(body))
+        request, stream = admit(self.engine, self.accepting, self.metrics, builder(body, request_id))
         return body, request, stream
 
     async def _whole(self, request: EngineRequest, stream: RequestStream, reply: _Reply, http: Request) -> JSONResponse:
@@ -366,7 +374,9 @@ class _Reply:
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         chunk = {**self._envelope(True), "choices": [choice]}
-        if self.body.include_usage:
+        if self.body.continuous_usage:
+            chunk["usage"] = self.usage()  # vLLM's extension: the usage so far on every chunk
+        elif self.body.include_usage:
             chunk["usage"] = None  # OpenAI sends null usage on every chunk but the last
         return chunk
 

@@ -3,8 +3,11 @@
 Fields follow OpenAI's API reference. A field we do not know is refused (as OpenAI itself does:
 "Unrecognized request argument"), and a known field we cannot honour is refused when set to
 anything but its neutral value, rather than being silently ignored; both name the field. Beside
-OpenAI's fields we accept vLLM's common extensions (``top_k``, ``ignore_eos``, ``stop_token_ids``,
-``return_token_ids``), which clients send through ``extra_body``.
+OpenAI's fields we accept the extensions of vLLM that clients and benchmarking tools send through
+``extra_body`` (``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``, ``ignore_eos``,
+``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
+``return_token_ids``, ``stream_options.continuous_usage_stats``; for chat
+``add_generation_prompt``, ``continue_final_message`` and ``chat_template_kwargs``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage (so far) on every chunk
 
 
 class _Generation(_Strict):
@@ -36,21 +40,24 @@ class _Generation(_Strict):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extensions
     top_k: int | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     return_token_ids: bool = Field(default=False, description="add the prompt's and the output's token ids")
 
     def unsupported(self) -> None:
         """Refuse, naming the field, what is set to a value this server cannot honour."""
         _refuse_if(self.n != 1, "n", f"only 1 choice per request is supported; got {self.n}")
-        _refuse_if(self.presence_penalty != 0, "presence_penalty", "is not supported (must be 0)")
-        _refuse_if(self.frequency_penalty != 0, "frequency_penalty", "is not supported (must be 0)")
         _refuse_if(bool(self.logit_bias), "logit_bias", "is not supported")
         _refuse_if(self.stream_options is not None and not self.stream, "stream_options", "is only allowed when stream is true")
 
@@ -64,14 +71,25 @@ class _Generation(_Strict):
             "seed": self.seed,
             "stop": self.stop,
             "stop_token_ids": self.stop_token_ids,
+            "min_p": self.min_p,
+            "min_tokens": self.min_tokens,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
         }
         options = {k: v for k, v in options.items() if v is not None}
-        options["ignore_eos"] = self.ignore_eos
+        options.update(
+            ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens
+        )
         return options
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(_Generation):
@@ -129,6 +147,10 @@ class ChatCompletionRequest(_Generation):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    # vLLM's extensions
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
@@ -140,6 +162,16 @@ class ChatCompletionRequest(_Generation):
             self.response_format is not None and self.response_format.type != "text",
             "response_format",
             "only type 'text' is supported",
+        )
+        _refuse_if(
+            self.continue_final_message and self.add_generation_prompt,
+            "continue_final_message",
+            "cannot be true while add_generation_prompt is (set add_generation_prompt: false)",
+        )
+        _refuse_if(
+            self.continue_final_message and self.messages[-1:] and self.messages[-1].role != "assistant",
+            "continue_final_message",
+            "the final message must be the assistant's to continue it",
         )
         _refuse_if(
             self.max_tokens is not None and self.max_completion_tokens is not None,

@@ -23,6 +23,9 @@ from jds.serving.metrics import Metrics
 from jds.intake import InvalidRequest, build_request, check_token_ids, encode_chat, encode_text
 from jds.serving.admission import GRPC_CODES, Refused, admit
 
+OPTIONAL_SAMPLING = (
+    "max_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty",
+)  # fmt: skip
 FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
@@ -74,7 +77,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if isinstance(request, Unparsable):
             raise InvalidRequest(request.field, request.detail)
         prompt_ids, field = self._prompt(request)
-        options = {name: getattr(request, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed") if request.HasField(name)}
+        options = {name: getattr(request, name) for name in OPTIONAL_SAMPLING if request.HasField(name)}
         options.update(stop=tuple(request.stop), stop_token_ids=tuple(request.stop_token_ids), ignore_eos=request.ignore_eos)
         request_id = request.request_id if request.HasField("request_id") else None
         return build_request(self.engine, prompt_ids, field, options, request_id)
