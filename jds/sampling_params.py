@@ -16,6 +16,7 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 8  # the engine's per-row stop id table; EOS shares it
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # sampling settings become float32 rows on the device
 INT32_MAX = int(np.iinfo(np.int32).max)
+MAX_LOGPROBS = 20  # likeliest alternatives a request may ask log-probabilities for (vLLM's default limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,11 @@ class SamplingParams:
     negative ones multiplied) are off at 0, 0 and 1. ``min_tokens``: stop ids (EOS included) and
     stop strings take effect only once this many tokens are generated; a stop string is cut from
     the text unless ``include_stop_str_in_output``, and special tokens (EOS, chat markers) are left
-    out of it unless ``skip_special_tokens`` is false (vLLM's names). With ``seed`` set, the
+    out of it unless ``skip_special_tokens`` is false (vLLM's names). ``logprobs``: report each
+    generated token's log-probability and the ``logprobs`` likeliest tokens at its position;
+    ``prompt_logprobs``: the same for every prompt token (the first has none); both under the
+    model's own distribution, before temperature, filters and penalties. ``max_tokens`` 0
+    generates nothing (with ``prompt_logprobs``: scores the prompt). With ``seed`` set, the
     request's tokens depend only on the seed, its prompt and its own step count, never on which
     other requests share its batch. Every bad value raises ``ValueError`` naming the field; every
     accepted value fits the device rows it is written into (a ``top_k`` beyond any vocabulary is
@@ -51,13 +56,15 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (and a lone string for ``stop``) as users naturally write them.
         stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple(self.stop, "stop")
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1", self.max_tokens)
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 0, "max_tokens", "must be an integer >= 0", self.max_tokens)
         _check(_is_float32(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0", self.temperature)
         _check(_is_float32(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0", self.top_k)
@@ -87,6 +94,9 @@ class SamplingParams:
         _check(_is_float32(penalty) and 0 < penalty, "repetition_penalty", "must be a finite number > 0", penalty)
         for name in ("include_stop_str_in_output", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, "must be a boolean", getattr(self, name))
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name, f"must be an integer in [0, {MAX_LOGPROBS}]", value)
 
     @property
     def greedy(self) -> bool:

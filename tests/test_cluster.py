@@ -151,6 +151,19 @@ def test_outputs_equal_the_single_process_engine_and_every_instance_serves(clust
     assert "".join(m.text for m in messages) == sampled.text
     assert messages[-1].timings.transfer_bytes > 0 and messages[-1].timings.ttft > 0
 
+    # Penalties, log-probabilities and a prompt's scores cross the processes as they are computed in one.
+    shaped = {"max_tokens": 6, "temperature": 0.8, "seed": 3, "repetition_penalty": 1.3, "presence_penalty": 0.5, "min_tokens": 2}
+    expected = offline.generate([PROMPTS[3]], SamplingParams(**shaped, logprobs=2, prompt_logprobs=2, ignore_eos=True))[0]
+    messages = list(stub.Generate(pb.GenerateRequest(token_ids=PROMPTS[3], ignore_eos=True, logprobs=2, prompt_logprobs=2, **shaped), timeout=60))
+    assert [t for m in messages for t in m.token_ids] == expected.token_ids
+    reported = [e for m in messages for e in m.logprobs]
+    assert [e.logprob for e in reported] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
+    assert [list(e.top_ids) for e in reported] == [[t for t, _ in e.top] for e in expected.logprobs]
+    scored = messages[0].prompt_logprobs
+    assert not scored[0].HasField("logprob") and [e.logprob for e in scored[1:]] == pytest.approx([e.logprob for e in expected.prompt_logprobs[1:]], abs=1e-5)
+    nothing = list(stub.Generate(pb.GenerateRequest(token_ids=PROMPTS[3], max_tokens=0, prompt_logprobs=0), timeout=60))
+    assert nothing[-1].finish_reason == pb.FINISH_REASON_LENGTH and not nothing[-1].token_ids and len(nothing[0].prompt_logprobs) == len(PROMPTS[3])
+
 
 def test_cancellation_reaches_the_decode_and_the_prefill_process(cluster, stub):
     before = _total(_status(cluster, "decode"), "aborted")

@@ -83,6 +83,26 @@ def test_presence_and_frequency_penalties_match_a_reference_loop_on_transformers
     assert smollm2_llm.generate(prompt, params)[0].token_ids == output
 
 
+def test_logprobs_of_prompt_and_output_match_transformers_log_softmax(smollm2_llm, hf_smollm2, hf_smollm2_tokenizer):
+    """Every reported log-probability, of a sampled output and of the prompt, within 1e-3 of
+    transformers' float32 log-softmax at the same position; the top alternatives its likeliest."""
+    params = SamplingParams(max_tokens=8, temperature=0.8, seed=3, logprobs=5, prompt_logprobs=5, ignore_eos=True)
+    out = smollm2_llm.generate("The capital of France is", params)[0]
+    ids = out.prompt_token_ids + out.token_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_smollm2(torch.tensor([ids])).logits[0].float(), dim=-1)
+    n = len(out.prompt_token_ids)
+    reported = [(t - 1, e) for t, e in enumerate(out.prompt_logprobs) if e is not None]
+    reported += [(n - 1 + i, e) for i, e in enumerate(out.logprobs)]
+    assert out.prompt_logprobs[0] is None and len(reported) == len(ids) - 1
+    for position, entry in reported:
+        assert entry.token == ids[position + 1]
+        assert entry.logprob == pytest.approx(float(logp[position, entry.token]), abs=1e-3)
+        top = torch.topk(logp[position], 5)
+        assert [lp for _, lp in entry.top] == pytest.approx(top.values.tolist(), abs=1e-3)
+        assert entry.top[0][0] == int(top.indices[0])
+
+
 def test_chat_applies_template_and_stops_at_end_of_turn(smollm2_llm, hf_smollm2, hf_smollm2_tokenizer):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     out = smollm2_llm.chat(messages, SamplingParams(max_tokens=48, temperature=0))[0]

@@ -152,7 +152,7 @@ BAD = [
     ({"n": 2}, "n", "only 1 choice"),
     ({"temperature": -1}, "temperature", "must be a finite number >= 0"),
     ({"top_p": 1.5}, "top_p", r"must be in \(0, 1\]"),
-    ({"max_tokens": 0}, "max_tokens", "must be an integer >= 1"),
+    ({"max_tokens": -1}, "max_tokens", "must be an integer >= 0"),
     ({"max_tokens": 1000}, "max_tokens", "1000 is beyond the limit"),
     ({"prompt": [1] * MAX_SEQ_LEN}, "prompt", "the prompt has"),
     ({"prompt": [1, 49152]}, "prompt", r"ids must be in \[0, 49152\)"),
@@ -162,8 +162,7 @@ BAD = [
     ({"presence_penalty": 2.5}, "presence_penalty", r"must be in \[-2, 2\]"),
     ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty", "must be a finite number > 0"),
     ({"extra_body": {"min_tokens": 5}}, "min_tokens", r"must be at most max_tokens \(2\)"),
-    ({"logprobs": 2}, "logprobs", "is not supported"),
-    ({"echo": True}, "echo", "is not supported"),
+    ({"logprobs": 21}, "logprobs", r"must be an integer in \[0, 20\]"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "is only allowed when stream is true"),
     ({"stop": [""]}, "stop", "must be non-empty strings"),
     ({"extra_body": {"stop_token_ids": [60000]}}, "stop_token_ids", "ids must be in"),
@@ -186,7 +185,7 @@ CHAT_BAD = [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling is not supported"),
     ({"response_format": {"type": "json_object"}}, "response_format", "only type 'text'"),
     ({"max_tokens": 3, "max_completion_tokens": 3}, "max_completion_tokens", "give max_completion_tokens or max_tokens"),
-    ({"max_completion_tokens": 0}, "max_completion_tokens", "must be an integer >= 1"),
+    ({"max_completion_tokens": -2}, "max_completion_tokens", "must be an integer >= 0"),
 ]
 
 
@@ -330,3 +329,43 @@ def test_chat_template_options_render_as_transformers_does(client, hf_smollm2_to
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=conversation, max_tokens=2, extra_body={"continue_final_message": True})
     assert err.value.body["param"] == "continue_final_message"
+
+
+def test_completion_logprobs_and_echo_score_the_prompt_as_the_offline_api(client, offline):
+    ids = [5, 6, 7, 8, 9, 10]
+    expected = offline.generate([ids], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=2, prompt_logprobs=2))[0]
+    answer = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, logprobs=2, echo=True, **GREEDY)
+    shaped = answer.choices[0].logprobs
+    assert len(shaped.tokens) == len(ids) + 3 and shaped.token_logprobs[0] is None and shaped.top_logprobs[0] is None
+    want = [e.logprob for e in expected.prompt_logprobs[1:]] + [e.logprob for e in expected.logprobs]
+    assert shaped.token_logprobs[1:] == pytest.approx(want, abs=1e-6)
+    assert all(len(top) <= 2 for top in shaped.top_logprobs[1:]) and shaped.text_offset[0] == 0
+    assert shaped.text_offset == sorted(shaped.text_offset) and answer.choices[0].text.endswith(expected.text)
+
+    # lm-evaluation-harness's local-completions scores a continuation exactly so
+    body = {"model": MODEL, "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+    scored = httpx.post(str(client.base_url) + "completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    assert scored["token_logprobs"][1 : len(ids)] == pytest.approx(want[: len(ids) - 1], abs=1e-6)
+    assert all(max(top.values()) >= lp - 1e-6 for top, lp in zip(scored["top_logprobs"][1:], scored["token_logprobs"][1:]))
+
+    nothing = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, logprobs=0, echo=True)
+    assert nothing.choices[0].finish_reason == "length" and nothing.usage.completion_tokens == 0
+    assert len(nothing.choices[0].logprobs.tokens) == len(ids)
+
+
+def test_chat_logprobs_whole_and_streamed(client, offline):
+    conversation = [{"role": "user", "content": "Say hi"}]
+    expected = offline.chat(conversation, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3))[0]
+    whole = client.chat.completions.create(model=MODEL, messages=conversation, max_tokens=4, logprobs=True, top_logprobs=3, **GREEDY)
+    content = whole.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-6)
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+    assert all(bytes(c.bytes).decode("utf-8", "replace") == c.token for c in content)
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=conversation, max_tokens=4, logprobs=True, top_logprobs=3, stream=True, **GREEDY
+    )
+    pieces = [c.choices[0].logprobs.content for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [e.logprob for piece in pieces for e in piece] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-6)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=conversation, max_tokens=2, top_logprobs=2)
+    assert err.value.body["param"] == "top_logprobs"

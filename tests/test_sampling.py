@@ -26,13 +26,13 @@ def _rows(n: int, seed=None, stop=(), **settings) -> SamplingRows:
 
 
 def _frequencies(n: int = 4000, **kw) -> np.ndarray:
-    tokens, _ = sample_jit(np.tile(LOGITS, (n, 1)), _rows(n, **kw), np.zeros(n, np.int32))
+    tokens = sample_jit(np.tile(LOGITS, (n, 1)), _rows(n, **kw), np.zeros(n, np.int32)).tokens
     return np.bincount(np.asarray(tokens), minlength=len(LOGITS)) / n
 
 
 def test_greedy_is_argmax():
     logits = np.random.default_rng(0).normal(size=(6, 100)).astype(np.float32)
-    tokens, _ = sample_jit(logits, _rows(6, temperature=0.0), np.zeros(6, np.int32))
+    tokens = sample_jit(logits, _rows(6, temperature=0.0), np.zeros(6, np.int32)).tokens
     np.testing.assert_array_equal(np.asarray(tokens), logits.argmax(-1))
 
 
@@ -60,24 +60,36 @@ def test_top_k_and_top_p_cut_the_tail():
 def test_seed_and_step_decide_the_draw():
     logits = np.tile(np.zeros(1000, np.float32), (3, 1))
     rows = _rows(3, seed=42)
-    a, _ = sample_jit(logits, rows, np.array([0, 0, 1], np.int32))
-    a = np.asarray(a)
+    a = np.asarray(sample_jit(logits, rows, np.array([0, 0, 1], np.int32)).tokens)
     assert a[0] == a[1] != a[2]
-    b, _ = sample_jit(logits, _rows(3, seed=43), np.array([0, 0, 1], np.int32))
+    b = sample_jit(logits, _rows(3, seed=43), np.array([0, 0, 1], np.int32)).tokens
     assert np.asarray(b)[0] != a[0]
+
+
+def test_logprobs_are_the_raw_log_softmax_for_rows_that_ask():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(3, 40)).astype(np.float32)
+    rows = _rows(3, temperature=0.7, top_k=5, repetition_penalty=1.5)
+    rows.logprobs[:] = [-1, 0, 4]
+    drawn = sample_jit(logits, rows, np.zeros(3, np.int32), np.tile(np.arange(40, dtype=np.int32), (3, 1)))
+    reference = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # before temperature, filters and penalties
+    tokens = np.asarray(drawn.tokens)
+    np.testing.assert_allclose(np.asarray(drawn.logprob)[1:], reference[[1, 2], tokens[1:]], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(drawn.top_logprobs)[2, :4], np.sort(reference[2])[::-1][:4], atol=1e-5)
+    assert np.asarray(drawn.top_ids)[2, 0] == reference[2].argmax()
 
 
 def test_stop_ids_are_flagged():
     logits = np.zeros((2, 10), np.float32)
     logits[0, 3] = logits[1, 5] = 10.0
-    _, is_stop = sample_jit(logits, _rows(2, temperature=0.0, stop=(3, 7)), np.zeros(2, np.int32))
+    is_stop = sample_jit(logits, _rows(2, temperature=0.0, stop=(3, 7)), np.zeros(2, np.int32)).is_stop
     np.testing.assert_array_equal(np.asarray(is_stop), [True, False])
 
 
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"temperature": -0.1}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
@@ -144,7 +156,7 @@ def _exact(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
 def test_filters_over_a_wide_vocabulary_match_the_exact_distribution(settings, kept):
     n, vocab = 6000, 1000
     logits = _wide_logits(n, vocab)
-    tokens, _ = sample_jit(logits, _rows(n, **settings), np.zeros(n, np.int32))
+    tokens = sample_jit(logits, _rows(n, **settings), np.zeros(n, np.int32)).tokens
     freq = np.bincount(np.asarray(tokens), minlength=vocab) / n
     row = logits[0]
     order = np.argsort(-row, kind="stable").argsort(kind="stable")  # each token's rank
@@ -171,9 +183,9 @@ def test_a_rows_draw_does_not_depend_on_its_batch_mates():
     rows.top_p[:] = [1, 1, 1, 1, 0.9, 0.999, 1, 1]
     rows.min_p[:] = [0, 0, 0, 0, 0, 0, 0.05, 0]
     steps = np.arange(8, dtype=np.int32)
-    together, _ = sample_jit(logits, rows, steps)
+    together = sample_jit(logits, rows, steps).tokens
     for i in range(8):
-        alone, _ = sample_jit(logits[i : i + 1], jax.tree.map(lambda a: a[i : i + 1], rows), steps[i : i + 1])
+        alone = sample_jit(logits[i : i + 1], jax.tree.map(lambda a: a[i : i + 1], rows), steps[i : i + 1]).tokens
         assert int(np.asarray(alone)[0]) == int(np.asarray(together)[i]), i
 
 
@@ -181,7 +193,8 @@ def test_min_tokens_holds_back_stop_ids_until_reached():
     logits = np.zeros((3, 10), np.float32)
     logits[:, 3] = 10.0  # the stop id is by far the likeliest
     rows = _rows(3, temperature=0.0, stop=(3,), min_tokens=2)
-    tokens, is_stop = sample_jit(logits, rows, np.array([0, 1, 2], np.int32))
+    drawn = sample_jit(logits, rows, np.array([0, 1, 2], np.int32))
+    tokens, is_stop = drawn.tokens, drawn.is_stop
     assert np.asarray(tokens).tolist()[:2] != [3, 3] and 3 not in np.asarray(tokens)[:2]
     assert np.asarray(tokens)[2] == 3 and np.asarray(is_stop).tolist() == [False, False, True]
 
@@ -223,6 +236,6 @@ def test_penalties_only_touch_rows_that_ask_for_them():
     history = np.tile(np.arange(30, dtype=np.int32), (2, 1))
     rows = _rows(2, temperature=0.0)
     rows.frequency_penalty[1] = 2.0
-    tokens, _ = sample_jit(logits, rows, np.zeros(2, np.int32), history)
-    plain, _ = sample_jit(logits, _rows(2, temperature=0.0), np.zeros(2, np.int32), history)
+    tokens = sample_jit(logits, rows, np.zeros(2, np.int32), history).tokens
+    plain = sample_jit(logits, _rows(2, temperature=0.0), np.zeros(2, np.int32), history).tokens
     assert np.asarray(tokens)[0] == np.asarray(plain)[0] == logits[0].argmax()

@@ -95,6 +95,18 @@ def test_penalties_and_limits_reach_the_engine_as_offline(stub, offline):
     assert _tokens(_generate(stub, token_ids=[5, 6, 7, 8], max_tokens=8, **shaped)) == expected.token_ids
 
 
+def test_logprobs_and_prompt_scores_come_with_their_tokens(stub, offline):
+    expected = offline.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=1))[0]
+    messages = _generate(stub, token_ids=[5, 6, 7, 8], max_tokens=4, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=1)
+    assert all(len(m.logprobs) == len(m.token_ids) for m in messages)
+    reported = [e for m in messages for e in m.logprobs]
+    assert [e.token_id for e in reported] == expected.token_ids and all(len(e.top_ids) == 3 for e in reported)
+    assert [e.logprob for e in reported] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-6)
+    scored = messages[0].prompt_logprobs
+    assert [e.token_id for e in scored] == [5, 6, 7, 8] and not scored[0].HasField("logprob") and not messages[1].prompt_logprobs
+    assert [e.logprob for e in scored[1:]] == pytest.approx([e.logprob for e in expected.prompt_logprobs[1:]], abs=1e-6)
+
+
 def test_concurrent_clients_get_what_each_gets_alone(stub):
     prompts = [[10 + i, 20 + i, 30 + i] * (i + 1) for i in range(6)]
     alone = [_tokens(_generate(stub, token_ids=p, max_tokens=10, temperature=0, ignore_eos=True)) for p in prompts]
@@ -118,8 +130,7 @@ BAD = [
     ({"token_ids": [1, 49152]}, r"token_ids: ids must be in \[0, 49152\)"),
     ({"token_ids": [-3]}, "token_ids: ids must be in"),
     ({"token_ids": [1] * MAX_SEQ_LEN}, f"token_ids: the prompt has {MAX_SEQ_LEN} tokens; max_seq_len is {MAX_SEQ_LEN}"),
-    ({"text": "hi", "max_tokens": 0}, "max_tokens: must be an integer >= 1"),
-    ({"text": "hi", "max_tokens": -5}, "max_tokens: must be an integer >= 1"),
+    ({"text": "hi", "max_tokens": -5}, "max_tokens: must be an integer >= 0"),
     ({"text": "hi", "max_tokens": 1000}, "max_tokens: 1000 is beyond the limit"),
     ({"text": "hi", "temperature": -0.5}, "temperature: must be a finite number >= 0"),
     ({"text": "hi", "top_p": 0.0}, r"top_p: must be in \(0, 1\]"),
@@ -271,7 +282,8 @@ def test_generated_protocol_code_is_in_sync_with_the_proto(tmp_path, proto):
 
     (tmp_path / "jds" / "api").mkdir(parents=True)
     source = f"jds/api/{proto}.proto"
-    (tmp_path / source).write_text((REPO / source).read_text())
+    for name in ("generation", "instances"):  # instances.proto imports generation.proto
+        (tmp_path / f"jds/api/{name}.proto").write_text((REPO / f"jds/api/{name}.proto").read_text())
     assert protoc.main(["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", source]) == 0
     for name in (f"{proto}_pb2.py", f"{proto}_pb2_grpc.py"):
         assert (tmp_path / "jds" / "api" / name).read_text() == (REPO / "jds" / "api" / name).read_text(), (

@@ -145,8 +145,8 @@ def sampled_step_seconds(model: LoadedModel, batch: int, context: int, settings:
     steps = np.ones(batch, np.int32)
 
     def run() -> None:
-        (token, _), state["cache"] = step(model.params, state["cache"], tokens, positions, rows, steps)
-        token.block_until_ready()
+        sampled, state["cache"] = step(model.params, state["cache"], tokens, positions, rows, steps)
+        sampled.tokens.block_until_ready()
 
     return timed(run)
 
@@ -171,7 +171,7 @@ def prefill_and_handoff(model: LoadedModel, tokens: int, devices: list[jax.Devic
     kv = {}
 
     def prefill() -> None:
-        kv["pieces"] = program.run(seqs)[2]  # run() returns host tokens, so it has waited
+        kv["pieces"] = program.run(seqs)[1]  # run() returns host tokens, so it has waited
 
     prefill_seconds = timed(prefill)
     destination = devices[1] if len(devices) > 1 else devices[0]

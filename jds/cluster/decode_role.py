@@ -22,6 +22,7 @@ import numpy as np
 
 from jds.api import instances_pb2 as ipb
 from jds.api import instances_pb2_grpc as ipb_grpc
+from jds.api.logprobs import logprob_message
 from jds.cluster import lockstep
 from jds.cluster.wire import offer_from, sequence_from
 from jds.engine.decode import DecodeWorker, Delivery
@@ -182,6 +183,8 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
                 if message.finish_reason == "abort":
                     context.abort(grpc.StatusCode.CANCELLED, "aborted")
                 response = ipb.DecodeResponse(token_ids=message.token_ids, finished=message.finished, stopped=message.finish_reason == "stop")
+                if message.logprobs:
+                    response.logprobs.extend(logprob_message(entry) for entry in message.logprobs)
                 if first:
                     response.transfer_seconds, response.transfer_bytes = seq.timings.transfer_seconds, seq.timings.transfer_bytes
                     first = False

@@ -22,6 +22,7 @@ import jax
 
 from jds.api import instances_pb2 as ipb
 from jds.api import instances_pb2_grpc as ipb_grpc
+from jds.api.logprobs import logprob_message
 from jds.cluster import lockstep
 from jds.cluster.wire import offer_message, sequence_from
 from jds.engine.prefill import PrefillWorker
@@ -61,7 +62,8 @@ def build_program(model: LoadedModel, spec: PrefillInstance, max_len: int, warmu
 
 def follow_leader(model: LoadedModel, spec: PrefillInstance, max_len: int, warmup: bool) -> None:
     """A follower process of a multi-process prefill instance: the leader's calls, until it stops."""
-    lockstep.follow({"prefill": build_program(model, spec, max_len, warmup, progress=False).call})
+    program = build_program(model, spec, max_len, warmup, progress=False)
+    lockstep.follow({"prefill": program.call, "score": program.score_call})
 
 
 class PrefillService(ipb_grpc.PrefillInstanceServicer):
@@ -72,7 +74,7 @@ class PrefillService(ipb_grpc.PrefillInstanceServicer):
         self.program = build_program(model, spec, max_len, warmup, progress)
         self._followers = spec.processes > 1
         if self._followers:
-            self.program.broadcast = lambda inputs: lockstep.lead("prefill", *inputs)
+            self.program.broadcast = lockstep.lead
         self._waiting = WaitingQueue()
         self._stop = threading.Event()
         self._tickets: dict[str, _Ticket] = {}
@@ -115,9 +117,15 @@ class PrefillService(ipb_grpc.PrefillInstanceServicer):
             if first.finish_reason == "abort":
                 context.abort(grpc.StatusCode.CANCELLED, "aborted")
             t = seq.timings
-            response = ipb.PrefillResponse(first_token=first.token_ids[0], is_stop=first.finish_reason == "stop", queue_seconds=t.queue)
+            response = ipb.PrefillResponse(is_stop=first.finish_reason == "stop", queue_seconds=t.queue)
+            if first.token_ids:  # none when the request asked for nothing to be generated
+                response.first_token = first.token_ids[0]
+            if first.logprobs:
+                response.first_logprob.CopyFrom(logprob_message(first.logprobs[0]))
+            if first.prompt_logprobs is not None:
+                response.prompt_logprobs.extend(logprob_message(e, token) for e, token in zip(first.prompt_logprobs, seq.request.prompt_ids))
             if first.finished:  # nothing left to decode: no KV was offered
-                response.prefill_seconds = t.prefill
+                response.prefill_seconds = (t.first_token or t.finished) - t.prefill_start
                 outcome = "served"
                 return response
             while not ticket.done.wait(0.05):

@@ -24,6 +24,7 @@ import time
 import grpc
 
 from jds.api import instances_pb2 as ipb
+from jds.api.logprobs import logprob_from
 from jds.cluster.registry import Instance, Registry
 from jds.cluster.wire import sampling_message
 from jds.config import ClusterSection
@@ -134,8 +135,14 @@ class Router:
                     with self._lock:
                         self._waiting -= 1
                     waiting = False
+                if prefill.prompt_logprobs and seq.prompt_logprobs is None:
+                    seq.prompt_logprobs = [logprob_from(m) for m in prefill.prompt_logprobs]
+                if not prefill.HasField("first_token"):  # max_tokens 0: the prompt was all it asked about
+                    seq.publish("length")
+                    return
                 if not seq.tokens:
-                    reason = seq.add(prefill.first_token, prefill.is_stop)
+                    first = logprob_from(prefill.first_logprob) if prefill.HasField("first_logprob") else None
+                    reason = seq.add(prefill.first_token, prefill.is_stop, first)
                     seq.publish(reason)
                     if reason is not None:
                         return
@@ -210,7 +217,7 @@ class Router:
                     seq.timings.transfer_bytes += response.transfer_bytes
                 for i, token in enumerate(response.token_ids):
                     last = i == len(response.token_ids) - 1
-                    reason = seq.add(token, response.stopped and last)
+                    reason = seq.add(token, response.stopped and last, logprob_from(response.logprobs[i]) if response.logprobs else None)
                     if reason is not None:  # a stop string, or the limit: done, whatever the instance does
                         call.cancel()
                         seq.publish(reason)

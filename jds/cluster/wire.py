@@ -15,18 +15,18 @@ def sampling_message(seq: Sequence) -> ipb.Sampling:
     return ipb.Sampling(
         temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seq.request.seed, stop_ids=seq.stop_ids, max_tokens=seq.limit,
         min_p=p.min_p, min_tokens=p.min_tokens, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-        repetition_penalty=p.repetition_penalty,
+        repetition_penalty=p.repetition_penalty, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
     )  # fmt: skip
 
 
 def sequence_from(request_id: str, prompt_ids, sampling: ipb.Sampling, max_seq_len: int) -> Sequence:
     """The instance-side twin of the router's sequence: token ids only (the router owns the text)."""
-    max_tokens = max(1, sampling.max_tokens)
+    given = lambda name, default=None: getattr(sampling, name) if sampling.HasField(name) else default  # noqa: E731
     params = SamplingParams(
-        max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p or 1.0, top_k=sampling.top_k,
-        seed=sampling.seed, ignore_eos=True, min_p=sampling.min_p, min_tokens=min(sampling.min_tokens, max_tokens),
+        max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p or 1.0, top_k=sampling.top_k,
+        seed=sampling.seed, ignore_eos=True, min_p=sampling.min_p, min_tokens=min(sampling.min_tokens, sampling.max_tokens),
         presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
-        repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0,
+        repetition_penalty=given("repetition_penalty", 1.0), logprobs=given("logprobs"), prompt_logprobs=given("prompt_logprobs"),
     )  # fmt: skip
     request = Request(request_id, tuple(prompt_ids), params, sampling.seed)
     return Sequence(request, None, tuple(sampling.stop_ids), max_seq_len)

@@ -14,10 +14,11 @@ import logging
 import threading
 import time
 
+import jax
 import numpy as np
 
 from jds.engine.decode import DecodeBatch
-from jds.engine.prefill import POLL_SECONDS, prefill_batch
+from jds.engine.prefill import POLL_SECONDS, prefill_batch, score_prompt
 from jds.engine.programs import Pipeline, PrefillProgram, empty_rows, set_row
 from jds.engine.sequence import Sequence
 from jds.engine.slots import SlotPool
@@ -132,10 +133,16 @@ class ColocatedWorker:
             seqs = self._waiting.take(lambda lengths: True, self._accepts, 1, timeout)
             if not seqs:
                 return
-            if seqs[0].timings.prefill_start is None:  # not a request prefilled again after a device fault
-                seqs[0].timings.prefill_start = time.perf_counter()
-            seqs[0].timings.route.append(self.name)
-            self._chunking = _Chunking(seqs[0], self.pool.try_reserve())
+            seq = seqs[0]
+            if seq.timings.prefill_start is None:  # not a request prefilled again after a device fault
+                seq.timings.prefill_start = time.perf_counter()
+            seq.timings.route.append(self.name)
+            if not score_prompt(self.program, seq):
+                return
+            if seq.limit == 0:  # max_tokens 0: the prompt (its log-probabilities) was all it asked about
+                seq.publish("length")
+                return
+            self._chunking = _Chunking(seq, self.pool.try_reserve())
         c = self._chunking
         seq = c.seq
         if seq.aborted.is_set():
@@ -155,7 +162,7 @@ class ColocatedWorker:
             c.done += real
             if c.done < len(prompt):
                 return
-            first, is_stop = np.asarray(out[0]), np.asarray(out[1])
+            drawn = jax.device_get(out)
         except Exception as exc:
             log.exception("chunked prefill of %s failed", seq.request_id)
             if self.pipeline.intact:  # it failed before it ran: this request's own input broke it
@@ -165,7 +172,7 @@ class ColocatedWorker:
             return
         self._chunking = None
         resumed = bool(seq.tokens)  # prefilled again after a device fault: its newest token is known
-        reason = None if resumed else seq.add(int(first[0]), bool(is_stop[0]))
+        reason = None if resumed else seq.add_drawn(drawn, 0)
         if not resumed:
             seq.publish(reason)
         if reason is None:

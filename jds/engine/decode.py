@@ -147,12 +147,12 @@ class DecodeBatch:
         self._apply(out, members, self.pipeline.microbatch_bounds[m][0])
 
     def _apply(self, out, members: dict[int, Sequence], lo: int) -> None:
-        nxt, is_stop = np.asarray(out[0]), np.asarray(out[1])
+        drawn = jax.device_get(out)
         for s, seq in members.items():
             if self.active.get(s) is not seq:
                 continue  # aborted (and maybe replaced) while this step was in flight
             seq.position += 1
-            reason = seq.add(int(nxt[s - lo]), bool(is_stop[s - lo]))
+            reason = seq.add_drawn(drawn, s - lo)
             seq.publish(reason)
             if reason:
                 self.leave(s)

@@ -44,7 +44,7 @@ def prefill_batch(program: PrefillProgram, seqs: list[Sequence]) -> list[Prefill
         if s.timings.prefill_start is None:  # not a request prefilled again after a device fault
             s.timings.prefill_start = now
     runs = _run_apart_on_failure(program, seqs, retried=False)
-    return [(going, kv) for going, kv in (_first_tokens(out, part) for out, part in runs) if going]
+    return [(going, kv) for going, kv in (_first_tokens(program, out, part) for out, part in runs) if going]
 
 
 def _run_apart_on_failure(program: PrefillProgram, seqs: list[Sequence], retried: bool) -> list[tuple[tuple, list[Sequence]]]:
@@ -61,8 +61,8 @@ def _run_apart_on_failure(program: PrefillProgram, seqs: list[Sequence], retried
         return [run for part in parts for run in _run_apart_on_failure(program, part, retried=True)]
 
 
-def _first_tokens(out: tuple, seqs: list[Sequence]) -> Prefilled:
-    first, is_stop, kv = out
+def _first_tokens(program: PrefillProgram, out: tuple, seqs: list[Sequence]) -> Prefilled:
+    drawn, kv = out
     going = []
     for i, s in enumerate(seqs):
         if s.aborted.is_set():
@@ -71,11 +71,30 @@ def _first_tokens(out: tuple, seqs: list[Sequence]) -> Prefilled:
         if s.tokens:  # prefilled again after a device fault: its newest token is known, its KV rebuilt
             going.append((i, s))
             continue
-        reason = s.add(int(first[i]), bool(is_stop[i]))
+        if not score_prompt(program, s):
+            continue
+        if s.limit == 0:  # max_tokens 0: the prompt (its log-probabilities) was all it asked about
+            s.publish("length")
+            continue
+        reason = s.add_drawn(drawn, i)
         s.publish(reason)
         if reason is None:
             going.append((i, s))
     return going, kv
+
+
+def score_prompt(program: PrefillProgram, seq: Sequence) -> bool:
+    """Give ``seq`` its prompt's log-probabilities if it asks for them; False if scoring failed
+    (the request has then failed, alone)."""
+    if seq.request.params.prompt_logprobs is None or seq.prompt_logprobs is not None:
+        return True
+    try:
+        seq.prompt_logprobs = program.score(seq)
+    except Exception as exc:
+        log.exception("scoring the prompt of %s failed", seq.request_id)
+        seq.publish("error", f"scoring the prompt failed: {exc}")
+        return False
+    return True
 
 
 def _any_prompt(seq: Sequence) -> bool:

@@ -28,8 +28,9 @@ from jds.model import llama
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import TRANSIT_AXES, KVCache, insert
 from jds.model.params import Params, float_dtype
-from jds.model.sampling import SamplingRows, sample
-from jds.sampling_params import MAX_STOP_TOKEN_IDS
+from jds.model.sampling import Sampled, SamplingRows, sample
+from jds.engine.request import PromptLogprobs, TokenLogprob
+from jds.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 from jds.transfer.handoff import StageTarget
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def empty_rows(n: int) -> SamplingRows:
         frequency_penalty=np.zeros(n, np.float32),
         repetition_penalty=np.ones(n, np.float32),
         prompt_len=np.zeros(n, np.int32),
+        logprobs=np.full(n, -1, np.int32),
     )
 
 
@@ -89,6 +91,7 @@ def set_row(rows: SamplingRows, i: int, seq) -> None:
     rows.temperature[i], rows.top_k[i], rows.top_p[i], rows.min_p[i] = p.temperature, p.top_k, p.top_p, p.min_p
     rows.seed[i], rows.min_tokens[i], rows.prompt_len[i] = seq.request.seed, p.min_tokens, seq.prompt_len
     rows.presence_penalty[i], rows.frequency_penalty[i], rows.repetition_penalty[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+    rows.logprobs[i] = -1 if p.logprobs is None else p.logprobs
     rows.stop_ids[i] = -1
     rows.stop_ids[i, : len(seq.stop_ids)] = seq.stop_ids
 
@@ -147,13 +150,16 @@ class PrefillProgram:
         self.buckets = length_buckets(max_len)
         self.batching = batching
         self.starts = (0, *cuts)
-        self.broadcast: Callable[[tuple], None] | None = None  # a multi-process instance's leader tells its followers
+        self.broadcast: Callable[..., None] | None = None  # (op, *inputs): a multi-process instance's leader tells its followers
         kv_sharding = replicated(self.mesh) if gather_kv else NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
         self._prefill = jax.jit(
             functools.partial(_prefill, arch=arch, cuts=cuts),
             out_shardings=(replicated(self.mesh), (kv_sharding,) * len(self.starts)),
         )
-        self._sample = jax.jit(_sample_first, out_shardings=(replicated(self.mesh), replicated(self.mesh)))
+        self._sample = jax.jit(_sample_first, out_shardings=replicated(self.mesh))
+        self._score = jax.jit(
+            functools.partial(llama.prompt_logprobs, arch=arch, n=MAX_LOGPROBS), out_shardings=replicated(self.mesh)
+        )  # compiled on first use per length bucket: scoring prompts is for evaluations, not in warm-up
         self._sample_batches: set[int] = set()  # batch sizes whose sampling warm-up compiled
 
     def bucket(self, length: int) -> int:
@@ -182,8 +188,8 @@ class PrefillProgram:
         """Host inputs of one (batch, bucket) call, all padding: what compiles and profiles use."""
         return np.zeros((batch, bucket), np.int32), np.ones(batch, np.int32), empty_rows(batch)
 
-    def run(self, seqs: list) -> tuple[np.ndarray, np.ndarray, KVPieces]:
-        """First token and stop flag per sequence (host), and the batch's KV pieces (on this mesh)."""
+    def run(self, seqs: list) -> tuple[Sampled, KVPieces]:
+        """What each sequence's first token is (on the host), and the batch's KV pieces (on this mesh)."""
         batch, bucket = pow2_at_least(len(seqs)), self.bucket(max(s.context_len for s in seqs))
         tokens, lengths, rows = self.inputs(batch, bucket)
         for i, s in enumerate(seqs):
@@ -191,15 +197,34 @@ class PrefillProgram:
             lengths[i] = s.context_len
             set_row(rows, i, s)
         if self.broadcast is not None:
-            self.broadcast((tokens, lengths, rows))
-        first, is_stop, kv = self.call(tokens, lengths, rows)
-        return np.asarray(first), np.asarray(is_stop), list(zip(self.starts, kv))
+            self.broadcast("prefill", tokens, lengths, rows)
+        sampled, kv = self.call(tokens, lengths, rows)
+        return jax.device_get(sampled), list(zip(self.starts, kv))
 
     def call(self, tokens: np.ndarray, lengths: np.ndarray, rows: SamplingRows):
         """The program on prepared host inputs (what a multi-process instance's followers call)."""
         logits, kv = self._prefill(self.params, tokens, lengths)
-        first, is_stop = self._sample(logits, rows, self._history(tokens, lengths))
-        return first, is_stop, kv
+        return self._sample(logits, rows, self._history(tokens, lengths)), kv
+
+    def score(self, seq) -> PromptLogprobs:
+        """The log-probability of each of ``seq``'s prompt tokens given those before it (none for
+        the first), with the ``prompt_logprobs`` likeliest tokens at each position."""
+        tokens, lengths, _ = self.inputs(1, self.bucket(seq.prompt_len))
+        tokens[0, : seq.prompt_len] = seq.request.prompt_ids
+        lengths[0] = seq.prompt_len
+        if self.broadcast is not None:
+            self.broadcast("score", tokens, lengths)
+        chosen, ids, top = jax.device_get(self.score_call(tokens, lengths))
+        n = seq.request.params.prompt_logprobs
+        prompt = seq.request.prompt_ids
+        return [None] + [
+            TokenLogprob(prompt[t + 1], float(chosen[0, t]), tuple(zip(ids[0, t, :n].tolist(), top[0, t, :n].tolist())))
+            for t in range(seq.prompt_len - 1)
+        ]
+
+    def score_call(self, tokens: np.ndarray, lengths: np.ndarray):
+        """The scoring program on prepared host inputs (what a multi-process instance's followers call)."""
+        return self._score(self.params, tokens, lengths)
 
     def _history(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Each row's prompt, padded to the longest bucket with -1 (what penalties read), so the

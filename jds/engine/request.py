@@ -57,6 +57,18 @@ class RequestTimings:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the likeliest tokens at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, log-probability), most likely first
+
+
+PromptLogprobs = list[TokenLogprob | None]  # one per prompt token; the first has none
+
+
+@dataclasses.dataclass(frozen=True)
 class StreamOutput:
     """One message of a request's stream: the tokens and text since the previous message.
 
@@ -70,6 +82,8 @@ class StreamOutput:
     error: str | None = None
     timings: RequestTimings | None = None
     unavailable: bool = False  # the error is a serving process that went away: a retry may succeed
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked
+    prompt_logprobs: PromptLogprobs | None = None  # on the first message, when the request asked
 
     @property
     def finished(self) -> bool:
@@ -87,6 +101,8 @@ class RequestOutput:
     finish_reason: FinishReason
     timings: RequestTimings | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 def validate_prompt(prompt_ids: tuple[int, ...], vocab_size: int, max_seq_len: int) -> None:

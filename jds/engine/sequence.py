@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from jds.engine.request import FinishReason, Request, RequestOutput, RequestTimings, StreamOutput
+from jds.engine.request import FinishReason, PromptLogprobs, Request, RequestOutput, RequestTimings, StreamOutput, TokenLogprob
 from jds.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("jds.requests")
@@ -31,6 +31,9 @@ class Sequence:
         skip = request.params.skip_special_tokens
         self.detok = IncrementalDetokenizer(tokenizer, request.prompt_ids, skip) if tokenizer is not None else None
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs is not None else None
+        self.prompt_logprobs: PromptLogprobs | None = None  # set by prefill when the request asks
+        self._sent_prompt_logprobs = False
         self.text = ""
         self.position = len(request.prompt_ids)  # where the newest token sits once it is fed back
         self.limit = min(request.params.max_tokens, max_seq_len - len(request.prompt_ids))
@@ -67,8 +70,11 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token: int, is_stop: bool) -> FinishReason | None:
-        """Record a sampled token; the finish reason if the request is now done."""
+    def add(self, token: int, is_stop: bool, logprob: TokenLogprob | None = None) -> FinishReason | None:
+        """Record a sampled token (and its log-probabilities, if the request asked); the finish
+        reason if the request is now done."""
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
         now = time.perf_counter()
         if not self.tokens:
             self.timings.first_token = now
@@ -83,10 +89,21 @@ class Sequence:
                 return "stop"
         return "length" if len(self.tokens) >= self.limit else None
 
+    def add_drawn(self, drawn, row: int) -> FinishReason | None:
+        """``add`` row ``row`` of a step's draw (a ``Sampled`` on the host), with its
+        log-probabilities when the request asked for them."""
+        token, entry = int(drawn.tokens[row]), None
+        if self.logprobs is not None:
+            n = self.request.params.logprobs
+            top = tuple((int(t), float(v)) for t, v in zip(drawn.top_ids[row, :n], drawn.top_logprobs[row, :n]))
+            entry = TokenLogprob(token, float(drawn.logprob[row]), top)
+        return self.add(token, bool(drawn.is_stop[row]), entry)
+
     def resume_after_prefill(self, first_token: int) -> None:
         """Take over a request whose first token another process sampled (and already streamed)."""
-        self.add(first_token, False)
+        self.add(first_token, False, TokenLogprob(first_token, 0.0))  # (its log-probability went with it)
         self._sent_tokens = 1
+        self._sent_prompt_logprobs = True
 
     def _cut_at_stop_string(self, delta_len: int) -> bool:
         stops = self.request.params.stop
@@ -119,6 +136,7 @@ class Sequence:
         new_tokens = self.tokens[self._sent_tokens :]
         if reason is None and not new_tokens:
             return
+        prompt_logprobs = None if self._sent_prompt_logprobs else self.prompt_logprobs
         message = StreamOutput(
             self.request_id,
             new_tokens,
@@ -127,8 +145,11 @@ class Sequence:
             error,
             self.timings if reason is not None else None,
             unavailable,
+            None if self.logprobs is None else self.logprobs[self._sent_tokens : len(self.tokens)],
+            prompt_logprobs,
         )
         self._sent_tokens, self._sent_chars = len(self.tokens), upto
+        self._sent_prompt_logprobs = True
         if reason is not None:  # before the caller can see the end, the engine has forgotten it
             self._log_finished(reason, error)
             if self.on_finish is not None:
@@ -202,11 +223,17 @@ class RequestStream:
         """Block until the request ends; everything it produced, as one output."""
         tokens: list[int] = []
         text: list[str] = []
+        logprobs: list | None = None
+        prompt_logprobs = None
         last = None
         for last in self:
             tokens += last.token_ids
             text.append(last.text)
+            if last.logprobs is not None:
+                logprobs = (logprobs or []) + last.logprobs
+            prompt_logprobs = prompt_logprobs or last.prompt_logprobs
         seq = self._seq
         return RequestOutput(
-            seq.request_id, list(seq.request.prompt_ids), tokens, "".join(text), last.finish_reason, last.timings, last.error
-        )
+            seq.request_id, list(seq.request.prompt_ids), tokens, "".join(text), last.finish_reason, last.timings, last.error,
+            logprobs, prompt_logprobs,
+        )  # fmt: skip

@@ -17,6 +17,7 @@ from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVCache
 from jds.model.params import InverseNorm, LayerParams, MatrixWeight, Params, Weight
 from jds.model.rope import apply_rope, inverse_frequencies
+from jds.model.sampling import log_probabilities
 
 _MASKED = jnp.finfo(jnp.float32).min
 
@@ -184,6 +185,38 @@ def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Archite
     the transit layout ``[2, layers, B, KV, T, hd]`` (entries past a prompt's length are padding,
     never attended to).
     """
+    x, kv = _whole_prompts(params, tokens, lengths, arch)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return logits(params, last, arch), kv
+
+
+SCORE_CHUNK = 128  # prompt positions whose logits exist at once while scoring a prompt
+
+
+def prompt_logprobs(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Architecture, n: int):
+    """The log-probability of every prompt token given the ones before it, and the ``n``
+    likeliest tokens at each position: ``[B, T-1]``, ``[B, T-1, n]`` ids, ``[B, T-1, n]`` (position
+    ``t`` is about token ``t + 1``; past a prompt's length, padding). Logits are made
+    ``SCORE_CHUNK`` positions at a time, so a long prompt never holds ``T x vocab`` of them."""
+    x, _ = _whole_prompts(params, tokens, lengths, arch)
+    b, t, d = x.shape
+    chunks = -(-(t - 1) // SCORE_CHUNK)
+    pad = chunks * SCORE_CHUNK - (t - 1)
+    hidden = jnp.pad(x[:, :-1], ((0, 0), (0, pad), (0, 0))).reshape(b, chunks, SCORE_CHUNK, d)
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad))).reshape(b, chunks, SCORE_CHUNK)
+
+    def score(piece):
+        h, target = piece
+        out = logits(params, h.reshape(b * SCORE_CHUNK, d), arch).reshape(b, SCORE_CHUNK, -1)
+        return log_probabilities(out, target, n)
+
+    chosen, ids, top = jax.lax.map(score, (jnp.moveaxis(hidden, 1, 0), jnp.moveaxis(targets, 1, 0)))
+    unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, chunks * SCORE_CHUNK, *a.shape[3:])[:, : t - 1]  # noqa: E731
+    return unchunk(chosen), unchunk(ids), unchunk(top)
+
+
+def _whole_prompts(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Architecture) -> tuple[jax.Array, jax.Array]:
+    """Every layer over whole prompts: the last layer's activations ``[B, T, D]`` and the K/V."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     idx = jnp.arange(t)
@@ -196,8 +229,7 @@ def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Archite
         return x, (k, v)
 
     x, (k, v) = jax.lax.scan(layer_step, x, params.layers)
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return logits(params, last, arch), jnp.stack([k, v])
+    return x, jnp.stack([k, v])
 
 
 def decoder_layers(

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jds.sampling_params import MAX_LOGPROBS
+
 _NEVER = -jnp.inf
 
 
@@ -37,17 +39,41 @@ class SamplingRows:
     frequency_penalty: jax.Array  # f32 [B]: subtracted per occurrence in the output
     repetition_penalty: jax.Array  # f32 [B]: divides positive (multiplies negative) logits of prompt or output tokens
     prompt_len: jax.Array  # i32 [B]: where the output starts in the row's history
+    logprobs: jax.Array  # i32 [B]: -1, or report the chosen token's log-probability and this many likeliest
 
 
-def sample(
-    logits: jax.Array, rows: SamplingRows, steps: jax.Array, history: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Next token per row ``[B]`` and whether it is one of the row's stop ids ``[B]``.
+
+
+@struct.dataclass
+class Sampled:
+    """What a step draws for each row; the log-probabilities are the model's (its raw logits,
+    before temperature, filters and penalties, as vLLM reports them), zeros for rows that did
+    not ask."""
+
+    tokens: jax.Array  # i32 [B]
+    is_stop: jax.Array  # bool [B]: the token is one of the row's stop ids
+    logprob: jax.Array  # f32 [B]: of the chosen token
+    top_ids: jax.Array  # i32 [B, MAX_LOGPROBS]: the likeliest tokens, most likely first
+    top_logprobs: jax.Array  # f32 [B, MAX_LOGPROBS]
+
+
+def log_probabilities(logits: jax.Array, tokens: jax.Array, n: int = MAX_LOGPROBS) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-softmax in float32 over the last axis: the log-probability of ``tokens`` (one per
+    row, in ``logits``' leading shape), and the ``n`` likeliest ids and theirs."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    top, ids = jax.lax.top_k(logp, min(n, logp.shape[-1]))
+    missing = [(0, 0)] * (logp.ndim - 1) + [(0, n - top.shape[-1])]  # a vocabulary smaller than n
+    return chosen, jnp.pad(ids.astype(jnp.int32), missing, constant_values=-1), jnp.pad(top, missing, constant_values=-jnp.inf)
+
+
+def sample(logits: jax.Array, rows: SamplingRows, steps: jax.Array, history: jax.Array | None = None) -> Sampled:
+    """The next token of every row, whether it is a stop id, and (for rows that ask) log-probabilities.
 
     ``steps``: tokens each row has generated before this one. ``history``: ``[B, H]`` each row's
     tokens so far (prompt, then output; -1 where there is none), read only for penalties.
     """
-    logits = logits.astype(jnp.float32)
+    raw = logits = logits.astype(jnp.float32)
     if history is not None:
         penalised = (rows.presence_penalty != 0) | (rows.frequency_penalty != 0) | (rows.repetition_penalty != 1)
         logits = jax.lax.cond(jnp.any(penalised), lambda: _penalise(logits, rows, history), lambda: logits)
@@ -63,7 +89,10 @@ def sample(
         lambda: jnp.where(rows.temperature == 0, greedy, _draw(logits, rows, steps)),
     ).astype(jnp.int32)
     is_stop = jnp.any(sampled[:, None] == rows.stop_ids, axis=-1)
-    return sampled, is_stop
+    b = raw.shape[0]
+    none = (jnp.zeros(b, jnp.float32), jnp.zeros((b, MAX_LOGPROBS), jnp.int32), jnp.zeros((b, MAX_LOGPROBS), jnp.float32))
+    reported = jax.lax.cond(jnp.any(rows.logprobs >= 0), lambda: log_probabilities(raw, sampled), lambda: none)
+    return Sampled(sampled, is_stop, *reported)
 
 
 def first_max(x: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ time tokens from chunk arrivals. A client that disconnects aborts its request, w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -29,6 +30,7 @@ from jds.engine.sequence import RequestStream
 from jds.intake import build_request, check_token_ids, encode_chat, encode_text
 from jds.serving.admission import Refused, admit
 from jds.serving.metrics import Metrics
+from jds.serving.openai_logprobs import LogprobShapes
 from jds.serving.openai_schema import ChatCompletionRequest, CompletionRequest
 
 HTTP_STATUS = {"invalid": 400, "not_found": 404, "busy": 429, "unavailable": 503}
@@ -118,6 +120,7 @@ class OpenAIFrontend:
         self.accepting = accepting
         self.max_request_bytes = max_request_bytes
         self.model_name = engine.model.name
+        self.shapes = LogprobShapes(engine.model.tokenizer)
         self.app = self._build_app()
 
     def _build_app(self) -> FastAPI:
@@ -199,7 +202,8 @@ class OpenAIFrontend:
             name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
             if limit is None:  # as in OpenAI's chat API: until the model stops or the context is full
                 limit = max(1, self.engine.max_seq_len - len(ids))
-            return build_request(self.engine, ids, "messages", body.sampling_options(limit), request_id, {"max_tokens": name, **REQUEST_ID_NAMES})
+            names = {"max_tokens": name, "logprobs": "top_logprobs", **REQUEST_ID_NAMES}
+            return build_request(self.engine, ids, "messages", body.sampling_options(limit), request_id, names)
 
         return build
 
@@ -215,7 +219,7 @@ class OpenAIFrontend:
             return refusal.response
         except Refused as refusal:
             return error_response(HTTP_STATUS[refusal.kind], str(refusal), refusal.field)
-        reply = _Reply(request.request_id, self.model_name, body, len(request.prompt_ids))
+        reply = _Reply(request, self.model_name, body, self.shapes)
         headers = {"x-request-id": request.request_id}
         if body.stream:
             return StreamingResponse(self._events(request, stream, reply), media_type="text/event-stream", headers=headers)
@@ -274,13 +278,11 @@ class OpenAIFrontend:
         finally:
             watcher.cancel()
         last = messages[-1]
-        token_ids = [t for m in messages for t in m.token_ids]
-        reply.completion_tokens = len(token_ids)
+        reply.completion_tokens = sum(len(m.token_ids) for m in messages)
         self._finished(reply, last)
         if last.finish_reason == "error":
             return error_response(503 if last.unavailable else 500, f"generation failed: {last.error}")
-        text = "".join(m.text for m in messages)
-        return JSONResponse(reply.whole(text, token_ids, last.finish_reason, request.prompt_ids))
+        return JSONResponse(reply.whole(messages))
 
     async def _abort_on_disconnect(self, http: Request, request_id: str) -> None:
         while not await http.is_disconnected():
@@ -302,7 +304,7 @@ class OpenAIFrontend:
                     yield _event({"error": _error(503 if message.unavailable else 500, f"generation failed: {message.error}")})
                     break
                 reply.completion_tokens += len(message.token_ids)
-                yield _event(reply.chunk(message, request.prompt_ids))
+                yield _event(reply.chunk(message))
                 if message.finished:
                     finished = True
                     self._finished(reply, message)
@@ -321,21 +323,42 @@ class OpenAIFrontend:
 class _Reply:
     """The response of one request under construction: ids, shapes, and its token count."""
 
-    def __init__(self, request_id: str, model: str, body, prompt_tokens: int):
+    def __init__(self, request: EngineRequest, model: str, body, shapes: LogprobShapes):
         self.chat = isinstance(body, ChatCompletionRequest)
-        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id}"
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request.request_id}"
         self.model = model
         self.body = body
-        self.prompt_tokens = prompt_tokens
+        self.prompt_ids = request.prompt_ids
+        self.shapes = shapes
         self.completion_tokens = 0
         self.created = int(time.time())
+        self.echo = not self.chat and body.echo  # completions that repeat the prompt before the completion
+        self._offset = 0  # characters of the choice's text sent so far (completions' text_offset)
+        self._first = True
 
-    def choice(self, text: str, finish_reason: str | None, whole: bool) -> dict[str, Any]:
-        """One choice: a chat message (or, streamed, a delta), or a completion's text."""
-        if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        key, value = ("message", {"role": "assistant", "content": text}) if whole else ("delta", {"content": text})
-        return {"index": 0, key: value, "logprobs": None, "finish_reason": finish_reason}
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    def _prompt_text(self) -> str:
+        prompt = self.body.single_prompt()
+        return prompt if isinstance(prompt, str) else "".join(self.shapes.text(t) for t in prompt)
+
+    def _choice(self, message: StreamOutput, text: str, token_ids: list[int], logprobs, whole: bool) -> dict[str, Any]:
+        """One choice: a chat message (or, streamed, a delta), or a completion's text, with the
+        log-probabilities of its tokens (and, on the first, of an echoed prompt's) if asked for."""
+        first, self._first = self._first, False
+        if self.chat:
+            key, value = ("message", {"role": "assistant", "content": text}) if whole else ("delta", {"content": text})
+            shaped = self.shapes.chat(logprobs) if self.body.logprobs else None
+            return {"index": 0, key: value, "logprobs": shaped, "finish_reason": message.finish_reason}
+        entries = list(zip(token_ids, logprobs or [None] * len(token_ids)))
+        if first and self.echo:
+            text = self._prompt_text() + text
+            entries = list(zip(self.prompt_ids, message.prompt_logprobs or [None] * self.prompt_tokens)) + entries
+        shaped = None if self.body.logprobs is None else self.shapes.completion(entries, self._offset)
+        self._offset += len(text)
+        return {"index": 0, "text": text, "logprobs": shaped, "finish_reason": message.finish_reason}
 
     def _envelope(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
@@ -348,10 +371,15 @@ class _Reply:
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
 
-    def whole(self, text: str, token_ids: list[int], finish_reason: str, prompt_ids: tuple[int, ...]) -> dict[str, Any]:
-        choice = self.choice(text, finish_reason, True)
+    def whole(self, messages: list[StreamOutput]) -> dict[str, Any]:
+        token_ids = [t for m in messages for t in m.token_ids]
+        logprobs = [e for m in messages for e in m.logprobs or ()]
+        text = "".join(m.text for m in messages)
+        prompt_logprobs = next((m.prompt_logprobs for m in messages if m.prompt_logprobs is not None), None)
+        last = dataclasses.replace(messages[-1], prompt_logprobs=prompt_logprobs)
+        choice = self._choice(last, text, token_ids, logprobs, True)
         if self.body.return_token_ids:
-            choice.update(prompt_token_ids=list(prompt_ids), token_ids=token_ids)
+            choice.update(prompt_token_ids=list(self.prompt_ids), token_ids=token_ids)
         return {**self._envelope(False), "choices": [choice], "usage": self.usage()}
 
     def first_chunk(self) -> dict[str, Any] | None:
@@ -361,12 +389,13 @@ class _Reply:
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         return self._chunk(choice)
 
-    def chunk(self, message: StreamOutput, prompt_ids: tuple[int, ...]) -> dict[str, Any]:
-        choice = self.choice(message.text, message.finish_reason, False)
+    def chunk(self, message: StreamOutput) -> dict[str, Any]:
+        first = self._first
+        choice = self._choice(message, message.text, message.token_ids, message.logprobs, False)
         if self.body.return_token_ids:
             choice["token_ids"] = message.token_ids
-            if self.completion_tokens == len(message.token_ids):  # the first chunk with tokens
-                choice["prompt_token_ids"] = list(prompt_ids)
+            if first:
+                choice["prompt_token_ids"] = list(self.prompt_ids)
         return self._chunk(choice)
 
     def usage_chunk(self) -> dict[str, Any]:

@@ -81,7 +81,11 @@ class _Generation(_Strict):
         options.update(
             ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens
         )
-        return options
+        return {**options, **self.logprob_options()}
+
+    def logprob_options(self) -> dict[str, Any]:
+        """``SamplingParams``' ``logprobs`` and ``prompt_logprobs``, from this API's fields."""
+        return {}
 
     @property
     def include_usage(self) -> bool:
@@ -103,10 +107,14 @@ class CompletionRequest(_Generation):
 
     def unsupported(self) -> None:
         super().unsupported()
-        _refuse_if(self.echo, "echo", "is not supported")
-        _refuse_if(self.logprobs is not None, "logprobs", "is not supported")
         _refuse_if(self.best_of not in (None, 1), "best_of", "is not supported")
         _refuse_if(self.suffix is not None, "suffix", "is not supported")
+
+    def logprob_options(self) -> dict[str, Any]:
+        """``logprobs: N``: each token's and the N likeliest; with ``echo``, the prompt's too."""
+        if self.logprobs is None:
+            return {}
+        return {"logprobs": self.logprobs, **({"prompt_logprobs": self.logprobs} if self.echo else {})}
 
     def single_prompt(self) -> str | list[int]:
         prompt = self.prompt
@@ -154,8 +162,7 @@ class ChatCompletionRequest(_Generation):
 
     def unsupported(self) -> None:
         super().unsupported()
-        _refuse_if(self.logprobs, "logprobs", "is not supported")
-        _refuse_if(self.top_logprobs is not None, "top_logprobs", "is not supported")
+        _refuse_if(self.top_logprobs is not None and not self.logprobs, "top_logprobs", "needs logprobs: true")
         _refuse_if(bool(self.tools), "tools", "tool calling is not supported")
         _refuse_if(self.tool_choice not in (None, "none"), "tool_choice", "tool calling is not supported")
         _refuse_if(
@@ -178,6 +185,10 @@ class ChatCompletionRequest(_Generation):
             "max_completion_tokens",
             "give max_completion_tokens or max_tokens, not both",
         )
+
+    def logprob_options(self) -> dict[str, Any]:
+        """``logprobs: true``: each generated token's, with the ``top_logprobs`` likeliest."""
+        return {"logprobs": self.top_logprobs or 0} if self.logprobs else {}
 
     def conversation(self) -> list[dict[str, str]]:
         """Messages for the chat template; OpenAI's ``developer`` role is the older ``system``."""

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from jds.api import generation_pb2 as pb
 from jds.api import generation_pb2_grpc as pb_grpc
+from jds.api.logprobs import logprob_message
 from jds.engine.engine import Engine, describe
 from jds.engine.request import Request, RequestTimings, StreamOutput
 from jds.serving.metrics import Metrics
@@ -25,6 +26,7 @@ from jds.serving.admission import GRPC_CODES, Refused, admit
 
 OPTIONAL_SAMPLING = (
     "max_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "logprobs", "prompt_logprobs",
 )  # fmt: skip
 FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -57,18 +59,22 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 completion_tokens += len(last.token_ids)
                 if last.finish_reason == "error":
                     break
-                yield self._response(last, prompt_tokens, completion_tokens)
+                yield self._response(last, engine_request.prompt_ids, completion_tokens)
         finally:  # a cancelled RPC stops iterating before the end: count it as the abort it caused
             ended = last is not None and last.finished
             self.metrics.finished(last.finish_reason if ended else "abort", prompt_tokens, completion_tokens, last.timings if ended else None)
         if last.finish_reason == "error":
             context.abort(grpc.StatusCode.UNAVAILABLE if last.unavailable else grpc.StatusCode.INTERNAL, f"generation failed: {last.error}")
 
-    def _response(self, message: StreamOutput, prompt_tokens: int, completion_tokens: int) -> pb.GenerateResponse:
+    def _response(self, message: StreamOutput, prompt_ids: tuple[int, ...], completion_tokens: int) -> pb.GenerateResponse:
         response = pb.GenerateResponse(request_id=message.request_id, token_ids=message.token_ids, text=message.text)
+        if message.logprobs:
+            response.logprobs.extend(logprob_message(entry) for entry in message.logprobs)
+        if message.prompt_logprobs is not None:
+            response.prompt_logprobs.extend(logprob_message(entry, token) for entry, token in zip(message.prompt_logprobs, prompt_ids))
         if message.finished:
             response.finish_reason = FINISH_REASONS[message.finish_reason]
-            response.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
+            response.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens))
             response.timings.CopyFrom(_timings(message.timings))
         return response
 

@@ -1,0 +1,47 @@
+"""OpenAI's shapes for log-probabilities: the completions API's parallel lists (``tokens``,
+``token_logprobs``, ``top_logprobs``, ``text_offset``) and the chat API's ``content`` entries.
+
+A token is shown as the text it decodes to on its own, special tokens included (a token that
+ends inside a UTF-8 character decodes to U+FFFD, as vLLM shows it); a model served without a
+tokenizer shows ``token_id:N``, vLLM's form for that.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from jds.engine.request import TokenLogprob
+from jds.model.tokenizer import Tokenizer
+
+
+class LogprobShapes:
+    def __init__(self, tokenizer: Tokenizer | None):
+        self._tokenizer = tokenizer
+        self.text = lru_cache(maxsize=65536)(self._text)
+
+    def _text(self, token: int) -> str:
+        if self._tokenizer is None:
+            return f"token_id:{token}"
+        return self._tokenizer.decode([token], skip_special=False)
+
+    def completion(self, entries: list[tuple[int, TokenLogprob | None]], offset: int = 0) -> dict[str, Any]:
+        """Completions' ``logprobs``: one position per ``(token, entry)`` (a prompt's first token
+        has no entry), ``text_offset`` counted from ``offset`` in the choice's text."""
+        shaped: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, entry in entries:
+            text = self.text(token)
+            shaped["tokens"].append(text)
+            shaped["token_logprobs"].append(None if entry is None else entry.logprob)
+            shaped["top_logprobs"].append(None if entry is None else {self.text(t): lp for t, lp in entry.top})
+            shaped["text_offset"].append(offset)
+            offset += len(text)
+        return shaped
+
+    def chat(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        """Chat's ``logprobs``: ``content``, one entry per generated token."""
+        return {"content": [{**self._token(entry.token, entry.logprob), "top_logprobs": [self._token(t, lp) for t, lp in entry.top]} for entry in entries]}
+
+    def _token(self, token: int, logprob: float) -> dict[str, Any]:
+        text = self.text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
