@@ -285,9 +285,12 @@ def test_shutdown_ends_running_requests(tiny):
         engine.submit(Request("y", (1,), GREEDY, 0))
 
 
-_COMPILES: list[str] = []
+_COMPILES: list[str] = []  # programs compiled, or loaded from the compile cache the tests share
 jax.monitoring.register_event_duration_secs_listener(
     lambda event, *_, **__: _COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+)
+jax.monitoring.register_event_listener(
+    lambda event, **__: _COMPILES.append(event) if event == "/jax/compilation_cache/cache_hits" else None
 )
 
 

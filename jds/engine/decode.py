@@ -24,7 +24,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jds.engine.programs import Pipeline, empty_rows, set_row, slice_rows
+from jds.engine.programs import Pipeline, clear_row, empty_rows, set_row, slice_rows
 from jds.engine.sequence import Sequence
 from jds.engine.slots import SlotPool
 
@@ -63,12 +63,14 @@ class DecodeBatch:
         except Exception as exc:
             log.exception("sampling row of %s", seq.request_id)
             seq.publish("error", f"its sampling settings cannot be used: {exc}")
+            clear_row(self.rows, slot)
             self.pool.release(slot)
             return
         self.active[slot] = seq
 
     def leave(self, slot: int) -> None:
         del self.active[slot]
+        clear_row(self.rows, slot)
         self.pool.release(slot)
 
     def reap_aborted(self) -> None:

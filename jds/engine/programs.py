@@ -85,6 +85,9 @@ def empty_rows(n: int) -> SamplingRows:
     )
 
 
+_EMPTY_ROW = empty_rows(1)
+
+
 def set_row(rows: SamplingRows, i: int, seq) -> None:
     """Write one sequence's sampling settings into row ``i`` of host-side rows."""
     p = seq.request.params
@@ -94,6 +97,13 @@ def set_row(rows: SamplingRows, i: int, seq) -> None:
     rows.logprobs[i] = -1 if p.logprobs is None else p.logprobs
     rows.stop_ids[i] = -1
     rows.stop_ids[i, : len(seq.stop_ids)] = seq.stop_ids
+
+
+def clear_row(rows: SamplingRows, i: int) -> None:
+    """Reset row ``i`` to the empty row, so a freed slot's settings (logprobs, penalties, or a value
+    that broke a step) no longer shape the steps its free row still rides along in."""
+    for row, empty in zip(jax.tree.leaves(rows), jax.tree.leaves(_EMPTY_ROW)):
+        row[i] = empty[0]
 
 
 def slice_rows(rows: SamplingRows, lo: int, hi: int) -> SamplingRows:
