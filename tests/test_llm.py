@@ -103,6 +103,24 @@ def test_logprobs_of_prompt_and_output_match_transformers_log_softmax(smollm2_ll
         assert entry.top[0][0] == int(top.indices[0])
 
 
+def test_prompts_scored_together_match_transformers_each(smollm2_llm, hf_smollm2, hf_smollm2_tokenizer, monkeypatch):
+    """lm-evaluation-harness's requests (echo, max_tokens 0) arrive together: their prompts are
+    scored in shared calls, padded to the longest, and each still gets its own log-probabilities."""
+    program = smollm2_llm.engine.colocated_workers[0].program
+    batches = []
+    score = program.score
+    monkeypatch.setattr(program, "score", lambda seqs: batches.append(len(seqs)) or score(seqs))
+    prompts = ["Question: What is the capital of Peru?\nAnswer: Lima", "Paris", "One, two, three, four, five, six, seven, eight"]
+    outs = smollm2_llm.generate(prompts, SamplingParams(max_tokens=0, prompt_logprobs=1))
+    assert max(batches) > 1 and sum(batches) == len(prompts)
+    for out in outs:
+        ids = out.prompt_token_ids
+        assert out.token_ids == [] and out.finish_reason == "length"
+        with torch.no_grad():
+            logp = torch.log_softmax(hf_smollm2(torch.tensor([ids])).logits[0].float(), dim=-1)
+        assert [e.logprob for e in out.prompt_logprobs[1:]] == pytest.approx([float(logp[t, ids[t + 1]]) for t in range(len(ids) - 1)], abs=1e-3)
+
+
 def test_chat_applies_template_and_stops_at_end_of_turn(smollm2_llm, hf_smollm2, hf_smollm2_tokenizer):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     out = smollm2_llm.chat(messages, SamplingParams(max_tokens=48, temperature=0))[0]

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jds.engine.decode import DecodeBatch
-from jds.engine.prefill import POLL_SECONDS, prefill_batch, score_prompt
+from jds.engine.prefill import POLL_SECONDS, prefill_batch, score_prompts
 from jds.engine.programs import Pipeline, PrefillProgram, empty_rows, set_row
 from jds.engine.sequence import Sequence
 from jds.engine.slots import SlotPool
@@ -137,7 +137,7 @@ class ColocatedWorker:
             if seq.timings.prefill_start is None:  # not a request prefilled again after a device fault
                 seq.timings.prefill_start = time.perf_counter()
             seq.timings.route.append(self.name)
-            if not score_prompt(self.program, seq):
+            if not score_prompts(self.program, [seq]):
                 return
             if seq.limit == 0:  # max_tokens 0: the prompt (its log-probabilities) was all it asked about
                 seq.publish("length")

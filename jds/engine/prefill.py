@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from jds.engine.decode import Delivery, DecodeWorker
 from jds.engine.programs import KVPieces, PrefillProgram
+from jds.engine.request import PromptLogprobs
 from jds.engine.sequence import Sequence
 from jds.engine.waiting import WaitingQueue
 from jds.transfer.handoff import send_kv
@@ -64,6 +65,7 @@ def _run_apart_on_failure(program: PrefillProgram, seqs: list[Sequence], retried
 def _first_tokens(program: PrefillProgram, out: tuple, seqs: list[Sequence]) -> Prefilled:
     drawn, kv = out
     going = []
+    scored = {id(s) for s in score_prompts(program, [s for s in seqs if not s.aborted.is_set()])}
     for i, s in enumerate(seqs):
         if s.aborted.is_set():
             s.publish("abort")
@@ -71,7 +73,7 @@ def _first_tokens(program: PrefillProgram, out: tuple, seqs: list[Sequence]) -> 
         if s.tokens:  # prefilled again after a device fault: its newest token is known, its KV rebuilt
             going.append((i, s))
             continue
-        if not score_prompt(program, s):
+        if id(s) not in scored:
             continue
         if s.limit == 0:  # max_tokens 0: the prompt (its log-probabilities) was all it asked about
             s.publish("length")
@@ -83,18 +85,39 @@ def _first_tokens(program: PrefillProgram, out: tuple, seqs: list[Sequence]) -> 
     return going, kv
 
 
-def score_prompt(program: PrefillProgram, seq: Sequence) -> bool:
-    """Give ``seq`` its prompt's log-probabilities if it asks for them; False if scoring failed
-    (the request has then failed, alone)."""
-    if seq.request.params.prompt_logprobs is None or seq.prompt_logprobs is not None:
-        return True
+def score_prompts(program: PrefillProgram, seqs: list[Sequence]) -> list[Sequence]:
+    """Give each of ``seqs`` that asks for them its prompt's log-probabilities, all in one call;
+    if that call fails, each alone, so only a request whose own scoring fails fails. Returns the
+    sequences that go on."""
+    asking = [s for s in seqs if s.request.params.prompt_logprobs is not None and s.prompt_logprobs is None]
+    if not asking:
+        return seqs
     try:
-        seq.prompt_logprobs = program.score(seq)
+        scores = program.score(asking)
     except Exception as exc:
-        log.exception("scoring the prompt of %s failed", seq.request_id)
-        seq.publish("error", f"scoring the prompt failed: {exc}")
-        return False
-    return True
+        if len(asking) == 1:
+            scores = [_scoring_failed(asking[0], exc)]
+        else:
+            log.warning("scoring %d prompts failed (%s); scoring them apart", len(asking), exc)
+            scores = [_score_alone(program, s) for s in asking]
+    failed = set()
+    for s, score in zip(asking, scores):
+        s.prompt_logprobs = score
+        if score is None:
+            failed.add(id(s))
+    return [s for s in seqs if id(s) not in failed]
+
+
+def _score_alone(program: PrefillProgram, seq: Sequence) -> PromptLogprobs | None:
+    try:
+        return program.score([seq])[0]
+    except Exception as exc:
+        return _scoring_failed(seq, exc)
+
+
+def _scoring_failed(seq: Sequence, exc: Exception) -> None:
+    log.error("scoring the prompt of %s failed: %s", seq.request_id, exc)
+    seq.publish("error", f"scoring the prompt failed: {exc}")
 
 
 def _any_prompt(seq: Sequence) -> bool:

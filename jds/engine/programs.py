@@ -216,21 +216,25 @@ class PrefillProgram:
         logits, kv = self._prefill(self.params, tokens, lengths)
         return self._sample(logits, rows, self._history(tokens, lengths)), kv
 
-    def score(self, seq) -> PromptLogprobs:
-        """The log-probability of each of ``seq``'s prompt tokens given those before it (none for
-        the first), with the ``prompt_logprobs`` likeliest tokens at each position."""
-        tokens, lengths, _ = self.inputs(1, self.bucket(seq.prompt_len))
-        tokens[0, : seq.prompt_len] = seq.request.prompt_ids
-        lengths[0] = seq.prompt_len
+    def score(self, seqs: list) -> list[PromptLogprobs]:
+        """For each sequence, the log-probability of each of its prompt tokens given those before
+        it (none for the first), with its ``prompt_logprobs`` likeliest tokens at each position:
+        the batch in one call."""
+        tokens, lengths, _ = self.inputs(pow2_at_least(len(seqs)), self.bucket(max(s.prompt_len for s in seqs)))
+        for i, s in enumerate(seqs):
+            tokens[i, : s.prompt_len] = s.request.prompt_ids
+            lengths[i] = s.prompt_len
         if self.broadcast is not None:
             self.broadcast("score", tokens, lengths)
         chosen, ids, top = jax.device_get(self.score_call(tokens, lengths))
-        n = seq.request.params.prompt_logprobs
-        prompt = seq.request.prompt_ids
-        return [None] + [
-            TokenLogprob(prompt[t + 1], float(chosen[0, t]), tuple(zip(ids[0, t, :n].tolist(), top[0, t, :n].tolist())))
-            for t in range(seq.prompt_len - 1)
-        ]
+        out = []
+        for i, s in enumerate(seqs):
+            n, prompt = s.request.params.prompt_logprobs, s.request.prompt_ids
+            out.append([None] + [
+                TokenLogprob(prompt[t + 1], float(chosen[i, t]), tuple(zip(ids[i, t, :n].tolist(), top[i, t, :n].tolist())))
+                for t in range(s.prompt_len - 1)
+            ])  # fmt: skip
+        return out
 
     def score_call(self, tokens: np.ndarray, lengths: np.ndarray):
         """The scoring program on prepared host inputs (what a multi-process instance's followers call)."""

@@ -190,28 +190,30 @@ def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Archite
     return logits(params, last, arch), kv
 
 
-SCORE_CHUNK = 128  # prompt positions whose logits exist at once while scoring a prompt
+SCORE_ROWS = 128  # logit rows (prompt positions over the batch) that exist at once while scoring prompts
 
 
 def prompt_logprobs(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Architecture, n: int):
     """The log-probability of every prompt token given the ones before it, and the ``n``
     likeliest tokens at each position: ``[B, T-1]``, ``[B, T-1, n]`` ids, ``[B, T-1, n]`` (position
-    ``t`` is about token ``t + 1``; past a prompt's length, padding). Logits are made
-    ``SCORE_CHUNK`` positions at a time, so a long prompt never holds ``T x vocab`` of them."""
+    ``t`` is about token ``t + 1``; past a prompt's length, padding). Logits are made for about
+    ``SCORE_ROWS`` positions of the batch at a time, so long prompts never hold ``B x T x vocab``
+    of them, and short ones are not padded to a long chunk."""
     x, _ = _whole_prompts(params, tokens, lengths, arch)
     b, t, d = x.shape
-    chunks = -(-(t - 1) // SCORE_CHUNK)
-    pad = chunks * SCORE_CHUNK - (t - 1)
-    hidden = jnp.pad(x[:, :-1], ((0, 0), (0, pad), (0, 0))).reshape(b, chunks, SCORE_CHUNK, d)
-    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad))).reshape(b, chunks, SCORE_CHUNK)
+    chunk = min(t - 1, max(1, SCORE_ROWS // b)) if t > 1 else 1
+    chunks = -(-(t - 1) // chunk)
+    pad = chunks * chunk - (t - 1)
+    hidden = jnp.pad(x[:, :-1], ((0, 0), (0, pad), (0, 0))).reshape(b, chunks, chunk, d)
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad))).reshape(b, chunks, chunk)
 
     def score(piece):
         h, target = piece
-        out = logits(params, h.reshape(b * SCORE_CHUNK, d), arch).reshape(b, SCORE_CHUNK, -1)
+        out = logits(params, h.reshape(b * chunk, d), arch).reshape(b, chunk, -1)
         return log_probabilities(out, target, n)
 
     chosen, ids, top = jax.lax.map(score, (jnp.moveaxis(hidden, 1, 0), jnp.moveaxis(targets, 1, 0)))
-    unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, chunks * SCORE_CHUNK, *a.shape[3:])[:, : t - 1]  # noqa: E731
+    unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, chunks * chunk, *a.shape[3:])[:, : t - 1]  # noqa: E731
     return unchunk(chosen), unchunk(ids), unchunk(top)
 
 
