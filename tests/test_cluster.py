@@ -63,10 +63,16 @@ def cluster(tmp_path_factory):
         "pull_timeout_seconds": 10,
         "on_pull_failure": "reprefill",  # KV lost with a killed prefill process is prefilled again
     }
-    # compile afresh: the cancellation test needs a prefill still compiling, not loaded from an earlier run's cache
+    # Compile afresh, without the run's shared cache either: the cancellation test needs a prefill
+    # still compiling, not loaded from what another test compiled.
     config["server"] = {"max_waiting": 16, "compile_cache": None}
     (folder / "cluster.yaml").write_text(yaml.safe_dump(config))
-    proc = ServerProcess(folder / "cluster.yaml", folder / "launch.log", "--no-warmup")
+    shared = os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    try:
+        proc = ServerProcess(folder / "cluster.yaml", folder / "launch.log", "--no-warmup")
+    finally:
+        if shared is not None:
+            os.environ["JAX_COMPILATION_CACHE_DIR"] = shared
     proc.config = config
     yield proc
     proc.stop()

@@ -132,23 +132,36 @@ def _sampled_step(params, cache, tokens, positions, rows, steps, *, arch):
 _sampled = jax.jit(_sampled_step, static_argnames="arch", donate_argnums=1)
 
 
-def sampled_step_seconds(model: LoadedModel, batch: int, context: int, settings: dict) -> float:
-    """A decode step and its sampling (``settings``: ``SamplingRows`` fields for every row)."""
+def sampled_steps_seconds(model: LoadedModel, batch: int, context: int, rounds: int) -> dict[str, float]:
+    """Each sampler's decode step and its sampling at these shapes (median seconds): the samplers
+    take turns call by call, in rotating order, on one cache, so a slow spell of a shared host
+    falls on all of them alike instead of on whichever ran then."""
     step = functools.partial(_sampled, arch=model.arch)
     state = {"cache": KVCache.zeros(model.arch, batch, context, model.dtype)}
     tokens = np.full(batch, 100, np.int32)
     positions = np.full(batch, context // 2, np.int32)
-    rows = empty_rows(batch)
-    for name, value in settings.items():
-        getattr(rows, name)[:] = value
-    rows.seed[:] = np.arange(batch)
     steps = np.ones(batch, np.int32)
+    rows = {}
+    for name, settings in SAMPLERS.items():
+        rows[name] = empty_rows(batch)
+        for field, value in settings.items():
+            getattr(rows[name], field)[:] = value
+        rows[name].seed[:] = np.arange(batch)
 
-    def run() -> None:
-        sampled, state["cache"] = step(model.params, state["cache"], tokens, positions, rows, steps)
+    def run(name: str) -> float:
+        begin = time.perf_counter()
+        sampled, state["cache"] = step(model.params, state["cache"], tokens, positions, rows[name], steps)
         sampled.tokens.block_until_ready()
+        return time.perf_counter() - begin
 
-    return timed(run)
+    names = list(SAMPLERS)
+    for name in names * 2:  # compile, then warm
+        run(name)
+    seconds = collections.defaultdict(list)
+    for i in range(rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            seconds[name].append(run(name))
+    return {name: statistics.median(seconds[name]) for name in names}
 
 
 def prefill_flops(model: LoadedModel, tokens: int) -> float:
@@ -362,18 +375,15 @@ def run(
             passes[kind, batch, context].append(decode_step_seconds(models[kind], batch, context))
         bandwidths.append(memory_bandwidth())
     bandwidth = statistics.median(bandwidths)
-    # Sampling, at the middle cache length: every sampler of a batch in turn, DECODE_PASSES times over.
+    # Sampling, at the middle cache length: the samplers of a batch interleaved call by call.
     context = contexts[len(contexts) // 2]
-    sampled = collections.defaultdict(list)
-    for _ in range(DECODE_PASSES):
-        for batch in batches:
-            for name, settings in SAMPLERS.items():
-                sampled[batch, name].append(sampled_step_seconds(model, batch, context, settings))
-    sampling = [
-        {"batch": batch, "context": context, "sampler": name, "seconds": statistics.median(sampled[batch, name]),
-         "over_greedy": statistics.median(sampled[batch, name]) / statistics.median(sampled[batch, "greedy"])}
-        for batch in batches for name in SAMPLERS
-    ]  # fmt: skip
+    sampling = []
+    for batch in batches:
+        seconds = sampled_steps_seconds(model, batch, context, rounds=5 * DECODE_PASSES)
+        sampling += [
+            {"batch": batch, "context": context, "sampler": name, "seconds": seconds[name], "over_greedy": seconds[name] / seconds["greedy"]}
+            for name in SAMPLERS
+        ]
     decode = []
     for kind, batch, context in grid:
         seconds = statistics.median(passes[kind, batch, context])
