@@ -9,7 +9,7 @@ from jds.model.loader import checkpoint_format, resolve_dtype
 from tests_paths import CONFIGS
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m.yaml", "smollm2-disaggregated.yaml", "llama7b.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["smollm2-135m.yaml", "smollm2-disaggregated.yaml", "llama7b.yaml", "llama7b-1gpu.yaml", "llama7b-2gpu.yaml", "tiny.yaml"])
 def test_shipped_configs_validate(name):
     config = load_config(CONFIGS / name)
     assert config.model.name
@@ -30,6 +30,32 @@ def test_llama7b_placement_is_refused_here_with_both_figures():
     assert config.placement.mode == "disaggregated" and len(config.placement.devices) == 8
     with pytest.raises(ConfigError, match=r"placement needs [\d.]+ GiB of host memory, [\d.]+ GiB is usable"):
         check_config(config)  # float32 on CPU: three 27 GB copies of the weights
+
+
+class _H200:
+    """What the fit check reads of one H200 under a server: JAX's limit at 90% of its 140.4 GiB."""
+
+    platform = "gpu"
+
+    def memory_stats(self) -> dict:
+        return {"bytes_limit": int(0.9 * 143771 * 2**20)}
+
+
+@pytest.mark.parametrize("name", ["llama7b-1gpu.yaml", "llama7b-2gpu.yaml"])
+def test_gpu_configs_fit_an_h200_and_twice_their_slots_do_not(name):
+    from jds.mesh.fit import check_placement
+
+    config = load_config(CONFIGS / name)
+    arch, devices = config.model.architecture, [_H200(), _H200()]
+    check_placement(config.placement, arch, 2, config.model.max_seq_len, devices)  # bfloat16, one orientation
+    instances = config.placement.instances or config.placement.decode
+    data = config.placement.model_dump()
+    for inst in data["instances"] or data["decode"]:
+        inst["slots"] *= 2
+    doubled = type(config.placement).model_validate(data)
+    assert instances[0].slots > 1
+    with pytest.raises(ConfigError, match=r"weights \+ [\d.]+ GiB KV \+ [\d.]+ GiB transient per device exceed device"):
+        check_placement(doubled, arch, 2, config.model.max_seq_len, devices)
 
 
 def test_tiny_heads_split_four_ways():

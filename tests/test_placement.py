@@ -133,6 +133,20 @@ def test_memory_needs_count_stage_slices():
     assert [n.devices for n in needs] == [(0,), (1,), (2,)]
 
 
+def test_memory_needs_count_what_a_prefill_call_holds_and_what_a_decode_stage_receives():
+    p = Placement.model_validate(
+        {"mode": "disaggregated", "prefill": {"devices": [0], "max_batch_tokens": 256},
+         "decode": {"devices": [1, 2], "pp": 2, "slots": 4, "max_seq_len": 64}}
+    )  # fmt: skip
+    prefill, *stages = memory_needs(p, TINY, 4, 512)
+    kv_per_token = 2 * 4 * 4 * 16 * 4  # K and V, 4 layers, 4 KV heads, head_dim 16, float32
+    # the largest call is one prompt of max_seq_len (512 > 256): its KV, one layer's float32
+    # scores over 512 x 512 positions of 8 heads, and the MLP's two intermediate activations
+    assert prefill.transient == 512 * kv_per_token + 512 * 512 * 8 * 4 + 2 * 512 * 256 * 4
+    assert [s.transient for s in stages] == [512 * kv_per_token // 2] * 2  # each stage receives its 2 layers
+    assert prefill.per_device == prefill.weights + prefill.transient
+
+
 def test_pinning_to_cores_the_process_cannot_use_is_refused():
     from jds.server import _pin_cpus
 

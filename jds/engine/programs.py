@@ -342,7 +342,7 @@ class Stage:
         if self.span.last:
             self.history = self._empty_history()
 
-    def compile_run(self, batch: int, length: int, context: int) -> None:
+    def compile_run(self, batch: int, length: int, context: int) -> jax.stages.Compiled:
         """Compile this stage for ``batch`` rows of ``length`` new tokens reading ``context`` positions, ahead of time."""
         if self.span.first:
             inputs = jax.ShapeDtypeStruct((batch, length), jnp.int32)
@@ -350,9 +350,9 @@ class Stage:
             inputs = jax.ShapeDtypeStruct((batch, length, self.arch.hidden_size), self.dtype, sharding=self.activations)
         vector = np.zeros(batch, np.int32)
         args = self._run_args(inputs, np.zeros((batch, length), np.int32), vector, 0, vector, empty_rows(batch), vector)
-        self._run.lower(self.params, self.cache, self.history, *jax.tree.map(_spec, args), context=context).compile()
+        return self._run.lower(self.params, self.cache, self.history, *jax.tree.map(_spec, args), context=context).compile()
 
-    def compile_insert(self, batch: int, bucket: int, starts: Seq[int]) -> None:
+    def compile_insert(self, batch: int, bucket: int, starts: Seq[int]) -> jax.stages.Compiled:
         """Compile the insert of a (batch, bucket) prefill cut at ``starts``, ahead of time."""
         bounds = [*starts, self.arch.num_layers]
         mine = [(a, b) for a, b in zip(bounds, bounds[1:]) if self.span.start <= a < self.span.stop]
@@ -362,7 +362,7 @@ class Stage:
             for a, b in mine
         )
         offsets = tuple(a - self.span.start for a, _ in mine)
-        self._insert.lower(self.cache, pieces, jax.ShapeDtypeStruct((batch,), jnp.int32), offsets).compile()
+        return self._insert.lower(self.cache, pieces, jax.ShapeDtypeStruct((batch,), jnp.int32), offsets).compile()
 
 
 class Pipeline:

@@ -14,7 +14,7 @@ import os
 import jax
 
 from jds.config import Config, ConfigError
-from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillInstance
+from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillBatching, PrefillInstance
 from jds.mesh.stages import stage_spans
 from jds.model.architecture import Architecture
 from jds.model.matrices import keeps_batched_copies, weight_itemsize
@@ -28,10 +28,11 @@ class MemoryNeed:
     weights: int  # bytes per device
     kv: int  # bytes per device
     devices: tuple[int, ...]
+    transient: int = 0  # bytes per device of the largest buffers a program call holds beside them
 
     @property
     def per_device(self) -> int:
-        return self.weights + self.kv
+        return self.weights + self.kv + self.transient
 
 
 def weight_bytes(arch: Architecture, itemsize: int, layers: int, tp: int, embed: bool, head: bool) -> int:
@@ -51,6 +52,23 @@ def kv_bytes(arch: Architecture, itemsize: int, layers: int, tp: int, slots: int
     return 2 * layers * slots * (arch.num_kv_heads // tp) * seq * arch.head_dim * itemsize
 
 
+def prefill_tokens(batching: PrefillBatching, max_seq_len: int) -> int:
+    """Padded tokens of an instance's largest prefill call: a batch of ``max_batch_tokens``, or
+    one prompt as long as the sequences may be (a single prompt is never refused a batch)."""
+    return max(batching.max_batch_tokens, max_seq_len)
+
+
+def prefill_transient_bytes(arch: Architecture, itemsize: int, tp: int, tokens: int, longest: int) -> int:
+    """What one prefill call of ``tokens`` padded tokens (prompts of up to ``longest``) holds beside
+    the weights and the cache: the KV of every layer it hands over, one layer's attention scores
+    (float32, as XLA's attention makes them; cuDNN's flash attention keeps none) and one layer's
+    MLP activations."""
+    kv = kv_bytes(arch, itemsize, arch.num_layers, tp, tokens, 1)
+    scores = tokens * longest * (arch.num_heads // tp) * 4
+    mlp = 2 * tokens * (arch.intermediate_size // tp) * itemsize
+    return kv + scores + mlp
+
+
 def memory_needs(
     placement: Placement, arch: Architecture, itemsize: int, max_seq_len: int, weight_itemsize: int | None = None
 ) -> list[MemoryNeed]:
@@ -59,11 +77,15 @@ def memory_needs(
     cache's ``itemsize`` (``held_weight_itemsize``)."""
     head = not arch.tie_embeddings
     w_itemsize = weight_itemsize or itemsize
+    # A decode stage holds one delivery of the largest prefill batch's KV (its layers) until it
+    # is inserted into the cache.
+    delivered = max((prefill_tokens(p, max_seq_len) for p in placement.prefill), default=0)
     needs = []
     for where, inst in placement.named_instances():
         if isinstance(inst, PrefillInstance):
             w = weight_bytes(arch, w_itemsize, arch.num_layers, inst.tp, True, head)
-            needs.append(MemoryNeed(f"placement.{where}", w, 0, tuple(inst.devices)))
+            transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, max_seq_len), max_seq_len)
+            needs.append(MemoryNeed(f"placement.{where}", w, 0, tuple(inst.devices), transient))
         elif isinstance(inst, DecodeInstance):
             seq = inst.max_seq_len or max_seq_len
             for span in stage_spans(arch.num_layers, inst.pp, inst.layers_per_stage):
@@ -71,12 +93,14 @@ def memory_needs(
                 if span.last and not head and not span.first:
                     w += arch.vocab_size * arch.hidden_size * w_itemsize  # tied output needs the embedding too
                 kv = kv_bytes(arch, itemsize, span.num_layers, inst.tp, inst.slots, seq)
-                needs.append(MemoryNeed(f"placement.{where} stage {span.index}", w, kv, tuple(inst.stage_devices(span.index))))
+                transient = kv_bytes(arch, itemsize, span.num_layers, inst.tp, delivered, 1)
+                needs.append(MemoryNeed(f"placement.{where} stage {span.index}", w, kv, tuple(inst.stage_devices(span.index)), transient))
         else:
             seq = inst.max_seq_len or max_seq_len
             w = weight_bytes(arch, w_itemsize, arch.num_layers, inst.tp, True, head)
             kv = kv_bytes(arch, itemsize, arch.num_layers, inst.tp, inst.slots, seq)
-            needs.append(MemoryNeed(f"placement.{where}", w, kv, tuple(inst.devices)))
+            transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, seq), seq)
+            needs.append(MemoryNeed(f"placement.{where}", w, kv, tuple(inst.devices), transient))
     return needs
 
 
@@ -130,7 +154,7 @@ def check_placement(
             worst = max(needs, key=lambda n: n.per_device * len(n.devices))
             raise ConfigError(
                 f"placement needs {_gib(total)} of host memory, {_gib(budget)} is usable; the largest part is "
-                f"{worst.where}: {_gib(worst.weights)} weights + {_gib(worst.kv)} KV per device "
+                f"{worst.where}: {_gib(worst.weights)} weights + {_gib(worst.kv)} KV + {_gib(worst.transient)} transient per device "
                 "(lower slots or max_seq_len, or use fewer instances)"
             )
         return
@@ -139,7 +163,7 @@ def check_placement(
             limit = _device_limit(devices[d])
             if limit is not None and need.per_device > limit:
                 raise ConfigError(
-                    f"{need.where}: {_gib(need.weights)} weights + {_gib(need.kv)} KV per device exceed device {d}'s "
+                    f"{need.where}: {_gib(need.weights)} weights + {_gib(need.kv)} KV + {_gib(need.transient)} transient per device exceed device {d}'s "
                     f"{_gib(limit)} (lower slots or max_seq_len, or raise tp/pp)"
                 )
 

