@@ -25,7 +25,7 @@ from jds.api import instances_pb2_grpc as ipb_grpc
 from jds.api.logprobs import logprob_message
 from jds.cluster import lockstep
 from jds.cluster.wire import offer_from, sequence_from
-from jds.engine.decode import DecodeWorker, Delivery
+from jds.engine.decode import KV_LOST, DecodeWorker, Delivery
 from jds.engine.programs import Pipeline, compile_all, decode_pipeline, length_buckets
 from jds.engine.sequence import Sequence
 from jds.engine.slots import SlotPool
@@ -99,6 +99,16 @@ def follow_leader(model: LoadedModel, spec: DecodeInstance, warmup: bool) -> Non
             "write_history": pipeline.write_history,
         }
     )
+
+
+def _error_code(error: str) -> grpc.StatusCode:
+    """What the router does with a failed request: a KV pull that failed may be prefilled again
+    (``cluster.on_pull_failure``); KV a device fault took is prefilled again once; the rest fail."""
+    if error.startswith(PULL_FAILED):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if error.startswith(KV_LOST):
+        return grpc.StatusCode.ABORTED
+    return grpc.StatusCode.INTERNAL
 
 
 class DecodeService(ipb_grpc.DecodeInstanceServicer):
@@ -178,8 +188,7 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
             for message in seq.stream():
                 if message.finish_reason == "error":
                     outcome = "failed"
-                    code = grpc.StatusCode.FAILED_PRECONDITION if message.error.startswith(PULL_FAILED) else grpc.StatusCode.INTERNAL
-                    context.abort(code, message.error)
+                    context.abort(_error_code(message.error), message.error)
                 if message.finish_reason == "abort":
                     context.abort(grpc.StatusCode.CANCELLED, "aborted")
                 response = ipb.DecodeResponse(token_ids=message.token_ids, finished=message.finished, stopped=message.finish_reason == "stop")

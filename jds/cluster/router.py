@@ -9,7 +9,9 @@ the gRPC service and the OpenAI API run on it unchanged. Each request gets a dri
    which owns the text, stop strings and limits, exactly as in one process.
 3. decode: the decode instance with the most free slots pulls the KV and streams tokens. A
    decode instance that dies fails its requests with UNAVAILABLE; a failed pull fails the request
-   (or, with ``cluster.on_pull_failure: reprefill``, prefills it again, once).
+   (or, with ``cluster.on_pull_failure: reprefill``, prefills it again, once). A request whose KV
+   a device fault took (ABORTED) is prefilled again once and decoded from its first token; the
+   tokens the client already has come again and are skipped.
 
 Aborts cancel whichever RPC is in flight, which aborts the request in that process; KV offered
 and never pulled is released by the prefill side's lease (the router also says so at once).
@@ -47,6 +49,10 @@ class _Outcome(Exception):
 
 class _PullFailed(Exception):
     pass
+
+
+class _KVLost(Exception):
+    """A device fault on the decode instance took the request's KV: prefill it again, once."""
 
 
 class Router:
@@ -157,6 +163,10 @@ class Router:
                     if self.cluster.on_pull_failure != "reprefill" or attempt:
                         raise _Outcome("error", str(exc), unavailable=True) from None  # transient: a retry may succeed
                     log.warning("%s: %s; prefilling it again", seq.request_id, exc)
+                except _KVLost as exc:
+                    if attempt:
+                        raise _Outcome("error", str(exc)) from None
+                    log.warning("%s: %s; prefilling it again", seq.request_id, exc)
         except _Outcome as out:
             if offered is not None:  # nobody will pull it: have it released now, not at its lease
                 self._release(*offered)
@@ -208,6 +218,10 @@ class Router:
             request_id=seq.request_id, prompt_ids=seq.request.prompt_ids, first_token=seq.tokens[0], sampling=sampling_message(seq), kv=kv
         )
         seq.timings.route.append(instance.name)
+        # After a fault took its KV, a request is decoded again from its first token: the tokens
+        # the client already has come again (sampling is a function of the seed and the step)
+        # and are checked and skipped.
+        known = list(seq.tokens[1:])
         try:
             call = instance.stub.Decode(request)
             self._track(seq, call)
@@ -215,14 +229,22 @@ class Router:
                 if response.transfer_bytes:
                     seq.timings.transfer_seconds += response.transfer_seconds
                     seq.timings.transfer_bytes += response.transfer_bytes
+                added = False
                 for i, token in enumerate(response.token_ids):
+                    if known:
+                        if token != known.pop(0):
+                            call.cancel()
+                            raise _Outcome("error", f"{instance.name} decoded other tokens than before the fault")
+                        continue
                     last = i == len(response.token_ids) - 1
                     reason = seq.add(token, response.stopped and last, logprob_from(response.logprobs[i]) if response.logprobs else None)
+                    added = True
                     if reason is not None:  # a stop string, or the limit: done, whatever the instance does
                         call.cancel()
                         seq.publish(reason)
                         return
-                seq.publish()
+                if added:
+                    seq.publish()
             raise _Outcome("error", f"{instance.name} ended the stream early")
         except grpc.RpcError as err:
             code = err.code()
@@ -230,6 +252,8 @@ class Router:
                 raise _Outcome("abort") from None
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 raise _PullFailed(err.details()) from None
+            if code == grpc.StatusCode.ABORTED:
+                raise _KVLost(err.details()) from None
             if code == grpc.StatusCode.UNAVAILABLE:
                 self.registry.mark_down(instance, f"UNAVAILABLE: {err.details()}")
                 raise _Outcome("error", f"{instance.name} became unavailable: {err.details()}", unavailable=True) from None

@@ -30,6 +30,8 @@ from jds.engine.slots import SlotPool
 
 log = logging.getLogger(__name__)
 
+KV_LOST = "KV lost"  # how the error of a request whose KV a device fault took begins, where it cannot be requeued
+
 
 class DecodeBatch:
     """The sequences holding slots of one pipeline; only the owning worker thread calls it.
@@ -164,7 +166,10 @@ class DecodeBatch:
         if seq.aborted.is_set():
             seq.publish("abort")
             return
-        if self.requeue is None or seq.recomputed:
+        if self.requeue is None:  # a decode process: whoever routes the request may prefill it again
+            seq.publish("error", f"{KV_LOST}: {error}")
+            return
+        if seq.recomputed:
             seq.publish("error", error)
             return
         log.warning("%s: %s; prefilling its %d tokens again", seq.request_id, error, seq.context_len)
