@@ -176,6 +176,46 @@ def test_slots_are_handed_out_lowest_first():
     assert [pool.try_reserve(), pool.try_reserve(), pool.try_reserve(), pool.try_reserve()] == [0, 1, 3, None]
 
 
+@pytest.mark.parametrize("placement", [SINGLE, PLACEMENTS["p2-pp2-mb2"]], ids=["one-stage", "two-stages"])
+def test_the_next_decode_step_is_dispatched_before_the_host_reads_the_last(tiny, reference, monkeypatch, placement):
+    """The host's reading and streaming of step n overlap the device's step n + 1, whose tokens it
+    takes on the device; a request ending by length costs no extra step."""
+    from jds.engine.decode import DecodeBatch
+    from jds.engine.programs import Pipeline
+
+    events: list[str] = []
+    forward, apply = Pipeline.forward, DecodeBatch._apply
+    monkeypatch.setattr(Pipeline, "forward", lambda self, *args: events.append("dispatch") or forward(self, *args))
+    monkeypatch.setattr(DecodeBatch, "_apply", lambda self, *args: events.append("read") or apply(self, *args))
+    engine = _engine(tiny, placement)
+    try:
+        (out,) = _run(engine, PROMPTS[2:3])  # alone: one microbatch, one row
+    finally:
+        engine.shutdown()
+    assert out.token_ids == reference["greedy"][2]
+    steps = GREEDY.max_tokens - 1  # the first token is the prefill's
+    reads = [i for i, e in enumerate(events) if e == "read"]
+    assert events.count("dispatch") == steps and len(reads) == steps
+    assert [events[:i].count("dispatch") for i in reads] == [k + 2 for k in range(steps - 1)] + [steps]
+
+
+def test_a_slot_freed_by_a_stop_id_while_its_next_step_runs_serves_the_next_request_exactly(tiny, reference):
+    """A stop id is seen only after the following step was dispatched for its row; that step's
+    token is dropped, and the request that takes the slot next is unaffected by it."""
+    engine = _engine(tiny, {"instances": {"devices": [0], "slots": 1}})
+    stop_at = reference["greedy"][0][4]
+    stopping = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop_at], ignore_eos=True)
+    try:
+        first = engine.submit(Request("stops", tuple(PROMPTS[0]), stopping, 1))
+        after = [engine.submit(Request(f"next{i}", tuple(p), GREEDY, 2 + i)) for i, p in enumerate(PROMPTS[1:3])]
+        out = first.result()
+        assert out.finish_reason == "stop"
+        assert out.token_ids == reference["greedy"][0][: reference["greedy"][0].index(stop_at) + 1]
+        assert [s.result().token_ids for s in after] == reference["greedy"][1:3]
+    finally:
+        engine.shutdown()
+
+
 def test_a_decode_step_computes_the_rows_up_to_the_highest_slot_in_use(tiny, monkeypatch):
     from jds.engine.programs import Pipeline
 

@@ -100,8 +100,9 @@ def test_prefill_is_fcfs_and_batches_what_fits():
 def test_requests_wait_for_a_decode_slot_and_tpot_counts_the_wait():
     a, b = simulate(_disaggregated(slots=1), _profile(), [PlannedRequest(0.0, 20, 3), PlannedRequest(0.0, 20, 3)], 512)
     assert a.token_times == pytest.approx([1.0, 1.75, 2.25])
-    # b's prefill ran at 1-2 s; its slot frees when a ends at 2.25, its KV lands at 2.5
-    assert b.token_times == pytest.approx([2.0, 3.0, 3.5])
+    # sent together, prefilled together (0-1 s); b's slot frees when a's last round is read at
+    # 2.25, its KV lands at 2.5
+    assert b.token_times == pytest.approx([1.0, 3.0, 3.5])
 
 
 def test_decode_rounds_read_the_context_bucket_of_the_longest_sequence():
@@ -130,9 +131,10 @@ def test_decode_rounds_compute_the_rows_up_to_the_highest_slot_in_use():
 def test_colocated_prefill_interrupts_running_decodes():
     placement = Placement(mode="colocated", instances=[ColocatedInstance(devices=[0], slots=4)])
     a, b = simulate(placement, _profile(), [PlannedRequest(0.0, 20, 4), PlannedRequest(1.2, 20, 2)], 512)
-    # a: prefill 0-1, round 1-1.5; b arrived at 1.2, so its prefill runs 1.5-2.5 before a's next round
-    assert a.token_times == pytest.approx([1.0, 1.5, 3.0, 3.5])
-    assert b.token_times == pytest.approx([2.5, 3.0])
+    # a: prefill 0-1, rounds 1-1.5 and 1.5-2 (dispatched at 1, before b arrived at 1.2); b's
+    # prefill then runs 2-3, and a's last round waits for it
+    assert a.token_times == pytest.approx([1.0, 1.5, 2.0, 3.5])
+    assert b.token_times == pytest.approx([3.0, 3.5])
 
 
 def test_chunked_prefill_alternates_chunks_and_rounds():
@@ -174,8 +176,8 @@ def test_a_pull_from_a_busy_cpu_prefill_process_waits_for_its_batch():
 
 
 def test_attainment_is_the_benchmarks():
-    records = simulate(_disaggregated(), _profile(), [PlannedRequest(0.0, 20, 5), PlannedRequest(0.0, 20, 5)], 512)
-    assert [r.ttft for r in records] == pytest.approx([1.0, 2.0])
+    records = simulate(_disaggregated(), _profile(), [PlannedRequest(0.0, 20, 5), PlannedRequest(0.1, 20, 5)], 512)
+    assert [r.ttft for r in records] == pytest.approx([1.0, 1.9])
     assert attainment(records, SLO(ttft=2.5, tpot=1.0)) == 1.0
     assert attainment(records, SLO(ttft=1.5)) == 0.5
     assert attainment(records, SLO(ttft=2.5, tpot=0.1)) == 0.0

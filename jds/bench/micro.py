@@ -36,7 +36,8 @@ from jax.sharding import NamedSharding
 
 from jds.bench.server_process import ServerProcess
 from jds.config import Config
-from jds.engine.programs import PrefillProgram, empty_rows, length_buckets, place_params
+from jds.engine.programs import PrefillProgram, empty_rows, place_params
+from jds.scheduling.policy import length_buckets
 from jds.engine.request import Request
 from jds.engine.sequence import Sequence
 from jds.mesh.placement import PrefillBatching

@@ -26,7 +26,8 @@ from jds.api.logprobs import logprob_message
 from jds.cluster import lockstep
 from jds.cluster.wire import offer_from, sequence_from
 from jds.engine.decode import KV_LOST, DecodeWorker, Delivery
-from jds.engine.programs import Pipeline, compile_all, decode_pipeline, length_buckets
+from jds.engine.programs import Pipeline, compile_all, decode_pipeline
+from jds.scheduling.policy import length_buckets
 from jds.engine.sequence import Sequence
 from jds.engine.slots import SlotPool
 from jds.mesh.placement import DecodeInstance

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -23,6 +24,7 @@ from jds.engine.programs import Pipeline, PrefillProgram, empty_rows, set_row
 from jds.engine.sequence import Sequence
 from jds.engine.slots import SlotPool
 from jds.engine.waiting import WaitingQueue
+from jds.scheduling import policy
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +76,22 @@ class ColocatedWorker:
                 self._recover(f"{self.name} failed: {exc}")
 
     def _iterate(self) -> None:
-        idle = not self.batch.busy and self._chunking is None
-        timeout = POLL_SECONDS if idle else 0.0
-        if self.chunk is None:
-            self._admit(timeout)
-        else:
-            self._prefill_chunk(timeout)
+        chunking = self._chunking is not None
+        if not self.batch.busy and not chunking:
+            self._waiting.wait(POLL_SECONDS)  # idle: until a request comes
+        if policy.colocated_prefills(self.pool.free, len(self._waiting), chunking):
+            self._decode(self.batch.drain)  # the round in flight is read first: its tokens are not held behind the prefill
+            self._admit() if self.chunk is None else self._prefill_chunk()
         self.batch.reap_aborted()
         if self.batch.busy:
-            resets = self.batch.resets
-            self.batch.step()
-            if self.batch.resets != resets and self._chunking is not None:
-                self._chunking.done = 0  # the chunks written so far went with the cache
+            self._decode(self.batch.step)
+
+    def _decode(self, work: Callable[[], None]) -> None:
+        """Step or drain the decode batch; if a fault replaced the cache, a prompt being chunked starts over."""
+        resets = self.batch.resets
+        work()
+        if self.batch.resets != resets and self._chunking is not None:
+            self._chunking.done = 0  # the chunks written so far went with the cache
 
     def _recover(self, error: str) -> None:
         """A fault that may have consumed the cache: every request in it goes back to prefill once."""
@@ -95,12 +101,8 @@ class ColocatedWorker:
             self.batch.retry_or_fail(c.seq, error)
         self.batch.recover(error)
 
-    def _admit(self, timeout: float) -> None:
-        free = self.pool.free
-        if not free:
-            return
-        limit = min(free, self.program.batching.max_batch)
-        seqs = self._waiting.take(self.program.fits, self._accepts, limit, timeout)
+    def _admit(self) -> None:
+        seqs = self._waiting.take(self.program.batches, self._accepts, self.pool.free)
         if not seqs:
             return
         for s in seqs:
@@ -125,12 +127,10 @@ class ColocatedWorker:
         for row, seq in going:
             self.batch.join(seq, int(slot_ids[row]))
 
-    def _prefill_chunk(self, timeout: float) -> None:
+    def _prefill_chunk(self) -> None:
         """Advance the prompt being chunked by one chunk, taking a new one when none is."""
         if self._chunking is None:
-            if not self.pool.free:
-                return
-            seqs = self._waiting.take(lambda lengths: True, self._accepts, 1, timeout)
+            seqs = self._waiting.take(self.program.batches, self._accepts, 1)
             if not seqs:
                 return
             seq = seqs[0]
@@ -157,7 +157,7 @@ class ColocatedWorker:
             set_row(rows, 0, seq)
             out = self.pipeline.forward(
                 tokens, np.array([c.done], np.int32), c.slot, np.array([real - 1], np.int32), rows, np.zeros(1, np.int32),
-                self.pipeline.context(c.done),
+                policy.bucket(self.pipeline.contexts, c.done),
             )  # fmt: skip
             c.done += real
             if c.done < len(prompt):

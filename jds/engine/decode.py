@@ -27,6 +27,7 @@ import numpy as np
 from jds.engine.programs import Pipeline, clear_row, empty_rows, set_row, slice_rows
 from jds.engine.sequence import Sequence
 from jds.engine.slots import SlotPool
+from jds.scheduling import policy
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,14 @@ KV_LOST = "KV lost"  # how the error of a request whose KV a device fault took b
 class DecodeBatch:
     """The sequences holding slots of one pipeline; only the owning worker thread calls it.
 
-    A round visits the microbatches in order: it reads the tokens of the microbatch's previous
-    dispatch (blocking only on that one), applies them, and dispatches its next step at once.
-    With ``pp`` stages and ``pp`` microbatches, while the host reads microbatch m, the other
-    microbatches are in flight on the other stages, so every stage keeps working.
+    A round visits the microbatches in order: it dispatches the microbatch's next step, then
+    reads the tokens of its previous one (blocking only on that one) and streams them. The next
+    step does not wait for the host: a row continuing from the step in flight takes that step's
+    token on the device (the pipeline's feed), so the host's reading, detokenizing and
+    publishing hide under the device's work. The price is one step computed for nothing when a
+    row turns out to have finished (a stop id or string; not a length limit, which is known).
+    With ``pp`` stages and ``pp`` microbatches the other microbatches are in flight on the other
+    stages, so every stage keeps working.
     """
 
     def __init__(self, pipeline: Pipeline, pool: SlotPool, requeue: Callable[[Sequence], None] | None = None):
@@ -82,47 +87,70 @@ class DecodeBatch:
                 self.leave(slot)
 
     def step(self) -> None:
-        """One round: every microbatch's previous tokens applied, its next step dispatched."""
+        """One round: every microbatch's next step dispatched, then its previous tokens applied."""
         try:
             for m, (lo, hi) in enumerate(self.pipeline.microbatch_bounds):
-                if m in self._inflight:
-                    self._collect(m)
-                self._dispatch(m, lo, hi)
+                self._advance(m, lo, hi)
         except Exception as exc:  # a failed program may have consumed the donated cache
             log.exception("decode step failed")
             self.recover(f"decode step failed: {exc}")
 
-    def _dispatch(self, m: int, lo: int, hi: int) -> None:
-        members = {s: seq for s, seq in self.active.items() if lo <= s < hi}
-        if not members:
-            return
+    def _advance(self, m: int, lo: int, hi: int) -> None:
+        previous = self._inflight.pop(m, None)  # (device out, members) of the step in flight
+        fed = previous[1] if previous is not None else {}
+        members = self._members(lo, hi, fed)
         try:
-            out = self._forward(lo, members)
+            if members:
+                self._inflight[m] = (self._forward(lo, members, fed), members)
         except Exception as exc:
             if not self.pipeline.intact:
                 raise
-            self._run_apart(lo, members, exc)
+            if previous is None:
+                self._run_apart(lo, members, exc)
+                return
+            self._apply(*previous, lo)  # then again, every row's token known on the host
+            self._advance(m, lo, hi)
             return
-        self._inflight[m] = (out, members)
+        if previous is not None:
+            self._apply(*previous, lo)
 
-    def _forward(self, lo: int, members: dict[int, Sequence], apart: bool = False):
-        """Dispatch a step of ``members``; ``apart``: with no other row's sampling settings, which
-        may be what broke the step they were part of."""
-        n = self.pipeline.rows(max(members) - lo + 1)  # rows lo .. lo + n, a bucket covering every member
-        tokens, steps = np.zeros((n, 1), np.int32), np.zeros(n, np.int32)
+    def drain(self) -> None:
+        """Read every step in flight (before the device is given other work)."""
+        try:
+            for m, (lo, _) in enumerate(self.pipeline.microbatch_bounds):
+                if m in self._inflight:
+                    self._apply(*self._inflight.pop(m), lo)
+        except Exception as exc:
+            log.exception("decode step failed")
+            self.recover(f"decode step failed: {exc}")
+
+    def _members(self, lo: int, hi: int, fed: dict[int, Sequence]) -> dict[int, Sequence]:
+        """The rows of slots ``lo .. hi`` to step, less those whose token in flight is their last
+        by length."""
+        return {s: seq for s, seq in self.active.items() if lo <= s < hi and policy.steps_again(len(seq.tokens), fed.get(s) is seq, seq.limit)}
+
+    def _forward(self, lo: int, members: dict[int, Sequence], fed: dict[int, Sequence], apart: bool = False):
+        """Dispatch a step of ``members``, each continuing from its newest token: on the host, or
+        (the rows ``fed`` holds) drawn by the step in flight; ``apart``: with no other row's
+        sampling settings, which may be what broke the step they were part of."""
+        ahead = {s: fed.get(s) is seq for s, seq in members.items()}  # one token ahead of what the host has read
+        longest = max(seq.position + ahead[s] for s, seq in members.items())
+        n, context = self.pipeline.round_shape(max(members) - lo, longest)  # rows lo .. lo + n
+        tokens, steps, from_feed = np.zeros((n, 1), np.int32), np.zeros(n, np.int32), np.zeros(n, bool)
         # Free slots among those rows still compute, but at a position past the cache, so their
         # K/V writes are dropped: a slot being filled chunk by chunk must not be touched.
         positions = np.full(n, self.pipeline.max_seq_len, np.int32)
         for s, seq in members.items():
-            tokens[s - lo, 0], positions[s - lo], steps[s - lo] = seq.tokens[-1], seq.position, len(seq.tokens)
-        context = self.pipeline.context(max(seq.position for seq in members.values()))
+            from_feed[s - lo], positions[s - lo], steps[s - lo] = ahead[s], seq.position + ahead[s], len(seq.tokens) + ahead[s]
+            if not ahead[s]:
+                tokens[s - lo, 0] = seq.tokens[-1]
         rows = slice_rows(self.rows, lo, lo + n)
         if apart:
             mine, only = np.fromiter(members, np.int64) - lo, empty_rows(n)
             for kept, every in zip(jax.tree.leaves(only), jax.tree.leaves(rows)):
                 kept[mine] = every[mine]
             rows = only
-        return self.pipeline.forward(tokens, positions, lo, np.zeros(n, np.int32), rows, steps, context)
+        return self.pipeline.forward(tokens, positions, lo, np.zeros(n, np.int32), rows, steps, context, from_feed)
 
     def _run_apart(self, lo: int, members: dict[int, Sequence], exc: Exception) -> None:
         """A step of ``members`` failed before it ran: step halves of them, at once, down to the
@@ -138,17 +166,13 @@ class DecodeBatch:
         half = (len(ordered) + 1) // 2
         for part in (dict(ordered[:half]), dict(ordered[half:])):
             try:
-                out = self._forward(lo, part, apart=True)
+                out = self._forward(lo, part, {}, apart=True)
             except Exception as again:
                 if not self.pipeline.intact:
                     raise
                 self._run_apart(lo, part, again)
                 continue
             self._apply(out, part, lo)
-
-    def _collect(self, m: int) -> None:
-        out, members = self._inflight.pop(m)
-        self._apply(out, members, self.pipeline.microbatch_bounds[m][0])
 
     def _apply(self, out, members: dict[int, Sequence], lo: int) -> None:
         drawn = jax.device_get(out)

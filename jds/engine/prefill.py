@@ -20,12 +20,12 @@ from jds.engine.programs import KVPieces, PrefillProgram
 from jds.engine.request import PromptLogprobs
 from jds.engine.sequence import Sequence
 from jds.engine.waiting import WaitingQueue
+from jds.scheduling import policy
 from jds.transfer.handoff import send_kv
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
-PENDING_BATCHES = 2  # prefilled batches whose KV may wait for transfer per instance
 
 
 Prefilled = tuple[list[tuple[int, Sequence]], KVPieces]  # (batch row, sequence) pairs that go on to decode, and the KV
@@ -137,10 +137,10 @@ class DecodeRouter:
         need = seq.prompt_len + seq.limit
         with self._cond:
             fits = [d for d in self.decoders if d.max_seq_len >= need]
-            best = max(fits, key=lambda d: d.pool.free, default=None)
-            if best is None or not best.pool.free:
+            best = policy.most_room([d.pool.free for d in fits])
+            if best is None or not fits[best].pool.free:
                 return None
-            return best, best.pool.try_reserve()
+            return fits[best], fits[best].pool.try_reserve()
 
     def wait(self, timeout: float) -> None:
         with self._cond:
@@ -201,7 +201,7 @@ class PrefillWorker:
         self._waiting = waiting
         self._ship_batch = ship
         self._stop = stop
-        self._pending: queue.Queue = queue.Queue(maxsize=PENDING_BATCHES)
+        self._pending: queue.Queue = queue.Queue(maxsize=policy.PENDING_BATCHES)
         self.threads = [
             threading.Thread(target=self._prefill_loop, name=f"{name}", daemon=True),
             threading.Thread(target=self._transfer_loop, name=f"{name}-transfer", daemon=True),
@@ -213,7 +213,7 @@ class PrefillWorker:
             self._prefill_once()
 
     def _prefill_once(self) -> None:
-        seqs = self._waiting.take(self.program.fits, _any_prompt, self.program.batching.max_batch, POLL_SECONDS)
+        seqs = self._waiting.take(self.program.batches, _any_prompt, timeout=POLL_SECONDS)
         if not seqs:
             return
         for s in seqs:

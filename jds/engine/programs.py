@@ -10,6 +10,7 @@ the stages busy, and WORKSPACE.md says why this is not one SPMD program).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -31,41 +32,11 @@ from jds.model.params import Params, float_dtype
 from jds.model.sampling import Sampled, SamplingRows, sample
 from jds.engine.request import PromptLogprobs, TokenLogprob
 from jds.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
+from jds.scheduling import policy
+from jds.scheduling.policy import PrefillBatches, length_buckets, pow2_at_least, row_buckets
 from jds.transfer.handoff import StageTarget
 
 log = logging.getLogger(__name__)
-
-MIN_BUCKET = 16
-
-
-def length_buckets(max_len: int) -> list[int]:
-    """Powers of two from MIN_BUCKET, capped by (and ending at) ``max_len``."""
-    buckets, b = [], MIN_BUCKET
-    while b < max_len:
-        buckets.append(b)
-        b *= 2
-    return buckets + [max_len]
-
-
-def row_buckets(size: int) -> list[int]:
-    """How many rows of a microbatch of ``size`` slots a decode step may compute: 1, 8, 64, ...
-    below ``size``, then ``size``.
-
-    Slots are handed out lowest first, so at light load a step computes only the rows up to the
-    highest slot in use, rounded up to a bucket: on 2 CPU cores a SmolLM2 step takes 20 ms for 1
-    row, 39 ms for 8 and 94 ms for 32. Each bucket costs one more compile per context
-    (about 0.5 s each), so the buckets are far apart: the default 8 slots add one, batch 1.
-    """
-    buckets, rows = [], 1
-    while rows < size:
-        buckets.append(rows)
-        rows *= 8
-    return buckets + [size]
-
-
-def pow2_at_least(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
 
 def empty_rows(n: int) -> SamplingRows:
     """Host-side sampling rows: greedy, no stop ids, no penalties."""
@@ -157,8 +128,7 @@ class PrefillProgram:
         self.arch = arch
         self.params = params
         self.mesh = jax.tree.leaves(params)[0].sharding.mesh
-        self.buckets = length_buckets(max_len)
-        self.batching = batching
+        self.batches = PrefillBatches.up_to(max_len, batching.max_batch, batching.max_batch_tokens)  # what a call takes
         self.starts = (0, *cuts)
         self.broadcast: Callable[..., None] | None = None  # (op, *inputs): a multi-process instance's leader tells its followers
         kv_sharding = replicated(self.mesh) if gather_kv else NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
@@ -172,27 +142,9 @@ class PrefillProgram:
         )  # compiled on first use per length bucket: scoring prompts is for evaluations, not in warm-up
         self._sample_batches: set[int] = set()  # batch sizes whose sampling warm-up compiled
 
-    def bucket(self, length: int) -> int:
-        return next(b for b in self.buckets if b >= length)
-
-    def cost(self, lengths: list[int]) -> int:
-        """Padded tokens a batch of these prompt lengths occupies."""
-        return self.bucket(max(lengths)) * pow2_at_least(len(lengths))
-
-    def fits(self, lengths: list[int]) -> bool:
-        """Whether these prompts may share one batch (a single prompt always may)."""
-        b = self.batching
-        return len(lengths) == 1 or (len(lengths) <= b.max_batch and self.cost(lengths) <= b.max_batch_tokens)
-
     def shapes(self) -> list[tuple[int, int]]:
         """Every (batch, bucket) this program can be called with: what warm-up compiles."""
-        out = []
-        for bucket in self.buckets:
-            batch = 1
-            while batch == 1 or (batch <= self.batching.max_batch and batch * bucket <= self.batching.max_batch_tokens):
-                out.append((batch, bucket))
-                batch *= 2
-        return out
+        return self.batches.shapes()
 
     def inputs(self, batch: int, bucket: int) -> tuple[np.ndarray, np.ndarray, SamplingRows]:
         """Host inputs of one (batch, bucket) call, all padding: what compiles and profiles use."""
@@ -200,7 +152,7 @@ class PrefillProgram:
 
     def run(self, seqs: list) -> tuple[Sampled, KVPieces]:
         """What each sequence's first token is (on the host), and the batch's KV pieces (on this mesh)."""
-        batch, bucket = pow2_at_least(len(seqs)), self.bucket(max(s.context_len for s in seqs))
+        batch, bucket = pow2_at_least(len(seqs)), self.batches.bucket(max(s.context_len for s in seqs))
         tokens, lengths, rows = self.inputs(batch, bucket)
         for i, s in enumerate(seqs):
             tokens[i, : s.context_len] = s.context_ids
@@ -220,7 +172,7 @@ class PrefillProgram:
         """For each sequence, the log-probability of each of its prompt tokens given those before
         it (none for the first), with its ``prompt_logprobs`` likeliest tokens at each position:
         the batch in one call."""
-        tokens, lengths, _ = self.inputs(pow2_at_least(len(seqs)), self.bucket(max(s.prompt_len for s in seqs)))
+        tokens, lengths, _ = self.inputs(pow2_at_least(len(seqs)), self.batches.bucket(max(s.prompt_len for s in seqs)))
         for i, s in enumerate(seqs):
             tokens[i, : s.prompt_len] = s.request.prompt_ids
             lengths[i] = s.prompt_len
@@ -243,7 +195,7 @@ class PrefillProgram:
     def _history(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Each row's prompt, padded to the longest bucket with -1 (what penalties read), so the
         sampling program keeps one shape per batch size."""
-        history = np.full((tokens.shape[0], self.buckets[-1]), -1, np.int32)
+        history = np.full((tokens.shape[0], self.batches.buckets[-1]), -1, np.int32)
         real = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
         history[:, : tokens.shape[1]] = np.where(real, tokens, -1)
         return history
@@ -254,19 +206,30 @@ class PrefillProgram:
         self._prefill.lower(self.params, tokens, lengths).compile()
         if batch not in self._sample_batches:
             logits = jax.ShapeDtypeStruct((batch, self.arch.vocab_size), jnp.float32, sharding=replicated(self.mesh))
-            history = jax.ShapeDtypeStruct((batch, self.buckets[-1]), jnp.int32)
+            history = jax.ShapeDtypeStruct((batch, self.batches.buckets[-1]), jnp.int32)
             self._sample.lower(logits, rows, history).compile()
             self._sample_batches.add(batch)
 
 
-def _run_stage(params: Params, cache: KVCache, history, inputs, tokens, start, row_offset, last_index, rows, steps, *, arch, first, last, context):
-    """One stage's layers for one microbatch, reading ``context`` cache positions. The last stage
-    also writes the microbatch's tokens into its rows of the token ``history`` (what penalties
-    read; the cache's twin) and samples."""
+def _fed_tokens(tokens, feed, from_feed, feed_row):
+    """The step's input tokens: a row marked ``from_feed`` takes the token its previous step drew,
+    still on the device (``feed``, this microbatch's newest token per row), instead of the host's."""
+    fed = jax.lax.dynamic_slice(feed, (feed_row,), (tokens.shape[0],))
+    return jnp.where(from_feed[:, None], fed[:, None], tokens)
+
+
+def _run_stage(params: Params, cache: KVCache, history, feed, inputs, tokens, from_feed, start, row_offset, feed_row, last_index, rows, steps, *, arch, first, last, context):
+    """One stage's layers for one microbatch, reading ``context`` cache positions. The first stage
+    embeds the step's tokens, some taken from ``feed``. The last stage also writes them into its
+    rows of the token ``history`` (what penalties read; the cache's twin), samples, and writes the
+    drawn tokens into ``feed`` (what lets the host dispatch the next step before it reads them)."""
+    if first:
+        inputs = _fed_tokens(inputs, feed, from_feed, feed_row)
     x = llama.embed(params, inputs) if first else inputs
     x, cache = llama.decoder_layers(params.layers, cache, x, start, row_offset, arch, context)
     if not last:
-        return x, cache, history
+        return x, cache, history, None
+    tokens = _fed_tokens(tokens, feed, from_feed, feed_row)
     b, t = tokens.shape
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     rows_of = row_offset + jnp.arange(b)[:, None]
@@ -275,7 +238,8 @@ def _run_stage(params: Params, cache: KVCache, history, inputs, tokens, start, r
     mine = jax.lax.dynamic_slice(history, (row_offset, 0), (b, seen))
     mine = jnp.where(jnp.arange(seen)[None, :] <= (start + last_index)[:, None], mine, -1)  # not a previous occupant's
     h = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
-    return sample(llama.logits(params, h, arch), rows, steps, mine), cache, history
+    drawn = sample(llama.logits(params, h, arch), rows, steps, mine)
+    return drawn, cache, history, jax.lax.dynamic_update_slice(feed, drawn.tokens, (feed_row,))
 
 
 def _write_history(history: jax.Array, slot: jax.Array, ids: jax.Array) -> jax.Array:
@@ -288,10 +252,28 @@ def _insert_pieces(cache: KVCache, pieces: tuple[jax.Array, ...], slots, offsets
     return cache
 
 
-class Stage:
-    """A layer range with its weights and its slice of every slot's KV, on its own mesh."""
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """The host's inputs of one program call over a microbatch's rows (see ``Pipeline.forward``)."""
 
-    def __init__(self, arch: Architecture, params: Params, span: StageSpan, devices: Seq[jax.Device], slots: int, seq: int):
+    tokens: np.ndarray  # [B, T] token ids; a row marked in ``from_feed`` is replaced by its ``feed`` entry
+    from_feed: np.ndarray  # [B] bool
+    start: np.ndarray  # [B] position of each row's first token
+    row_offset: int  # the first slot of the rows
+    microbatch: int  # whose feed the rows read and write
+    feed_row: int  # row_offset's row in that feed
+    last_index: np.ndarray  # [B] which of the T tokens is sampled from
+    rows: SamplingRows
+    steps: np.ndarray  # [B] tokens each row generated before this call
+
+
+class Stage:
+    """A layer range with its weights and its slice of every slot's KV, on its own mesh. The last
+    stage also holds each microbatch's feed: the newest token drawn for each of its rows."""
+
+    def __init__(
+        self, arch: Architecture, params: Params, span: StageSpan, devices: Seq[jax.Device], slots: int, seq: int, microbatches: int
+    ):
         self.arch = arch
         self.span = span
         self.mesh = make_mesh(devices)
@@ -308,23 +290,36 @@ class Stage:
         self.cache = self._zeros()
         self._empty_history = jax.jit(lambda: jnp.full((slots, seq), -1, jnp.int32), out_shardings=self.activations)
         self.history = self._empty_history() if span.last else None  # each slot's tokens, by position
+        self._empty_feed = jax.jit(lambda: jnp.zeros(slots // microbatches, jnp.int32), out_shardings=self.activations)
+        self.feeds = [self._empty_feed() for _ in range(microbatches)] if span.last else None
+        last = (self.activations,) * 2 if span.last else (None, None)
         self._run = jax.jit(
             functools.partial(_run_stage, arch=arch, first=span.first, last=span.last),
-            donate_argnums=(1, 2),
+            donate_argnums=(1, 2, 3) if span.last else (1,),  # a first stage's feed is the last stage's, copied
             static_argnames="context",
-            out_shardings=(self.activations, self.cache_sharding, self.activations if span.last else None),
+            out_shardings=(self.activations, self.cache_sharding, *last),
         )
         self._insert = jax.jit(_insert_pieces, donate_argnums=0, static_argnums=3, out_shardings=self.cache_sharding)
         self._write_history = jax.jit(_write_history, donate_argnums=0, out_shardings=self.activations)
 
-    def _run_args(self, inputs, tokens, start, row_offset, last_index, rows, steps) -> tuple:
-        if not self.span.last:
-            return (inputs, None, start, np.int32(row_offset), None, None, None)
-        return (inputs, tokens, start, np.int32(row_offset), last_index, rows, steps)
+    def _run_args(self, inputs, step: StepInputs) -> tuple:
+        """What this stage's program takes after its state: what a middle stage does not read is None."""
+        first, last = self.span.first, self.span.last
+        fed = first or last
+        return (
+            inputs, step.tokens if last else None, step.from_feed if fed else None, step.start, np.int32(step.row_offset),
+            np.int32(step.feed_row) if fed else None, *((step.last_index, step.rows, step.steps) if last else (None,) * 3),
+        )  # fmt: skip
 
-    def run(self, inputs, tokens, start, row_offset, last_index, rows, steps, context: int):
-        args = self._run_args(inputs, tokens, start, row_offset, last_index, rows, steps)
-        out, self.cache, self.history = self._run(self.params, self.cache, self.history, *args, context=context)
+    def run(self, inputs, step: StepInputs, context: int, feed: jax.Array | None = None):
+        """Dispatch this stage's program; ``feed``: for a first stage that is not the last, the
+        last stage's feed of the microbatch, on this stage's devices."""
+        if self.span.last:
+            feed = self.feeds[step.microbatch]
+        args = self._run_args(inputs, step)
+        out, self.cache, self.history, feed = self._run(self.params, self.cache, self.history, feed, *args, context=context)
+        if self.span.last:
+            self.feeds[step.microbatch] = feed
         return out
 
     def write_history(self, slot: int, ids: np.ndarray) -> None:
@@ -341,6 +336,7 @@ class Stage:
         self.cache = self._zeros()
         if self.span.last:
             self.history = self._empty_history()
+            self.feeds = [self._empty_feed() for _ in self.feeds]
 
     def compile_run(self, batch: int, length: int, context: int) -> jax.stages.Compiled:
         """Compile this stage for ``batch`` rows of ``length`` new tokens reading ``context`` positions, ahead of time."""
@@ -349,8 +345,10 @@ class Stage:
         else:
             inputs = jax.ShapeDtypeStruct((batch, length, self.arch.hidden_size), self.dtype, sharding=self.activations)
         vector = np.zeros(batch, np.int32)
-        args = self._run_args(inputs, np.zeros((batch, length), np.int32), vector, 0, vector, empty_rows(batch), vector)
-        return self._run.lower(self.params, self.cache, self.history, *jax.tree.map(_spec, args), context=context).compile()
+        step = StepInputs(np.zeros((batch, length), np.int32), np.zeros(batch, bool), vector, 0, 0, 0, vector, empty_rows(batch), vector)
+        args = self._run_args(inputs, step)
+        feed = _spec(self._empty_feed()) if self.span.first or self.span.last else None
+        return self._run.lower(self.params, self.cache, self.history, feed, *jax.tree.map(_spec, args), context=context).compile()
 
     def compile_insert(self, batch: int, bucket: int, starts: Seq[int]) -> jax.stages.Compiled:
         """Compile the insert of a (batch, bucket) prefill cut at ``starts``, ahead of time."""
@@ -382,27 +380,37 @@ class Pipeline:
         self.max_seq_len = max_seq_len
         self.contexts = length_buckets(max_seq_len)  # how many cache positions a step may read
         self.microbatches = microbatches
-        size = slots // microbatches
+        self.microbatch_size = size = slots // microbatches
         self.microbatch_bounds = [(lo, lo + size) for lo in range(0, slots, size)]  # slot range [lo, hi) of each
         self.row_buckets = row_buckets(size)
-        self.stages = [Stage(arch, params, span, devs, slots, max_seq_len) for span, devs in zip(spans, stage_devices)]
+        self.stages = [Stage(arch, params, span, devs, slots, max_seq_len, microbatches) for span, devs in zip(spans, stage_devices)]
 
-    def context(self, longest: int) -> int:
-        """The cache positions a step must read when its rows hold up to ``longest`` tokens."""
-        return next(c for c in self.contexts if c >= longest)
+    def round_shape(self, highest: int, longest: int) -> tuple[int, int]:
+        """The (rows, context) a step computes when row ``highest`` of its microbatch is the
+        highest in use and ``longest`` the furthest position a row writes."""
+        return policy.round_shape(self.row_buckets, self.contexts, highest, longest)
 
-    def rows(self, used: int) -> int:
-        """The rows a step computes when the highest slot in use is row ``used - 1`` of its microbatch."""
-        return next(r for r in self.row_buckets if r >= used)
+    def forward(
+        self, tokens: np.ndarray, start: np.ndarray, row_offset: int, last_index: np.ndarray, rows, steps, context: int,
+        from_feed: np.ndarray | None = None,
+    ) -> Sampled:  # fmt: skip
+        """Dispatch rows ``row_offset ..`` of one microbatch through every stage (asynchronously),
+        reading ``context`` cache positions (``Pipeline.context``); what they draw, on the device.
 
-    def forward(self, tokens: np.ndarray, start: np.ndarray, row_offset: int, last_index: np.ndarray, rows, steps, context: int):
-        """Dispatch one microbatch through every stage (asynchronously), reading ``context`` cache
-        positions (``Pipeline.context``); device (tokens, is_stop)."""
-        x = tokens
+        A row marked in ``from_feed`` takes as its token the one its previous step drew, without
+        the host having read it: so a step can be dispatched while the one before still runs.
+        """
+        microbatch, feed_row = divmod(row_offset, self.microbatch_size)
+        from_feed = np.zeros(tokens.shape[0], bool) if from_feed is None else from_feed
+        step = StepInputs(tokens, from_feed, start, row_offset, microbatch, feed_row, last_index, rows, steps)
+        x, last = tokens, self.stages[-1]
         for stage in self.stages:
+            feed = None
             if not stage.span.first:
                 x = jax.device_put(x, stage.activations)
-            x = stage.run(x, tokens, start, row_offset, last_index, rows, steps, context)
+            elif not stage.span.last:
+                feed = jax.device_put(last.feeds[microbatch], stage.activations)
+            x = stage.run(x, step, context, feed)
         return x
 
     def write_history(self, slot: int, ids) -> None:
@@ -425,7 +433,7 @@ class Pipeline:
     def intact(self) -> bool:
         """Whether every stage still holds its cache: a call that failed before it ran did not
         consume the cache it donates, one that failed on the device may have."""
-        held = [leaf for stage in self.stages for leaf in jax.tree.leaves((stage.cache, stage.history))]
+        held = [leaf for stage in self.stages for leaf in jax.tree.leaves((stage.cache, stage.history, stage.feeds))]
         return not any(leaf.is_deleted() for leaf in held)
 
     @property

@@ -1,23 +1,24 @@
-"""Decode slots: which are free, and the routing of a request to the least-loaded decode instance.
+"""Decode slots of one instance, shared between the threads that reserve and release them.
 
 A slot is reserved when a prefilled request is routed (before its KV moves), so KV never lands
 where there is no room, and released by the decode loop when the request ends. All pools of an
 engine share one condition, so a router waiting for room wakes when any instance frees a slot.
+Which slot is handed out is the scheduling policy's (``LowestFirst``).
 """
 
 from __future__ import annotations
 
-import heapq
 import threading
+
+from jds.scheduling.policy import LowestFirst
 
 
 class SlotPool:
-    """Free slots of one decode instance, handed out lowest first: a decode step computes the rows
-    up to the highest slot in use, so keeping the busy slots low keeps light-load steps small."""
+    """``LowestFirst`` slots behind the engine's condition."""
 
     def __init__(self, slots: int, cond: threading.Condition):
         self.size = slots
-        self._free = list(range(slots))  # a heap
+        self._free = LowestFirst(slots)
         self._cond = cond
 
     @property
@@ -30,11 +31,9 @@ class SlotPool:
 
     def try_reserve(self) -> int | None:
         with self._cond:
-            return heapq.heappop(self._free) if self._free else None
+            return self._free.take()
 
     def release(self, slot: int) -> None:
         with self._cond:
-            if slot in self._free:
-                raise RuntimeError(f"slot {slot} released twice")
-            heapq.heappush(self._free, slot)
+            self._free.give_back(slot)
             self._cond.notify_all()

@@ -7,10 +7,12 @@ first: the least-loaded one, without a central guess about load.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 from collections.abc import Callable
 
 from jds.engine.sequence import Sequence
+from jds.scheduling.policy import PrefillBatches
 
 
 class WaitingQueue:
@@ -46,25 +48,23 @@ class WaitingQueue:
         with self._cond:
             self._cond.notify_all()
 
-    def take(
-        self,
-        fits: Callable[[list[int]], bool],
-        accepts: Callable[[Sequence], bool],
-        max_requests: int,
-        timeout: float,
-    ) -> list[Sequence]:
-        """The longest FCFS prefix that ``fits`` one batch (lengths to prefill), of sequences this instance ``accepts``.
+    def wait(self, timeout: float) -> None:
+        """Until a request waits, or ``timeout`` seconds."""
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
 
-        Waits up to ``timeout`` seconds for a first request. Never skips the head of the queue:
-        a request that does not fit here waits for an instance where it does.
+    def take(
+        self, batches: PrefillBatches, accepts: Callable[[Sequence], bool], limit: int | None = None, timeout: float = 0.0
+    ) -> list[Sequence]:
+        """The next prefill call's requests (``PrefillBatches.take``), among the head requests this
+        instance ``accepts``: a request it cannot serve waits for an instance that can.
+
+        Waits up to ``timeout`` seconds for a first request.
         """
         with self._cond:
             if not self._items and timeout > 0:
                 self._cond.wait(timeout)
-            batch: list[Sequence] = []
-            while self._items and len(batch) < max_requests:
-                head = self._items[0]
-                if not accepts(head) or not fits([s.context_len for s in batch] + [head.context_len]):
-                    break
-                batch.append(self._items.popleft())
-            return batch
+            served = itertools.takewhile(accepts, self._items)
+            n = batches.take((s.context_len for s in served), batches.max_batch if limit is None else limit)
+            return [self._items.popleft() for _ in range(n)]

@@ -1,20 +1,20 @@
 """A discrete-event replay of the engine's scheduling, with latencies from a profile.
 
-It follows the engine's rules rather than an idealised queue, because attainment near the knee
-depends on them:
-- one FCFS waiting queue; a batch is the longest prefix that fits ``max_batch`` and
-  ``max_batch_tokens`` (padded to the length bucket and a power-of-two batch, as the program is);
-- a prefill instance stalls while ``PENDING_BATCHES`` of its batches wait for decode slots;
-- in one process, a prefill instance's transfer thread reserves a slot on the decode instance with
-  the most free slots, waits when none is free, and moves the whole batch's KV; between processes,
-  each request's row is pulled by the decode instance's landing thread, one at a time, once it
-  holds a slot (and, where the profile says pulls wait for prefill, not before the prefill process
-  finishes the batch it is computing);
-- slots are handed out lowest first; a decode round computes the slots up to the highest in use,
-  rounded up to a row bucket (every slot when an instance runs several microbatches), at the
-  context bucket of the longest sequence, and KV that landed joins at the next round;
-- a colocated instance runs a prefill batch (or one chunk) whenever it has free slots and requests
-  wait, then a decode round: the interference disaggregation removes.
+Every decision is the engine's own, made by the same functions (``jds.scheduling.policy``): the
+FCFS prefill batch and its padded shape, the prefill stall, the decode instance with the most
+room, the lowest free slot, a round's rows and context bucket, when a colocated instance
+prefills. What is modelled here is only time: when each decision is taken and how long the
+device works on it, following the engine's threads:
+- a decode loop dispatches its next round before it reads the one in flight, so the requests
+  of round k + 1 are fixed when round k starts (KV that lands during round k joins round k + 2),
+  a request's last round by length is known ahead, and its slot frees when that round is read;
+- a colocated instance that prefills first reads the round in flight, then runs the prefill
+  batch (or one chunk), then dispatches the next round with the new requests;
+- in one process, a prefill instance's transfer thread reserves a slot on the decode instance
+  with the most room, waits when none is free, and moves the whole batch's KV; between
+  processes, each request's row is pulled by the decode instance's landing thread, one at a time,
+  once it holds a slot (and, where the profile says pulls wait for prefill, not before the
+  prefill process finishes the batch it is computing).
 
 Per-request results are ``RequestRecord``s, so attainment and goodput are computed by the very
 functions the benchmark uses.
@@ -22,7 +22,6 @@ functions the benchmark uses.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import heapq
 import itertools
@@ -30,11 +29,11 @@ from collections.abc import Callable, Sequence
 
 from jds.bench.metrics import RequestRecord
 from jds.bench.workloads import PlannedRequest
-from jds.engine.prefill import PENDING_BATCHES
-from jds.engine.programs import length_buckets, pow2_at_least, row_buckets
-from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillBatching
+from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement
 from jds.planner.latency import TransferModel
 from jds.planner.profile import DecodeEntry, PrefillEntry, Profile
+from jds.scheduling import policy
+from jds.scheduling.policy import LowestFirst, PrefillBatches, pow2_at_least
 
 
 class _Clock:
@@ -59,136 +58,156 @@ class _Request:
         self.decoder: _Decoder | None = None
         self.join = 0  # index of its first round in its decoder's ``round_ends``
         self.slot = 0  # which slot of its decoder it holds
-        self.finished = False
+        self.done = False  # no more rounds: its last was dispatched (or it needed none)
+
+    @property
+    def last_round(self) -> int:
+        return self.join + self.planned.output_len - 2
 
     def first_token(self, when: float) -> bool:
         """Prefill's token is out; whether the request goes on to decode."""
         self.first = when
-        self.finished = self.planned.output_len == 1
-        return not self.finished
+        self.done = self.planned.output_len == 1
+        return not self.done
 
     def record(self) -> RequestRecord:
         times = [self.first]
         if self.decoder is not None:
-            times += self.decoder.round_ends[self.join : self.join + self.planned.output_len - 1]
+            times += self.decoder.round_ends[self.join : self.last_round + 1]
         return RequestRecord(self.planned.input_len, self.planned.output_len, sent=self.planned.arrival, token_times=times, end=times[-1])
 
 
-def bucket(buckets: list[int], n: int) -> int:
-    """The smallest of ``buckets`` (ascending) holding ``n``; the largest if none does."""
-    return buckets[min(bisect.bisect_left(buckets, n), len(buckets) - 1)]
+def _take(waiting: collections.deque, batches: PrefillBatches, limit: int) -> list[_Request]:
+    """The requests the next prefill call takes from the head of the queue."""
+    n = batches.take((r.planned.input_len for r in waiting), limit)
+    return [waiting.popleft() for _ in range(n)]
 
 
-def _take(waiting: collections.deque, batching: PrefillBatching, buckets: list[int], limit: int) -> list[_Request]:
-    """The FCFS prefix one prefill batch takes (``WaitingQueue.take`` with ``PrefillProgram.fits``)."""
-    batch: list[_Request] = []
-    while waiting and len(batch) < min(limit, batching.max_batch):
-        lengths = [r.planned.input_len for r in batch] + [waiting[0].planned.input_len]
-        cost = bucket(buckets, max(lengths)) * pow2_at_least(len(lengths))
-        if len(lengths) > 1 and cost > batching.max_batch_tokens:
-            break
-        batch.append(waiting.popleft())
-    return batch
-
-
-def _prefill_seconds(latency: PrefillEntry, buckets: list[int], batch: list[_Request]) -> tuple[float, int]:
+def _prefill_seconds(latency: PrefillEntry, batches: PrefillBatches, batch: list[_Request]) -> tuple[float, int]:
     """The padded batch's time and its padded length."""
-    length = bucket(buckets, max(r.planned.input_len for r in batch))
+    length = batches.bucket(max(r.planned.input_len for r in batch))
     return latency.batch_seconds(pow2_at_least(len(batch)), length), length
 
 
 class _Decoder:
-    """One decode instance (or a colocated instance's decode half): slots and rounds.
+    """One decode instance (or a colocated instance's decode half): its slots, and its rounds
+    as the host dispatches and reads them.
 
     A round's cost depends only on the rows it computes and the longest sequence, so a round is
-    simulated in O(log n) whatever the batch: each request's token times are the round end
-    times from its first round on (``_Request.record``), finishing requests come off a heap
-    keyed by their last round, the longest one off a heap keyed by its length at round 0, and
-    the highest slot in use off a heap of slots. ``microbatches`` above 1 computes every slot.
+    simulated in O(log n) whatever the batch: each request's token times are the times its
+    rounds were read (``_Request.record``), requests leave off a heap keyed by their last round,
+    the longest one off a heap keyed by its length at round 0, and the highest slot in use off a
+    heap of slots. ``microbatches`` above 1 computes every slot.
     """
 
     def __init__(self, clock: _Clock, latency: DecodeEntry, slots: int, microbatches: int, max_seq_len: int, on_free: Callable[[], None]):
         self.clock = clock
         self.latency = latency
-        self.slots = slots
-        self.row_buckets = row_buckets(slots) if microbatches == 1 else [slots]
-        self.free = slots
+        self.slots = LowestFirst(slots)
+        self.row_buckets = policy.row_buckets(slots) if microbatches == 1 else [slots]
+        self.contexts = policy.length_buckets(max_seq_len)
         self.reserved_elsewhere = 0  # sent here by a router but not yet holding a slot
-        self.contexts = length_buckets(max_seq_len)
-        self.round_ends: list[float] = []
-        self.active = 0
-        self.landed: list[_Request] = []
-        self.stepping = False
+        self.dispatched = 0  # rounds dispatched
+        self.round_ends: list[float] = []  # when each round was read
+        self.in_flight: collections.deque[tuple[int, float]] = collections.deque()  # (round, its end)
+        self.device_free = 0.0  # when the device finishes what it was given
+        self.members = 0  # requests taking part in the next round dispatched
         self._on_free = on_free
-        self._finishing: list = []  # (index of its last round, order, request)
-        self._longest: list = []  # (-(position at round 0), order, request); finished ones linger until on top
+        self._leaving: list = []  # (last round, order, request)
+        self._freeing: dict[int, list[_Request]] = collections.defaultdict(list)  # round -> slots it frees when read
+        self._longest: list = []  # (-(position at round 0), order, request); done ones linger until on top
         self._order = itertools.count()
-        self._free_slots = list(range(slots))  # a heap: lowest first, as the engine's SlotPool
         self._in_use = [False] * slots
         self._highest: list[int] = []  # negated slots taken; freed ones linger until on top
         self._cost: dict[tuple[int, int], float] = {}  # round seconds by (rows, context)
+        self.landed: list[_Request] = []  # KV that arrived, for the loop's next pass
+        self.looping = False
 
     @property
-    def busy(self) -> bool:
-        return self.active > 0
+    def free(self) -> int:
+        return len(self.slots)
 
     def join(self, requests: list[_Request]) -> None:
-        """Requests take part from the next round on (their slots already counted off ``free``)."""
-        k = len(self.round_ends)
+        """Requests (each holding a reserved slot) take part from the next round dispatched."""
+        k = self.dispatched
         for r in requests:
-            r.decoder, r.join, r.slot = self, k, heapq.heappop(self._free_slots)
+            r.decoder, r.join = self, k
             self._in_use[r.slot] = True
             heapq.heappush(self._highest, -r.slot)
-            self.active += 1
-            heapq.heappush(self._finishing, (k + r.planned.output_len - 2, next(self._order), r))
+            self.members += 1
+            heapq.heappush(self._leaving, (r.last_round, next(self._order), r))
             heapq.heappush(self._longest, (k - r.planned.input_len, next(self._order), r))
 
-    def round_seconds(self) -> float:
-        """The next round: the rows up to the highest slot in use, at the context bucket of the longest sequence."""
-        while self._longest[0][2].finished:
+    def _retire(self, k: int) -> None:
+        """Requests whose last round is ``k`` or before take part in no later round."""
+        while self._leaving and self._leaving[0][0] <= k:
+            r = heapq.heappop(self._leaving)[2]
+            r.done, self._in_use[r.slot] = True, False
+            self.members -= 1
+            self._freeing[r.last_round].append(r)
+
+    def dispatch(self) -> bool:
+        """Dispatch the next round now, if any request takes part; it runs once the device is free."""
+        k = self.dispatched
+        self._retire(k - 1)
+        if not self.members:
+            return False
+        while self._longest[0][2].done:
             heapq.heappop(self._longest)
         while not self._in_use[-self._highest[0]]:
             heapq.heappop(self._highest)
-        rows = bucket(self.row_buckets, 1 - self._highest[0])
-        context = bucket(self.contexts, len(self.round_ends) - self._longest[0][0])  # the longest one's position
-        if (rows, context) not in self._cost:
-            self._cost[rows, context] = self.latency.seconds(rows, context)
-        return self._cost[rows, context]
+        longest = k - self._longest[0][0]  # the longest one's position
+        shape = policy.round_shape(self.row_buckets, self.contexts, -self._highest[0], longest)
+        if shape not in self._cost:
+            self._cost[shape] = self.latency.seconds(*shape)
+        self.device_free = max(self.clock.now, self.device_free) + self._cost[shape]
+        self.in_flight.append((k, self.device_free))
+        self.dispatched += 1
+        return True
 
-    def finish_round(self) -> None:
-        k = len(self.round_ends)
+    def read(self) -> None:
+        """The host reads the oldest round in flight (now, at or after its end): its tokens are
+        out, and the slots of requests it ended are free."""
+        k, _ = self.in_flight.popleft()
         self.round_ends.append(self.clock.now)
-        freed = 0
-        while self._finishing and self._finishing[0][0] == k:
-            r = heapq.heappop(self._finishing)[2]
-            r.finished, self._in_use[r.slot] = True, False
-            heapq.heappush(self._free_slots, r.slot)
-            freed += 1
+        self._retire(k)
+        freed = self._freeing.pop(k, [])
+        for r in freed:
+            self.slots.give_back(r.slot)
         if freed:
-            self.active -= freed
-            self.free += freed
             self._on_free()
 
+    def run(self, seconds: float) -> float:
+        """Other work on this device (a colocated prefill), after what it was given; when it ends."""
+        self.device_free = max(self.clock.now, self.device_free) + seconds
+        return self.device_free
+
+    # -- a decode instance's own loop --------------------------------------------------------
+
     def land(self, requests: list[_Request]) -> None:
-        """KV that arrived: it joins the next round (starting one if the instance is idle)."""
+        """KV that arrived: it joins the next round the loop dispatches (at once if it is idle)."""
         self.landed += requests
-        if not self.stepping:
-            self.step()
+        if not self.looping:
+            self.looping = True
+            self._iterate()
 
-    def step(self) -> None:
-        """Start a round if anything is active (standalone decode instances drive themselves)."""
-        if self.landed:
-            self.join(self.landed)
-            self.landed = []
-        if not self.active:
-            self.stepping = False
-            return
-        self.stepping = True
-        self.clock.at(self.clock.now + self.round_seconds(), self._round_done)
+    def _iterate(self) -> None:
+        """One pass of the decode loop: what landed joins, the next round is dispatched, and the
+        round before it is read (at its end)."""
+        self.join(self.landed)
+        self.landed = []
+        previous = self.in_flight[0] if self.in_flight else None
+        dispatched = self.dispatch()
+        if previous is not None:
+            self.clock.at(previous[1], self._read_and_iterate)
+        elif dispatched:
+            self.clock.at(self.clock.now, self._iterate)
+        else:
+            self.looping = False
 
-    def _round_done(self) -> None:
-        self.finish_round()
-        self.step()
+    def _read_and_iterate(self) -> None:
+        self.read()
+        self._iterate()
 
 
 class _Handoff:
@@ -215,7 +234,8 @@ class _Handoff:
         tokens were computed); ``done`` once every row has left it."""
         if self.between_processes:
             for r in batch:
-                d = max(self.decoders, key=lambda d: d.free - d.reserved_elsewhere)
+                sent = [d.reserved_elsewhere + d.slots.size - d.free for d in self.decoders]
+                d = self.decoders[policy.most_room([policy.remote_room(d.slots.size, d.free, n) for d, n in zip(self.decoders, sent)])]
                 d.reserved_elsewhere += 1
                 self.landing[id(d)].append((r, length, source))
                 self._land_next(d)
@@ -240,11 +260,12 @@ class _Handoff:
         rows, nbytes, done = queue[0]
         groups: dict[int, tuple[_Decoder, list[_Request]]] = {}
         while rows:
-            d = max(self.decoders, key=lambda d: d.free)
+            d = self.decoders[policy.most_room([d.free for d in self.decoders])]
             if not d.free:
                 break
-            d.free -= 1
-            groups.setdefault(id(d), (d, []))[1].append(rows.pop(0))
+            r = rows.pop(0)
+            r.slot = d.slots.take()
+            groups.setdefault(id(d), (d, []))[1].append(r)
         if not groups:
             return
         if not rows:
@@ -267,7 +288,7 @@ class _Handoff:
         if self.landing_busy[id(d)] or not queue or not d.free:
             return
         r, length, source = queue.popleft()
-        d.free -= 1
+        r.slot = d.slots.take()
         d.reserved_elsewhere -= 1
         self.landing_busy[id(d)] = True
 
@@ -288,11 +309,10 @@ class _Handoff:
 class _Prefiller:
     """One prefill instance of a disaggregated placement."""
 
-    def __init__(self, clock: _Clock, latency: PrefillEntry, batching: PrefillBatching, buckets: list[int], waiting: collections.deque, handoff: _Handoff):
+    def __init__(self, clock: _Clock, latency: PrefillEntry, batches: PrefillBatches, waiting: collections.deque, handoff: _Handoff):
         self.clock = clock
         self.latency = latency
-        self.batching = batching
-        self.buckets = buckets
+        self.batches = batches
         self.waiting = waiting
         self.handoff = handoff
         self.running = False
@@ -300,10 +320,10 @@ class _Prefiller:
         self.pending = 0
 
     def poke(self) -> None:
-        if self.running or self.pending >= PENDING_BATCHES or not self.waiting:
+        if self.running or self.pending >= policy.PENDING_BATCHES or not self.waiting:
             return
-        batch = _take(self.waiting, self.batching, self.buckets, self.batching.max_batch)
-        seconds, length = _prefill_seconds(self.latency, self.buckets, batch)
+        batch = _take(self.waiting, self.batches, self.batches.max_batch)
+        seconds, length = _prefill_seconds(self.latency, self.batches, batch)
         self.running = True
         self.busy_until = self.clock.now + seconds
         self.clock.at(self.busy_until, lambda: self._done(batch, length))
@@ -322,46 +342,66 @@ class _Prefiller:
 
 
 class _Colocated:
-    """One colocated instance: prefill first whenever slots are free, then a decode round."""
+    """One colocated instance's loop: prefill first whenever the policy says so, then a round."""
 
-    def __init__(self, clock: _Clock, spec: ColocatedInstance, prefill: PrefillEntry, decode: DecodeEntry, buckets: list[int], waiting: collections.deque, max_seq_len: int):
+    def __init__(self, clock: _Clock, spec: ColocatedInstance, prefill: PrefillEntry, decode: DecodeEntry, batches: PrefillBatches, waiting: collections.deque, max_seq_len: int):
         self.clock = clock
         self.spec = spec
         self.prefill = prefill
-        self.buckets = buckets
+        self.batches = batches
         self.waiting = waiting
-        self.decoder = _Decoder(clock, decode, spec.slots, 1, spec.max_seq_len or max_seq_len, lambda: None)
+        self.decoder = _Decoder(clock, decode, spec.slots, 1, max_seq_len, lambda: None)
         self.chunking: tuple[_Request, int] | None = None  # (request, prompt tokens done)
-        self.busy = False
+        self.busy = False  # a pass of the loop is under way
 
     def poke(self) -> None:
         if not self.busy:
+            self.busy = True
             self._iterate()
 
     def _iterate(self) -> None:
-        self.busy = True
         d = self.decoder
-        if self.spec.chunked_prefill is None and d.free and self.waiting:
-            batch = _take(self.waiting, self.spec, self.buckets, d.free)
-            d.free -= len(batch)
-            seconds, _ = _prefill_seconds(self.prefill, self.buckets, batch)
-            self.clock.at(self.clock.now + seconds, lambda: self._prefilled(batch))
-        elif self.spec.chunked_prefill is not None and (self.chunking or (d.free and self.waiting)):
-            if self.chunking is None:
-                d.free -= 1
-                self.chunking = (self.waiting.popleft(), 0)
-            chunk = self.spec.chunked_prefill
-            done = self.chunking[1]
-            context = bucket(d.contexts, done)
-            self.clock.at(self.clock.now + self.prefill.chunk_seconds(chunk, context), self._chunked)
+        if not policy.colocated_prefills(d.free, len(self.waiting), self.chunking is not None):
+            self._step()
+        elif d.in_flight:  # the round in flight is read first
+            self.clock.at(d.in_flight[0][1], self._read_and_prefill)
         else:
-            self._decode_round()
+            self._prefill_now()
+
+    def _read_and_prefill(self) -> None:
+        self.decoder.read()
+        self._prefill_now()
+
+    def _prefill_now(self) -> None:
+        d = self.decoder
+        if self.spec.chunked_prefill is None:
+            batch = _take(self.waiting, self.batches, d.free)
+            if not batch:  # another instance took them meanwhile
+                self._step()
+                return
+            for r in batch:
+                r.slot = d.slots.take()
+            seconds, _ = _prefill_seconds(self.prefill, self.batches, batch)
+            self.clock.at(d.run(seconds), lambda: self._prefilled(batch))
+            return
+        if self.chunking is None:
+            taken = _take(self.waiting, self.batches, 1 if d.free else 0)
+            if not taken:
+                self._step()
+                return
+            taken[0].slot = d.slots.take()
+            self.chunking = (taken[0], 0)
+        done = self.chunking[1]
+        seconds = self.prefill.chunk_seconds(self.spec.chunked_prefill, policy.bucket(d.contexts, done))
+        self.clock.at(d.run(seconds), self._chunked)
 
     def _prefilled(self, batch: list[_Request]) -> None:
         going = [r for r in batch if r.first_token(self.clock.now)]
-        self.decoder.free += len(batch) - len(going)
+        for r in batch:
+            if r.done:
+                self.decoder.slots.give_back(r.slot)
         self.decoder.join(going)
-        self._decode_round()
+        self._step()
 
     def _chunked(self) -> None:
         r, done = self.chunking
@@ -373,21 +413,23 @@ class _Colocated:
             if r.first_token(self.clock.now):
                 self.decoder.join([r])
             else:
-                self.decoder.free += 1
-        self._decode_round()
+                self.decoder.slots.give_back(r.slot)
+        self._step()
 
-    def _decode_round(self) -> None:
+    def _step(self) -> None:
+        """The decode step of a pass: the next round dispatched, the one before it read."""
         d = self.decoder
-        if not d.busy:
-            if (d.free and self.waiting) or self.chunking:
-                self._iterate()
-            else:
-                self.busy = False
-            return
-        self.clock.at(self.clock.now + d.round_seconds(), self._round_done)
+        previous = d.in_flight[0] if d.in_flight else None
+        dispatched = d.dispatch()
+        if previous is not None:
+            self.clock.at(previous[1], self._read_and_iterate)
+        elif dispatched or policy.colocated_prefills(d.free, len(self.waiting), self.chunking is not None):
+            self.clock.at(self.clock.now, self._iterate)
+        else:
+            self.busy = False
 
-    def _round_done(self) -> None:
-        self.decoder.finish_round()
+    def _read_and_iterate(self) -> None:
+        self.decoder.read()
         self._iterate()
 
 
@@ -405,12 +447,13 @@ def simulate(
     """
     clock = _Clock()
     waiting: collections.deque[_Request] = collections.deque()
-    buckets = length_buckets(max_seq_len)
     workers: list[_Prefiller | _Colocated] = []
     if placement.mode == "colocated":
         for spec in placement.instances:
             prefill, decode = profile.prefill_latency(spec.tp), profile.decode_latency(spec.tp, 1)
-            workers.append(_Colocated(clock, spec, prefill, decode, buckets, waiting, max_seq_len))
+            longest = spec.max_seq_len or max_seq_len
+            batches = PrefillBatches.up_to(longest, spec.max_batch, spec.max_batch_tokens)
+            workers.append(_Colocated(clock, spec, prefill, decode, batches, waiting, longest))
     else:
         decoders: list[_Decoder] = []
         handoff_ref: list[_Handoff] = []
@@ -418,17 +461,22 @@ def simulate(
             decoders.append(_decoder(clock, profile, spec, max_seq_len, lambda: handoff_ref[0].slot_freed()))
         handoff = _Handoff(clock, decoders, profile.link(link), profile.model.kv_bytes_per_token, link != "device", profile.pulls_wait_for_prefill)
         handoff_ref.append(handoff)
+        longest = max(spec.max_seq_len or max_seq_len for spec in placement.decode)  # what prefill programs are built for
         for spec in placement.prefill:
-            workers.append(_Prefiller(clock, profile.prefill_latency(spec.tp), spec, buckets, waiting, handoff))
+            batches = PrefillBatches.up_to(longest, spec.max_batch, spec.max_batch_tokens)
+            workers.append(_Prefiller(clock, profile.prefill_latency(spec.tp), batches, waiting, handoff))
     sims = [_Request(r) for r in requests]
 
-    def arrive(r: _Request) -> None:
-        waiting.append(r)
+    def arrive(group: list[_Request]) -> None:
+        waiting.extend(group)
         for w in workers:
             w.poke()
 
+    by_time = collections.defaultdict(list)  # requests sent at one instant are queued together
     for r in sims:
-        clock.at(r.planned.arrival, lambda r=r: arrive(r))
+        by_time[r.planned.arrival].append(r)
+    for when, group in by_time.items():
+        clock.at(when, lambda group=group: arrive(group))
     clock.run()
     return [r.record() for r in sims]
 

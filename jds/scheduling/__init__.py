@@ -1,0 +1,1 @@
+"""The scheduling policy: which requests run together, where, and at what shape."""
