@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
+from jds.engine.interface import ServingEngine
 from jds.engine.request import Request
-from jds.model.loader import LoadedModel
 from jds.model.tokenizer import Tokenizer
 from jds.sampling_params import SamplingParams, is_unicode
 
@@ -31,21 +31,14 @@ class InvalidRequest(ValueError):
         self.field = field
 
 
-class Serving(Protocol):
-    """What intake reads of an engine (or the cluster's router): the model and its context."""
-
-    model: LoadedModel
-    max_seq_len: int
-
-
-def encode_text(engine: Serving, text: str, field: str) -> tuple[int, ...]:
+def encode_text(engine: ServingEngine, text: str, field: str) -> tuple[int, ...]:
     """Prompt ids of a text, refusing one that is not Unicode or could never fit the context."""
     _check_unicode(text, field)
     return _encode(engine, _tokenizer(engine, field), text, field, add_special=True)
 
 
 def encode_chat(
-    engine: Serving,
+    engine: ServingEngine,
     messages: Sequence[Mapping[str, str]],
     field: str = "messages",
     add_generation_prompt: bool = True,
@@ -76,7 +69,7 @@ def encode_chat(
     return _encode(engine, tokenizer, text, field, add_special=False)  # the template writes any BOS itself
 
 
-def check_token_ids(engine: Serving, ids: Sequence[int], field: str) -> tuple[int, ...]:
+def check_token_ids(engine: ServingEngine, ids: Sequence[int], field: str) -> tuple[int, ...]:
     vocab = engine.model.arch.vocab_size
     bad = [t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab)]
     if bad:
@@ -87,7 +80,7 @@ def check_token_ids(engine: Serving, ids: Sequence[int], field: str) -> tuple[in
 
 
 def build_request(
-    engine: Serving,
+    engine: ServingEngine,
     prompt_ids: tuple[int, ...],
     prompt_field: str,
     options: Mapping[str, Any],
@@ -143,13 +136,13 @@ def check_request_id(request_id: str | None, field: str = "request_id") -> str:
     return request_id
 
 
-def _encode(engine: Serving, tokenizer: Tokenizer, text: str, field: str, add_special: bool) -> tuple[int, ...]:
+def _encode(engine: ServingEngine, tokenizer: Tokenizer, text: str, field: str, add_special: bool) -> tuple[int, ...]:
     """Ids of a text, refusing without encoding it one that could never fit the context."""
     _refuse_beyond_context(engine, tokenizer, len(text), field)
     return _non_empty(tuple(tokenizer.encode(text, add_special=add_special)), field)
 
 
-def _refuse_beyond_context(engine: Serving, tokenizer: Tokenizer, chars: int, field: str) -> None:
+def _refuse_beyond_context(engine: ServingEngine, tokenizer: Tokenizer, chars: int, field: str) -> None:
     fewest = tokenizer.fewest_tokens(chars)
     if fewest >= engine.max_seq_len:
         raise InvalidRequest(field, f"{chars} characters make at least {fewest} tokens; max_seq_len is {engine.max_seq_len}")
@@ -160,7 +153,7 @@ def _check_unicode(text: str, field: str) -> None:
         raise InvalidRequest(field, "is not valid Unicode (it holds a lone surrogate)")
 
 
-def _tokenizer(engine: Serving, field: str) -> Tokenizer:
+def _tokenizer(engine: ServingEngine, field: str) -> Tokenizer:
     tokenizer = engine.model.tokenizer
     if tokenizer is None:
         raise InvalidRequest(field, "this model serves token ids only (it has no tokenizer); send token ids")

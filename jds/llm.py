@@ -8,12 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from jds.config import Config, ConfigError, load_config
+from jds.config.placement import Placement
 from jds.engine.engine import Engine
 from jds.engine.request import Request, RequestOutput
 from jds.intake import check_token_ids, encode_chat, encode_text
-from jds.mesh.fit import check_config
-from jds.mesh.placement import Placement
-from jds.model.loader import LoadedModel, load_model
+from jds.model.loader import LoadedModel, check_config, load_model
 from jds.model.tokenizer import Tokenizer
 from jds.sampling_params import SamplingParams
 

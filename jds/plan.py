@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--case", action="append", required=True, metavar="CONFIG=PROFILE", help="a config and the profile of its devices; repeatable")
     v.add_argument("--rates", type=_list_of(float), required=True)
     v.add_argument("--out", default="plan-validation")
+    v.add_argument("--repeats", type=_positive(int), default=5, help="measured runs of every point, the cases taking turns")
     _workload_args(v, 40)
 
     args = parser.parse_args(argv)
@@ -204,9 +205,9 @@ def _validate(args: argparse.Namespace) -> int:
         cases.append(validate.Case(Path(config), Path(profile)))
     workload, slo, rates, out = get_workload(args.workload), _slo(args), args.rates, Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [row for case in cases for row in validate.run_case(case, workload, slo, rates, args.num_requests, args.seed, out)]
+    rows = validate.measure(cases, workload, slo, rates, args.num_requests, args.seed, args.repeats, out)
     command = "python -m jds.plan " + shlex.join(sys.argv[1:])
-    meta = {"command": command, "workload": args.workload, "slo": slo.model_dump(), "seed": args.seed}
+    meta = {"command": command, "workload": args.workload, "slo": slo.model_dump(), "seed": args.seed, "repeats": args.repeats}
     print(validate.write(rows, out, f"Planner validation: {args.workload}, SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s", command, meta))
     return 0
 

@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from concurrent import futures
 
 from jds.config import Config, ConfigError, load_config
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             if spec.processes > 1:
                 _join_instance(config, f"{args.role}{args.instance}", spec.processes, args.process)
             _use_compile_cache(config, args)
-            return _serve_instance(config, args, spec, address)
+            return _serve_instance(config, args, address)
         if args.role == "all":
             _pin_cpus(config.placement.cpus, "placement.cpus")
             _give_cpu_devices(max(config.placement.devices) + 1)
@@ -134,8 +133,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
     from jds.api import generation_pb2
     from jds.engine.engine import Engine
-    from jds.mesh.fit import check_config
-    from jds.model.loader import load_model
+    from jds.model.loader import check_config, load_model
     from jds.serving.access import ApiKeys, GrpcKeyCheck, grpc_credentials, http_key_check, serve_metrics
     from jds.serving.metrics import Metrics
     from jds.serving.servicer import GenerationServicer, register
@@ -214,11 +212,9 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     accepting.clear()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    deadline = time.monotonic() + settings.drain_seconds
-    while engine.num_running and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if engine.num_running:
-        log.warning("drain timeout: aborting %d requests", engine.num_running)
+    left = engine.drain(settings.drain_seconds)
+    if left:
+        log.warning("drain timeout: aborting %d requests", left)
     engine.shutdown()  # ends anything left with finish reason abort
     server.stop(grace=5).wait()
     if http is not None:
@@ -227,7 +223,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_instance(config: Config, args: argparse.Namespace, spec, address: str) -> int:
+def _serve_instance(config: Config, args: argparse.Namespace, address: str) -> int:
     """A prefill or decode instance: the ``instances.proto`` service on its ``cluster`` address."""
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -242,6 +238,8 @@ def _serve_instance(config: Config, args: argparse.Namespace, spec, address: str
     if args.port is not None:
         port = args.port
     model = load_model(config)
+    placement = config.placement.resolved(model.max_seq_len)
+    spec = getattr(placement, args.role)[args.instance]
     warmup = config.server.warmup and not args.no_warmup
     if args.process > 0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a follower stops when its leader says so (or is killed)
@@ -249,7 +247,7 @@ def _serve_instance(config: Config, args: argparse.Namespace, spec, address: str
         if args.role == "prefill":
             from jds.cluster.prefill_role import follow_leader
 
-            follow_leader(model, spec, _longest_decode(config, model), warmup)
+            follow_leader(model, spec, placement.max_seq_len, warmup)
         else:
             from jds.cluster.decode_role import follow_leader as follow_decode_leader
 
@@ -260,7 +258,7 @@ def _serve_instance(config: Config, args: argparse.Namespace, spec, address: str
     if args.role == "prefill":
         from jds.cluster.prefill_role import PrefillService
 
-        service = PrefillService(name, model, spec, _longest_decode(config, model), kv, warmup=warmup, progress=True)
+        service = PrefillService(name, model, spec, placement.max_seq_len, kv, warmup=warmup, progress=True)
         add = ipb_grpc.add_PrefillInstanceServicer_to_server
     else:
         from jds.cluster.decode_role import DecodeService
@@ -286,11 +284,6 @@ def _serve_instance(config: Config, args: argparse.Namespace, spec, address: str
     service.shutdown()
     log.info("stopped")
     return 0
-
-
-def _longest_decode(config: Config, model) -> int:
-    """Prefill buckets reach the longest sequence any decode instance holds, as in one process."""
-    return max(d.max_seq_len or model.max_seq_len for d in config.placement.decode)
 
 
 def _stop_on_signals() -> threading.Event:

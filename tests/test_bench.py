@@ -177,7 +177,7 @@ def test_micro_says_why_the_engine_is_not_compared_rather_than_failing_after_its
 
     from jds.bench.micro import engine_decode
     from jds.config import load_config
-    from jds.mesh.placement import Placement
+    from jds.config.placement import Placement
     from tests_paths import CONFIGS
 
     config = load_config(CONFIGS / "tiny.yaml")

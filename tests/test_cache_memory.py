@@ -17,8 +17,8 @@ import jax
 import pytest
 
 from jds.config import load_config
-from jds.engine.programs import decode_pipeline
-from jds.mesh.placement import DecodeInstance
+from jds.config.placement import DecodeInstance
+from jds.engine.builders import decode_instance
 from jds.model.loader import load_model
 from tests_paths import CONFIGS
 
@@ -29,9 +29,8 @@ SHORT, LONG = 256, 1024  # cache positions of the two pipelines
 @pytest.fixture(scope="module")
 def pipelines():
     model = load_model(load_config(CONFIGS / "tiny.yaml"), progress=False)
-    spec = DecodeInstance(devices=[0, 1], pp=2, slots=SLOTS)  # a first stage and a last (sampling) one
-    devices = jax.devices()
-    return {seq: decode_pipeline(model.arch, model.params, spec, [[devices[0]], [devices[1]]], seq) for seq in (SHORT, LONG)}
+    devices = jax.devices()[:2]  # a first stage and a last (sampling) one
+    return {seq: decode_instance(model, DecodeInstance(devices=[0, 1], pp=2, slots=SLOTS, max_seq_len=seq), devices) for seq in (SHORT, LONG)}
 
 
 def _cache_bytes(stage) -> int:

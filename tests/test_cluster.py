@@ -25,21 +25,12 @@ from jds.api import generation_pb2_grpc as pb_grpc
 from jds.api import instances_pb2 as ipb
 from jds.api import instances_pb2_grpc as ipb_grpc
 from jds.bench.server_process import ServerProcess
+from local_ports import free_ports
 from tests_paths import CONFIGS
 
 MAX_SEQ_LEN = 128
 SLOTS = 2
 LEASE = 3.0
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +44,7 @@ def cluster(tmp_path_factory):
         "prefill": [{"devices": [0]}, {"devices": [1, 2], "tp": 2, "processes": 2}],
         "decode": [{"devices": [3], "slots": SLOTS}, {"devices": [4, 5], "tp": 2, "slots": SLOTS, "processes": 2}],
     }
-    ports = _free_ports(6)
+    ports = free_ports(6)
     config["cluster"] = {
         "prefill": [f"127.0.0.1:{p}" for p in ports[:2]],
         "decode": [f"127.0.0.1:{p}" for p in ports[2:4]],

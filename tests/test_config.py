@@ -24,7 +24,7 @@ def test_llama7b_has_llama2_shapes():
 
 
 def test_llama7b_placement_is_refused_here_with_both_figures():
-    from jds.mesh.fit import check_config
+    from jds.model.loader import check_config
 
     config = load_config(CONFIGS / "llama7b.yaml")
     assert config.placement.mode == "disaggregated" and len(config.placement.devices) == 8
@@ -43,7 +43,7 @@ class _H200:
 
 @pytest.mark.parametrize("name", ["llama7b-1gpu.yaml", "llama7b-2gpu.yaml"])
 def test_gpu_configs_fit_an_h200_and_twice_their_slots_do_not(name):
-    from jds.mesh.fit import check_placement
+    from jds.config.fit import check_placement
 
     config = load_config(CONFIGS / name)
     arch, devices = config.model.architecture, [_H200(), _H200()]

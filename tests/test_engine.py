@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from jds.config import load_config
+from jds.config.placement import Placement
 from jds.engine import prefill as prefill_module
 from jds.engine.engine import Engine
 from jds.engine.request import Request
-from jds.mesh.placement import Placement
 from jds.model.loader import load_model
 from jds.model.params import MatrixWeight
 from jds.sampling_params import SamplingParams

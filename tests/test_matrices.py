@@ -13,10 +13,16 @@ import yaml
 from jax.sharding import PartitionSpec
 
 from jds.config import ConfigError, load_config, parse_config
-from jds.mesh.fit import held_weight_itemsize
 from jds.mesh.rules import make_mesh, shardings
 from jds.model import llama
-from jds.model.matrices import as_served, float_matrices, keeps_batched_copies, matrix_weight, quantize_params
+from jds.model.matrices import (
+    as_served,
+    float_matrices,
+    held_weight_itemsize,
+    keeps_batched_copies,
+    matrix_weight,
+    quantize_params,
+)
 from jds.model.params import InverseNorm, LayerParams, MatrixWeight, init_params
 from tests_paths import CONFIGS
 

@@ -7,10 +7,11 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from jds.config import ConfigError, load_config, parse_config
-from jds.mesh.fit import check_placement, memory_needs
-from jds.mesh.placement import Placement
+from jds.config.fit import check_placement, memory_needs
+from jds.config.placement import Placement
+from jds.config.stages import stage_spans
 from jds.mesh.rules import make_mesh, mesh_spec, shardings
-from jds.mesh.stages import stage_params, stage_spans
+from jds.mesh.stages import stage_params
 from jds.model.params import init_params
 from tests_paths import CONFIGS
 
@@ -134,17 +135,24 @@ def test_memory_needs_count_stage_slices():
 
 
 def test_memory_needs_count_what_a_prefill_call_holds_and_what_a_decode_stage_receives():
-    p = Placement.model_validate(
-        {"mode": "disaggregated", "prefill": {"devices": [0], "max_batch_tokens": 256},
-         "decode": {"devices": [1, 2], "pp": 2, "slots": 4, "max_seq_len": 64}}
-    )  # fmt: skip
-    prefill, *stages = memory_needs(p, TINY, 4, 512)
+    def placement(decode_max_seq_len: int | None) -> Placement:
+        return Placement.model_validate(
+            {"mode": "disaggregated", "prefill": {"devices": [0], "max_batch_tokens": 256},
+             "decode": {"devices": [1, 2], "pp": 2, "slots": 4, "max_seq_len": decode_max_seq_len}}
+        )  # fmt: skip
+
+    prefill, *stages = memory_needs(placement(None), TINY, 4, 512)
     kv_per_token = 2 * 4 * 4 * 16 * 4  # K and V, 4 layers, 4 KV heads, head_dim 16, float32
     # the largest call is one prompt of max_seq_len (512 > 256): its KV, one layer's float32
     # scores over 512 x 512 positions of 8 heads, and the MLP's two intermediate activations
     assert prefill.transient == 512 * kv_per_token + 512 * 512 * 8 * 4 + 2 * 512 * 256 * 4
     assert [s.transient for s in stages] == [512 * kv_per_token // 2] * 2  # each stage receives its 2 layers
     assert prefill.per_device == prefill.weights + prefill.transient
+    # prefill is built for the longest decode instance: at 64 positions, its largest call is a
+    # batch of 256 tokens of prompts up to 64
+    prefill, *stages = memory_needs(placement(64), TINY, 4, 512)
+    assert prefill.transient == 256 * kv_per_token + 256 * 64 * 8 * 4 + 2 * 256 * 256 * 4
+    assert [s.transient for s in stages] == [256 * kv_per_token // 2] * 2
 
 
 def test_pinning_to_cores_the_process_cannot_use_is_refused():

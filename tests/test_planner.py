@@ -15,7 +15,7 @@ import pytest
 
 from jds.bench.metrics import RequestRecord, attainment
 from jds.bench.workloads import SLO, PlannedRequest, get_workload, plan
-from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillInstance
+from jds.config.placement import ColocatedInstance, DecodeInstance, Placement, PrefillInstance
 from jds.planner.calibrate import fit
 from jds.planner.candidates import Candidate, ColocatedShape, DecodeShape, PrefillShape, max_slots
 from jds.planner.latency import DecodeModel, PrefillModel, TransferModel, least_squares
@@ -181,6 +181,25 @@ def test_attainment_is_the_benchmarks():
     assert attainment(records, SLO(ttft=2.5, tpot=1.0)) == 1.0
     assert attainment(records, SLO(ttft=1.5)) == 0.5
     assert attainment(records, SLO(ttft=2.5, tpot=0.1)) == 0.0
+
+
+def test_validation_gives_the_measured_median_and_range_and_whether_the_simulation_is_inside():
+    from jds.planner.validate import markdown, points
+
+    def row(rate: float, repeat: int, measured: float, simulated: float) -> dict:
+        summary = lambda a, ms: {"attainment": a, "ttft": {"p50": ms / 1000}, "tpot": {"p50": 0.1}}  # noqa: E731
+        r = {"config": "configs/a.yaml", "profile": "p.json", "rate": rate, "repeat": repeat, "measured": summary(measured, 500)}
+        return r | ({"simulated": summary(simulated, 400)} if repeat == 0 else {})
+
+    rows = [row(1.0, k, m, 0.55) for k, m in enumerate([0.5, 0.7, 0.4, 0.6, 0.9])]
+    rows += [row(2.0, k, m, 0.1) for k, m in enumerate([0.3, 0.2, 0.4, 0.35, 0.25])]
+    one, two = points(rows)
+    assert one["measured"] == [0.4, 0.5, 0.6, 0.7, 0.9] and one["median"] == 0.6 and one["inside"]
+    assert two["median"] == 0.3 and not two["inside"]
+    text = markdown(rows, "title", "command")
+    assert "| a | 1 | 60.0% (40.0-90.0%) | 5 | 55.0% | yes | 500 / 400 | 100 / 100 |" in text
+    assert "| a | 2 | 30.0% (20.0-40.0%) | 5 | 10.0% | no |" in text
+    assert "inside the measured range at 1 of 2 points; its largest distance from a measured median is 20.0 percentage points" in text
 
 
 # -- candidates and search ---------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from jds.api import instances_pb2 as ipb
 from jds.api import instances_pb2_grpc as ipb_grpc
 from jds.cluster.router import Router
 from jds.config import ClusterSection, load_config
+from jds.config.placement import Placement
 from jds.engine.request import Request
-from jds.mesh.placement import Placement
 from jds.model.loader import load_model
 from jds.sampling_params import SamplingParams
 from tests_paths import CONFIGS

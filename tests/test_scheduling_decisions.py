@@ -1,9 +1,9 @@
 """The engine and the planner's simulator decide alike: one request trace, the same decisions.
 
-Both decide through ``jds.scheduling.policy``; each decision it makes is recorded here: the
-lengths every prefill call takes, the room of each decode instance and the one chosen, and each
-decode round's (rows, context). The engine runs the tiny model on CPU devices; the simulator a
-hand-made profile. Requests sent together are queued together in both (the engine's queue is
+Both decide through ``jds.scheduling.policy``; each decision it makes is recorded
+(``decision_recorder``): the lengths every prefill call takes, the room of each decode instance
+and the one chosen, and each decode round's (rows, context). The engine runs the tiny model on CPU
+devices, in this process or as role processes behind a router; the simulator a hand-made profile. Requests sent together are queued together in both (the engine's queue is
 held while a group is submitted), and each group is let finish before the next, so no decision
 depends on how fast anything ran. Within a group the engine's decisions still follow each
 other as its threads make them: a finished request's slot taken by a waiting one, rounds that
@@ -13,27 +13,35 @@ shrink as requests leave, a decode round dispatched before the one in flight is 
 from __future__ import annotations
 
 import collections
+import os
+from pathlib import Path
 
+import grpc
 import pytest
+import yaml
 
+import decision_recorder
+from jds.api import generation_pb2 as pb
+from jds.api import generation_pb2_grpc as pb_grpc
+from jds.bench.server_process import ServerProcess
 from jds.bench.workloads import PlannedRequest
 from jds.config import load_config
+from jds.config.placement import Placement
 from jds.engine.engine import Engine
 from jds.engine.request import Request
-from jds.mesh.placement import Placement
 from jds.model.loader import load_model
 from jds.planner.latency import DecodeModel, PrefillModel, TransferModel
 from jds.planner.profile import DecodeEntry, ModelFacts, PrefillEntry, Profile
 from jds.planner.simulator import simulate
 from jds.sampling_params import SamplingParams
-from jds.scheduling import policy
+from local_ports import free_ports
 from tests_paths import CONFIGS
 
 # (prompt length, tokens to generate) of each request, group by group
 GROUPS = [
     [(5, 3), (20, 6), (40, 4)],
     [(9, 2), (17, 7), (33, 3), (3, 5), (60, 4), (12, 8)],
-    [(100, 3), (2, 9)],
+    [(50, 3), (2, 9)],
 ]
 PLACEMENTS = {
     "colocated": {"instances": {"devices": [0], "slots": 2}},
@@ -47,34 +55,23 @@ PLACEMENTS = {
 
 
 class Decisions:
-    """Every policy decision, by kind; decode rounds by instance (its row and context buckets)."""
+    """Every policy decision made in this process, by kind; decode rounds by instance (its row
+    and context buckets)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.prefill: list[tuple[int, ...]] = []
         self.routes: list[tuple[tuple[int, ...], int]] = []
         self.rounds: dict[tuple, list[tuple[int, int]]] = collections.defaultdict(list)
-        take, most_room, round_shape = policy.PrefillBatches.take, policy.most_room, policy.round_shape
+        decision_recorder.install(self.add, monkeypatch.setattr)
 
-        def record_take(batches, lengths, limit):
-            lengths = list(lengths)
-            n = take(batches, iter(lengths), limit)
-            if n:
-                self.prefill.append(tuple(lengths[:n]))
-            return n
-
-        def record_room(rooms):
-            chosen = most_room(rooms)
-            self.routes.append((tuple(rooms), chosen))
-            return chosen
-
-        def record_round(rows, contexts, highest, longest):
-            shape = round_shape(rows, contexts, highest, longest)
-            self.rounds[tuple(rows), tuple(contexts)].append(shape)
-            return shape
-
-        monkeypatch.setattr(policy.PrefillBatches, "take", record_take)
-        monkeypatch.setattr(policy, "most_room", record_room)
-        monkeypatch.setattr(policy, "round_shape", record_round)
+    def add(self, kind: str, decision) -> None:
+        if kind == "prefill":
+            self.prefill.append(tuple(decision))
+        elif kind == "route":
+            self.routes.append((tuple(decision[0]), decision[1]))
+        else:
+            rows, contexts, shape = decision
+            self.rounds[tuple(rows), tuple(contexts)].append(tuple(shape))
 
     def taken(self) -> tuple:
         return self.prefill, self.routes, dict(self.rounds)
@@ -94,7 +91,7 @@ def _profile(model) -> Profile:
         model=ModelFacts(name="tiny", num_layers=4, weight_bytes=10**6, kv_bytes_per_token=1000, max_seq_len=model.max_seq_len),
         prefill=[PrefillEntry(tp=1, model=PrefillModel(base=0.01, per_token=1e-4, per_square=0))],
         decode=[DecodeEntry(tp=1, pp=1, model=DecodeModel(base=0.005, per_row=1e-4, per_context=1e-6))],
-        transfer={"device": TransferModel(latency=1e-3, bandwidth=1e9)},
+        transfer={"device": TransferModel(latency=1e-3, bandwidth=1e9), "process": TransferModel(latency=2e-3, bandwidth=1e9)},
     )
 
 
@@ -134,3 +131,77 @@ def test_the_engine_and_the_simulator_make_the_same_decisions(tiny, monkeypatch,
     assert bool(routes) == (name == "disaggregated")
     assert sum(map(len, rounds.values())) > 10
     assert engine == simulated
+
+
+# -- roles as processes ---------------------------------------------------------------------------
+
+TESTS = Path(__file__).resolve().parent
+STAGGERED = [(6, 300), (11, 300), (4, 300), (9, 300), (7, 300)]  # each sent once the one before has its first token
+ALONE = (13, 20)  # then one request on an idle cluster
+
+
+def _cluster_config(folder: Path) -> Path:
+    config = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    config["placement"] = {
+        "mode": "disaggregated",
+        "prefill": {"devices": [0]},
+        "decode": [{"devices": [1], "slots": 4}, {"devices": [2], "slots": 2}],
+    }
+    ports = free_ports(3)
+    config["cluster"] = {"prefill": [f"127.0.0.1:{ports[0]}"], "decode": [f"127.0.0.1:{p}" for p in ports[1:]], "health_seconds": 0.2}
+    config["server"] = {"max_waiting": 16}
+    path = folder / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _generate(stub, n: int, out: int, seed: int):
+    request = pb.GenerateRequest(token_ids=list(range(7, 7 + n)), max_tokens=out, temperature=0.0, ignore_eos=True, seed=seed)
+    return stub.Generate(request, timeout=120)
+
+
+def test_across_processes_the_router_and_the_roles_decide_as_the_simulator(tiny, tmp_path, monkeypatch):
+    """Staggered requests that all run at once: the prefill process's calls and the router's
+    routing (by the room each decode process has, counting requests still landing) as simulated;
+    then one request alone: its decode process's rounds as simulated."""
+    decisions = tmp_path / "decisions"
+    decisions.mkdir()
+    monkeypatch.setenv("JDS_DECISIONS_DIR", str(decisions))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS / "decision_site"), str(TESTS), os.environ.get("PYTHONPATH")])))
+    server = ServerProcess(_cluster_config(tmp_path), tmp_path / "launch.log", "--no-warmup")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            calls, counts = [], []
+            for i, (n, out) in enumerate(STAGGERED):
+                calls.append(_generate(stub, n, out, i))
+                counts.append(len(next(calls[-1]).token_ids))  # its first token: its prefill is done and it is routed
+            assert [k + sum(len(m.token_ids) for m in call) for k, call in zip(counts, calls)] == [out for _, out in STAGGERED]
+            first = {name: len(records) for name, records in _by_process(decisions).items()}  # before the one alone
+            assert len(list(_generate(stub, *ALONE, 99))) >= 1
+    finally:
+        server.stop()
+    served = _by_process(decisions)
+    before = [decision for name, records in served.items() for decision in records[: first.get(name, 0)]]
+    after = [decision for name, records in served.items() for decision in records[first.get(name, 0) :]]
+    prefill = [tuple(d) for kind, d in before if kind == "prefill"]
+    routes = [(tuple(d[0]), d[1]) for kind, d in before if kind == "route"]
+    alone = [tuple(d[2]) for kind, d in after if kind == "round"]
+
+    monkeypatch.undo()
+    placement = Placement.model_validate(yaml.safe_load((tmp_path / "cluster.yaml").read_text())["placement"])
+    simulated = Decisions(monkeypatch)
+    trace = [PlannedRequest(0.05 * i, n, out) for i, (n, out) in enumerate(STAGGERED)]
+    simulate(placement, _profile(tiny), trace, tiny.max_seq_len, link="process")
+    assert (prefill, routes) == (simulated.prefill, simulated.routes)
+    assert routes == [((4, 2), 0), ((3, 2), 0), ((2, 2), 0), ((1, 2), 1), ((1, 1), 0)]
+    monkeypatch.undo()
+    simulated = Decisions(monkeypatch)
+    simulate(placement, _profile(tiny), [PlannedRequest(0.0, *ALONE)], tiny.max_seq_len, link="process")
+    assert alone == [shape for shapes in simulated.rounds.values() for shape in shapes] and len(alone) == ALONE[1] - 1
+
+
+def _by_process(folder: Path) -> dict[str, list]:
+    """Each role process's decisions, in its order, by its file's name."""
+    files = sorted(folder.glob("*.jsonl"))
+    return {p.name: [tuple(record) for record in records] for p, records in zip(files, decision_recorder.read_folder(folder))}

@@ -35,14 +35,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jds.bench.server_process import ServerProcess
+from jds.bench.timing import timed
 from jds.config import Config
+from jds.config.placement import PrefillBatching
+from jds.config.stages import stage_spans
 from jds.engine.programs import PrefillProgram, empty_rows, place_params
-from jds.scheduling.policy import length_buckets
 from jds.engine.request import Request
 from jds.engine.sequence import Sequence
-from jds.mesh.placement import PrefillBatching
 from jds.mesh.rules import make_mesh, mesh_spec
-from jds.mesh.stages import stage_spans
 from jds.model import llama
 from jds.model.kv_cache import TRANSIT_AXES, KVCache
 from jds.model.loader import LoadedModel
@@ -50,19 +50,8 @@ from jds.model.params import MatrixWeight
 from jds.model.sampling import sample
 from jds.model.weights.gguf_file import open_gguf
 from jds.sampling_params import SamplingParams
+from jds.scheduling.policy import length_buckets
 from jds.transfer.handoff import StageTarget, send_kv
-
-
-def timed(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
-    """Median wall seconds of ``fn`` (which must block until its result is ready)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def memory_bandwidth(megabytes: int = 512) -> float:

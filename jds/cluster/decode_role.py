@@ -25,12 +25,12 @@ from jds.api import instances_pb2_grpc as ipb_grpc
 from jds.api.logprobs import logprob_message
 from jds.cluster import lockstep
 from jds.cluster.wire import offer_from, sequence_from
+from jds.config.placement import DecodeInstance
+from jds.engine import builders
 from jds.engine.decode import KV_LOST, DecodeWorker, Delivery
-from jds.engine.programs import Pipeline, compile_all, decode_pipeline
-from jds.scheduling.policy import length_buckets
+from jds.engine.programs import Pipeline, compile_all
 from jds.engine.sequence import Sequence
 from jds.engine.slots import SlotPool
-from jds.mesh.placement import DecodeInstance
 from jds.model.loader import LoadedModel
 from jds.transfer.handoff import send_kv
 from jds.transfer.remote import KVTransfer, Offer, PullFailed
@@ -43,12 +43,9 @@ PULL_FAILED = "KV pull failed"
 
 def build_pipeline(model: LoadedModel, spec: DecodeInstance, warmup: bool, progress: bool) -> Pipeline:
     """The instance's stages over all its devices (those of every process it spans, in order)."""
-    devices = dict(zip(spec.devices, jax.devices()))
-    stage_devices = [[devices[d] for d in spec.stage_devices(i)] for i in range(spec.pp)]
-    max_seq_len = spec.max_seq_len or model.max_seq_len
-    pipeline = decode_pipeline(model.arch, model.params, spec, stage_devices, max_seq_len)
+    pipeline = builders.decode_instance(model, spec, jax.devices()[: len(spec.devices)])
     if warmup:
-        compile_all(pipeline.compile([(1, b) for b in length_buckets(max_seq_len)], pipeline.starts), progress)
+        compile_all(pipeline.compile(builders.one_row_at_a_time(pipeline), pipeline.starts), progress)
     return pipeline
 
 
@@ -119,7 +116,7 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
         self.name = name
         self.kv = kv
         self.pull_timeout = pull_timeout
-        self.max_seq_len = spec.max_seq_len or model.max_seq_len
+        self.max_seq_len = spec.max_seq_len
         pipeline = build_pipeline(model, spec, warmup, progress)
         self._lockstep = spec.processes > 1
         self._landing_device = jax.local_devices()[0]

@@ -12,7 +12,6 @@ its first process and ``follow_leader`` in the others (``jds.cluster.lockstep``)
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import threading
 import time
@@ -25,11 +24,12 @@ from jds.api import instances_pb2_grpc as ipb_grpc
 from jds.api.logprobs import logprob_message
 from jds.cluster import lockstep
 from jds.cluster.wire import offer_message, sequence_from
+from jds.config.placement import PrefillInstance
+from jds.engine import builders
 from jds.engine.prefill import PrefillWorker
-from jds.engine.programs import KVPieces, PrefillProgram, compile_all, place_params
+from jds.engine.programs import KVPieces, PrefillProgram, compile_all
 from jds.engine.sequence import Sequence
 from jds.engine.waiting import WaitingQueue
-from jds.mesh.placement import PrefillInstance
 from jds.model.loader import LoadedModel
 from jds.transfer.remote import KVTransfer, Offer
 
@@ -53,10 +53,9 @@ class _Ticket:
 def build_program(model: LoadedModel, spec: PrefillInstance, max_len: int, warmup: bool, progress: bool) -> PrefillProgram:
     """The instance's prefill program over all its devices (those of every process it spans),
     returning the KV whole so that one process can offer it."""
-    devices = jax.devices()[: len(spec.devices)]
-    program = PrefillProgram(model.arch, place_params(model.params, devices), max_len, spec, gather_kv=True)
+    program = builders.prefill_instance(model, spec, jax.devices()[: len(spec.devices)], max_len, gather_kv=True)
     if warmup:
-        compile_all([functools.partial(program.compile, *shape) for shape in program.shapes()], progress)
+        compile_all(builders.prefill_warmup(program), progress)
     return program
 
 

@@ -20,6 +20,7 @@ import grpc
 
 from jds.api import instances_pb2 as ipb
 from jds.api import instances_pb2_grpc as ipb_grpc
+from jds.scheduling import policy
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +123,8 @@ class Registry:
             return ready[self._turn[role] % len(ready)]
         if role == "prefill":
             return min(ready, key=lambda i: i.in_flight, default=None)
-        return max(ready, key=self._free_slots, default=None)
-
-    @staticmethod
-    def _free_slots(instance: Instance) -> int:
-        """Slots left, counting this router's requests that may not have landed yet (negative: a queue)."""
-        s = instance.status
-        return s.slots_total - max(instance.in_flight, s.slots_total - s.slots_free)
+        best = policy.most_room([policy.remote_room(i.status.slots_total, i.status.slots_free, i.in_flight) for i in ready])
+        return None if best is None else ready[best]
 
     def release(self, instance: Instance) -> None:
         with self.changed:

@@ -30,10 +30,10 @@ from jds.api.logprobs import logprob_from
 from jds.cluster.registry import Instance, Registry
 from jds.cluster.wire import sampling_message
 from jds.config import ClusterSection
+from jds.config.placement import Placement
 from jds.engine.request import Request
 from jds.engine.running import RunningRequests
 from jds.engine.sequence import RequestStream, Sequence
-from jds.mesh.placement import Placement
 from jds.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,10 @@ class _KVLost(Exception):
 class Router:
     def __init__(self, model: LoadedModel, placement: Placement, cluster: ClusterSection, max_waiting: int | None = None):
         self.model = model
-        self.placement = placement
+        self.placement = placement = placement.resolved(model.max_seq_len)
         self.cluster = cluster
         self.max_waiting = max_waiting
-        self.max_seq_len = max(spec.max_seq_len or model.max_seq_len for spec in placement.decode)
+        self.max_seq_len = placement.max_seq_len
         self.registry = Registry(cluster.prefill, cluster.decode, cluster.health_seconds, cluster.policy)
         self._running = RunningRequests(model, self.max_seq_len, max_waiting)
         self._lock = threading.Lock()  # guards _calls and _waiting
@@ -108,13 +108,14 @@ class Router:
     def slot_usage(self) -> tuple[int, int]:
         return self.registry.slot_usage()
 
+    def drain(self, timeout: float) -> int:
+        return self._running.wait_finished(timeout)
+
     def shutdown(self) -> None:
         self._stop.set()
         for seq in self._running.all():
             self.abort(seq.request_id)
-        end = time.monotonic() + 10
-        while self.num_running and time.monotonic() < end:
-            time.sleep(0.02)
+        self.drain(10)
         self.registry.close()
 
     def _forget(self, seq: Sequence) -> None:

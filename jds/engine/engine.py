@@ -10,25 +10,25 @@ thread that holds the request frees its slot and KV at its next check, within on
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 
 import jax
 
+from jds.config.fit import check_placement
+from jds.config.placement import Placement
+from jds.engine import builders
 from jds.engine.colocated import ColocatedWorker
 from jds.engine.decode import DecodeWorker
 from jds.engine.prefill import DecodeRouter, PrefillWorker
-from jds.engine.programs import Pipeline, PrefillProgram, compile_all, decode_pipeline, place_params
+from jds.engine.programs import compile_all
 from jds.engine.request import Request
 from jds.engine.running import RunningRequests
 from jds.engine.sequence import RequestStream
 from jds.engine.slots import SlotPool
 from jds.engine.waiting import WaitingQueue
-from jds.mesh.fit import check_placement, held_weight_itemsize
-from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement
-from jds.mesh.stages import stage_spans
 from jds.model.loader import LoadedModel
+from jds.model.matrices import held_weight_itemsize
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Engine:
         if model.params is None:
             raise ValueError("the model's parameters were released; load the model again for a new engine")
         self.model = model
-        self.placement = placement
+        self.placement = placement = placement.resolved(model.max_seq_len)
         self.max_waiting = max_waiting
         devices = jax.devices()
         weight_itemsize = held_weight_itemsize(model.quantization, model.dtype.itemsize)
@@ -67,10 +67,10 @@ class Engine:
             self._build_disaggregated(devices)
         else:
             self._build_colocated(devices)
-        self.max_seq_len = max(w.max_seq_len for w in self.decode_workers + self.colocated_workers)
+        self.max_seq_len = placement.max_seq_len
         self.model = model.without_params()  # every instance holds its own placed copy
         self._running = RunningRequests(self.model, self.max_seq_len, max_waiting)
-        log.info("placement: %s", describe(placement))
+        log.info("placement: %s", placement.describe())
         if warmup:
             self.warmup(progress)
         for t in self._threads():
@@ -78,33 +78,20 @@ class Engine:
 
     # -- building ---------------------------------------------------------------------------
 
-    def _pipeline(self, params, spec: DecodeInstance | ColocatedInstance, devices) -> Pipeline:
-        arch = self.model.arch
-        seq = spec.max_seq_len or self.model.max_seq_len
-        if isinstance(spec, DecodeInstance):
-            return decode_pipeline(arch, params, spec, [[devices[d] for d in spec.stage_devices(i)] for i in range(spec.pp)], seq)
-        spans = stage_spans(arch.num_layers, 1)
-        return Pipeline(arch, params, spans, [[devices[d] for d in spec.devices]], spec.slots, seq, 1)
-
     def _build_disaggregated(self, devices) -> None:
-        params = self.model.params
         for i, spec in enumerate(self.placement.decode):
-            pipeline = self._pipeline(params, spec, devices)
+            pipeline = builders.decode_instance(self.model, spec, [devices[d] for d in spec.devices])
             pool = SlotPool(spec.slots, self._slots_changed)
             self.decode_workers.append(DecodeWorker(f"decode{i}", pipeline, pool, self._stop, self._waiting.put_front))
         router = DecodeRouter(self.decode_workers, self._slots_changed, self._stop)
-        longest = max(w.max_seq_len for w in self.decode_workers)
         cuts = tuple(sorted(set().union(*(w.pipeline.cuts for w in self.decode_workers))))
         for i, spec in enumerate(self.placement.prefill):
-            placed = place_params(params, [devices[d] for d in spec.devices])
-            program = PrefillProgram(self.model.arch, placed, longest, spec, cuts)
+            program = builders.prefill_instance(self.model, spec, [devices[d] for d in spec.devices], self.placement.max_seq_len, cuts)
             self.prefill_workers.append(PrefillWorker(f"prefill{i}", program, self._waiting, router.send, self._stop))
 
     def _build_colocated(self, devices) -> None:
         for i, spec in enumerate(self.placement.instances):
-            placed = place_params(self.model.params, [devices[d] for d in spec.devices])
-            pipeline = self._pipeline(placed, spec, devices)
-            program = PrefillProgram(self.model.arch, placed, pipeline.max_seq_len, spec)
+            program, pipeline = builders.colocated_instance(self.model, spec, [devices[d] for d in spec.devices])
             pool = SlotPool(spec.slots, self._slots_changed)
             self.colocated_workers.append(
                 ColocatedWorker(f"colocated{i}", program, pipeline, pool, self._waiting, spec.chunked_prefill, self._stop)
@@ -124,7 +111,7 @@ class Engine:
         """
         programs = [w.program for w in self.prefill_workers + self.colocated_workers]
         shapes = sorted({shape for p in programs for shape in p.shapes()})
-        jobs = [functools.partial(p.compile, *shape) for p in programs for shape in p.shapes()]
+        jobs = [job for p in programs for job in builders.prefill_warmup(p)]
         for w in self.decode_workers:
             jobs += w.pipeline.compile(shapes, self.prefill_workers[0].program.starts)
         for w in self.colocated_workers:
@@ -168,6 +155,9 @@ class Engine:
         pools = [w.pool for w in self.decode_workers + self.colocated_workers]
         return sum(p.in_use for p in pools), sum(p.size for p in pools)
 
+    def drain(self, timeout: float) -> int:
+        return self._running.wait_finished(timeout)
+
     def shutdown(self) -> None:
         """Stop every thread; requests still running end with ``abort``."""
         self._stop.set()
@@ -178,12 +168,3 @@ class Engine:
         for seq in self._running.all():
             seq.publish("abort")
 
-
-def describe(placement: Placement) -> str:
-    """One line per instance, for logs and ModelInfo."""
-    parts = []
-    for where, inst in placement.named_instances():
-        shape = f"tp={inst.tp}" + (f" pp={inst.pp}" if isinstance(inst, DecodeInstance) else "")
-        extra = f" slots={inst.slots}" if not where.startswith("prefill") else ""
-        parts.append(f"{where} devices={inst.devices} {shape}{extra}")
-    return f"{placement.mode}: " + "; ".join(parts)

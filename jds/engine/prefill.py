@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from jds.engine.decode import Delivery, DecodeWorker
+from jds.engine.decode import DecodeWorker, Delivery
 from jds.engine.programs import KVPieces, PrefillProgram
 from jds.engine.request import PromptLogprobs
 from jds.engine.sequence import Sequence

@@ -22,15 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jds.mesh.placement import DecodeInstance, PrefillBatching
+from jds.config.placement import PrefillBatching
+from jds.config.stages import StageSpan
+from jds.engine.request import PromptLogprobs, TokenLogprob
 from jds.mesh.rules import make_mesh, mesh_spec, replicated, shardings
-from jds.mesh.stages import StageSpan, stage_params, stage_spans
+from jds.mesh.stages import stage_params
 from jds.model import llama
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import TRANSIT_AXES, KVCache, insert
 from jds.model.params import Params, float_dtype
 from jds.model.sampling import Sampled, SamplingRows, sample
-from jds.engine.request import PromptLogprobs, TokenLogprob
 from jds.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 from jds.scheduling import policy
 from jds.scheduling.policy import PrefillBatches, length_buckets, pow2_at_least, row_buckets
@@ -462,13 +463,6 @@ class Pipeline:
             jobs += [functools.partial(st.compile_run, 1, chunk, c) for st in self.stages for c in self.contexts]
         jobs += [functools.partial(st.compile_insert, b, t, starts) for st in self.stages for b, t in prefill_shapes]
         return jobs
-
-
-def decode_pipeline(arch: Architecture, params: Params, spec: DecodeInstance, stage_devices: list[list[jax.Device]], max_seq_len: int) -> Pipeline:
-    """A decode instance's pipeline: its stage split, over ``stage_devices`` (one list per stage)."""
-    spans = stage_spans(arch.num_layers, spec.pp, spec.layers_per_stage)
-    cpu = stage_devices[0][0].platform == "cpu"
-    return Pipeline(arch, params, spans, stage_devices, spec.slots, max_seq_len, spec.num_microbatches(cpu))
 
 
 def compile_all(jobs: list[Callable[[], None]], progress: bool) -> None:

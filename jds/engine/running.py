@@ -21,7 +21,7 @@ class RunningRequests:
         self._model = model
         self._max_seq_len = max_seq_len
         self._max_waiting = max_waiting
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified whenever a request is forgotten
         self._by_id: dict[str, Sequence] = {}
 
     def validate(self, request: Request) -> tuple[int, ...]:
@@ -59,6 +59,13 @@ class RunningRequests:
     def forget(self, seq: Sequence) -> None:
         with self._lock:
             self._by_id.pop(seq.request_id, None)
+            self._lock.notify_all()
+
+    def wait_finished(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds until no request is running; how many still are."""
+        with self._lock:
+            self._lock.wait_for(lambda: not self._by_id, timeout)
+            return len(self._by_id)
 
     def get(self, request_id: str) -> Sequence | None:
         with self._lock:

@@ -12,8 +12,10 @@ import numpy as np
 from gguf import GGUFReader
 
 from jds.config import Config
+from jds.config.fit import check_placement
+from jds.config.placement import Placement
 from jds.model.architecture import Architecture
-from jds.model.matrices import as_served
+from jds.model.matrices import as_served, held_weight_itemsize
 from jds.model.params import Params, init_params
 from jds.model.tokenizer import Tokenizer
 from jds.model.weights.gguf_file import gguf_architecture, load_gguf, open_gguf
@@ -81,6 +83,17 @@ def model_architecture(config: Config) -> Architecture:
 
 def resolve_max_seq_len(config: Config, arch: Architecture) -> int:
     return config.model.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, arch.max_position_embeddings)
+
+
+def check_config(config: Config, placement: Placement | None = None) -> None:
+    """``check_placement`` from the config and checkpoint metadata alone, before any weight is read,
+    so a placement that cannot fit is refused instead of being killed halfway through loading."""
+    arch = model_architecture(config)
+    itemsize = resolve_dtype(config.model.dtype).itemsize
+    check_placement(
+        placement or config.placement, arch, itemsize, resolve_max_seq_len(config, arch), jax.devices(),
+        held_weight_itemsize(config.model.quantization, itemsize),
+    )
 
 
 def load_params(

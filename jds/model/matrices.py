@@ -85,6 +85,11 @@ def weight_itemsize(quantization: str, float_itemsize: int, batched_copies: bool
     return (1 if quantization == "int8" else float_itemsize) * (2 if batched_copies else 1)
 
 
+def held_weight_itemsize(quantization: str, itemsize: int) -> int:
+    """Bytes this backend holds per weight for ``model.quantization`` and the float dtype's size."""
+    return weight_itemsize(quantization, itemsize, keeps_batched_copies())
+
+
 def quantize_params(params: Params, batched_copies: bool = False) -> Params:
     """The same model with int8 projections and embedding table; norms stay float, the layers'
     kept as reciprocals (``InverseNorm``).

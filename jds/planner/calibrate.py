@@ -26,7 +26,7 @@ from pathlib import Path
 
 from jds.bench.metrics import RequestRecord
 from jds.bench.workloads import PlannedRequest, Workload, plan
-from jds.mesh.placement import Placement
+from jds.config.placement import Placement
 from jds.planner.profile import Profile, Serving
 from jds.planner.simulator import simulate
 

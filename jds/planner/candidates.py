@@ -2,7 +2,7 @@
 
 A candidate is described by its parts (prefill tp, decode tp/pp/slots, colocated tp/slots/chunk)
 and instance counts, and turned into the same ``Placement`` a config holds, with devices numbered
-node by node. Memory per device follows ``jds.mesh.fit``'s rule: weights split over tp x pp, plus
+node by node. Memory per device follows ``jds.config.fit``'s rule: weights split over tp x pp, plus
 the KV of every slot at the instance's full sequence length.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillInstance
+from jds.config.placement import ColocatedInstance, DecodeInstance, Placement, PrefillInstance
 from jds.planner.profile import Profile
 
 SLOT_CHOICES = (8, 16, 32, 64, 128, 256)

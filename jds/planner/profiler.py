@@ -68,16 +68,17 @@ def parallel_shapes(num_heads: int, num_kv_heads: int, num_layers: int, devices:
 def _measure(config_path: str, job: Job, grid: Grid) -> dict:
     import jax
 
-    from jds.bench.micro import timed
+    from jds.bench.timing import timed
     from jds.config import load_config
-    from jds.engine.programs import PrefillProgram, decode_pipeline, empty_rows, place_params
-    from jds.mesh.placement import DecodeInstance, PrefillBatching
+    from jds.config.placement import DecodeInstance, PrefillInstance
+    from jds.engine import builders
+    from jds.engine.programs import empty_rows
     from jds.model.loader import load_model
 
     model = load_model(load_config(config_path), progress=False)
     devices = jax.devices()[: job.devices]
     if job.phase == "prefill":
-        program = PrefillProgram(model.arch, place_params(model.params, devices), model.max_seq_len, PrefillBatching())
+        program = builders.prefill_instance(model, PrefillInstance(devices=list(range(job.devices)), tp=job.devices), devices, model.max_seq_len)
         shapes = [s for s in program.shapes() if s[0] * s[1] <= grid.max_tokens]
         points = []
         for batch, length in tqdm(shapes, desc=job.label, unit="shape"):
@@ -88,9 +89,8 @@ def _measure(config_path: str, job: Job, grid: Grid) -> dict:
         points = []
         contexts = [c for c in grid.contexts if c <= model.max_seq_len]
         for slots in tqdm(grid.slots, desc=job.label, unit="slot count"):
-            spec = DecodeInstance(devices=list(range(job.devices)), tp=job.tp, pp=job.pp, slots=slots)
-            stages = [[devices[d] for d in spec.stage_devices(i)] for i in range(job.pp)]
-            pipeline = decode_pipeline(model.arch, model.params, spec, stages, model.max_seq_len)
+            spec = DecodeInstance(devices=list(range(job.devices)), tp=job.tp, pp=job.pp, slots=slots, max_seq_len=model.max_seq_len)
+            pipeline = builders.decode_instance(model, spec, devices)
             n = slots // pipeline.microbatches
             tokens, zeros, rows = np.zeros((n, 1), np.int32), np.zeros(n, np.int32), empty_rows(n)
             for context in contexts:
@@ -110,7 +110,7 @@ def _measure(config_path: str, job: Job, grid: Grid) -> dict:
 def _device_transfer(devices, repeats: int) -> list[tuple[int, float]]:
     import jax
 
-    from jds.bench.micro import timed
+    from jds.bench.timing import timed
 
     points = []
     for mb in TRANSFER_MEGABYTES:
@@ -123,7 +123,7 @@ def _process_transfer(devices, repeats: int) -> list[tuple[int, float]]:
     """An offer pulled through the transfer server over loopback: the path between processes."""
     import jax
 
-    from jds.bench.micro import timed
+    from jds.bench.timing import timed
     from jds.transfer.remote import KVTransfer
 
     kv = KVTransfer()
@@ -154,7 +154,7 @@ def profile(config_path: str, cores_per_device: int, grid: Grid, source: str) ->
     import jax
 
     from jds.config import load_config
-    from jds.mesh.fit import HOST_MEMORY_FRACTION
+    from jds.config.fit import HOST_MEMORY_FRACTION
     from jds.model.loader import load_model
 
     config = load_config(config_path)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 from jds.bench.metrics import RequestRecord
 from jds.bench.workloads import PlannedRequest
-from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement
+from jds.config.placement import ColocatedInstance, DecodeInstance, Placement
 from jds.planner.latency import TransferModel
 from jds.planner.profile import DecodeEntry, PrefillEntry, Profile
 from jds.scheduling import policy
@@ -446,24 +446,23 @@ def simulate(
     or ``network`` between processes (a config with a ``cluster:`` section), one request at a time.
     """
     clock = _Clock()
+    placement = placement.resolved(max_seq_len)
     waiting: collections.deque[_Request] = collections.deque()
     workers: list[_Prefiller | _Colocated] = []
     if placement.mode == "colocated":
         for spec in placement.instances:
             prefill, decode = profile.prefill_latency(spec.tp), profile.decode_latency(spec.tp, 1)
-            longest = spec.max_seq_len or max_seq_len
-            batches = PrefillBatches.up_to(longest, spec.max_batch, spec.max_batch_tokens)
-            workers.append(_Colocated(clock, spec, prefill, decode, batches, waiting, longest))
+            batches = PrefillBatches.up_to(spec.max_seq_len, spec.max_batch, spec.max_batch_tokens)
+            workers.append(_Colocated(clock, spec, prefill, decode, batches, waiting, spec.max_seq_len))
     else:
         decoders: list[_Decoder] = []
         handoff_ref: list[_Handoff] = []
         for spec in placement.decode:
-            decoders.append(_decoder(clock, profile, spec, max_seq_len, lambda: handoff_ref[0].slot_freed()))
+            decoders.append(_decoder(clock, profile, spec, lambda: handoff_ref[0].slot_freed()))
         handoff = _Handoff(clock, decoders, profile.link(link), profile.model.kv_bytes_per_token, link != "device", profile.pulls_wait_for_prefill)
         handoff_ref.append(handoff)
-        longest = max(spec.max_seq_len or max_seq_len for spec in placement.decode)  # what prefill programs are built for
         for spec in placement.prefill:
-            batches = PrefillBatches.up_to(longest, spec.max_batch, spec.max_batch_tokens)
+            batches = PrefillBatches.up_to(placement.max_seq_len, spec.max_batch, spec.max_batch_tokens)
             workers.append(_Prefiller(clock, profile.prefill_latency(spec.tp), batches, waiting, handoff))
     sims = [_Request(r) for r in requests]
 
@@ -481,6 +480,6 @@ def simulate(
     return [r.record() for r in sims]
 
 
-def _decoder(clock: _Clock, profile: Profile, spec: DecodeInstance, max_seq_len: int, on_free: Callable[[], None]) -> _Decoder:
+def _decoder(clock: _Clock, profile: Profile, spec: DecodeInstance, on_free: Callable[[], None]) -> _Decoder:
     latency, microbatches = profile.decode_latency(spec.tp, spec.pp), spec.num_microbatches(profile.cpu)
-    return _Decoder(clock, latency, spec.slots, microbatches, spec.max_seq_len or max_seq_len, on_free)
+    return _Decoder(clock, latency, spec.slots, microbatches, spec.max_seq_len, on_free)

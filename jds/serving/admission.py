@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Literal
 
-from jds.engine.engine import Engine
+from jds.engine.interface import ServingEngine
 from jds.engine.request import Request
 from jds.engine.running import QueueFull
 from jds.engine.sequence import RequestStream
@@ -36,7 +36,7 @@ class Refused(Exception):
         self.field = field
 
 
-def admit(engine: Engine, accepting: threading.Event, metrics: Metrics, build: Callable[[], Request]) -> tuple[Request, RequestStream]:
+def admit(engine: ServingEngine, accepting: threading.Event, metrics: Metrics, build: Callable[[], Request]) -> tuple[Request, RequestStream]:
     """Build the request (``build`` runs every check) and submit it, or raise a counted ``Refused``."""
     try:
         if not accepting.is_set():

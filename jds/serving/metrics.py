@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from jds.engine.engine import Engine
+from jds.engine.interface import ServingEngine
 from jds.engine.request import FinishReason, RequestTimings
 
 # Seconds, from a fast accelerator's TTFT to a slow CPU's end-to-end latency.
@@ -15,7 +15,7 @@ TRANSFER_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0)
 class Metrics:
     """One registry per server (not the global one), so several servers can live in one process."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: ServingEngine):
         self.registry = CollectorRegistry()
         r = self.registry
 

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jds.engine.engine import Engine
+from jds.engine.interface import ServingEngine
 from jds.engine.request import Request as EngineRequest
 from jds.engine.request import StreamOutput
 from jds.engine.sequence import RequestStream
@@ -114,7 +114,7 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
 class OpenAIFrontend:
     """The FastAPI application and the state its handlers share with the gRPC service."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, accepting: threading.Event, max_request_bytes: int = MAX_REQUEST_BYTES):
+    def __init__(self, engine: ServingEngine, metrics: Metrics, accepting: threading.Event, max_request_bytes: int = MAX_REQUEST_BYTES):
         self.engine = engine
         self.metrics = metrics
         self.accepting = accepting

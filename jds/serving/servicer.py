@@ -18,11 +18,11 @@ from google.protobuf.message import DecodeError
 from jds.api import generation_pb2 as pb
 from jds.api import generation_pb2_grpc as pb_grpc
 from jds.api.logprobs import logprob_message
-from jds.engine.engine import Engine, describe
+from jds.engine.interface import ServingEngine
 from jds.engine.request import Request, RequestTimings, StreamOutput
-from jds.serving.metrics import Metrics
 from jds.intake import InvalidRequest, build_request, check_token_ids, encode_chat, encode_text
 from jds.serving.admission import GRPC_CODES, Refused, admit
+from jds.serving.metrics import Metrics
 
 OPTIONAL_SAMPLING = (
     "max_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty",
@@ -37,7 +37,7 @@ FINISH_REASONS = {
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, engine: Engine, metrics: Metrics, accepting: threading.Event):
+    def __init__(self, engine: ServingEngine, metrics: Metrics, accepting: threading.Event):
         self.engine = engine
         self.metrics = metrics
         self.accepting = accepting  # cleared when the server drains
@@ -118,7 +118,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             num_kv_heads=arch.num_kv_heads,
             max_seq_len=self.engine.max_seq_len,
             dtype=str(model.dtype),
-            placement=describe(self.engine.placement),
+            placement=self.engine.placement.describe(),
             slots_total=total,
             slots_in_use=in_use,
             waiting=self.engine.num_waiting,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import NamedSharding
 
-from jds.mesh.stages import StageSpan
+from jds.config.stages import StageSpan
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
-import jax
-
-from jds.config import Config, ConfigError
-from jds.mesh.placement import ColocatedInstance, DecodeInstance, Placement, PrefillBatching, PrefillInstance
-from jds.mesh.stages import stage_spans
+from jds.config import ConfigError
+from jds.config.placement import ColocatedInstance, DecodeInstance, Placement, PrefillBatching, PrefillInstance
+from jds.config.stages import stage_spans
 from jds.model.architecture import Architecture
-from jds.model.matrices import keeps_batched_copies, weight_itemsize
 
 HOST_MEMORY_FRACTION = 0.8  # leave room for the runtime, compiled programs and activations
 
@@ -41,11 +39,6 @@ def weight_bytes(arch: Architecture, itemsize: int, layers: int, tp: int, embed:
     per_layer = (d * hd * (2 * arch.num_heads + 2 * arch.num_kv_heads) + 3 * d * f) // tp + 2 * d
     extra = arch.vocab_size * d * (embed + head) + (d if head else 0)
     return (layers * per_layer + extra) * itemsize
-
-
-def held_weight_itemsize(quantization: str, itemsize: int) -> int:
-    """Bytes this backend holds per weight for ``model.quantization`` and the float dtype's size."""
-    return weight_itemsize(quantization, itemsize, keeps_batched_copies())
 
 
 def kv_bytes(arch: Architecture, itemsize: int, layers: int, tp: int, slots: int, seq: int) -> int:
@@ -73,21 +66,24 @@ def memory_needs(
     placement: Placement, arch: Architecture, itemsize: int, max_seq_len: int, weight_itemsize: int | None = None
 ) -> list[MemoryNeed]:
     """Per-device bytes each instance (each decode stage) needs, for the fit check and for logs.
-    ``weight_itemsize`` is the bytes held per weight where it differs from the activations' and
-    cache's ``itemsize`` (``held_weight_itemsize``)."""
+    ``max_seq_len`` is the model's (instances may hold less); ``weight_itemsize`` the bytes held
+    per weight where it differs from the activations' and cache's ``itemsize``
+    (``held_weight_itemsize``)."""
+    placement = placement.resolved(max_seq_len)
+    longest = placement.max_seq_len  # what prefill instances are built for
     head = not arch.tie_embeddings
     w_itemsize = weight_itemsize or itemsize
     # A decode stage holds one delivery of the largest prefill batch's KV (its layers) until it
     # is inserted into the cache.
-    delivered = max((prefill_tokens(p, max_seq_len) for p in placement.prefill), default=0)
+    delivered = max((prefill_tokens(p, longest) for p in placement.prefill), default=0)
     needs = []
     for where, inst in placement.named_instances():
         if isinstance(inst, PrefillInstance):
             w = weight_bytes(arch, w_itemsize, arch.num_layers, inst.tp, True, head)
-            transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, max_seq_len), max_seq_len)
+            transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, longest), longest)
             needs.append(MemoryNeed(f"placement.{where}", w, 0, tuple(inst.devices), transient))
         elif isinstance(inst, DecodeInstance):
-            seq = inst.max_seq_len or max_seq_len
+            seq = inst.max_seq_len
             for span in stage_spans(arch.num_layers, inst.pp, inst.layers_per_stage):
                 w = weight_bytes(arch, w_itemsize, span.num_layers, inst.tp, span.first, span.last and head)
                 if span.last and not head and not span.first:
@@ -96,7 +92,7 @@ def memory_needs(
                 transient = kv_bytes(arch, itemsize, span.num_layers, inst.tp, delivered, 1)
                 needs.append(MemoryNeed(f"placement.{where} stage {span.index}", w, kv, tuple(inst.stage_devices(span.index)), transient))
         else:
-            seq = inst.max_seq_len or max_seq_len
+            seq = inst.max_seq_len
             w = weight_bytes(arch, w_itemsize, arch.num_layers, inst.tp, True, head)
             kv = kv_bytes(arch, itemsize, arch.num_layers, inst.tp, inst.slots, seq)
             transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, seq), seq)
@@ -112,7 +108,7 @@ def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _device_limit(device: jax.Device) -> int | None:
+def _device_limit(device: Any) -> int | None:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     return stats.get("bytes_limit") if stats else None
 
@@ -122,11 +118,11 @@ def check_placement(
     arch: Architecture,
     itemsize: int,
     max_seq_len: int,
-    devices: list[jax.Device],
+    devices: list[Any],
     weight_itemsize: int | None = None,
 ) -> None:
     """Raise ConfigError naming the key if the placement cannot run this model on these devices."""
-    for where, inst in placement.named_instances():
+    for where, inst in placement.resolved(max_seq_len).named_instances():
         key = f"placement.{where}"
         missing = [d for d in inst.devices if d >= len(devices)]
         if missing:
@@ -139,12 +135,12 @@ def check_placement(
                 stage_spans(arch.num_layers, inst.pp, inst.layers_per_stage)
             except ValueError as exc:
                 raise ConfigError(f"{key}.{'pp' if inst.layers_per_stage is None else 'layers_per_stage'}: {exc}") from None
-        if isinstance(inst, (DecodeInstance, ColocatedInstance)) and inst.max_seq_len:
+        if isinstance(inst, (DecodeInstance, ColocatedInstance)):
             if inst.max_seq_len > arch.max_position_embeddings:
                 raise ConfigError(
                     f"{key}.max_seq_len: {inst.max_seq_len} exceeds the model's max_position_embeddings ({arch.max_position_embeddings})"
                 )
-        if isinstance(inst, ColocatedInstance) and inst.chunked_prefill and inst.chunked_prefill > (inst.max_seq_len or max_seq_len):
+        if isinstance(inst, ColocatedInstance) and inst.chunked_prefill and inst.chunked_prefill > inst.max_seq_len:
             raise ConfigError(f"{key}.chunked_prefill: {inst.chunked_prefill} is longer than max_seq_len")
     needs = memory_needs(placement, arch, itemsize, max_seq_len, weight_itemsize)
     if all(d.platform == "cpu" for d in devices):
@@ -166,16 +162,3 @@ def check_placement(
                     f"{need.where}: {_gib(need.weights)} weights + {_gib(need.kv)} KV + {_gib(need.transient)} transient per device exceed device {d}'s "
                     f"{_gib(limit)} (lower slots or max_seq_len, or raise tp/pp)"
                 )
-
-
-def check_config(config: Config, placement: Placement | None = None) -> None:
-    """``check_placement`` from the config and checkpoint metadata alone, before any weight is read,
-    so a placement that cannot fit is refused instead of being killed halfway through loading."""
-    from jds.model.loader import model_architecture, resolve_dtype, resolve_max_seq_len
-
-    arch = model_architecture(config)
-    itemsize = resolve_dtype(config.model.dtype).itemsize
-    check_placement(
-        placement or config.placement, arch, itemsize, resolve_max_seq_len(config, arch), jax.devices(),
-        held_weight_itemsize(config.model.quantization, itemsize),
-    )

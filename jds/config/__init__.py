@@ -16,10 +16,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, model_validator
 
-from jds.mesh.placement import Placement
+from jds.config.placement import Placement
 from jds.model.architecture import Architecture
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "smollm2-135m.yaml"
 PACKAGE_SCHEME = "package://"
 

@@ -4,12 +4,12 @@ Two modes. ``disaggregated``: prefill instances (tensor parallel over their devi
 instances (``pp`` pipeline stages of ``tp`` devices each) on disjoint devices, KV handed from one to
 the other. ``colocated``: instances that run both phases on their own devices, the baseline every
 disaggregation claim is measured against. This module checks what can be checked from the file
-alone; ``check_placement`` in ``jds.mesh.fit`` checks it against the model and the machine.
+alone; ``check_placement`` in ``jds.config.fit`` checks it against the model and the machine.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
@@ -66,6 +66,10 @@ class PrefillInstance(PrefillBatching, _Process):
 class _DecodeSlots(_Section):
     slots: PositiveInt = DEFAULT_SLOTS
     max_seq_len: PositiveInt | None = Field(default=None, description="prompt + output limit; default model.max_seq_len")
+
+    def resolved(self, max_seq_len: int) -> Self:
+        """This instance with ``max_seq_len`` filled in: ``max_seq_len`` (the model's) where the config left it out."""
+        return self if self.max_seq_len else self.model_copy(update={"max_seq_len": max_seq_len})
 
 
 class DecodeInstance(_DecodeSlots, _Process):
@@ -167,3 +171,28 @@ class Placement(_Section):
     @property
     def devices(self) -> list[int]:
         return sorted(d for _, inst in self.named_instances() for d in inst.devices)
+
+    def resolved(self, max_seq_len: int) -> Placement:
+        """This placement with every instance's defaults filled in from the model's ``max_seq_len``.
+        Whoever builds instances resolves the placement once and then reads ``max_seq_len`` off
+        each instance (and the placement) as given."""
+        return self.model_copy(
+            update={"decode": [d.resolved(max_seq_len) for d in self.decode], "instances": [i.resolved(max_seq_len) for i in self.instances]}
+        )
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence an instance of this (resolved) placement holds: what prefill is built for."""
+        lengths = [i.max_seq_len for i in self.decode + self.instances]
+        if None in lengths:
+            raise ValueError("the placement is not resolved: call resolved(model.max_seq_len) first")
+        return max(lengths)
+
+    def describe(self) -> str:
+        """One line per instance, for logs and ModelInfo."""
+        parts = []
+        for where, inst in self.named_instances():
+            shape = f"tp={inst.tp}" + (f" pp={inst.pp}" if isinstance(inst, DecodeInstance) else "")
+            extra = f" slots={inst.slots}" if not where.startswith("prefill") else ""
+            parts.append(f"{where} devices={inst.devices} {shape}{extra}")
+        return f"{self.mode}: " + "; ".join(parts)

@@ -1,0 +1,57 @@
+"""One builder per role: an instance's programs on its devices, and what warm-up compiles for it.
+
+The in-process ``Engine`` and the role processes of a cluster (leaders and followers alike)
+build instances only through these, from a resolved placement (``Placement.resolved``: every
+instance's ``max_seq_len`` filled in), so an instance is the same program wherever it runs.
+``devices`` are an instance's own, in the order of its ``devices`` list.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+
+import jax
+
+from jds.config.placement import ColocatedInstance, DecodeInstance, PrefillInstance
+from jds.config.stages import stage_spans
+from jds.engine.programs import Pipeline, PrefillProgram, place_params
+from jds.model.loader import LoadedModel
+
+Job = Callable[[], object]  # one ahead-of-time compile
+
+
+def prefill_instance(
+    model: LoadedModel, spec: PrefillInstance, devices: Seq[jax.Device], longest: int, cuts: tuple[int, ...] = (), gather_kv: bool = False
+) -> PrefillProgram:
+    """A prefill instance for prompts up to ``longest`` (the placement's ``max_seq_len``), its KV
+    cut at ``cuts`` (every decode stage start of the placement, in one process) or gathered whole
+    (``gather_kv``: for an offer to another process)."""
+    return PrefillProgram(model.arch, place_params(model.params, devices), longest, spec, cuts, gather_kv)
+
+
+def decode_instance(model: LoadedModel, spec: DecodeInstance, devices: Seq[jax.Device]) -> Pipeline:
+    """A decode instance: its stages, each on its ``tp`` devices."""
+    spans = stage_spans(model.arch.num_layers, spec.pp, spec.layers_per_stage)
+    stages = [list(devices[i * spec.tp : (i + 1) * spec.tp]) for i in range(spec.pp)]
+    microbatches = spec.num_microbatches(devices[0].platform == "cpu")
+    return Pipeline(model.arch, model.params, spans, stages, spec.slots, spec.max_seq_len, microbatches)
+
+
+def colocated_instance(model: LoadedModel, spec: ColocatedInstance, devices: Seq[jax.Device]) -> tuple[PrefillProgram, Pipeline]:
+    """A colocated instance: its prefill program and its one-stage decode pipeline, sharing one
+    copy of the weights on its devices."""
+    placed = place_params(model.params, devices)
+    spans = stage_spans(model.arch.num_layers, 1)
+    pipeline = Pipeline(model.arch, placed, spans, [list(devices)], spec.slots, spec.max_seq_len, 1)
+    return PrefillProgram(model.arch, placed, spec.max_seq_len, spec), pipeline
+
+
+def prefill_warmup(program: PrefillProgram) -> list[Job]:
+    return [functools.partial(program.compile, *shape) for shape in program.shapes()]
+
+
+def one_row_at_a_time(pipeline: Pipeline) -> list[tuple[int, int]]:
+    """The shapes KV arrives in at a decode process: one request's row, at its length bucket."""
+    return [(1, b) for b in pipeline.contexts]
