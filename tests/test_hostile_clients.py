@@ -227,7 +227,8 @@ def test_grpc_bad_values_are_invalid_argument_naming_the_field(stub, fields, mes
 # -- property: any request, valid or not, in batches ------------------------------------------------
 
 _text = st.text(st.characters(codec="utf-8"), min_size=1, max_size=30)
-_bad_text = st.sampled_from(["", "a\ud800", "\udc00b"])
+_bad_text = st.sampled_from(["", "a\ud800", "\udc00b", "\x16"])  # the last encodes to no tokens
+_prompt_text = st.tuples(st.characters(categories=["L", "N"]), _text).map("".join)  # a letter or digit: at least one token
 _ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12)
 
 # each field: (strategy of valid values, strategy of values to refuse)
@@ -288,7 +289,7 @@ def openai_request(draw) -> tuple[str, dict, bool]:
         )
         body["messages"] = f.pick(st.lists(message, min_size=1, max_size=3), st.one_of(st.just([]), st.lists(bad_message, min_size=1, max_size=2)))
     else:
-        body["prompt"] = f.pick(st.one_of(_text, _ids), st.one_of(_bad_text, st.just([]), st.lists(st.integers(VOCAB, 2**40), min_size=1, max_size=3)))
+        body["prompt"] = f.pick(st.one_of(_prompt_text, _ids), st.one_of(_bad_text, st.just([]), st.lists(st.integers(VOCAB, 2**40), min_size=1, max_size=3)))
     f.sampling(body, SAMPLING_FIELDS)
     if draw(st.integers(0, 9)) == 0:
         body["frobnicate"] = 1  # a field no API has
@@ -351,7 +352,7 @@ def grpc_request(draw) -> tuple[pb.GenerateRequest, bool]:
     kind = draw(st.sampled_from(["text", "messages", "token_ids"]))
     fields: dict = {"max_tokens": 2}
     if kind == "text":
-        fields["text"] = f.pick(_text, st.just(""))
+        fields["text"] = f.pick(_prompt_text, st.sampled_from(["", "\x16"]))
     elif kind == "token_ids":
         fields["token_ids"] = f.pick(_ids, st.lists(st.integers(VOCAB, 2**31 - 1), min_size=1, max_size=3))
     else:

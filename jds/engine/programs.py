@@ -396,7 +396,7 @@ class Pipeline:
         from_feed: np.ndarray | None = None,
     ) -> Sampled:  # fmt: skip
         """Dispatch rows ``row_offset ..`` of one microbatch through every stage (asynchronously),
-        reading ``context`` cache positions (``Pipeline.context``); what they draw, on the device.
+        reading ``context`` cache positions (``Pipeline.round_shape``); what they draw, on the device.
 
         A row marked in ``from_feed`` takes as its token the one its previous step drew, without
         the host having read it: so a step can be dispatched while the one before still runs.
