@@ -1,14 +1,16 @@
-"""No program copies the KV cache whole.
+"""No program copies the KV page pool whole.
 
 A copy of the cache (XLA transposing it for a scatter, or copying it because a write was not in
 place) is what made a 64-slot cache fail every step on a GPU. Whether a compiled program holds
 one shows in the memory it needs beyond its arguments: its temporaries, and whatever of its
 output does not reuse a donated argument's buffer. With the rows, new tokens and positions read
-held fixed, that must not grow with the cache. Each program is compiled for two caches that
-differ only in how many positions they hold, and its new memory may differ by less than one
-layer's share of that difference. (XLA's CPU backend is the one these tests run on; it kept the
-cache in place even where a GPU copied it, so this guards the programs' form: donation, writes
-that can happen in place; the GPU itself must be measured.)
+held fixed, that must not grow with the cache. Each program is compiled for two pools that
+differ only in how many pages they hold, and its new memory may differ by less than one
+layer's share of that difference. The pools hold the default number of pages, as many as
+``SLOTS`` rows of their positions fill, so the long pool has four times the pages. (XLA's CPU
+backend is the one these tests run on; it kept the cache in place even where a GPU copied it, so
+this guards the programs' form: donation, writes that can happen in place, reads of the pages in
+use only; the GPU itself must be measured.)
 """
 
 from __future__ import annotations

@@ -127,6 +127,7 @@ PROMPTS = [[5 + i, 17, 99 + i, 4][: 2 + i % 3] * (1 + i % 2) for i in range(6)]
 def test_outputs_equal_the_single_process_engine_and_every_instance_serves(cluster, stub, offline):
     info = stub.ModelInfo(pb.ModelInfoRequest())
     assert (info.slots_total, info.devices) == (2 * SLOTS, 6) and "disaggregated" in info.placement
+    assert info.kv_pages_total == 2 * SLOTS * MAX_SEQ_LEN // 16  # the two decode processes' pages
     expected = offline.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     got: dict[int, list[int]] = {}
 

@@ -167,13 +167,13 @@ class _Gate:
 
 
 def test_slots_are_handed_out_lowest_first():
-    from jds.engine.slots import SlotPool
+    from jds.engine.kv_pool import KVPool
 
-    pool = SlotPool(4, threading.Condition())
-    assert [pool.try_reserve() for _ in range(3)] == [0, 1, 2]
+    pool = KVPool(4, 64, 16, 64, threading.Condition())
+    assert [pool.try_reserve(10) for _ in range(3)] == [0, 1, 2]
     pool.release(1)
     pool.release(0)
-    assert [pool.try_reserve(), pool.try_reserve(), pool.try_reserve(), pool.try_reserve()] == [0, 1, 3, None]
+    assert [pool.try_reserve(10), pool.try_reserve(10), pool.try_reserve(10), pool.try_reserve(10)] == [0, 1, 3, None]
 
 
 @pytest.mark.parametrize("placement", [SINGLE, PLACEMENTS["p2-pp2-mb2"]], ids=["one-stage", "two-stages"])
@@ -234,6 +234,63 @@ def test_a_decode_step_computes_the_rows_up_to_the_highest_slot_in_use(tiny, mon
         rows.clear()
         _run(engine, PROMPTS[:5], tag="five")  # slots 0-4 while all run: 8 rows
         assert max(rows) == 8 and set(rows) <= {1, 8}
+    finally:
+        engine.shutdown()
+
+
+LONG_GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+LONG_SAMPLED = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.9, top_k=50, ignore_eos=True)
+# Eight pages of 16 positions: the six prompts (3 .. 58 tokens) need 1 .. 4 pages to start and up
+# to 7 by their 40th token, so running requests run out of pages and the youngest is preempted.
+TIGHT = {
+    "colocated": {"instances": {"devices": [0], "slots": 4, "kv_pages": 8}},
+    "colocated-chunked": {"instances": {"devices": [0], "slots": 4, "kv_pages": 8, "chunked_prefill": 16}},
+    "disaggregated-pp2": _disagg([0], 1, {"devices": [1, 2], "pp": 2, "kv_pages": 8}),
+}
+
+
+@pytest.fixture(scope="module")
+def long_reference(tiny):
+    engine = _engine(tiny, SINGLE)  # 4 slots of 512 positions: no request waits for pages
+    yield {"greedy": [o.token_ids for o in _run(engine, PROMPTS, LONG_GREEDY)], "sampled": [o.token_ids for o in _run(engine, PROMPTS, LONG_SAMPLED)]}
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("name", TIGHT)
+def test_requests_preempted_for_pages_continue_with_the_same_tokens(tiny, long_reference, name):
+    engine = _engine(tiny, TIGHT[name])
+    try:
+        greedy = _run(engine, PROMPTS, LONG_GREEDY)
+        assert [o.token_ids for o in greedy] == long_reference["greedy"]
+        assert [o.token_ids for o in _run(engine, PROMPTS, LONG_SAMPLED, "s")] == long_reference["sampled"]
+        assert sum(w.batch.preemptions for w in engine.decode_workers + engine.colocated_workers) > 0
+        assert engine.page_usage() == (0, 8) and engine.slot_usage()[0] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_aborts_among_preemptions_leave_no_page_held(tiny):
+    engine = _engine(tiny, TIGHT["colocated"])
+    rng = np.random.default_rng(0)
+    try:
+        streams = [engine.submit(Request(f"a{i}", tuple(PROMPTS[i % len(PROMPTS)]), LONG_GREEDY, i)) for i in range(48)]
+        for i in rng.permutation(48)[:24]:
+            threading.Event().wait(rng.uniform(0, 0.02))  # aborts land while waiting, prefilling and decoding
+            engine.abort(f"a{i}")
+        reasons = {s.result().finish_reason for s in streams}
+        assert reasons == {"abort", "length"}
+        assert engine.page_usage()[0] == 0 and engine.slot_usage()[0] == 0
+        assert engine.colocated_workers[0].batch.preemptions > 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_that_could_not_finish_even_alone_is_refused_naming_max_tokens(tiny):
+    engine = _engine(tiny, {"instances": {"devices": [0], "slots": 2, "kv_pages": 2}})  # 32 positions
+    try:
+        with pytest.raises(ValueError, match="max_tokens: the prompt's 58 tokens and max_tokens 10 need 68 KV positions"):
+            engine.submit(Request("too-long", tuple(PROMPTS[5]), GREEDY, 0))
+        assert engine.submit(Request("fits", tuple(PROMPTS[1]), GREEDY, 0)).result().finish_reason == "length"  # 14 + 10
     finally:
         engine.shutdown()
 

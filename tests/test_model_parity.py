@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from jds.model import llama
-from jds.model.kv_cache import KVCache, insert
+from jds.model.kv_cache import KVPages, insert, written_pages
 from jds.model.matrices import as_served
 from jds.model.weights.gguf_file import load_gguf
 from jds.model.weights.hf_checkpoint import load_hf
@@ -32,15 +32,32 @@ INT8_BOUND = 2.0
 INT8_AGREEMENT = 0.95
 
 prefill_jit = jax.jit(llama.prefill, static_argnums=3)
-decode_jit = jax.jit(llama.decode_step, static_argnums=4)
+decode_jit = jax.jit(llama.decode_step, static_argnums=5)
 CHUNK = 5
+PAGE = 8  # positions per cache page
+ROW_PAGES = 64 // PAGE  # each row's reach: 64 positions
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6))
-def chunk_jit(params, cache, tokens, start, row, arch, context):
-    """Logits at every position of a prompt chunk written into cache row ``row``, reading ``context`` positions."""
-    x, cache = llama.decoder_layers(params.layers, cache, llama.embed(params, tokens), start, row, arch, context)
+def chunk_jit(params, cache, tokens, start, table, arch, context):
+    """Logits at every position of a prompt chunk written into the pages of ``table`` ``[1, n]``,
+    reading ``context`` positions."""
+    positions = start[:, None] + np.arange(tokens.shape[1])[None, :]
+    pages = written_pages(table, positions, PAGE, cache.num_pages)
+    x, cache = llama.decoder_layers(params.layers, cache, llama.embed(params, tokens), start, table[:, : context // PAGE], pages, arch)
     return jax.vmap(lambda h: llama.logits(params, h, arch), in_axes=1, out_axes=1)(x), cache
+
+
+def _pool(arch, rows: int, dtype, seed: int) -> tuple[KVPages, np.ndarray]:
+    """A page pool for ``rows`` rows of 64 positions, and their block tables: every row's pages
+    shuffled over the pool (one spare page), so a wrong table entry reads another row's KV."""
+    tables = np.random.default_rng(seed).permutation(rows * ROW_PAGES).reshape(rows, ROW_PAGES).astype(np.int32)
+    return KVPages.zeros(arch, rows * ROW_PAGES + 1, PAGE, dtype), tables
+
+
+def _prompt_pages(tables: np.ndarray, bucket: int) -> np.ndarray:
+    """Where each position of a bucket-long transit row lands: ``[rows, bucket]``."""
+    return tables[:, np.arange(bucket) // PAGE]
 
 
 def _padded(prompts: list[list[int]], bucket: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,30 +94,32 @@ def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bou
         check(logits[i], ref[split[i] - 1])
 
     # Decode the rest of each prompt token by token from slots that are not the prefill rows.
-    cache = insert(KVCache.zeros(arch, len(prompts) + 1, 64, params.final_norm.dtype), kv, np.arange(1, len(prompts) + 1))
+    cache, tables = _pool(arch, len(prompts) + 1, params.final_norm.dtype, seed=0)
+    cache = insert(cache, kv, _prompt_pages(tables[1:], 16))
     positions = np.array([0] + split, np.int32)
     for _ in range(max(len(p) - s for p, s in zip(prompts, split))):
         step_tokens = np.array([0] + [p[min(pos, len(p) - 1)] for p, pos in zip(prompts, positions[1:])], np.int32)
-        logits, cache = decode_jit(params, cache, step_tokens, positions, arch)
+        logits, cache = decode_jit(params, cache, step_tokens, positions, tables, arch)
         for i, (p, ref) in enumerate(zip(prompts, refs)):
             if positions[i + 1] < len(p):
                 check(logits[i + 1], ref[positions[i + 1]])
         positions = positions + 1
 
-    cache = insert(KVCache.zeros(arch, 1, 64, params.final_norm.dtype), kv[:, :, :1], np.zeros(1, np.int32))
+    cache, tables = _pool(arch, 1, params.final_norm.dtype, seed=1)
+    cache = insert(cache, kv[:, :, :1], _prompt_pages(tables, 16))
     for pos in range(split[0], len(prompts[0])):
-        logits, cache = decode_jit(params, cache, np.array([prompts[0][pos]], np.int32), np.array([pos], np.int32), arch)
+        logits, cache = decode_jit(params, cache, np.array([prompts[0][pos]], np.int32), np.array([pos], np.int32), tables, arch)
         check(logits[0], refs[0][pos])
 
     # Chunked prefill: each prompt in chunks of 5 against its own cache row, every position checked;
     # each chunk reads only the cache positions in use, rounded up to a power of two (>= 16 of 64).
-    cache = KVCache.zeros(arch, 2, 64, params.final_norm.dtype)
+    cache, tables = _pool(arch, 2, params.final_norm.dtype, seed=2)
     for p, ref in zip(prompts, refs):
         for start in range(0, len(p), CHUNK):
             chunk = np.zeros((1, CHUNK), np.int32)
             chunk[0, : len(p[start : start + CHUNK])] = p[start : start + CHUNK]
             context = max(16, 1 << max(start - 1, 0).bit_length())
-            logits, cache = chunk_jit(params, cache, chunk, np.array([start], np.int32), 1, arch, context)
+            logits, cache = chunk_jit(params, cache, chunk, np.array([start], np.int32), tables[1:], arch, context)
             real = min(CHUNK, len(p) - start)
             check(logits[0, :real], ref[start : start + real])
     return seen["worst"], seen["agree"] / seen["count"]

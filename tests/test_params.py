@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from jds.model.architecture import Architecture
-from jds.model.kv_cache import KVCache, insert
+from jds.model.kv_cache import KVPages, gather, insert
 from jds.model.params import build_params, init_params, logical_axes, param_shapes
 
 ARCH = Architecture(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2)
@@ -28,17 +28,24 @@ def test_every_parameter_has_one_axis_name_per_dimension(tie):
     assert (params.lm_head is None) == tie
 
 
-def test_cache_axes_and_insert_into_slots():
-    cache = KVCache.zeros(ARCH, batch=4, seq=16, dtype=jnp.float32)
-    assert len(logical_axes(cache).k) == cache.k.ndim and logical_axes(cache).k[1] == "batch"
-    assert logical_axes(cache).k[3:] == ("head_dim", "seq") and logical_axes(cache).v[3:] == ("seq", "head_dim")
+def test_cache_axes_and_insert_into_pages():
+    cache = KVPages.zeros(ARCH, pages=6, page_size=4, dtype=jnp.float32)
+    assert len(logical_axes(cache).k) == cache.k.ndim and logical_axes(cache).k[1] == "pages"
+    assert logical_axes(cache).k[3:] == ("head_dim", "page") and logical_axes(cache).v[3:] == ("page", "head_dim")
     update = np.random.default_rng(0).standard_normal((2, 3, 2, 2, 8, ARCH.head_dim)).astype(np.float32)  # transit layout
-    cache = jax.jit(insert, donate_argnums=0)(cache, update, np.array([2, 4]))  # slot 4 is padding: dropped
+    # Row 0's eight positions go to pages 5 and 2 (its first six only: the rest is padding); row 1 is dropped.
+    pages = np.array([[5] * 4 + [2] * 2 + [6] * 2, [6] * 8], np.int32)
+    cache = jax.jit(insert, donate_argnums=0)(cache, update, pages)
     k, v = np.asarray(cache.k), np.asarray(cache.v)
-    np.testing.assert_array_equal(k[:, 2, :, :, :8], update[0, :, 0].swapaxes(-1, -2))  # keys land transposed
-    np.testing.assert_array_equal(v[:, 2, :, :8], update[1, :, 0])
-    assert k[:, 2, :, :, 8:].max() == 0 and v[:, 2, :, 8:].max() == 0
-    assert k[:, [0, 1, 3]].max() == 0 and v[:, [0, 1, 3]].max() == 0
+    np.testing.assert_array_equal(k[:, 5], update[0, :, 0, :, :4].swapaxes(-1, -2))  # keys land transposed
+    np.testing.assert_array_equal(k[:, 2, :, :, :2], update[0, :, 0, :, 4:6].swapaxes(-1, -2))
+    np.testing.assert_array_equal(v[:, 5], update[1, :, 0, :, :4])
+    np.testing.assert_array_equal(v[:, 2, :, :2], update[1, :, 0, :, 4:6])
+    assert k[:, 2, :, :, 2:].max() == 0 and v[:, 2, :, 2:].max() == 0
+    assert k[:, [0, 1, 3, 4]].max() == 0 and v[:, [0, 1, 3, 4]].max() == 0
+    kt, vg = jax.jit(gather)(cache, 1, np.array([[5, 2]], np.int32))  # a row's pages read back in order
+    np.testing.assert_array_equal(np.asarray(kt)[0, :, :, :6], update[0, 1, 0, :, :6].swapaxes(-1, -2))
+    np.testing.assert_array_equal(np.asarray(vg)[0, :, :6], update[1, 1, 0, :, :6])
 
 
 def test_build_params_names_wrong_shapes():

@@ -123,13 +123,14 @@ def test_a_decode_process_reports_kv_a_fault_took_as_aborted():
 
     from jds.cluster.decode_role import _error_code
     from jds.engine.decode import DecodeBatch
+    from jds.engine.kv_pool import KVPool
     from jds.engine.sequence import Sequence
-    from jds.engine.slots import SlotPool
 
-    batch = DecodeBatch(SimpleNamespace(slots=2), SlotPool(2, threading.Condition()), requeue=None)
+    batch = DecodeBatch(SimpleNamespace(slots=2), KVPool(2, 8, 16, 64, threading.Condition()), requeue=None)
     seq = Sequence(Request("r", (1, 2, 3), SamplingParams(max_tokens=4), seed=0), None, (), 64)
     batch.retry_or_fail(seq, "decode step failed: injected")
     out = next(iter(seq.stream()))
     assert out.finish_reason == "error" and _error_code(out.error) == grpc.StatusCode.ABORTED
     assert _error_code("KV pull failed: gone") == grpc.StatusCode.FAILED_PRECONDITION
+    assert _error_code("preempted: no KV page free for its next token") == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert _error_code("decode step failed: bad row") == grpc.StatusCode.INTERNAL

@@ -66,6 +66,7 @@ def test_health_reflection_and_model_info(server, stub):
         assert {"jds.v1.Generation", "grpc.health.v1.Health"} <= names
     info = stub.ModelInfo(pb.ModelInfoRequest())
     assert (info.model_name, info.num_layers, info.max_seq_len, info.slots_total) == ("tiny-random", 4, MAX_SEQ_LEN, 4)
+    assert info.kv_pages_total == 4 * MAX_SEQ_LEN // 16 and info.kv_pages_in_use <= info.kv_pages_total  # the default: 4 rows' worth
     assert "colocated" in info.placement and info.dtype == "float32" and info.quantization == "none"
 
 
@@ -206,6 +207,8 @@ def test_metrics_expose_histograms_gauges_and_counters(server, stub):
         "jds_e2e_seconds_bucket",
         "jds_slots_in_use",
         "jds_slots_total 4.0",
+        f"jds_kv_pages_total {4 * MAX_SEQ_LEN // 16}.0",
+        "jds_kv_pages_used",
         "jds_waiting_requests",
         'jds_requests_total{finish_reason="length"}',
         'jds_generated_tokens_total{finish_reason="length"}',

@@ -37,19 +37,20 @@ from jax.sharding import NamedSharding
 from jds.bench.server_process import ServerProcess
 from jds.bench.timing import timed
 from jds.config import Config
-from jds.config.placement import PrefillBatching
+from jds.config.placement import DEFAULT_PAGE_SIZE, PrefillBatching
 from jds.config.stages import stage_spans
 from jds.engine.programs import PrefillProgram, empty_rows, place_params
 from jds.engine.request import Request
 from jds.engine.sequence import Sequence
 from jds.mesh.rules import make_mesh, mesh_spec
 from jds.model import llama
-from jds.model.kv_cache import TRANSIT_AXES, KVCache
+from jds.model.kv_cache import TRANSIT_AXES, KVPages
 from jds.model.loader import LoadedModel
 from jds.model.params import MatrixWeight
 from jds.model.sampling import sample
 from jds.model.weights.gguf_file import open_gguf
 from jds.sampling_params import SamplingParams
+from jds.scheduling import policy
 from jds.scheduling.policy import length_buckets
 from jds.transfer.handoff import StageTarget, send_kv
 
@@ -91,15 +92,24 @@ _decode_step = jax.jit(llama.decode_step, static_argnames="arch", donate_argnums
 DECODE_PASSES = 5
 
 
+def paged_cache(model: LoadedModel, batch: int, context: int) -> tuple[KVPages, np.ndarray]:
+    """A page pool holding ``batch`` rows of ``context`` positions, and their block tables: the
+    pages of each row scattered over the pool, as a server's are after a while."""
+    per_row = policy.pages_for(context, DEFAULT_PAGE_SIZE)
+    tables = np.random.default_rng(0).permutation(batch * per_row).astype(np.int32).reshape(batch, per_row)
+    return KVPages.zeros(model.arch, batch * per_row, DEFAULT_PAGE_SIZE, model.dtype), tables
+
+
 def decode_step_seconds(model: LoadedModel, batch: int, context: int) -> float:
-    """One jitted decode step of ``batch`` rows over a cache of ``context`` positions."""
+    """One jitted decode step of ``batch`` rows over a cache of ``context`` positions (in pages)."""
     step = functools.partial(_decode_step, arch=model.arch)
-    state = {"cache": KVCache.zeros(model.arch, batch, context, model.dtype)}
+    cache, tables = paged_cache(model, batch, context)
+    state = {"cache": cache}
     tokens = np.full(batch, 100, np.int32)
     positions = np.full(batch, context // 2, np.int32)
 
     def run() -> None:
-        logits, state["cache"] = step(model.params, state["cache"], tokens, positions)
+        logits, state["cache"] = step(model.params, state["cache"], tokens, positions, tables)
         logits.block_until_ready()
 
     return timed(run)
@@ -114,8 +124,8 @@ SAMPLERS = {
 }
 
 
-def _sampled_step(params, cache, tokens, positions, rows, steps, *, arch):
-    logits, cache = llama.decode_step(params, cache, tokens, positions, arch)
+def _sampled_step(params, cache, tokens, positions, tables, rows, steps, *, arch):
+    logits, cache = llama.decode_step(params, cache, tokens, positions, tables, arch)
     return sample(logits, rows, steps), cache
 
 
@@ -127,7 +137,8 @@ def sampled_steps_seconds(model: LoadedModel, batch: int, context: int, rounds: 
     take turns call by call, in rotating order, on one cache, so a slow spell of a shared host
     falls on all of them alike instead of on whichever ran then."""
     step = functools.partial(_sampled, arch=model.arch)
-    state = {"cache": KVCache.zeros(model.arch, batch, context, model.dtype)}
+    cache, tables = paged_cache(model, batch, context)
+    state = {"cache": cache}
     tokens = np.full(batch, 100, np.int32)
     positions = np.full(batch, context // 2, np.int32)
     steps = np.ones(batch, np.int32)
@@ -140,7 +151,7 @@ def sampled_steps_seconds(model: LoadedModel, batch: int, context: int, rounds: 
 
     def run(name: str) -> float:
         begin = time.perf_counter()
-        sampled, state["cache"] = step(model.params, state["cache"], tokens, positions, rows[name], steps)
+        sampled, state["cache"] = step(model.params, state["cache"], tokens, positions, tables, rows[name], steps)
         sampled.tokens.block_until_ready()
         return time.perf_counter() - begin
 

@@ -27,10 +27,9 @@ from jds.cluster import lockstep
 from jds.cluster.wire import offer_from, sequence_from
 from jds.config.placement import DecodeInstance
 from jds.engine import builders
-from jds.engine.decode import KV_LOST, DecodeWorker, Delivery
+from jds.engine.decode import KV_LOST, PREEMPTED, DecodeWorker, Delivery
 from jds.engine.programs import Pipeline, compile_all
 from jds.engine.sequence import Sequence
-from jds.engine.slots import SlotPool
 from jds.model.loader import LoadedModel
 from jds.transfer.handoff import send_kv
 from jds.transfer.remote import KVTransfer, Offer, PullFailed
@@ -54,8 +53,8 @@ def place(pipeline: Pipeline, kv) -> list:
     return send_kv(pipeline.cut(kv), pipeline.targets).parts
 
 
-def place_and_insert(pipeline: Pipeline, kv, slot_ids: np.ndarray) -> None:
-    pipeline.insert(place(pipeline, kv), slot_ids)
+def place_and_insert(pipeline: Pipeline, kv, pages: np.ndarray) -> None:
+    pipeline.insert(place(pipeline, kv), pages)
 
 
 class LockstepPipeline:
@@ -73,9 +72,9 @@ class LockstepPipeline:
         lockstep.lead("forward", *args)
         return self._pipeline.forward(*args)
 
-    def insert(self, host_kv: np.ndarray, slot_ids: np.ndarray) -> None:
-        lockstep.lead("insert", host_kv, slot_ids)
-        place_and_insert(self._pipeline, host_kv, slot_ids)
+    def insert(self, host_kv: np.ndarray, pages: np.ndarray) -> None:
+        lockstep.lead("insert", host_kv, pages)
+        place_and_insert(self._pipeline, host_kv, pages)
 
     def reset(self) -> None:
         lockstep.lead("reset")
@@ -92,7 +91,7 @@ def follow_leader(model: LoadedModel, spec: DecodeInstance, warmup: bool) -> Non
     lockstep.follow(
         {
             "forward": pipeline.forward,
-            "insert": lambda kv, slots: place_and_insert(pipeline, kv, slots),
+            "insert": lambda kv, pages: place_and_insert(pipeline, kv, pages),
             "reset": pipeline.reset,
             "write_history": pipeline.write_history,
         }
@@ -101,11 +100,14 @@ def follow_leader(model: LoadedModel, spec: DecodeInstance, warmup: bool) -> Non
 
 def _error_code(error: str) -> grpc.StatusCode:
     """What the router does with a failed request: a KV pull that failed may be prefilled again
-    (``cluster.on_pull_failure``); KV a device fault took is prefilled again once; the rest fail."""
+    (``cluster.on_pull_failure``); KV a device fault took is prefilled again once; a request
+    preempted for pages is prefilled again whenever it happens; the rest fail."""
     if error.startswith(PULL_FAILED):
         return grpc.StatusCode.FAILED_PRECONDITION
     if error.startswith(KV_LOST):
         return grpc.StatusCode.ABORTED
+    if error.startswith(PREEMPTED):  # its pages went to older requests: prefill it again
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
 
 
@@ -122,7 +124,7 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
         self._landing_device = jax.local_devices()[0]
         self._stop = threading.Event()
         self._slots_changed = threading.Condition()
-        self.pool = SlotPool(spec.slots, self._slots_changed)
+        self.pool = builders.kv_pool(pipeline, self._slots_changed)
         self.worker = DecodeWorker(name, LockstepPipeline(pipeline) if self._lockstep else pipeline, self.pool, self._stop)
         self._landing: queue.SimpleQueue[tuple[Sequence, Offer]] = queue.SimpleQueue()
         self._running = 0
@@ -160,14 +162,15 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
             return
         seq.timings.transfer_seconds = time.perf_counter() - begin
         seq.timings.transfer_bytes = kv.nbytes
-        self.worker.inbox.put(Delivery(parts, [(0, seq, slot)], 1))
+        self.worker.inbox.put(Delivery(parts, [(0, seq, slot)], 1, kv.shape[4]))
 
     def _reserve(self, seq: Sequence) -> int | None:
-        """A free slot, waiting for one; None if the request was aborted meanwhile."""
+        """A slot with the pages of ``seq``'s context, waiting for room; None if the request was aborted meanwhile."""
         while not (seq.aborted.is_set() or self._stop.is_set()):
             with self._slots_changed:
-                if self.pool.free:
-                    return self.pool.try_reserve()
+                slot = self.pool.try_reserve(seq.context_len)
+                if slot is not None:
+                    return slot
                 self._slots_changed.wait(POLL_SECONDS)
         return None
 
@@ -210,6 +213,7 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
         return ipb.InstanceStatus(
             role="decode", name=self.name, slots_total=self.pool.size, slots_free=self.pool.free, waiting=self._landing.qsize(),
             running=running, max_seq_len=self.max_seq_len, served=outcomes.get("served", 0), aborted=outcomes.get("aborted", 0),
+            kv_pages_total=self.pool.pages_total, kv_pages_free=self.pool.pages_free,
         )  # fmt: skip
 
     def shutdown(self) -> None:

@@ -133,10 +133,18 @@ class Registry:
 
     # -- totals -----------------------------------------------------------------------------------
 
+    def _serving_decode(self) -> list:
+        return [i.status for i in self.of("decode") if i.healthy and i.status is not None]
+
     def slot_usage(self) -> tuple[int, int]:
         """(slots in use, total slots) over the decode instances now serving."""
-        statuses = [i.status for i in self.of("decode") if i.healthy and i.status is not None]
+        statuses = self._serving_decode()
         return sum(s.slots_total - s.slots_free for s in statuses), sum(s.slots_total for s in statuses)
+
+    def page_usage(self) -> tuple[int, int]:
+        """(KV pages in use, total KV pages) over the decode instances now serving."""
+        statuses = self._serving_decode()
+        return sum(s.kv_pages_total - s.kv_pages_free for s in statuses), sum(s.kv_pages_total for s in statuses)
 
     def close(self) -> None:
         self._stop.set()

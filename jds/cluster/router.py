@@ -10,8 +10,9 @@ the gRPC service and the OpenAI API run on it unchanged. Each request gets a dri
 3. decode: the decode instance with the most free slots pulls the KV and streams tokens. A
    decode instance that dies fails its requests with UNAVAILABLE; a failed pull fails the request
    (or, with ``cluster.on_pull_failure: reprefill``, prefills it again, once). A request whose KV
-   a device fault took (ABORTED) is prefilled again once and decoded from its first token; the
-   tokens the client already has come again and are skipped.
+   a device fault took (ABORTED) is prefilled again once, one preempted for pages
+   (RESOURCE_EXHAUSTED) each time, and decoded from its first token; the tokens the client
+   already has come again and are skipped.
 
 Aborts cancel whichever RPC is in flight, which aborts the request in that process; KV offered
 and never pulled is released by the prefill side's lease (the router also says so at once).
@@ -53,6 +54,11 @@ class _PullFailed(Exception):
 
 class _KVLost(Exception):
     """A device fault on the decode instance took the request's KV: prefill it again, once."""
+
+
+class _Preempted(Exception):
+    """The decode instance needed the request's KV pages for older requests: prefill it again
+    (as often as it happens: each time older requests went on)."""
 
 
 class Router:
@@ -108,6 +114,9 @@ class Router:
     def slot_usage(self) -> tuple[int, int]:
         return self.registry.slot_usage()
 
+    def page_usage(self) -> tuple[int, int]:
+        return self.registry.page_usage()
+
     def drain(self, timeout: float) -> int:
         return self._running.wait_finished(timeout)
 
@@ -135,7 +144,8 @@ class Router:
         waiting = True
         offered = None  # (prefill instance, KV id) while no decode instance knows of the KV
         try:
-            for attempt in range(2):
+            retried = False  # prefilled again after a failed pull or lost KV (preemptions do not count)
+            while True:
                 prefill, offer_from = self._prefill(seq)
                 offered = (offer_from, prefill.kv.uuid) if prefill.HasField("kv") else None
                 if waiting:
@@ -161,13 +171,17 @@ class Router:
                     self._decode(seq, decoder, prefill.kv)
                     return
                 except _PullFailed as exc:
-                    if self.cluster.on_pull_failure != "reprefill" or attempt:
+                    if self.cluster.on_pull_failure != "reprefill" or retried:
                         raise _Outcome("error", str(exc), unavailable=True) from None  # transient: a retry may succeed
                     log.warning("%s: %s; prefilling it again", seq.request_id, exc)
+                    retried = True
                 except _KVLost as exc:
-                    if attempt:
+                    if retried:
                         raise _Outcome("error", str(exc)) from None
                     log.warning("%s: %s; prefilling it again", seq.request_id, exc)
+                    retried = True
+                except _Preempted as exc:
+                    log.info("%s: %s; prefilling it again", seq.request_id, exc)
         except _Outcome as out:
             if offered is not None:  # nobody will pull it: have it released now, not at its lease
                 self._release(*offered)
@@ -255,6 +269,8 @@ class Router:
                 raise _PullFailed(err.details()) from None
             if code == grpc.StatusCode.ABORTED:
                 raise _KVLost(err.details()) from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _Preempted(err.details()) from None
             if code == grpc.StatusCode.UNAVAILABLE:
                 self.registry.mark_down(instance, f"UNAVAILABLE: {err.details()}")
                 raise _Outcome("error", f"{instance.name} became unavailable: {err.details()}", unavailable=True) from None

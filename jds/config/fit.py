@@ -45,6 +45,16 @@ def kv_bytes(arch: Architecture, itemsize: int, layers: int, tp: int, slots: int
     return 2 * layers * slots * (arch.num_kv_heads // tp) * seq * arch.head_dim * itemsize
 
 
+def page_bytes(arch: Architecture, itemsize: int, page_size: int) -> int:
+    """Bytes of one KV page over every layer and device of an instance (what ``kv_memory_gb`` buys)."""
+    return kv_bytes(arch, itemsize, arch.num_layers, 1, 1, page_size)
+
+
+def instance_pages(inst: DecodeInstance | ColocatedInstance, arch: Architecture, itemsize: int) -> int:
+    """The KV pages a (resolved) decode or colocated instance holds."""
+    return inst.num_pages(page_bytes(arch, itemsize, inst.page_size))
+
+
 def prefill_tokens(batching: PrefillBatching, max_seq_len: int) -> int:
     """Padded tokens of an instance's largest prefill call: a batch of ``max_batch_tokens``, or
     one prompt as long as the sequences may be (a single prompt is never refused a batch)."""
@@ -83,18 +93,18 @@ def memory_needs(
             transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, longest), longest)
             needs.append(MemoryNeed(f"placement.{where}", w, 0, tuple(inst.devices), transient))
         elif isinstance(inst, DecodeInstance):
-            seq = inst.max_seq_len
+            pages = instance_pages(inst, arch, itemsize)
             for span in stage_spans(arch.num_layers, inst.pp, inst.layers_per_stage):
                 w = weight_bytes(arch, w_itemsize, span.num_layers, inst.tp, span.first, span.last and head)
                 if span.last and not head and not span.first:
                     w += arch.vocab_size * arch.hidden_size * w_itemsize  # tied output needs the embedding too
-                kv = kv_bytes(arch, itemsize, span.num_layers, inst.tp, inst.slots, seq)
+                kv = kv_bytes(arch, itemsize, span.num_layers, inst.tp, pages, inst.page_size)
                 transient = kv_bytes(arch, itemsize, span.num_layers, inst.tp, delivered, 1)
                 needs.append(MemoryNeed(f"placement.{where} stage {span.index}", w, kv, tuple(inst.stage_devices(span.index)), transient))
         else:
             seq = inst.max_seq_len
             w = weight_bytes(arch, w_itemsize, arch.num_layers, inst.tp, True, head)
-            kv = kv_bytes(arch, itemsize, arch.num_layers, inst.tp, inst.slots, seq)
+            kv = kv_bytes(arch, itemsize, arch.num_layers, inst.tp, instance_pages(inst, arch, itemsize), inst.page_size)
             transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, seq), seq)
             needs.append(MemoryNeed(f"placement.{where}", w, kv, tuple(inst.devices), transient))
     return needs

@@ -11,9 +11,19 @@ from __future__ import annotations
 
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_SLOTS = 8
+DEFAULT_PAGE_SIZE = 16  # cache positions per KV page (measured in WORKSPACE.md)
 
 
 class _Section(BaseModel):
@@ -64,12 +74,33 @@ class PrefillInstance(PrefillBatching, _Process):
 
 
 class _DecodeSlots(_Section):
-    slots: PositiveInt = DEFAULT_SLOTS
+    slots: PositiveInt = Field(default=DEFAULT_SLOTS, description="rows a decode step computes at most: requests running at once")
     max_seq_len: PositiveInt | None = Field(default=None, description="prompt + output limit; default model.max_seq_len")
+    page_size: PositiveInt = Field(default=DEFAULT_PAGE_SIZE, description="cache positions per KV page")
+    kv_pages: PositiveInt | None = Field(
+        default=None, description="KV pages the instance holds; default: kv_memory_gb's worth, else slots x max_seq_len positions"
+    )
+    kv_memory_gb: PositiveFloat | None = Field(default=None, description="KV memory of the instance (all its layers and devices), in GiB")
+
+    @model_validator(mode="after")
+    def _one_kv_size(self) -> Self:
+        if self.kv_pages is not None and self.kv_memory_gb is not None:
+            raise ValueError("give kv_pages or kv_memory_gb, not both")
+        return self
 
     def resolved(self, max_seq_len: int) -> Self:
         """This instance with ``max_seq_len`` filled in: ``max_seq_len`` (the model's) where the config left it out."""
         return self if self.max_seq_len else self.model_copy(update={"max_seq_len": max_seq_len})
+
+    def num_pages(self, page_bytes: int) -> int:
+        """KV pages of this (resolved) instance, given the bytes of one page over all its layers
+        and devices: as configured, ``kv_memory_gb``'s worth, or else as many as ``slots``
+        sequences of ``max_seq_len`` fill (the memory a cache of whole rows would take)."""
+        if self.kv_pages is not None:
+            return self.kv_pages
+        if self.kv_memory_gb is not None:
+            return max(1, int(self.kv_memory_gb * 2**30) // page_bytes)
+        return self.slots * -(-self.max_seq_len // self.page_size)
 
 
 class DecodeInstance(_DecodeSlots, _Process):

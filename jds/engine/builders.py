@@ -9,15 +9,19 @@ instance's ``max_seq_len`` filled in), so an instance is the same program wherev
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import jax
 
+from jds.config.fit import instance_pages
 from jds.config.placement import ColocatedInstance, DecodeInstance, PrefillInstance
 from jds.config.stages import stage_spans
-from jds.engine.programs import Pipeline, PrefillProgram, place_params
+from jds.engine.kv_pool import KVPool
+from jds.engine.programs import Pipeline, PoolShape, PrefillProgram, place_params
 from jds.model.loader import LoadedModel
+from jds.scheduling.policy import length_buckets
 
 Job = Callable[[], object]  # one ahead-of-time compile
 
@@ -36,7 +40,7 @@ def decode_instance(model: LoadedModel, spec: DecodeInstance, devices: Seq[jax.D
     spans = stage_spans(model.arch.num_layers, spec.pp, spec.layers_per_stage)
     stages = [list(devices[i * spec.tp : (i + 1) * spec.tp]) for i in range(spec.pp)]
     microbatches = spec.num_microbatches(devices[0].platform == "cpu")
-    return Pipeline(model.arch, model.params, spans, stages, spec.slots, spec.max_seq_len, microbatches)
+    return Pipeline(model.arch, model.params, spans, stages, spec.slots, spec.max_seq_len, microbatches, pool_shape(model, spec))
 
 
 def colocated_instance(model: LoadedModel, spec: ColocatedInstance, devices: Seq[jax.Device]) -> tuple[PrefillProgram, Pipeline]:
@@ -44,8 +48,18 @@ def colocated_instance(model: LoadedModel, spec: ColocatedInstance, devices: Seq
     copy of the weights on its devices."""
     placed = place_params(model.params, devices)
     spans = stage_spans(model.arch.num_layers, 1)
-    pipeline = Pipeline(model.arch, placed, spans, [list(devices)], spec.slots, spec.max_seq_len, 1)
+    pipeline = Pipeline(model.arch, placed, spans, [list(devices)], spec.slots, spec.max_seq_len, 1, pool_shape(model, spec))
     return PrefillProgram(model.arch, placed, spec.max_seq_len, spec), pipeline
+
+
+def pool_shape(model: LoadedModel, spec: DecodeInstance | ColocatedInstance) -> PoolShape:
+    """The KV pages of a decode or colocated instance (``kv_pages``, ``kv_memory_gb``, or the default)."""
+    return PoolShape(instance_pages(spec, model.arch, model.dtype.itemsize), spec.page_size)
+
+
+def kv_pool(pipeline: Pipeline, cond: threading.Condition) -> KVPool:
+    """The slots and pages that hand out a pipeline's rows and KV, behind ``cond`` (the engine's)."""
+    return KVPool(pipeline.slots, pipeline.pool.pages, pipeline.pool.page_size, pipeline.max_seq_len, cond)
 
 
 def prefill_warmup(program: PrefillProgram) -> list[Job]:
@@ -54,4 +68,4 @@ def prefill_warmup(program: PrefillProgram) -> list[Job]:
 
 def one_row_at_a_time(pipeline: Pipeline) -> list[tuple[int, int]]:
     """The shapes KV arrives in at a decode process: one request's row, at its length bucket."""
-    return [(1, b) for b in pipeline.contexts]
+    return [(1, b) for b in length_buckets(pipeline.max_seq_len)]

@@ -19,10 +19,10 @@ import jax
 import numpy as np
 
 from jds.engine.decode import DecodeBatch
+from jds.engine.kv_pool import KVPool
 from jds.engine.prefill import POLL_SECONDS, prefill_batch, score_prompts
 from jds.engine.programs import Pipeline, PrefillProgram, empty_rows, set_row
 from jds.engine.sequence import Sequence
-from jds.engine.slots import SlotPool
 from jds.engine.waiting import WaitingQueue
 from jds.scheduling import policy
 
@@ -44,7 +44,7 @@ class ColocatedWorker:
         name: str,
         program: PrefillProgram,
         pipeline: Pipeline,
-        pool: SlotPool,
+        pool: KVPool,
         waiting: WaitingQueue,
         chunk: int | None,
         stop: threading.Event,
@@ -102,7 +102,7 @@ class ColocatedWorker:
         self.batch.recover(error)
 
     def _admit(self) -> None:
-        seqs = self._waiting.take(self.program.batches, self._accepts, self.pool.free)
+        seqs = self._waiting.take(self.program.batches, self._accepts, admits=self.pool.admits)
         if not seqs:
             return
         for s in seqs:
@@ -111,26 +111,29 @@ class ColocatedWorker:
             self._insert(going, kv)
 
     def _insert(self, going: list[tuple[int, Sequence]], kv) -> None:
-        slot_ids = np.full(kv[0][1].shape[2], self.pipeline.slots, np.int32)
-        for row, seq in going:
-            slot_ids[row] = self.pool.try_reserve()
+        _, _, batch, _, length, _ = kv[0][1].shape
+        pages = np.full((batch, length), self.pool.no_page, np.int32)
+        slots = {}
+        for row, seq in going:  # admitted by the pool's own count, and only this thread takes from it
+            slots[row] = self.pool.try_reserve(seq.context_len)
+            pages[row] = self.pool.write_pages(slots[row], np.arange(length), seq.context_len)
         try:
-            self.pipeline.insert([kv], slot_ids)
+            self.pipeline.insert([kv], pages)
         except Exception as exc:
             log.exception("KV insert failed")
             for row, seq in going:
-                self.pool.release(int(slot_ids[row]))
+                self.pool.release(slots[row])
                 self.batch.retry_or_fail(seq, f"KV insert failed: {exc}")
             if not self.pipeline.intact:  # it ran, and took the cache it donates with it
                 self._recover(f"KV insert failed: {exc}")
             return
         for row, seq in going:
-            self.batch.join(seq, int(slot_ids[row]))
+            self.batch.join(seq, slots[row])
 
     def _prefill_chunk(self) -> None:
         """Advance the prompt being chunked by one chunk, taking a new one when none is."""
         if self._chunking is None:
-            seqs = self._waiting.take(self.program.batches, self._accepts, 1)
+            seqs = self._waiting.take(self.program.batches, self._accepts, 1, admits=self.pool.admits)
             if not seqs:
                 return
             seq = seqs[0]
@@ -142,7 +145,7 @@ class ColocatedWorker:
             if seq.limit == 0:  # max_tokens 0: the prompt (its log-probabilities) was all it asked about
                 seq.publish("length")
                 return
-            self._chunking = _Chunking(seq, self.pool.try_reserve())
+            self._chunking = _Chunking(seq, self.pool.try_reserve(seq.context_len))
         c = self._chunking
         seq = c.seq
         if seq.aborted.is_set():
@@ -153,11 +156,12 @@ class ColocatedWorker:
         tokens = np.zeros((1, self.chunk), np.int32)
         tokens[0, :real] = prompt[c.done : c.done + real]
         rows = empty_rows(1)
+        tables = self.pool.step_tables(c.slot, 1, policy.bucket(self.pipeline.contexts, c.done))
+        pages = self.pool.write_pages(c.slot, c.done + np.arange(self.chunk), len(prompt))[None, :]
         try:
             set_row(rows, 0, seq)
             out = self.pipeline.forward(
-                tokens, np.array([c.done], np.int32), c.slot, np.array([real - 1], np.int32), rows, np.zeros(1, np.int32),
-                policy.bucket(self.pipeline.contexts, c.done),
+                tokens, np.array([c.done], np.int32), c.slot, np.array([real - 1], np.int32), rows, np.zeros(1, np.int32), tables, pages
             )  # fmt: skip
             c.done += real
             if c.done < len(prompt):

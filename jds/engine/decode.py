@@ -24,14 +24,15 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from jds.engine.kv_pool import KVPool
 from jds.engine.programs import Pipeline, clear_row, empty_rows, set_row, slice_rows
 from jds.engine.sequence import Sequence
-from jds.engine.slots import SlotPool
 from jds.scheduling import policy
 
 log = logging.getLogger(__name__)
 
 KV_LOST = "KV lost"  # how the error of a request whose KV a device fault took begins, where it cannot be requeued
+PREEMPTED = "preempted"  # how the error of a request preempted for pages begins, where it cannot be requeued
 
 
 class DecodeBatch:
@@ -43,18 +44,22 @@ class DecodeBatch:
     token on the device (the pipeline's feed), so the host's reading, detokenizing and
     publishing hide under the device's work. The price is one step computed for nothing when a
     row turns out to have finished (a stop id or string; not a length limit, which is known).
-    With ``pp`` stages and ``pp`` microbatches the other microbatches are in flight on the other
+    Before a step, each of its rows gets the page its new token's position falls in; when none is
+    free, the youngest running request is preempted (``policy.preemption_victim``): its slot and
+    pages are freed and it goes back to prefill, to be prefilled with its prompt and tokens so far
+    and continue exactly where it was. With ``pp`` stages and ``pp`` microbatches the other microbatches are in flight on the other
     stages, so every stage keeps working.
     """
 
-    def __init__(self, pipeline: Pipeline, pool: SlotPool, requeue: Callable[[Sequence], None] | None = None):
-        """``requeue`` sends a request whose KV was lost back to prefill (None: it fails instead)."""
+    def __init__(self, pipeline: Pipeline, pool: KVPool, requeue: Callable[[Sequence], None] | None = None):
+        """``requeue`` sends a request whose KV was lost or preempted back to prefill (None: it fails instead)."""
         self.pipeline = pipeline
         self.pool = pool
         self.requeue = requeue
         self.active: dict[int, Sequence] = {}
         self.rows = empty_rows(pipeline.slots)  # sampling settings, written when a request takes a slot
         self.resets = 0  # how many times the cache was replaced after a fault
+        self.preemptions = 0  # requests sent back to prefill for want of pages
         self._inflight: dict[int, tuple[object, dict[int, Sequence]]] = {}  # microbatch -> (device out, members)
 
     @property
@@ -98,7 +103,7 @@ class DecodeBatch:
     def _advance(self, m: int, lo: int, hi: int) -> None:
         previous = self._inflight.pop(m, None)  # (device out, members) of the step in flight
         fed = previous[1] if previous is not None else {}
-        members = self._members(lo, hi, fed)
+        members = self._make_room(self._members(lo, hi, fed), fed)
         try:
             if members:
                 self._inflight[m] = (self._forward(lo, members, fed), members)
@@ -129,6 +134,29 @@ class DecodeBatch:
         by length."""
         return {s: seq for s, seq in self.active.items() if lo <= s < hi and policy.steps_again(len(seq.tokens), fed.get(s) is seq, seq.limit)}
 
+    def _make_room(self, members: dict[int, Sequence], fed: dict[int, Sequence]) -> dict[int, Sequence]:
+        """Give each member the page its next token is written to, oldest request first,
+        preempting the youngest running request while none is free; the members left."""
+        for s, seq in sorted(members.items(), key=lambda item: item[1].timings.arrival):
+            position = seq.position + (fed.get(s) is seq)
+            while self.active.get(s) is seq and not self.pool.grow(s, position + 1):
+                self._preempt(policy.preemption_victim({slot: held.timings.arrival for slot, held in self.active.items()}))
+        return {s: seq for s, seq in members.items() if self.active.get(s) is seq}
+
+    def _preempt(self, slot: int) -> None:
+        """Free ``slot`` and its pages; its request goes back to prefill (or, in a decode process,
+        fails naming the preemption, for whoever routes it to prefill again)."""
+        seq = self.active[slot]
+        self.leave(slot)
+        self.preemptions += 1
+        if seq.aborted.is_set():
+            seq.publish("abort")
+        elif self.requeue is None:
+            seq.publish("error", f"{PREEMPTED}: no KV page free for its next token")
+        else:
+            log.info("%s preempted at %d tokens (no KV page free); prefilling it again", seq.request_id, seq.context_len)
+            self.requeue(seq)
+
     def _forward(self, lo: int, members: dict[int, Sequence], fed: dict[int, Sequence], apart: bool = False):
         """Dispatch a step of ``members``, each continuing from its newest token: on the host, or
         (the rows ``fed`` holds) drawn by the step in flight; ``apart``: with no other row's
@@ -140,8 +168,10 @@ class DecodeBatch:
         # Free slots among those rows still compute, but at a position past the cache, so their
         # K/V writes are dropped: a slot being filled chunk by chunk must not be touched.
         positions = np.full(n, self.pipeline.max_seq_len, np.int32)
+        pages = np.full((n, 1), self.pool.no_page, np.int32)
         for s, seq in members.items():
             from_feed[s - lo], positions[s - lo], steps[s - lo] = ahead[s], seq.position + ahead[s], len(seq.tokens) + ahead[s]
+            pages[s - lo] = self.pool.write_pages(s, positions[s - lo : s - lo + 1])
             if not ahead[s]:
                 tokens[s - lo, 0] = seq.tokens[-1]
         rows = slice_rows(self.rows, lo, lo + n)
@@ -150,7 +180,8 @@ class DecodeBatch:
             for kept, every in zip(jax.tree.leaves(only), jax.tree.leaves(rows)):
                 kept[mine] = every[mine]
             rows = only
-        return self.pipeline.forward(tokens, positions, lo, np.zeros(n, np.int32), rows, steps, context, from_feed)
+        tables = self.pool.step_tables(lo, n, context)
+        return self.pipeline.forward(tokens, positions, lo, np.zeros(n, np.int32), rows, steps, tables, pages, from_feed)
 
     def _run_apart(self, lo: int, members: dict[int, Sequence], exc: Exception) -> None:
         """A step of ``members`` failed before it ran: step halves of them, at once, down to the
@@ -223,13 +254,14 @@ class Delivery:
     parts: list
     rows: list[tuple[int, Sequence, int]]  # (batch row, sequence, reserved slot)
     batch: int
+    length: int  # positions per row of the transit KV (its padded prompt length)
 
 
 class DecodeWorker:
     """One decode instance: a pipeline, its slots, and the thread that steps it."""
 
     def __init__(
-        self, name: str, pipeline: Pipeline, pool: SlotPool, stop: threading.Event, requeue: Callable[[Sequence], None] | None = None
+        self, name: str, pipeline: Pipeline, pool: KVPool, stop: threading.Event, requeue: Callable[[Sequence], None] | None = None
     ):
         self.name = name
         self.pipeline = pipeline
@@ -263,19 +295,19 @@ class DecodeWorker:
         while not self.inbox.empty():
             deliveries.append(self.inbox.get_nowait())
         for d in deliveries:
-            slot_ids = np.full(d.batch, self.pipeline.slots, np.int32)  # out of range: not inserted
+            pages = np.full((d.batch, d.length), self.pool.no_page, np.int32)  # no page: not inserted
             live = []
             for row, seq, slot in d.rows:
                 if seq.aborted.is_set():
                     seq.publish("abort")
                     self.pool.release(slot)
                 else:
-                    slot_ids[row] = slot
+                    pages[row] = self.pool.write_pages(slot, np.arange(d.length), seq.context_len)
                     live.append((seq, slot))
             if not live:
                 continue
             try:
-                self.pipeline.insert(d.parts, slot_ids)
+                self.pipeline.insert(d.parts, pages)
             except Exception as exc:
                 log.exception("KV insert failed")
                 for seq, slot in live:

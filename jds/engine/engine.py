@@ -20,12 +20,12 @@ from jds.config.placement import Placement
 from jds.engine import builders
 from jds.engine.colocated import ColocatedWorker
 from jds.engine.decode import DecodeWorker
+from jds.engine.kv_pool import KVPool
 from jds.engine.prefill import DecodeRouter, PrefillWorker
 from jds.engine.programs import compile_all
 from jds.engine.request import Request
 from jds.engine.running import RunningRequests
 from jds.engine.sequence import RequestStream
-from jds.engine.slots import SlotPool
 from jds.engine.waiting import WaitingQueue
 from jds.model.loader import LoadedModel
 from jds.model.matrices import held_weight_itemsize
@@ -69,7 +69,8 @@ class Engine:
             self._build_colocated(devices)
         self.max_seq_len = placement.max_seq_len
         self.model = model.without_params()  # every instance holds its own placed copy
-        self._running = RunningRequests(self.model, self.max_seq_len, max_waiting)
+        kv_positions = max(p.pages_total * p.page_size for p in self._pools)
+        self._running = RunningRequests(self.model, self.max_seq_len, max_waiting, kv_positions)
         log.info("placement: %s", placement.describe())
         if warmup:
             self.warmup(progress)
@@ -81,7 +82,7 @@ class Engine:
     def _build_disaggregated(self, devices) -> None:
         for i, spec in enumerate(self.placement.decode):
             pipeline = builders.decode_instance(self.model, spec, [devices[d] for d in spec.devices])
-            pool = SlotPool(spec.slots, self._slots_changed)
+            pool = builders.kv_pool(pipeline, self._slots_changed)
             self.decode_workers.append(DecodeWorker(f"decode{i}", pipeline, pool, self._stop, self._waiting.put_front))
         router = DecodeRouter(self.decode_workers, self._slots_changed, self._stop)
         cuts = tuple(sorted(set().union(*(w.pipeline.cuts for w in self.decode_workers))))
@@ -92,7 +93,7 @@ class Engine:
     def _build_colocated(self, devices) -> None:
         for i, spec in enumerate(self.placement.instances):
             program, pipeline = builders.colocated_instance(self.model, spec, [devices[d] for d in spec.devices])
-            pool = SlotPool(spec.slots, self._slots_changed)
+            pool = builders.kv_pool(pipeline, self._slots_changed)
             self.colocated_workers.append(
                 ColocatedWorker(f"colocated{i}", program, pipeline, pool, self._waiting, spec.chunked_prefill, self._stop)
             )
@@ -150,10 +151,17 @@ class Engine:
     def num_running(self) -> int:
         return len(self._running)
 
+    @property
+    def _pools(self) -> list[KVPool]:
+        return [w.pool for w in self.decode_workers + self.colocated_workers]
+
     def slot_usage(self) -> tuple[int, int]:
         """(slots in use, total slots) over every decode-capable instance."""
-        pools = [w.pool for w in self.decode_workers + self.colocated_workers]
-        return sum(p.in_use for p in pools), sum(p.size for p in pools)
+        return sum(p.in_use for p in self._pools), sum(p.size for p in self._pools)
+
+    def page_usage(self) -> tuple[int, int]:
+        """(KV pages in use, total KV pages) over every decode-capable instance."""
+        return sum(p.pages_used for p in self._pools), sum(p.pages_total for p in self._pools)
 
     def drain(self, timeout: float) -> int:
         return self._running.wait_finished(timeout)

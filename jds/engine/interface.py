@@ -47,6 +47,10 @@ class ServingEngine(Protocol):
         """(decode slots in use, decode slots in all)."""
         ...
 
+    def page_usage(self) -> tuple[int, int]:
+        """(KV pages in use, KV pages in all) over the decode-capable instances."""
+        ...
+
     def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` seconds for every running request to finish; how many have not."""
         ...

@@ -2,7 +2,7 @@
 
 The prefill thread takes FCFS batches from the shared waiting queue, runs them, publishes each
 request's first token (its TTFT), and puts the batch's KV on a small bounded queue. The transfer
-thread routes each request to the decode instance with the most free slots, reserves a slot, moves
+thread routes each request to the decode instance with the most free slots, reserves a slot and pages, moves
 the KV with ``device_put`` and blocks until it has landed, then hands it to that instance's
 inbox. A full transfer queue stalls prefill: KV waiting for decode room stays bounded.
 """
@@ -133,14 +133,16 @@ class DecodeRouter:
         self._stop = stop
 
     def reserve(self, seq: Sequence) -> tuple[DecodeWorker, int] | None:
-        """A reserved slot on the least-loaded instance long enough for ``seq``, or None if all are full."""
+        """A slot, with the pages of ``seq``'s context, on the instance with the most free slots
+        among those long enough for it; None if that one cannot admit it now."""
         need = seq.prompt_len + seq.limit
         with self._cond:
             fits = [d for d in self.decoders if d.max_seq_len >= need]
             best = policy.most_room([d.pool.free for d in fits])
-            if best is None or not fits[best].pool.free:
+            if best is None:
                 return None
-            return fits[best], fits[best].pool.try_reserve()
+            slot = fits[best].pool.try_reserve(seq.context_len)
+            return None if slot is None else (fits[best], slot)
 
     def wait(self, timeout: float) -> None:
         with self._cond:
@@ -182,7 +184,8 @@ class DecodeRouter:
                 seq.timings.transfer_seconds += handoff.seconds
                 seq.timings.transfer_bytes += handoff.bytes
                 seq.timings.route.append(decoder.name)
-            decoder.inbox.put(Delivery(handoff.parts, rows, kv[0][1].shape[2]))
+            _, _, batch, _, length, _ = kv[0][1].shape
+            decoder.inbox.put(Delivery(handoff.parts, rows, batch, length))
 
 
 Ship = Callable[[KVPieces, list[tuple[int, Sequence]]], None]  # where a prefilled batch's KV goes

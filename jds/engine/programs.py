@@ -29,12 +29,12 @@ from jds.mesh.rules import make_mesh, mesh_spec, replicated, shardings
 from jds.mesh.stages import stage_params
 from jds.model import llama
 from jds.model.architecture import Architecture
-from jds.model.kv_cache import TRANSIT_AXES, KVCache, insert
+from jds.model.kv_cache import TRANSIT_AXES, KVPages, insert
 from jds.model.params import Params, float_dtype
 from jds.model.sampling import Sampled, SamplingRows, sample
 from jds.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 from jds.scheduling import policy
-from jds.scheduling.policy import PrefillBatches, length_buckets, pow2_at_least, row_buckets
+from jds.scheduling.policy import PrefillBatches, pow2_at_least, row_buckets
 from jds.transfer.handoff import StageTarget
 
 log = logging.getLogger(__name__)
@@ -219,15 +219,15 @@ def _fed_tokens(tokens, feed, from_feed, feed_row):
     return jnp.where(from_feed[:, None], fed[:, None], tokens)
 
 
-def _run_stage(params: Params, cache: KVCache, history, feed, inputs, tokens, from_feed, start, row_offset, feed_row, last_index, rows, steps, *, arch, first, last, context):
-    """One stage's layers for one microbatch, reading ``context`` cache positions. The first stage
+def _run_stage(params: Params, cache: KVPages, history, feed, inputs, tokens, from_feed, start, tables, pages, row_offset, feed_row, last_index, rows, steps, *, arch, first, last):
+    """One stage's layers for one microbatch, reading the cache pages ``tables`` lists. The first stage
     embeds the step's tokens, some taken from ``feed``. The last stage also writes them into its
     rows of the token ``history`` (what penalties read; the cache's twin), samples, and writes the
     drawn tokens into ``feed`` (what lets the host dispatch the next step before it reads them)."""
     if first:
         inputs = _fed_tokens(inputs, feed, from_feed, feed_row)
     x = llama.embed(params, inputs) if first else inputs
-    x, cache = llama.decoder_layers(params.layers, cache, x, start, row_offset, arch, context)
+    x, cache = llama.decoder_layers(params.layers, cache, x, start, tables, pages, arch)
     if not last:
         return x, cache, history, None
     tokens = _fed_tokens(tokens, feed, from_feed, feed_row)
@@ -235,7 +235,7 @@ def _run_stage(params: Params, cache: KVCache, history, feed, inputs, tokens, fr
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     rows_of = row_offset + jnp.arange(b)[:, None]
     history = history.at[rows_of, positions].set(tokens, mode="drop")
-    seen = min(context + t, history.shape[1])  # every position up to the newest token
+    seen = min(tables.shape[1] * cache.page_size + t, history.shape[1])  # every position up to the newest token
     mine = jax.lax.dynamic_slice(history, (row_offset, 0), (b, seen))
     mine = jnp.where(jnp.arange(seen)[None, :] <= (start + last_index)[:, None], mine, -1)  # not a previous occupant's
     h = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
@@ -247,9 +247,9 @@ def _write_history(history: jax.Array, slot: jax.Array, ids: jax.Array) -> jax.A
     return jax.lax.dynamic_update_slice(history, ids[None, :], (slot, 0))
 
 
-def _insert_pieces(cache: KVCache, pieces: tuple[jax.Array, ...], slots, offsets: tuple[int, ...]) -> KVCache:
+def _insert_pieces(cache: KVPages, pieces: tuple[jax.Array, ...], pages, offsets: tuple[int, ...]) -> KVPages:
     for piece, offset in zip(pieces, offsets):
-        cache = insert(cache, piece, slots, offset)
+        cache = insert(cache, piece, pages, offset)
     return cache
 
 
@@ -260,6 +260,8 @@ class StepInputs:
     tokens: np.ndarray  # [B, T] token ids; a row marked in ``from_feed`` is replaced by its ``feed`` entry
     from_feed: np.ndarray  # [B] bool
     start: np.ndarray  # [B] position of each row's first token
+    tables: np.ndarray  # [B, n] the pages each row reads (its block table's first n entries)
+    pages: np.ndarray  # [B, T] the page each token's K/V is written to (the pool's size: dropped)
     row_offset: int  # the first slot of the rows
     microbatch: int  # whose feed the rows read and write
     feed_row: int  # row_offset's row in that feed
@@ -268,25 +270,34 @@ class StepInputs:
     steps: np.ndarray  # [B] tokens each row generated before this call
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolShape:
+    """The KV pages of a decode instance: how many, and how many positions each holds."""
+
+    pages: int
+    page_size: int
+
+
 class Stage:
-    """A layer range with its weights and its slice of every slot's KV, on its own mesh. The last
-    stage also holds each microbatch's feed: the newest token drawn for each of its rows."""
+    """A layer range with its weights and its layers of the instance's KV pages, on its own mesh.
+    The last stage also holds each microbatch's feed: the newest token drawn for each of its rows."""
 
     def __init__(
-        self, arch: Architecture, params: Params, span: StageSpan, devices: Seq[jax.Device], slots: int, seq: int, microbatches: int
-    ):
+        self, arch: Architecture, params: Params, span: StageSpan, devices: Seq[jax.Device], slots: int, seq: int, microbatches: int,
+        pool: PoolShape,
+    ):  # fmt: skip
         self.arch = arch
         self.span = span
         self.mesh = make_mesh(devices)
         sp = stage_params(params, span) if span.num_layers != arch.num_layers else params
         self.params = jax.device_put(sp, shardings(sp, self.mesh))
-        cache_shape = KVCache.zeros(arch, 1, 1, jnp.float32, span.num_layers)  # for its logical axes only
+        cache_shape = KVPages.zeros(arch, 1, 1, jnp.float32, span.num_layers)  # for its logical axes only
         self.cache_sharding = shardings(cache_shape, self.mesh)
         self.activations = replicated(self.mesh)
         self.kv_sharding = NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
         self.dtype = float_dtype(self.params.layers)  # the activations' (weights may be int8)
         self._zeros = jax.jit(
-            functools.partial(KVCache.zeros, arch, slots, seq, self.dtype, span.num_layers), out_shardings=self.cache_sharding
+            functools.partial(KVPages.zeros, arch, pool.pages, pool.page_size, self.dtype, span.num_layers), out_shardings=self.cache_sharding
         )
         self.cache = self._zeros()
         self._empty_history = jax.jit(lambda: jnp.full((slots, seq), -1, jnp.int32), out_shardings=self.activations)
@@ -297,7 +308,6 @@ class Stage:
         self._run = jax.jit(
             functools.partial(_run_stage, arch=arch, first=span.first, last=span.last),
             donate_argnums=(1, 2, 3) if span.last else (1,),  # a first stage's feed is the last stage's, copied
-            static_argnames="context",
             out_shardings=(self.activations, self.cache_sharding, *last),
         )
         self._insert = jax.jit(_insert_pieces, donate_argnums=0, static_argnums=3, out_shardings=self.cache_sharding)
@@ -308,17 +318,17 @@ class Stage:
         first, last = self.span.first, self.span.last
         fed = first or last
         return (
-            inputs, step.tokens if last else None, step.from_feed if fed else None, step.start, np.int32(step.row_offset),
+            inputs, step.tokens if last else None, step.from_feed if fed else None, step.start, step.tables, step.pages, np.int32(step.row_offset),
             np.int32(step.feed_row) if fed else None, *((step.last_index, step.rows, step.steps) if last else (None,) * 3),
         )  # fmt: skip
 
-    def run(self, inputs, step: StepInputs, context: int, feed: jax.Array | None = None):
+    def run(self, inputs, step: StepInputs, feed: jax.Array | None = None):
         """Dispatch this stage's program; ``feed``: for a first stage that is not the last, the
         last stage's feed of the microbatch, on this stage's devices."""
         if self.span.last:
             feed = self.feeds[step.microbatch]
         args = self._run_args(inputs, step)
-        out, self.cache, self.history, feed = self._run(self.params, self.cache, self.history, feed, *args, context=context)
+        out, self.cache, self.history, feed = self._run(self.params, self.cache, self.history, feed, *args)
         if self.span.last:
             self.feeds[step.microbatch] = feed
         return out
@@ -327,10 +337,11 @@ class Stage:
         """Set a slot's token history (the last stage's): ``ids`` ``[max_seq_len]``, -1 past its tokens."""
         self.history = self._write_history(self.history, np.int32(slot), ids)
 
-    def insert(self, pieces: KVPieces, slot_ids: np.ndarray) -> None:
-        """Write the pieces (first layer, transit array on this stage's devices) into slots."""
+    def insert(self, pieces: KVPieces, pages: np.ndarray) -> None:
+        """Write the pieces (first layer, transit array on this stage's devices) into ``pages``
+        (``[batch, seq]``: where each row's each position goes)."""
         offsets = tuple(start - self.span.start for start, _ in pieces)
-        self.cache = self._insert(self.cache, tuple(a for _, a in pieces), slot_ids, offsets)
+        self.cache = self._insert(self.cache, tuple(a for _, a in pieces), pages, offsets)
 
     def reset(self) -> None:
         """A fresh cache, after a failed program may have consumed the donated one."""
@@ -345,11 +356,12 @@ class Stage:
             inputs = jax.ShapeDtypeStruct((batch, length), jnp.int32)
         else:
             inputs = jax.ShapeDtypeStruct((batch, length, self.arch.hidden_size), self.dtype, sharding=self.activations)
-        vector = np.zeros(batch, np.int32)
-        step = StepInputs(np.zeros((batch, length), np.int32), np.zeros(batch, bool), vector, 0, 0, 0, vector, empty_rows(batch), vector)
+        vector, tokens = np.zeros(batch, np.int32), np.zeros((batch, length), np.int32)
+        tables = np.zeros((batch, policy.pages_for(context, self.cache.page_size)), np.int32)
+        step = StepInputs(tokens, np.zeros(batch, bool), vector, tables, tokens, 0, 0, 0, vector, empty_rows(batch), vector)
         args = self._run_args(inputs, step)
         feed = _spec(self._empty_feed()) if self.span.first or self.span.last else None
-        return self._run.lower(self.params, self.cache, self.history, feed, *jax.tree.map(_spec, args), context=context).compile()
+        return self._run.lower(self.params, self.cache, self.history, feed, *jax.tree.map(_spec, args)).compile()
 
     def compile_insert(self, batch: int, bucket: int, starts: Seq[int]) -> jax.stages.Compiled:
         """Compile the insert of a (batch, bucket) prefill cut at ``starts``, ahead of time."""
@@ -361,7 +373,7 @@ class Stage:
             for a, b in mine
         )
         offsets = tuple(a - self.span.start for a, _ in mine)
-        return self._insert.lower(self.cache, pieces, jax.ShapeDtypeStruct((batch,), jnp.int32), offsets).compile()
+        return self._insert.lower(self.cache, pieces, jax.ShapeDtypeStruct((batch, bucket), jnp.int32), offsets).compile()
 
 
 class Pipeline:
@@ -376,15 +388,17 @@ class Pipeline:
         slots: int,
         max_seq_len: int,
         microbatches: int,
+        pool: PoolShape,
     ):
         self.slots = slots
+        self.pool = pool
         self.max_seq_len = max_seq_len
-        self.contexts = length_buckets(max_seq_len)  # how many cache positions a step may read
+        self.contexts = policy.context_buckets(max_seq_len, pool.page_size)  # how many cache positions a step may read
         self.microbatches = microbatches
         self.microbatch_size = size = slots // microbatches
         self.microbatch_bounds = [(lo, lo + size) for lo in range(0, slots, size)]  # slot range [lo, hi) of each
         self.row_buckets = row_buckets(size)
-        self.stages = [Stage(arch, params, span, devs, slots, max_seq_len, microbatches) for span, devs in zip(spans, stage_devices)]
+        self.stages = [Stage(arch, params, span, devs, slots, max_seq_len, microbatches, pool) for span, devs in zip(spans, stage_devices)]
 
     def round_shape(self, highest: int, longest: int) -> tuple[int, int]:
         """The (rows, context) a step computes when row ``highest`` of its microbatch is the
@@ -392,18 +406,19 @@ class Pipeline:
         return policy.round_shape(self.row_buckets, self.contexts, highest, longest)
 
     def forward(
-        self, tokens: np.ndarray, start: np.ndarray, row_offset: int, last_index: np.ndarray, rows, steps, context: int,
-        from_feed: np.ndarray | None = None,
+        self, tokens: np.ndarray, start: np.ndarray, row_offset: int, last_index: np.ndarray, rows, steps, tables: np.ndarray,
+        pages: np.ndarray, from_feed: np.ndarray | None = None,
     ) -> Sampled:  # fmt: skip
         """Dispatch rows ``row_offset ..`` of one microbatch through every stage (asynchronously),
-        reading ``context`` cache positions (``Pipeline.round_shape``); what they draw, on the device.
+        reading the pages ``tables`` lists (``[rows, n]``: a context of ``Pipeline.round_shape``)
+        and writing each token's K/V into ``pages`` (``[rows, T]``); what they draw, on the device.
 
         A row marked in ``from_feed`` takes as its token the one its previous step drew, without
         the host having read it: so a step can be dispatched while the one before still runs.
         """
         microbatch, feed_row = divmod(row_offset, self.microbatch_size)
         from_feed = np.zeros(tokens.shape[0], bool) if from_feed is None else from_feed
-        step = StepInputs(tokens, from_feed, start, row_offset, microbatch, feed_row, last_index, rows, steps)
+        step = StepInputs(tokens, from_feed, start, tables, pages, row_offset, microbatch, feed_row, last_index, rows, steps)
         x, last = tokens, self.stages[-1]
         for stage in self.stages:
             feed = None
@@ -411,7 +426,7 @@ class Pipeline:
                 x = jax.device_put(x, stage.activations)
             elif not stage.span.last:
                 feed = jax.device_put(last.feeds[microbatch], stage.activations)
-            x = stage.run(x, step, context, feed)
+            x = stage.run(x, step, feed)
         return x
 
     def write_history(self, slot: int, ids) -> None:
@@ -421,10 +436,11 @@ class Pipeline:
         padded[: len(ids)] = ids
         self.stages[-1].write_history(slot, padded)
 
-    def insert(self, parts: list[KVPieces], slot_ids: np.ndarray) -> None:
-        """Write transferred KV (each stage's pieces, already on its devices) into slots."""
+    def insert(self, parts: list[KVPieces], pages: np.ndarray) -> None:
+        """Write transferred KV (each stage's pieces, already on its devices) into ``pages``
+        (``[batch, seq]``, the page of each row's each position; the pool's size: dropped)."""
         for stage, pieces in zip(self.stages, parts):
-            stage.insert(pieces, slot_ids)
+            stage.insert(pieces, pages)
 
     def reset(self) -> None:
         for stage in self.stages:

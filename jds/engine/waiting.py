@@ -55,16 +55,26 @@ class WaitingQueue:
                 self._cond.wait(timeout)
 
     def take(
-        self, batches: PrefillBatches, accepts: Callable[[Sequence], bool], limit: int | None = None, timeout: float = 0.0
+        self,
+        batches: PrefillBatches,
+        accepts: Callable[[Sequence], bool],
+        limit: int | None = None,
+        timeout: float = 0.0,
+        admits: Callable[[list[int]], int] | None = None,
     ) -> list[Sequence]:
         """The next prefill call's requests (``PrefillBatches.take``), among the head requests this
-        instance ``accepts``: a request it cannot serve waits for an instance that can.
+        instance ``accepts``: a request it cannot serve waits for an instance that can. ``admits``
+        (an instance that decodes what it prefills: ``KVPool.admits``) says how many of those,
+        from their context lengths, its KV room takes now.
 
         Waits up to ``timeout`` seconds for a first request.
         """
         with self._cond:
             if not self._items and timeout > 0:
                 self._cond.wait(timeout)
-            served = itertools.takewhile(accepts, self._items)
-            n = batches.take((s.context_len for s in served), batches.max_batch if limit is None else limit)
+            limit = batches.max_batch if limit is None else limit
+            served = [s.context_len for s in itertools.islice(itertools.takewhile(accepts, self._items), limit)]
+            if admits is not None:
+                limit = min(limit, admits(served))
+            n = batches.take(served, limit)
             return [self._items.popleft() for _ in range(n)]

@@ -1,17 +1,22 @@
-"""The key/value cache: one pytree for all layers, stacked like the layer parameters.
+"""The key/value cache: a pool of fixed-size pages for all layers, stacked like the layer parameters.
 
-V is laid out ``[layers, batch, kv_heads, seq, head_dim]`` and K, transposed, ``[layers, batch,
-kv_heads, head_dim, seq]``: a pipeline stage owns a slice of the leading axis, a decode slot is one
-row of ``batch``, and each head's block stays contiguous for the attention reads of a decode step.
-K is stored transposed so that both products of attention are plain matrix products (queries
-``[groups, head_dim] @ [head_dim, seq]``, probabilities ``[groups, seq] @ [seq, head_dim]``): with K
-as ``[seq, head_dim]`` the score product contracts both operands' minor axes, which XLA's CPU
-backend runs at a third of memory speed (a decode step at batch 32 over 2048 positions took 1.3x
-longer that way). Lengths are not stored here: whoever owns the slots knows them.
+A sequence's KV lives in pages of ``page_size`` positions, wherever the pool had room; its block
+table (kept on the host by whoever owns the pages, ``jds.engine.kv_pool``) lists them in order, so
+position ``p`` of a sequence is offset ``p % page_size`` of page ``table[p // page_size]``.
+Memory follows the tokens a sequence holds, not the longest it might grow to, and two sequences
+may list the same page (a shared prompt prefix).
 
-In transit (prefill to decode) K and V travel stacked in the same layout, ``[2, layers, batch,
-kv_heads, seq, head_dim]``: one large copy dispatches faster than two, and K is transposed only
-when it lands in a cache. A transit array may hold a range of the layers only (a piece cut at
+V is laid out ``[layers, pages, kv_heads, page, head_dim]`` and K, transposed, ``[layers, pages,
+kv_heads, head_dim, page]``: a pipeline stage owns a slice of the leading axis, and gathering a
+row's pages yields the per-row layout attention reads. K is stored transposed so that both
+products of attention are plain matrix products (queries ``[groups, head_dim] @ [head_dim,
+seq]``, probabilities ``[groups, seq] @ [seq, head_dim]``): with K as ``[seq, head_dim]`` the
+score product contracts both operands' minor axes, which XLA's CPU backend runs at a third of
+memory speed. Lengths are not stored here: whoever owns the pages knows them.
+
+In transit (prefill to decode) K and V travel stacked in the prompt's own layout, ``[2, layers,
+batch, kv_heads, seq, head_dim]``: one large copy dispatches faster than two, and K is transposed
+only when it lands in pages. A transit array may hold a range of the layers only (a piece cut at
 decode stage boundaries).
 """
 
@@ -28,30 +33,62 @@ TRANSIT_AXES = ("kv", "layers", "batch", "kv_heads", "seq", "head_dim")
 
 
 @struct.dataclass
-class KVCache:
-    k: jax.Array = axes("layers", "batch", "kv_heads", "head_dim", "seq")
-    v: jax.Array = axes("layers", "batch", "kv_heads", "seq", "head_dim")
+class KVPages:
+    k: jax.Array = axes("layers", "pages", "kv_heads", "head_dim", "page")
+    v: jax.Array = axes("layers", "pages", "kv_heads", "page", "head_dim")
 
     @classmethod
-    def zeros(cls, arch: Architecture, batch: int, seq: int, dtype: jnp.dtype, layers: int | None = None) -> KVCache:
-        """An empty cache for ``layers`` layers (default: all of them)."""
-        lead = (arch.num_layers if layers is None else layers, batch, arch.num_kv_heads)
-        return cls(k=jnp.zeros((*lead, arch.head_dim, seq), dtype), v=jnp.zeros((*lead, seq, arch.head_dim), dtype))
+    def zeros(cls, arch: Architecture, pages: int, page_size: int, dtype: jnp.dtype, layers: int | None = None) -> KVPages:
+        """An empty pool of ``pages`` pages for ``layers`` layers (default: all of them)."""
+        lead = (arch.num_layers if layers is None else layers, pages, arch.num_kv_heads)
+        return cls(k=jnp.zeros((*lead, arch.head_dim, page_size), dtype), v=jnp.zeros((*lead, page_size, arch.head_dim), dtype))
 
     @property
-    def seq(self) -> int:
+    def page_size(self) -> int:
         return self.v.shape[3]
 
+    @property
+    def num_pages(self) -> int:
+        """Also the page id that stands for "no page": a write to it is dropped."""
+        return self.v.shape[1]
 
-def insert(cache: KVCache, update: jax.Array, slots: jax.Array, layer_offset: int = 0) -> KVCache:
-    """Write a stacked prefill KV ``update`` (batch row i) into cache rows ``slots[i]``, from position 0.
 
-    ``update`` may cover only some layers: it lands at ``layer_offset`` onwards. Rows whose slot
-    index is out of range (batch padding, aborted requests) are dropped. Jit it with the cache
-    donated so the write happens in place.
-    """
-    layers, length = update.shape[1], update.shape[4]
-    rows = (slice(layer_offset, layer_offset + layers), slots, slice(None))
-    k = cache.k.at[(*rows, slice(None), slice(0, length))].set(update[0].swapaxes(3, 4).astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[(*rows, slice(0, length))].set(update[1].astype(cache.v.dtype), mode="drop")
-    return KVCache(k=k, v=v)
+def gather(cache: KVPages, layer: jax.Array, tables: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The pages ``tables`` ``[B, n]`` lists for each row, of one layer, as contiguous rows: K
+    ``[B, KV, hd, n * page]`` and V ``[B, KV, n * page, hd]``. Only those pages are read (one
+    gather from the whole pool, never a copy of a layer). An entry past the pool (no page) reads
+    the last page: positions the caller masks."""
+    b, n = tables.shape
+    _, _, kv, hd, p = cache.k.shape
+    kt = cache.k.at[layer, tables].get(mode="clip")  # [B, n, KV, hd, P]
+    v = cache.v.at[layer, tables].get(mode="clip")  # [B, n, KV, P, hd]
+    return kt.transpose(0, 2, 3, 1, 4).reshape(b, kv, hd, n * p), v.transpose(0, 2, 1, 3, 4).reshape(b, kv, n * p, hd)
+
+
+def write(cache: KVPages, k_new: jax.Array, v_new: jax.Array, pages: jax.Array, positions: jax.Array, layer_offset: int = 0) -> KVPages:
+    """Write new K/V ``[layers, B, KV, T, hd]`` of row b's token t at ``positions[b, t]`` of page
+    ``pages[b, t]`` (``[B, T]``; ``num_pages``: dropped), for layers ``layer_offset`` onwards.
+    Jit it with the cache donated so the write happens in place."""
+    layers = slice(layer_offset, layer_offset + k_new.shape[0])
+    offsets = positions % cache.page_size
+    # The indexed views are [B, T, layers, KV, hd] for both K and V.
+    return KVPages(
+        k=cache.k.at[layers, pages, :, :, offsets].set(k_new.transpose(1, 3, 0, 2, 4).astype(cache.k.dtype), mode="drop"),
+        v=cache.v.at[layers, pages, :, offsets].set(v_new.transpose(1, 3, 0, 2, 4).astype(cache.v.dtype), mode="drop"),
+    )
+
+
+def insert(cache: KVPages, update: jax.Array, pages: jax.Array, layer_offset: int = 0) -> KVPages:
+    """Write a prefill KV ``update`` (transit layout; batch row i's positions ``0 .. seq``) into the
+    pages ``pages[i, s]`` (``[batch, seq]``; ``num_pages`` for padding and aborted rows: dropped).
+    ``update`` may cover only some layers: it lands at ``layer_offset`` onwards."""
+    positions = jnp.broadcast_to(jnp.arange(update.shape[4], dtype=jnp.int32), pages.shape)
+    return write(cache, update[0], update[1], pages, positions, layer_offset)
+
+
+def written_pages(tables: jax.Array, positions: jax.Array, page_size: int, no_page: int) -> jax.Array:
+    """The page each of ``positions`` ``[B, T]`` falls in, by the rows' block ``tables`` ``[B, n]``;
+    ``no_page`` for a position past its table."""
+    index = positions // page_size
+    page = jnp.take_along_axis(tables, jnp.minimum(index, tables.shape[1] - 1), axis=1)
+    return jnp.where(index < tables.shape[1], page, no_page)

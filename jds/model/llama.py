@@ -1,4 +1,4 @@
-"""The Llama-family decoder as pure functions over ``Params`` and ``KVCache``.
+"""The Llama-family decoder as pure functions over ``Params`` and ``KVPages``.
 
 Both phases share every line of math here; they differ only in the shapes they are called with and,
 once placed on meshes, in the sharding of their inputs. Layers run under ``lax.scan`` over the
@@ -13,8 +13,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jds.model import kv_cache
 from jds.model.architecture import Architecture
-from jds.model.kv_cache import KVCache
+from jds.model.kv_cache import KVPages
 from jds.model.params import InverseNorm, LayerParams, MatrixWeight, Params, Weight
 from jds.model.rope import apply_rope, inverse_frequencies
 from jds.model.sampling import log_probabilities
@@ -250,57 +251,51 @@ def _whole_prompts(params: Params, tokens: jax.Array, lengths: jax.Array, arch: 
 
 def decoder_layers(
     layers: LayerParams,
-    cache: KVCache,
+    cache: KVPages,
     x: jax.Array,
     start: jax.Array,
-    row_offset: jax.Array | int,
+    tables: jax.Array,
+    pages: jax.Array,
     arch: Architecture,
-    context: int | None = None,
-) -> tuple[jax.Array, KVCache]:
-    """Run new tokens through the given layers against cache rows ``row_offset .. row_offset + B``.
+) -> tuple[jax.Array, KVPages]:
+    """Run new tokens through the given layers against the cache pages of their rows.
 
     x: ``[B, T, D]``, the tokens of row b sitting at positions ``start[b] .. start[b] + T``. They
-    attend to the row's cached positions before ``start[b]`` and causally to each other; their
-    K/V are written at their positions (positions past the cache are dropped). ``context`` (static,
-    at least every attending row's ``start``) is how many cache positions are read: a step reads
-    the positions in use rounded up to a bucket, not the whole cache. ``layers`` and ``cache`` hold
-    the same layer range, so a pipeline stage runs exactly its own slice. Jit with the cache
-    donated so the writes happen in place.
+    attend to the row's cached positions before ``start[b]``, read from the pages its block table
+    ``tables[b]`` lists (``[B, n]``: a step reads the pages in use rounded up to a bucket, not a
+    row's whole reach), and causally to each other; their K/V are written into ``pages`` ``[B, T]``
+    (the page each token's position falls in; ``cache.num_pages`` drops the write). ``layers``
+    and ``cache`` hold the same layer range, so a pipeline stage runs exactly its own slice. Jit
+    with the cache donated so the writes happen in place.
     """
     b, t, _ = x.shape
-    context = cache.seq if context is None else context
+    context = tables.shape[1] * cache.page_size
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     cached = (jnp.arange(context)[None, :] < start[:, None])[:, None, :]  # [B, 1, context]
-    _, _, kv_heads, _, head_dim = cache.v.shape
 
     # The cache is only read inside the layer loop; the new K/V of all layers are written once
     # after it. Writing into the cache inside the loop made XLA copy the whole cache per layer.
     def layer_step(x: jax.Array, layer_and_index):
         layer, i = layer_and_index
         q, k, v = _qkv(x, layer, positions, arch)
-        kt_old = jax.lax.dynamic_slice(cache.k, (i, row_offset, 0, 0, 0), (1, b, kv_heads, head_dim, context))[0]
-        v_old = jax.lax.dynamic_slice(cache.v, (i, row_offset, 0, 0, 0), (1, b, kv_heads, context, head_dim))[0]
+        kt_old, v_old = kv_cache.gather(cache, i, tables)
         x = _finish_layer(x, attention_with_cache(q, kt_old, v_old, cached, k, v), layer, arch)
         return x, (k, v)
 
     layer_ids = jnp.arange(cache.v.shape[0])
     x, (k_new, v_new) = jax.lax.scan(layer_step, x, (layers, layer_ids))
-    rows = (row_offset + jnp.arange(b))[:, None]
-    # k_new: [L, B, KV, T, hd]; the indexed cache views are [B, T, L, KV, hd] for both K and V.
-    cache = KVCache(
-        k=cache.k.at[:, rows, :, :, positions].set(k_new.transpose(1, 3, 0, 2, 4), mode="drop"),
-        v=cache.v.at[:, rows, :, positions].set(v_new.transpose(1, 3, 0, 2, 4), mode="drop"),
-    )
-    return x, cache
+    return x, kv_cache.write(cache, k_new, v_new, pages, positions)
 
 
 def decode_step(
-    params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array, arch: Architecture
-) -> tuple[jax.Array, KVCache]:
-    """One token for every cache row, all layers at once (the single-stage case).
+    params: Params, cache: KVPages, tokens: jax.Array, positions: jax.Array, tables: jax.Array, arch: Architecture
+) -> tuple[jax.Array, KVPages]:
+    """One token for every row, all layers at once (the single-stage case).
 
     tokens: ``[B]`` the newest token of each row; positions: ``[B]`` where that token sits (equal
-    to the row's length before it). Returns logits ``[B, vocab]`` and the updated cache.
+    to the row's length before it); tables: ``[B, n]`` each row's pages, covering that position.
+    Returns logits ``[B, vocab]`` and the updated cache.
     """
-    x, cache = decoder_layers(params.layers, cache, embed(params, tokens[:, None]), positions, 0, arch)
+    pages = kv_cache.written_pages(tables, positions[:, None], cache.page_size, cache.num_pages)
+    x, cache = decoder_layers(params.layers, cache, embed(params, tokens[:, None]), positions, tables, pages, arch)
     return logits(params, x[:, 0], arch), cache

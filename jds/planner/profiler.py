@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from jds.planner.latency import DecodeModel, PrefillModel, TransferModel
 from jds.planner.profile import DecodeEntry, ModelFacts, PrefillEntry, Profile
+from jds.scheduling import policy
 
 TRANSFER_MEGABYTES = (1, 4, 16, 64)
 DECODE_REPEATS = 7  # a round is short and its median noisy; more samples cost little
@@ -95,9 +96,13 @@ def _measure(config_path: str, job: Job, grid: Grid) -> dict:
             tokens, zeros, rows = np.zeros((n, 1), np.int32), np.zeros(n, np.int32), empty_rows(n)
             for context in contexts:
                 positions = np.full(n, context - 1, np.int32)
+                per_row = policy.pages_for(context, pipeline.pool.page_size)  # each row's own pages, in order
+                tables = np.arange(n * per_row, dtype=np.int32).reshape(n, per_row)
 
                 def round_trip() -> None:  # every microbatch dispatched, then every token read back
-                    outs = [pipeline.forward(tokens, positions, lo, zeros, rows, zeros, context) for lo, _ in pipeline.microbatch_bounds]
+                    outs = [
+                        pipeline.forward(tokens, positions, lo, zeros, rows, zeros, tables, tables[:, -1:]) for lo, _ in pipeline.microbatch_bounds
+                    ]
                     for out in outs:
                         jax.device_get(out)  # as the engine reads a step
 

@@ -100,12 +100,14 @@ class _Decoder:
     heap of slots. ``microbatches`` above 1 computes every slot.
     """
 
-    def __init__(self, clock: _Clock, latency: DecodeEntry, slots: int, microbatches: int, max_seq_len: int, on_free: Callable[[], None]):
+    def __init__(
+        self, clock: _Clock, latency: DecodeEntry, slots: int, microbatches: int, max_seq_len: int, page_size: int, on_free: Callable[[], None]
+    ):
         self.clock = clock
         self.latency = latency
         self.slots = LowestFirst(slots)
         self.row_buckets = policy.row_buckets(slots) if microbatches == 1 else [slots]
-        self.contexts = policy.length_buckets(max_seq_len)
+        self.contexts = policy.context_buckets(max_seq_len, page_size)
         self.reserved_elsewhere = 0  # sent here by a router but not yet holding a slot
         self.dispatched = 0  # rounds dispatched
         self.round_ends: list[float] = []  # when each round was read
@@ -350,7 +352,7 @@ class _Colocated:
         self.prefill = prefill
         self.batches = batches
         self.waiting = waiting
-        self.decoder = _Decoder(clock, decode, spec.slots, 1, max_seq_len, lambda: None)
+        self.decoder = _Decoder(clock, decode, spec.slots, 1, max_seq_len, spec.page_size, lambda: None)
         self.chunking: tuple[_Request, int] | None = None  # (request, prompt tokens done)
         self.busy = False  # a pass of the loop is under way
 
@@ -482,4 +484,4 @@ def simulate(
 
 def _decoder(clock: _Clock, profile: Profile, spec: DecodeInstance, on_free: Callable[[], None]) -> _Decoder:
     latency, microbatches = profile.decode_latency(spec.tp, spec.pp), spec.num_microbatches(profile.cpu)
-    return _Decoder(clock, latency, spec.slots, microbatches, spec.max_seq_len, on_free)
+    return _Decoder(clock, latency, spec.slots, microbatches, spec.max_seq_len, spec.page_size, on_free)

@@ -10,9 +10,15 @@ The rules:
   batch of the longest prompt's length bucket) fits the instance's ``max_batch`` and
   ``max_batch_tokens``; the head is never skipped, and a single prompt always fits;
 - a prefill instance stalls while ``PENDING_BATCHES`` of its batches wait for decode room;
-- a prefilled request goes to the decode instance with the most room (the first on ties);
+- a request is admitted to a decode or colocated instance when a slot is free and the pages of
+  its context and its next token are, less a small reserve (``ADMIT_RESERVE``) kept for the
+  running requests to grow into; the queue's head is admitted first;
+- a prefilled request goes to the decode instance with the most free slots (the first on ties),
+  once that one admits it;
 - slots are handed out lowest first, and a decode round computes the rows up to the highest one
   in use, rounded up to a row bucket, reading the context bucket of its longest sequence;
+- a running request that needs a page when none is free preempts the youngest running request
+  (itself, if it is the youngest), which goes back to the front of the waiting queue;
 - a colocated instance prefills (a batch, or a prompt's next chunk) whenever it has free slots
   and requests wait or a prompt is half chunked, then runs a decode round.
 """
@@ -26,6 +32,7 @@ from collections.abc import Iterable, Sequence
 
 MIN_BUCKET = 16  # the shortest padded prompt length
 PENDING_BATCHES = 2  # prefilled batches whose KV may wait for decode room, per prefill instance
+ADMIT_RESERVE = 0.01  # share of an instance's pages admission leaves free for running requests to grow into
 
 
 def pow2_at_least(n: int) -> int:
@@ -40,6 +47,12 @@ def length_buckets(max_len: int) -> list[int]:
         buckets.append(b)
         b *= 2
     return buckets + [max_len]
+
+
+def context_buckets(max_len: int, page_size: int) -> list[int]:
+    """The cache positions a decode round may read: ``length_buckets`` rounded up to whole pages
+    (a round reads whole pages), each once."""
+    return sorted({pages_for(b, page_size) * page_size for b in length_buckets(max_len)})
 
 
 def row_buckets(size: int) -> list[int]:
@@ -105,6 +118,36 @@ class PrefillBatches:
                 out.append((batch, length))
                 batch *= 2
         return out
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    """Pages that hold ``tokens`` positions."""
+    return -(-tokens // page_size)
+
+
+def admission_pages(context_len: int, page_size: int) -> int:
+    """Pages a request takes when admitted: its context and the position of its next token."""
+    return pages_for(context_len + 1, page_size)
+
+
+def admits(needs: Sequence[int], free_slots: int, free_pages: int, total_pages: int) -> int:
+    """How many requests from the head of the queue (``needs``: the pages each takes, in order) an
+    instance admits now: while slots are free and their pages leave ``ADMIT_RESERVE`` of the
+    instance's pages free. A request alone on an idle instance (no page in use) is admitted if
+    its pages exist at all."""
+    reserve = int(ADMIT_RESERVE * total_pages)
+    n, left = 0, free_pages
+    for need in needs:
+        if n >= free_slots or need > left - (reserve if left < total_pages else 0):
+            break
+        n, left = n + 1, left - need
+    return n
+
+
+def preemption_victim(arrivals: dict[int, float]) -> int:
+    """Which running request gives its pages up when one needs a page and none is free: the
+    youngest (the latest arrival; ``arrivals`` maps each running slot to its request's arrival)."""
+    return max(arrivals, key=lambda slot: (arrivals[slot], slot))
 
 
 def most_room(rooms: Sequence[int]) -> int | None:

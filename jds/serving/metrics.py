@@ -34,6 +34,8 @@ class Metrics:
         self.rejected = Counter("jds_rejected_requests", "Requests refused before running.", ["code"], registry=r)
         Gauge("jds_slots_in_use", "Decode slots holding a request.", registry=r).set_function(lambda: engine.slot_usage()[0])
         Gauge("jds_slots_total", "Decode slots.", registry=r).set_function(lambda: engine.slot_usage()[1])
+        Gauge("jds_kv_pages_used", "KV cache pages holding a request's tokens.", registry=r).set_function(lambda: engine.page_usage()[0])
+        Gauge("jds_kv_pages_total", "KV cache pages.", registry=r).set_function(lambda: engine.page_usage()[1])
         Gauge("jds_waiting_requests", "Requests waiting for prefill.", registry=r).set_function(lambda: engine.num_waiting)
         Gauge("jds_running_requests", "Requests admitted and not finished.", registry=r).set_function(lambda: engine.num_running)
 

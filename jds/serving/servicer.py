@@ -108,6 +108,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         model = self.engine.model
         arch = model.arch
         in_use, total = self.engine.slot_usage()
+        pages_in_use, pages_total = self.engine.page_usage()
         return pb.ModelInfoResponse(
             model_name=model.name,
             num_params=arch.num_params(),
@@ -125,6 +126,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             running=self.engine.num_running,
             devices=len(self.engine.placement.devices),
             quantization=model.quantization,
+            kv_pages_total=pages_total,
+            kv_pages_in_use=pages_in_use,
         )
 
 

@@ -1,0 +1,77 @@
+"""KV pages: the allocator, an instance's pool of slots and pages, and the policy that admits and
+preempts by pages. (Requests served over pages, preempted and aborted, are in test_engine.)"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from jds.engine.kv_pool import KVPool
+from jds.scheduling import policy
+from jds.scheduling.pages import PageAllocator
+
+
+def test_pages_are_taken_whole_or_not_at_all_and_never_freed_twice():
+    pages = PageAllocator(4)
+    assert pages.take(3) == [0, 1, 2] and len(pages) == 1 and pages.used == 3
+    assert pages.take(2) is None and len(pages) == 1  # nothing taken
+    pages.give_back([1])
+    assert pages.take(2) == [1, 3]
+    with pytest.raises(RuntimeError, match="page 1 released while free"):
+        pages.give_back([1, 1])
+
+
+def test_a_pool_reserves_a_requests_context_grows_it_and_frees_it_whole():
+    pool = KVPool(slots=2, pages=8, page_size=4, max_seq_len=32, cond=threading.Condition())
+    slot = pool.try_reserve(5)  # positions 0-4 and the next token's, 5: two pages
+    assert slot == 0 and pool.pages_used == 2 and list(pool.tables[0, :3]) == [0, 1, pool.no_page]
+    assert pool.grow(0, 9) and pool.pages_used == 3 and pool.grow(0, 12) and pool.pages_used == 3
+    # Positions 0-9 written into their pages; 10 and 11 past the length, 12 on past the pages held: dropped.
+    written = pool.write_pages(0, np.arange(14), length=10)
+    assert list(written) == [0] * 4 + [1] * 4 + [2] * 2 + [pool.no_page] * 4
+    assert pool.step_tables(0, 2, 8).tolist() == [[0, 1], [pool.no_page] * 2]
+    assert not pool.grow(0, 40)  # 10 pages: more than there are; nothing taken
+    assert pool.pages_used == 3
+    pool.release(0)
+    assert pool.pages_used == 0 and pool.free == 2 and (pool.tables == pool.no_page).all()
+    with pytest.raises(RuntimeError):
+        pool.release(0)  # the slot is free already
+
+
+def test_admission_leaves_a_reserve_for_running_requests_but_always_admits_one_onto_an_idle_instance():
+    assert policy.admission_pages(15, 16) == 1 and policy.admission_pages(16, 16) == 2
+    # 200 pages keep 2 in reserve once any is in use.
+    assert policy.admits([100, 99], free_slots=4, free_pages=200, total_pages=200) == 1
+    assert policy.admits([100, 98], free_slots=4, free_pages=200, total_pages=200) == 2
+    assert policy.admits([200], free_slots=1, free_pages=200, total_pages=200) == 1
+    assert policy.admits([1, 1, 1], free_slots=2, free_pages=200, total_pages=200) == 2  # slots cap it
+    assert policy.admits([5, 1], free_slots=2, free_pages=4, total_pages=200) == 0  # the head is never skipped
+
+
+def test_the_youngest_running_request_is_preempted():
+    assert policy.preemption_victim({0: 3.0, 1: 7.5, 2: 1.0}) == 1
+    assert policy.context_buckets(100, 16) == [16, 32, 64, 112]
+    assert policy.context_buckets(2048, 64) == [64, 128, 256, 512, 1024, 2048]
+
+
+def test_an_instances_pages_come_from_kv_pages_or_kv_memory_gb_or_its_rows_and_the_fit_check_counts_them():
+    from pydantic import ValidationError
+
+    from jds.config.fit import instance_pages, memory_needs, page_bytes
+    from jds.config.placement import ColocatedInstance, Placement
+    from jds.model.architecture import Architecture
+
+    arch = Architecture(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2)
+    one_page = page_bytes(arch, 4, 16)
+    assert one_page == 2 * 4 * 2 * 16 * 16 * 4  # K and V, 4 layers, 2 KV heads of 16, 16 positions, float32
+    default = ColocatedInstance(devices=[0], slots=4).resolved(100)
+    assert instance_pages(default, arch, 4) == 4 * 7  # four rows of 100 positions: 7 pages each
+    assert instance_pages(ColocatedInstance(devices=[0], kv_pages=5).resolved(100), arch, 4) == 5
+    assert instance_pages(ColocatedInstance(devices=[0], kv_memory_gb=1.0).resolved(100), arch, 4) == 2**30 // one_page
+    with pytest.raises(ValidationError, match="give kv_pages or kv_memory_gb, not both"):
+        ColocatedInstance(devices=[0], kv_pages=5, kv_memory_gb=1.0)
+    small, large = (Placement(instances=[{"devices": [0], "kv_pages": n}]) for n in (10, 1000))
+    (need_small,), (need_large,) = memory_needs(small, arch, 4, 100), memory_needs(large, arch, 4, 100)
+    assert (need_small.kv, need_large.kv) == (10 * one_page, 1000 * one_page)
