@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from jds.bench.metrics import RequestRecord, attainment, goodput, search_goodput, summarize
+from jds.bench.metrics import RequestRecord, attainment, goodput, peak_decoding, search_goodput, summarize
 from jds.bench.micro import DECODE_PASSES, SAMPLERS
 from jds.bench.workloads import SLO, arrival_times, get_workload, load_trace, load_workloads, plan
 
@@ -73,9 +73,28 @@ def test_workloads_are_reproducible_and_scaled():
     small = plan(get_workload("summarization"), 1.0, 512, seed=0, num=100)
     assert all(r.input_len + r.output_len <= 512 and r.output_len >= 1 for r in small)
     assert min(r.input_len for r in small) >= 1900 * 512 // 2048 - 1  # scaled from the 2048 context
-    assert set(load_workloads()) == {"chatbot", "code", "summarization"}
+    assert set(load_workloads()) == {"chatbot", "code", "summarization", "shared-prefix"}
     with pytest.raises(ValueError, match="unknown workload 'chat'"):
         get_workload("chat")
+
+
+def test_shared_prefix_conversations_repeat_the_system_prompt_and_each_earlier_turn():
+    from jds.bench.loadgen import prompt_ids
+
+    requests = plan(get_workload("shared-prefix"), 1.0, 2048, seed=3, num=12)
+    prompts = [prompt_ids(i, r, 49152, seed=3) for i, r in enumerate(requests)]
+    assert [len(p) for p in prompts] == [r.input_len for r in requests] and all(r.system == 1024 for r in requests)
+    assert all(p[:1024] == prompts[0][:1024] for p in prompts)  # one system prompt for all
+    assert [r.conversation for r in requests] == [i // 4 for i in range(12)]
+    for i in range(1, 12):
+        if i % 4:  # a later turn: the earlier turn's prompt, its answer's length in tokens, then the new message
+            before, now = requests[i - 1], requests[i]
+            assert now.input_len > before.input_len + before.output_len and prompts[i][: before.input_len] == prompts[i - 1]
+        else:
+            assert prompts[i][1024:1034] != prompts[i - 1][1024:1034]  # a new conversation
+    assert all(r.input_len + r.output_len < 2048 for r in requests)
+    short = plan(get_workload("shared-prefix"), 1.0, 512, seed=3, num=40)  # scaled: a 256-token system prompt
+    assert all(r.system == 256 and r.input_len + r.output_len < 512 for r in short)
 
 
 def test_arrivals_poisson_rate_and_burstiness():
@@ -187,3 +206,12 @@ def test_micro_says_why_the_engine_is_not_compared_rather_than_failing_after_its
     staged = config.model_copy(update={"placement": Placement.model_validate(
         {"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1, 2], "pp": 2, "slots": 4}})})  # fmt: skip
     assert engine_decode(staged, None)["note"] == "not measured: the decode instance is pipelined"
+
+
+def test_peak_decoding_counts_the_requests_between_first_token_and_end_at_the_busiest_moment():
+    def record(first: float, end: float) -> RequestRecord:
+        return RequestRecord(10, 5, sent=0.0, token_times=[first, end], end=end)
+
+    assert peak_decoding([record(0, 2), record(1, 3), record(2.5, 4), record(5, 6)]) == 2
+    assert peak_decoding([record(0, 1), record(1, 2)]) == 1  # one ends as the next begins
+    assert peak_decoding([]) == 0

@@ -256,6 +256,17 @@ def long_reference(tiny):
     engine.shutdown()
 
 
+def _assert_only_the_prefix_cache_holds_pages(engine: Engine) -> None:
+    """Once every request ended: no slot in use, every page in use is a cached one, and dropping
+    the cache frees them all."""
+    assert engine.slot_usage()[0] == 0
+    pools = [w.pool for w in engine.decode_workers + engine.colocated_workers]
+    assert [p.pages.used for p in pools] == [p.pages.cached for p in pools]
+    for p in pools:
+        p.drop_cache()
+    assert engine.page_usage()[0] == 0
+
+
 @pytest.mark.parametrize("name", TIGHT)
 def test_requests_preempted_for_pages_continue_with_the_same_tokens(tiny, long_reference, name):
     engine = _engine(tiny, TIGHT[name])
@@ -264,9 +275,35 @@ def test_requests_preempted_for_pages_continue_with_the_same_tokens(tiny, long_r
         assert [o.token_ids for o in greedy] == long_reference["greedy"]
         assert [o.token_ids for o in _run(engine, PROMPTS, LONG_SAMPLED, "s")] == long_reference["sampled"]
         assert sum(w.batch.preemptions for w in engine.decode_workers + engine.colocated_workers) > 0
-        assert engine.page_usage() == (0, 8) and engine.slot_usage()[0] == 0
+        _assert_only_the_prefix_cache_holds_pages(engine)
     finally:
         engine.shutdown()
+
+
+SHARED = [(13 * j) % 3000 + 5 for j in range(40)]  # a 40-token system prompt: two full pages of 16, and 8 tokens more
+
+
+@pytest.mark.parametrize("chunked", [None, 16], ids=["whole-prompts", "chunked"])
+def test_a_prefix_hit_gives_the_tokens_of_a_miss_and_reports_its_cached_tokens(tiny, chunked):
+    prompts = [SHARED + [7 + i] * (3 + 5 * i) for i in range(3)] + [SHARED]
+    outputs = {}
+    for caching in (False, True):
+        engine = _engine(tiny, {"instances": {"devices": [0], "slots": 4, "chunked_prefill": chunked, "enable_prefix_caching": caching}})
+        try:
+            (first,) = _run(engine, prompts[:1], LONG_GREEDY)  # a miss: computes, then caches, the shared pages
+            rest = _run(engine, prompts[1:], LONG_GREEDY, "rest")
+            # The next turn of the first conversation: its prompt, the answer, a new message.
+            turn = prompts[0] + first.token_ids + [11, 12, 13]
+            (second,) = _run(engine, [turn], LONG_GREEDY, "turn")
+            outputs[caching] = [first, *rest, second]
+            if caching:
+                _assert_only_the_prefix_cache_holds_pages(engine)
+        finally:
+            engine.shutdown()
+    assert [o.token_ids for o in outputs[True]] == [o.token_ids for o in outputs[False]]
+    assert [o.timings.cached_tokens for o in outputs[False]] == [0] * 5
+    answered = len(prompts[0]) + len(first.token_ids) - 1  # the first conversation's tokens with KV written
+    assert [o.timings.cached_tokens for o in outputs[True]] == [0, 32, 32, 32, 16 * (answered // 16)]
 
 
 def test_aborts_among_preemptions_leave_no_page_held(tiny):
@@ -279,8 +316,8 @@ def test_aborts_among_preemptions_leave_no_page_held(tiny):
             engine.abort(f"a{i}")
         reasons = {s.result().finish_reason for s in streams}
         assert reasons == {"abort", "length"}
-        assert engine.page_usage()[0] == 0 and engine.slot_usage()[0] == 0
         assert engine.colocated_workers[0].batch.preemptions > 0
+        _assert_only_the_prefix_cache_holds_pages(engine)
     finally:
         engine.shutdown()
 

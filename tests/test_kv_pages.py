@@ -26,16 +26,16 @@ def test_pages_are_taken_whole_or_not_at_all_and_never_freed_twice():
 def test_a_pool_reserves_a_requests_context_grows_it_and_frees_it_whole():
     pool = KVPool(slots=2, pages=8, page_size=4, max_seq_len=32, cond=threading.Condition())
     slot = pool.try_reserve(5)  # positions 0-4 and the next token's, 5: two pages
-    assert slot == 0 and pool.pages_used == 2 and list(pool.tables[0, :3]) == [0, 1, pool.no_page]
-    assert pool.grow(0, 9) and pool.pages_used == 3 and pool.grow(0, 12) and pool.pages_used == 3
+    assert slot == 0 and pool.pages.used == 2 and list(pool.tables[0, :3]) == [0, 1, pool.no_page]
+    assert pool.grow(0, 9) and pool.pages.used == 3 and pool.grow(0, 12) and pool.pages.used == 3
     # Positions 0-9 written into their pages; 10 and 11 past the length, 12 on past the pages held: dropped.
     written = pool.write_pages(0, np.arange(14), length=10)
     assert list(written) == [0] * 4 + [1] * 4 + [2] * 2 + [pool.no_page] * 4
     assert pool.step_tables(0, 2, 8).tolist() == [[0, 1], [pool.no_page] * 2]
     assert not pool.grow(0, 40)  # 10 pages: more than there are; nothing taken
-    assert pool.pages_used == 3
+    assert pool.pages.used == 3
     pool.release(0)
-    assert pool.pages_used == 0 and pool.free == 2 and (pool.tables == pool.no_page).all()
+    assert pool.pages.used == 0 and pool.free == 2 and (pool.tables == pool.no_page).all()
     with pytest.raises(RuntimeError):
         pool.release(0)  # the slot is free already
 
@@ -75,3 +75,49 @@ def test_an_instances_pages_come_from_kv_pages_or_kv_memory_gb_or_its_rows_and_t
     small, large = (Placement(instances=[{"devices": [0], "kv_pages": n}]) for n in (10, 1000))
     (need_small,), (need_large,) = memory_needs(small, arch, 4, 100), memory_needs(large, arch, 4, 100)
     assert (need_small.kv, need_large.kv) == (10 * one_page, 1000 * one_page)
+
+
+def test_a_pages_key_names_every_token_before_its_end():
+    from jds.scheduling.pages import page_keys
+
+    a = page_keys(list(range(40)), 16)
+    assert len(a) == 2  # full pages only
+    assert page_keys(list(range(32)) + [7], 16) == a
+    assert page_keys([99] + list(range(1, 40)), 16)[1] != a[1]  # same second page, other first page: another key
+
+
+def test_cached_pages_outlive_their_holders_are_shared_and_evicted_least_recently_used_first():
+    from jds.scheduling.pages import PageAllocator
+
+    pages = PageAllocator(4, cache=True)
+    first, second = pages.take(2), pages.take(1)
+    pages.register([b"a", b"b"], first)
+    pages.register([b"c"], second)
+    pages.give_back(first + second)
+    assert (pages.used, pages.cached, len(pages)) == (3, 3, 4)  # cached, and all can be taken
+    assert pages.lookup([b"a", b"b", b"x"]) == first and pages.lookup([b"b"]) == first[1:]
+    pages.share(first[:1])  # "a" is held again: not evictable
+    taken = pages.take(2)  # the free page, then the least recently cached one held by no one: "b"
+    assert sorted(taken) == sorted([3, first[1]])
+    assert pages.lookup([b"a", b"b"]) == first[:1] and pages.lookup([b"c"]) == second
+    assert pages.take(2) is None and pages.take(1) == second and pages.lookup([b"c"]) == []
+    pages.give_back([*taken, *second, first[0]])
+    pages.drop_cache()
+    assert (pages.used, pages.cached, len(pages)) == (0, 0, 4)
+
+
+def test_a_pool_shares_a_cached_prefix_but_never_a_prompts_last_token():
+    pool = KVPool(slots=3, pages=16, page_size=4, max_seq_len=32, cond=threading.Condition(), prefix_caching=True)
+    prompt = list(range(100, 110))  # 10 tokens: pages [0-3], [4-7] full
+    slot, reused = pool.reserve_reusing(prompt)
+    assert reused == 0
+    pool.register(slot, prompt)
+    assert pool.pages.cached == 2
+    again, reused = pool.reserve_reusing(prompt + [5, 6])  # its first 8 positions are cached
+    assert reused == 8 and list(pool.tables[again, :2]) == list(pool.tables[slot, :2])
+    exact, reused = pool.reserve_reusing(prompt[:8])  # 8 tokens: the last one is computed, so page 2 is not shared
+    assert reused == 4 and pool.tables[exact, 0] == pool.tables[slot, 0] and pool.tables[exact, 1] != pool.tables[slot, 1]
+    for s in (slot, again, exact):
+        pool.release(s)
+    assert pool.pages.used == pool.pages.cached == 2
+    assert (pool.prefix_queried, pool.prefix_hits) == (10 + 12 + 8, 12)

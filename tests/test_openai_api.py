@@ -59,6 +59,14 @@ def test_models_and_health(server, client):
     assert health.status_code == 200 and health.json() == {"status": "serving"}
 
 
+def test_a_repeated_prompt_reports_the_tokens_the_prefix_cache_held(client):
+    prompt = list(range(4100, 4140))  # 40 tokens: two full pages of 16 before its last token
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, **GREEDY)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, **GREEDY)
+    assert (first.usage.prompt_tokens_details.cached_tokens, again.usage.prompt_tokens_details.cached_tokens) == (0, 32)
+    assert again.choices[0].text == first.choices[0].text
+
+
 def test_completion_matches_the_offline_api_with_usage(client, offline):
     expected = offline.generate("The quick brown fox", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     answer = client.completions.create(

@@ -76,7 +76,7 @@ def test_schema_refusals(placement, message):
         ({"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1, 2, 3, 4, 5, 6, 7, 8][:5], "pp": 5}}, r"decode\[0\].pp: pp 5 is larger than the model's 4 layers"),
         ({"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1, 2], "pp": 2, "layers_per_stage": [1, 2]}}, r"decode\[0\].layers_per_stage: .* sums to 3"),
         ({"instances": {"devices": [0], "max_seq_len": 4096}}, r"max_seq_len: 4096 exceeds the model's max_position_embeddings"),
-        ({"instances": {"devices": [0], "slots": 100000, "max_seq_len": 1024}}, r"host memory.*instances\[0\].*lower slots or max_seq_len"),
+        ({"instances": {"devices": [0], "slots": 100000, "max_seq_len": 1024}}, r"host memory.*instances\[0\].*lower kv_pages, kv_memory_gb, or slots or max_seq_len"),
     ],
 )
 def test_refusals_against_model_and_machine(placement, message):

@@ -42,10 +42,16 @@ GROUPS = [
     [(5, 3), (20, 6), (40, 4)],
     [(9, 2), (17, 7), (33, 3), (3, 5), (60, 4), (12, 8)],
     [(50, 3), (2, 9)],
+    # With six pages: all three are admitted (1 + 2 + 3 pages); the first needs a second page at
+    # its third step and the youngest is preempted, then prefilled again with its tokens so far.
+    [(14, 12), (30, 10), (45, 8)],
 ]
 PLACEMENTS = {
     "colocated": {"instances": {"devices": [0], "slots": 2}},
     "colocated-chunked": {"instances": {"devices": [0], "slots": 3, "chunked_prefill": 16}},
+    # Six pages of 16 positions for four slots: admission waits for pages, and running requests
+    # that need a page preempt the youngest, which is prefilled again.
+    "colocated-pages": {"instances": {"devices": [0], "slots": 4, "kv_pages": 6}},
     "disaggregated": {
         "mode": "disaggregated",
         "prefill": {"devices": [0], "max_batch": 8},
@@ -95,6 +101,17 @@ def _profile(model) -> Profile:
     )
 
 
+def _indexed() -> list[tuple[int, int]]:
+    return [(g, i) for g, group in enumerate(GROUPS) for i in range(len(group))]
+
+
+def _prompt(group: int, index: int, n: int) -> tuple[int, ...]:
+    """A prompt no other request's begins like, so no prefix cache shortens a prefill (the
+    simulator models none)."""
+    first = 7 + 100 * (10 * group + index)
+    return tuple(range(first, first + n))
+
+
 def _engine_decisions(model, placement: Placement, monkeypatch) -> tuple:
     decisions = Decisions(monkeypatch)
     engine = Engine(model, placement)
@@ -102,32 +119,36 @@ def _engine_decisions(model, placement: Placement, monkeypatch) -> tuple:
         for g, group in enumerate(GROUPS):
             with engine._waiting._cond:  # the group is queued whole before any instance looks
                 streams = [
-                    engine.submit(Request(f"g{g}r{i}", tuple(range(7, 7 + n)), SamplingParams(max_tokens=out, temperature=0, ignore_eos=True), i))
+                    engine.submit(Request(f"g{g}r{i}", _prompt(g, i, n), SamplingParams(max_tokens=out, temperature=0, ignore_eos=True), i))
                     for i, (n, out) in enumerate(group)
                 ]  # fmt: skip
             outs = [s.result() for s in streams]
             assert [len(o.token_ids) for o in outs] == [out for _, out in group]
+        preempted = sum(w.batch.preemptions for w in engine.colocated_workers + engine.decode_workers)
     finally:
         engine.shutdown()
-    return decisions.taken()
+    return decisions.taken(), preempted
 
 
 def _simulated_decisions(model, placement: Placement, monkeypatch) -> tuple:
     decisions = Decisions(monkeypatch)
     trace = [PlannedRequest(1000.0 * g, n, out) for g, group in enumerate(GROUPS) for n, out in group]
     records = simulate(placement, _profile(model), trace, model.max_seq_len)
-    assert max(r.end for r in records[:3]) < 1000 and max(r.end for r in records[3:9]) < 2000  # each group ends before the next
+    ends = [max(r.end for r, (g, _) in zip(records, _indexed()) if g == group) for group in range(len(GROUPS))]
+    assert all(end < 1000.0 * (g + 1) for g, end in enumerate(ends))  # each group ends before the next
+    assert [len(r.token_times) for r in records] == [out for group in GROUPS for _, out in group]
     return decisions.taken()
 
 
 @pytest.mark.parametrize("name", PLACEMENTS)
 def test_the_engine_and_the_simulator_make_the_same_decisions(tiny, monkeypatch, name):
     placement = Placement.model_validate(PLACEMENTS[name])
-    engine = _engine_decisions(tiny, placement, monkeypatch)
+    engine, preempted = _engine_decisions(tiny, placement, monkeypatch)
+    assert (preempted > 0) == (name == "colocated-pages")
     monkeypatch.undo()
     simulated = _simulated_decisions(tiny, placement, monkeypatch)
     prefill, routes, rounds = engine
-    assert len(prefill) >= len(GROUPS) and sum(len(b) for b in prefill) == sum(map(len, GROUPS))
+    assert len(prefill) >= len(GROUPS) and sum(len(b) for b in prefill) == sum(map(len, GROUPS)) + preempted  # each preempted one again
     assert bool(routes) == (name == "disaggregated")
     assert sum(map(len, rounds.values())) > 10
     assert engine == simulated

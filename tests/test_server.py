@@ -196,6 +196,13 @@ def test_overload_gives_resource_exhausted_and_accepted_requests_finish(stub):
     assert wait_idle(stub).running == 0
 
 
+def test_a_repeated_prompt_reports_the_tokens_the_prefix_cache_held(stub):
+    ids = list(range(4200, 4240))  # 40 tokens: two full pages of 16 before its last token
+    first, again = (_generate(stub, token_ids=ids, max_tokens=3, temperature=0.0, ignore_eos=True) for _ in range(2))
+    assert (first[-1].usage.cached_tokens, again[-1].usage.cached_tokens) == (0, 32)
+    assert _tokens(first) == _tokens(again)
+
+
 def test_metrics_expose_histograms_gauges_and_counters(server, stub):
     _generate(stub, text="metrics", max_tokens=3)
     body = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
@@ -209,6 +216,7 @@ def test_metrics_expose_histograms_gauges_and_counters(server, stub):
         "jds_slots_total 4.0",
         f"jds_kv_pages_total {4 * MAX_SEQ_LEN // 16}.0",
         "jds_kv_pages_used",
+        "jds_prompt_tokens_cached_total",
         "jds_waiting_requests",
         'jds_requests_total{finish_reason="length"}',
         'jds_generated_tokens_total{finish_reason="length"}',
@@ -280,7 +288,7 @@ def test_a_placement_that_cannot_fit_is_refused_before_loading():
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert out.returncode == 1
-    assert "placement needs" in out.stderr and "GiB is usable" in out.stderr and "lower slots or max_seq_len" in out.stderr
+    assert "placement needs" in out.stderr and "GiB is usable" in out.stderr and "lower kv_pages, kv_memory_gb, or slots or max_seq_len" in out.stderr
 
 
 @pytest.mark.parametrize("proto", ["generation", "instances"])

@@ -30,10 +30,18 @@ from jds.client import Credentials
 FIRST_TOKEN_ID = 100  # stay clear of the special tokens at the start of most vocabularies
 
 
-def prompt_ids(index: int, length: int, vocab_size: int, seed: int) -> list[int]:
-    """A reproducible prompt of exactly ``length`` ordinary token ids."""
-    rng = np.random.default_rng([seed, 3, index])
-    return rng.integers(FIRST_TOKEN_ID, max(FIRST_TOKEN_ID + 1, vocab_size - 1), size=length).tolist()
+def prompt_ids(index: int, planned: PlannedRequest, vocab_size: int, seed: int) -> list[int]:
+    """A reproducible prompt of exactly ``planned.input_len`` ordinary token ids: random ones, or
+    the shared system prompt and then its conversation's stream (``PlannedRequest``)."""
+    if planned.conversation is None:
+        return _ids(np.random.default_rng([seed, 3, index]), planned.input_len, vocab_size)
+    system = _ids(np.random.default_rng([seed, 4]), planned.system, vocab_size)
+    return system + _ids(np.random.default_rng([seed, 5, planned.conversation]), planned.input_len - planned.system, vocab_size)
+
+
+def _ids(rng: np.random.Generator, n: int, vocab_size: int) -> list[int]:
+    """The first ``n`` ids of ``rng``'s stream (a longer draw begins with a shorter one's ids)."""
+    return rng.integers(FIRST_TOKEN_ID, max(FIRST_TOKEN_ID + 1, vocab_size - 1), size=n).tolist()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +57,7 @@ class ServerInfo:
 async def _one(send: Sender, index: int, planned: PlannedRequest, start: float, info: ServerInfo, seed: int, timeout: float) -> RequestRecord:
     await asyncio.sleep(max(0.0, start + planned.arrival - time.perf_counter()))
     record = RequestRecord(planned.input_len, planned.output_len, sent=time.perf_counter() - start)
-    ids = prompt_ids(index, planned.input_len, info.vocab_size, seed)
+    ids = prompt_ids(index, planned, info.vocab_size, seed)
     await send(ids, planned.output_len, record, start, timeout)
     if record.error is None:
         record.end = time.perf_counter() - start
@@ -69,6 +77,7 @@ def _grpc_sender(stub: pb_grpc.GenerationStub, metadata: tuple) -> Sender:
                 if message.finish_reason:
                     t = message.timings
                     record.server = {"queue": t.queue, "prefill": t.prefill, "transfer": t.transfer, "ttft": t.ttft, "tpot": t.tpot}
+                    record.server["cached_tokens"] = message.usage.cached_tokens
         except grpc.aio.AioRpcError as err:
             record.error = f"{err.code().name}: {err.details()}"
 

@@ -90,10 +90,23 @@ def summarize(records: Sequence[RequestRecord], slo: SLO) -> dict:
         "tpot": percentiles([t for r in ok if (t := r.tpot) is not None]),
         "itl": percentiles([x for r in ok for x in r.itl]),
         "e2e": percentiles([r.e2e for r in ok]),
+        "peak_decoding": peak_decoding(ok),
+        "cached_prompt_share": sum(r.server.get("cached_tokens", 0) for r in ok) / max(1, sum(r.input_len for r in ok)),
     }
     for key in ("queue", "prefill", "transfer"):
         summary[f"server_{key}"] = percentiles([r.server[key] for r in ok if key in r.server])
     return summary
+
+
+def peak_decoding(records: Sequence[RequestRecord]) -> int:
+    """The most requests decoding at once (between their first token and their end), as the client
+    saw them: how many requests the server ran together at its busiest."""
+    events = sorted([(r.token_times[0], 1) for r in records] + [(r.end, -1) for r in records], key=lambda e: (e[0], e[1]))
+    peak = running = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
 
 
 def goodput(attainments: dict[float, float], target: float = 0.9) -> float:

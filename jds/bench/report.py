@@ -79,8 +79,9 @@ def markdown(sweeps: list[Sweep], title: str) -> str:
         )
     lines += [
         "",
-        "| placement | rate (req/s) | attainment | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) | transfer p50 (ms) | throughput (req/s) | tokens/s | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| placement | rate (req/s) | attainment | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) | transfer p50 (ms) | throughput (req/s) | tokens/s "
+        "| peak decoding | prompt cached | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for sweep in sweeps:
         for rate, records in sorted(sweep.records.items()):
@@ -88,7 +89,8 @@ def markdown(sweeps: list[Sweep], title: str) -> str:
             lines.append(
                 f"| {sweep.label} | {rate:g} | {s['attainment']:.0%} | {_ms(s['ttft']['p50'])} / {_ms(s['ttft']['p90'])} | "
                 f"{_ms(s['tpot']['p50'])} / {_ms(s['tpot']['p90'])} | {_ms(s['server_transfer']['p50'])} | "
-                f"{s['throughput_rps']:.3g} | {s['output_tokens_per_s']:.3g} | {s['failed']} |"
+                f"{s['throughput_rps']:.3g} | {s['output_tokens_per_s']:.3g} | {s['peak_decoding']} | {s['cached_prompt_share']:.0%} | "
+                f"{s['failed']} |"
             )
     if len(sweeps) == 2:
         a, b = sweeps

@@ -72,14 +72,26 @@ class SLO(BaseModel):
         return SLO(ttft=self.ttft and self.ttft * factor, tpot=self.tpot and self.tpot * factor)
 
 
+class SharedPrefix(BaseModel):
+    """Conversations behind one system prompt: every request starts with the same ``system``
+    tokens, and turn k of a conversation repeats everything of its turns before (their messages
+    and answers) before its own message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system: PositiveInt
+    turns: PositiveInt
+
+
 class Workload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = ""
     description: str = ""
-    input: LengthDist
+    input: LengthDist  # with a shared prefix: each turn's own new message
     output: LengthDist
     slo: SLO
+    prefix: SharedPrefix | None = None
 
 
 def load_workloads(path: Path = WORKLOADS_FILE) -> dict[str, Workload]:
@@ -96,11 +108,17 @@ def get_workload(name: str) -> Workload:
 
 @dataclasses.dataclass(frozen=True)
 class PlannedRequest:
-    """One request of a run: when to send it (seconds from the start) and its exact lengths."""
+    """One request of a run: when to send it (seconds from the start) and its exact lengths.
+
+    With a shared prefix, the prompt is the workload's first ``system`` tokens, then the first
+    ``input_len - system`` tokens of its conversation's token stream (earlier turns, then its own
+    message; ``loadgen.prompt_ids``)."""
 
     arrival: float
     input_len: int
     output_len: int
+    system: int = 0
+    conversation: int | None = None
 
 
 def arrival_times(rate: float, seed: int, num: int | None = None, duration: float | None = None, burstiness: float = 1.0) -> np.ndarray:
@@ -144,9 +162,31 @@ def plan(
     scale = max_seq_len / REFERENCE_CONTEXT
     inputs = workload.input.sample(rng, len(times), scale)
     outputs = workload.output.sample(rng, len(times), scale)
+    if workload.prefix is not None:
+        return _conversations(workload.prefix, times, inputs, outputs, scale, max_seq_len)
     inputs = np.minimum(inputs, max_seq_len - 2)
     outputs = np.maximum(1, np.minimum(outputs, max_seq_len - 1 - inputs))
     return [PlannedRequest(float(t), int(i), int(o)) for t, i, o in zip(times, inputs, outputs)]
+
+
+def _conversations(
+    prefix: SharedPrefix, times: np.ndarray, messages: np.ndarray, outputs: np.ndarray, scale: float, max_seq_len: int
+) -> list[PlannedRequest]:
+    """Request i is turn ``i % turns`` of conversation ``i // turns``: the system prompt, the
+    conversation so far (earlier messages and answers), its message. A conversation that would
+    outgrow ``max_seq_len`` starts over after the system prompt."""
+    system = min(max(1, round(prefix.system * scale)), max_seq_len // 2)
+    out, history = [], 0
+    for i, (t, message, answer) in enumerate(zip(times, messages, outputs)):
+        if i % prefix.turns == 0:
+            history = 0
+        message = int(min(message, max_seq_len // 4))
+        answer = int(max(1, min(answer, max_seq_len // 4)))
+        if system + history + message + answer >= max_seq_len:
+            history = 0
+        out.append(PlannedRequest(float(t), system + history + message, answer, system, i // prefix.turns))
+        history += message + answer
+    return out
 
 
 def load_trace(path: str | Path, max_seq_len: int | None = None) -> list[PlannedRequest]:

@@ -213,7 +213,7 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
         return ipb.InstanceStatus(
             role="decode", name=self.name, slots_total=self.pool.size, slots_free=self.pool.free, waiting=self._landing.qsize(),
             running=running, max_seq_len=self.max_seq_len, served=outcomes.get("served", 0), aborted=outcomes.get("aborted", 0),
-            kv_pages_total=self.pool.pages_total, kv_pages_free=self.pool.pages_free,
+            kv_pages_total=self.pool.pages.total, kv_pages_free=len(self.pool.pages),
         )  # fmt: skip
 
     def shutdown(self) -> None:

@@ -161,7 +161,7 @@ def check_placement(
             raise ConfigError(
                 f"placement needs {_gib(total)} of host memory, {_gib(budget)} is usable; the largest part is "
                 f"{worst.where}: {_gib(worst.weights)} weights + {_gib(worst.kv)} KV + {_gib(worst.transient)} transient per device "
-                "(lower slots or max_seq_len, or use fewer instances)"
+                "(lower kv_pages, kv_memory_gb, or slots or max_seq_len, or use fewer instances)"
             )
         return
     for need in needs:
@@ -170,5 +170,5 @@ def check_placement(
             if limit is not None and need.per_device > limit:
                 raise ConfigError(
                     f"{need.where}: {_gib(need.weights)} weights + {_gib(need.kv)} KV + {_gib(need.transient)} transient per device exceed device {d}'s "
-                    f"{_gib(limit)} (lower slots or max_seq_len, or raise tp/pp)"
+                    f"{_gib(limit)} (lower kv_pages, kv_memory_gb, or slots or max_seq_len, or raise tp/pp)"
                 )

@@ -148,6 +148,9 @@ class ColocatedInstance(_DecodeSlots, PrefillBatching):
     chunked_prefill: PositiveInt | None = Field(
         default=None, description="prefill long prompts this many tokens at a time, between decode steps"
     )
+    enable_prefix_caching: bool = Field(
+        default=True, description="keep full KV pages of known prompts and reuse them for prompts that start the same"
+    )
 
     @model_validator(mode="after")
     def _tp_uses_all_devices(self) -> ColocatedInstance:

@@ -57,9 +57,9 @@ def pool_shape(model: LoadedModel, spec: DecodeInstance | ColocatedInstance) -> 
     return PoolShape(instance_pages(spec, model.arch, model.dtype.itemsize), spec.page_size)
 
 
-def kv_pool(pipeline: Pipeline, cond: threading.Condition) -> KVPool:
+def kv_pool(pipeline: Pipeline, cond: threading.Condition, prefix_caching: bool = False) -> KVPool:
     """The slots and pages that hand out a pipeline's rows and KV, behind ``cond`` (the engine's)."""
-    return KVPool(pipeline.slots, pipeline.pool.pages, pipeline.pool.page_size, pipeline.max_seq_len, cond)
+    return KVPool(pipeline.slots, pipeline.pool.pages, pipeline.pool.page_size, pipeline.max_seq_len, cond, prefix_caching)
 
 
 def prefill_warmup(program: PrefillProgram) -> list[Job]:

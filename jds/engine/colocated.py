@@ -28,6 +28,8 @@ from jds.scheduling import policy
 
 log = logging.getLogger(__name__)
 
+REUSE_CHUNK = 256  # positions per prompt chunk after a cached prefix, where prefill is not chunked anyway
+
 
 @dataclasses.dataclass
 class _Chunking:
@@ -49,12 +51,15 @@ class ColocatedWorker:
         chunk: int | None,
         stop: threading.Event,
     ):
+        """``chunk``: ``chunked_prefill`` (None: whole prompts, batched)."""
         self.name = name
         self.program = program
         self.pipeline = pipeline
         self.pool = pool
         self.batch = DecodeBatch(pipeline, pool, waiting.put_front)
-        self.chunk = chunk
+        self.chunked_prefill = chunk
+        # The prompt chunk shape: chunked prefill's, or the rest of a prompt whose prefix is cached.
+        self.chunk = chunk or (REUSE_CHUNK if pool.pages.caching else None)
         self._waiting = waiting
         self._stop = stop
         self._chunking: _Chunking | None = None
@@ -81,7 +86,7 @@ class ColocatedWorker:
             self._waiting.wait(POLL_SECONDS)  # idle: until a request comes
         if policy.colocated_prefills(self.pool.free, len(self._waiting), chunking):
             self._decode(self.batch.drain)  # the round in flight is read first: its tokens are not held behind the prefill
-            self._admit() if self.chunk is None else self._prefill_chunk()
+            self._admit() if self.chunked_prefill is None else self._prefill_chunk()
         self.batch.reap_aborted()
         if self.batch.busy:
             self._decode(self.batch.step)
@@ -101,34 +106,54 @@ class ColocatedWorker:
             self.batch.retry_or_fail(c.seq, error)
         self.batch.recover(error)
 
-    def _admit(self) -> None:
-        seqs = self._waiting.take(self.program.batches, self._accepts, admits=self.pool.admits)
-        if not seqs:
-            return
-        for s in seqs:
-            s.timings.route.append(self.name)
-        for going, kv in prefill_batch(self.program, seqs):
-            self._insert(going, kv)
+    def _reserve(self, seq: Sequence) -> tuple[int, int]:
+        """A slot and pages for ``seq`` (admitted by the pool's own count, and only this thread
+        takes from it), reusing its cached prefix unless it asks about its prompt's tokens (then
+        every one is computed): (slot, positions reused)."""
+        if seq.request.params.prompt_logprobs is not None:
+            return self.pool.try_reserve(seq.context_len), 0
+        return self.pool.reserve_reusing(seq.context_ids)
 
-    def _insert(self, going: list[tuple[int, Sequence]], kv) -> None:
+    def _admit(self) -> None:
+        """Prefill what the pool admits: prompts with a cached prefix one by one, the rest of each
+        in chunks over the cached pages; the others in one batch."""
+        seqs = self._waiting.take(self.program.batches, self._accepts, admits=self.pool.admits)
+        misses: list[tuple[Sequence, int]] = []
+        for seq in seqs:
+            seq.timings.route.append(self.name)
+            slot, reused = self._reserve(seq)
+            if reused:
+                self._start_chunking(seq, slot, reused)
+                while self._chunking is not None:
+                    self._next_chunk()
+            else:
+                misses.append((seq, slot))
+        if not misses:
+            return
+        slots = {id(seq): slot for seq, slot in misses}
+        for going, kv in prefill_batch(self.program, [seq for seq, _ in misses]):
+            self._insert([(row, seq, slots.pop(id(seq))) for row, seq in going], kv)
+        for slot in slots.values():  # requests that ended at their first token (or failed) hold none
+            self.pool.release(slot)
+
+    def _insert(self, going: list[tuple[int, Sequence, int]], kv) -> None:
         _, _, batch, _, length, _ = kv[0][1].shape
         pages = np.full((batch, length), self.pool.no_page, np.int32)
-        slots = {}
-        for row, seq in going:  # admitted by the pool's own count, and only this thread takes from it
-            slots[row] = self.pool.try_reserve(seq.context_len)
-            pages[row] = self.pool.write_pages(slots[row], np.arange(length), seq.context_len)
+        for row, seq, slot in going:
+            pages[row] = self.pool.write_pages(slot, np.arange(length), seq.context_len)
         try:
             self.pipeline.insert([kv], pages)
         except Exception as exc:
             log.exception("KV insert failed")
-            for row, seq in going:
-                self.pool.release(slots[row])
+            for _, seq, slot in going:
+                self.pool.release(slot)
                 self.batch.retry_or_fail(seq, f"KV insert failed: {exc}")
             if not self.pipeline.intact:  # it ran, and took the cache it donates with it
                 self._recover(f"KV insert failed: {exc}")
             return
-        for row, seq in going:
-            self.batch.join(seq, slots[row])
+        for _, seq, slot in going:
+            self.pool.register(slot, seq.context_ids)
+            self.batch.join(seq, slot)
 
     def _prefill_chunk(self) -> None:
         """Advance the prompt being chunked by one chunk, taking a new one when none is."""
@@ -136,16 +161,26 @@ class ColocatedWorker:
             seqs = self._waiting.take(self.program.batches, self._accepts, 1, admits=self.pool.admits)
             if not seqs:
                 return
-            seq = seqs[0]
-            if seq.timings.prefill_start is None:  # not a request prefilled again after a device fault
-                seq.timings.prefill_start = time.perf_counter()
-            seq.timings.route.append(self.name)
-            if not score_prompts(self.program, [seq]):
+            seqs[0].timings.route.append(self.name)
+            self._start_chunking(seqs[0], *self._reserve(seqs[0]))
+            if self._chunking is None:
                 return
-            if seq.limit == 0:  # max_tokens 0: the prompt (its log-probabilities) was all it asked about
+        self._next_chunk()
+
+    def _start_chunking(self, seq: Sequence, slot: int, done: int) -> None:
+        """Begin prefilling ``seq`` chunk by chunk into ``slot``, from position ``done`` (its cached prefix)."""
+        if seq.timings.prefill_start is None:  # not a request prefilled again after a device fault
+            seq.timings.prefill_start = time.perf_counter()
+        if not seq.tokens:  # a request's first prefill (not one after a preemption or fault) is what its usage reports
+            seq.timings.cached_tokens = min(done, seq.prompt_len)
+        if not score_prompts(self.program, [seq]) or seq.limit == 0:
+            if seq.limit == 0 and not seq.done:  # max_tokens 0: the prompt (its log-probabilities) was all it asked about
                 seq.publish("length")
-                return
-            self._chunking = _Chunking(seq, self.pool.try_reserve(seq.context_len))
+            self.pool.release(slot)
+            return
+        self._chunking = _Chunking(seq, slot, done)
+
+    def _next_chunk(self) -> None:
         c = self._chunking
         seq = c.seq
         if seq.aborted.is_set():
@@ -175,6 +210,7 @@ class ColocatedWorker:
                 self._recover(f"chunked prefill failed: {exc}")
             return
         self._chunking = None
+        self.pool.register(c.slot, prompt)
         resumed = bool(seq.tokens)  # prefilled again after a device fault: its newest token is known
         reason = None if resumed else seq.add_drawn(drawn, 0)
         if not resumed:

@@ -81,8 +81,12 @@ class DecodeBatch:
         self.active[slot] = seq
 
     def leave(self, slot: int) -> None:
-        del self.active[slot]
+        """Free a request's slot and pages; the full pages of its tokens stay cached where the
+        instance caches prefixes (the KV of every token it knows but the newest is written: the
+        host has read the step that wrote the last of them)."""
+        seq = self.active.pop(slot)
         clear_row(self.rows, slot)
+        self.pool.register(slot, seq.context_ids)
         self.pool.release(slot)
 
     def reap_aborted(self) -> None:
@@ -239,6 +243,7 @@ class DecodeBatch:
         for slot in list(self.active):
             self.leave(slot)
         self.resets += 1
+        self.pool.drop_cache()  # the pages it named went with the cache
         try:
             self.pipeline.reset()
         except Exception:  # the device may still be failing: the next step tries again, and fails its requests

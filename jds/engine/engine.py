@@ -69,7 +69,7 @@ class Engine:
             self._build_colocated(devices)
         self.max_seq_len = placement.max_seq_len
         self.model = model.without_params()  # every instance holds its own placed copy
-        kv_positions = max(p.pages_total * p.page_size for p in self._pools)
+        kv_positions = max(p.pages.total * p.page_size for p in self._pools)
         self._running = RunningRequests(self.model, self.max_seq_len, max_waiting, kv_positions)
         log.info("placement: %s", placement.describe())
         if warmup:
@@ -93,7 +93,7 @@ class Engine:
     def _build_colocated(self, devices) -> None:
         for i, spec in enumerate(self.placement.instances):
             program, pipeline = builders.colocated_instance(self.model, spec, [devices[d] for d in spec.devices])
-            pool = builders.kv_pool(pipeline, self._slots_changed)
+            pool = builders.kv_pool(pipeline, self._slots_changed, spec.enable_prefix_caching)
             self.colocated_workers.append(
                 ColocatedWorker(f"colocated{i}", program, pipeline, pool, self._waiting, spec.chunked_prefill, self._stop)
             )
@@ -161,7 +161,7 @@ class Engine:
 
     def page_usage(self) -> tuple[int, int]:
         """(KV pages in use, total KV pages) over every decode-capable instance."""
-        return sum(p.pages_used for p in self._pools), sum(p.pages_total for p in self._pools)
+        return sum(p.pages.used for p in self._pools), sum(p.pages.total for p in self._pools)
 
     def drain(self, timeout: float) -> int:
         return self._running.wait_finished(timeout)

@@ -3,7 +3,10 @@ reserve and release them.
 
 A slot is a row of the decode step; pages hold the KV. A request reserves a slot and the pages of
 its context when it is routed (before its KV moves), so KV never lands where there is no room;
-the decode loop grows it a page at a time as it generates and releases both when it ends. Each
+the decode loop grows it a page at a time as it generates and releases both when it ends. With
+prefix caching (an instance that prefills what it decodes), the full pages of a request's known
+tokens are registered once their KV is written, and a new request shares the cached pages of its
+longest cached prefix and computes only the rest. Each
 slot's block table lives here, on the host: the programs receive the rows a step reads. All pools
 of an engine share one condition, so a router waiting for room wakes when any instance frees some.
 Which slot and which pages are handed out, and who is admitted, is the scheduling policy's.
@@ -12,11 +15,12 @@ Which slot and which pages are handed out, and who is admitted, is the schedulin
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 
 from jds.scheduling import policy
-from jds.scheduling.pages import PageAllocator
+from jds.scheduling.pages import PageAllocator, page_keys
 from jds.scheduling.policy import LowestFirst
 
 
@@ -24,12 +28,16 @@ class KVPool:
     """``LowestFirst`` slots, a ``PageAllocator``'s pages and the slots' block tables, behind the
     engine's condition."""
 
-    def __init__(self, slots: int, pages: int, page_size: int, max_seq_len: int, cond: threading.Condition):
+    def __init__(
+        self, slots: int, pages: int, page_size: int, max_seq_len: int, cond: threading.Condition, prefix_caching: bool = False
+    ):
         self.size = slots
         self.page_size = page_size
         self.no_page = pages  # the table entry of a page not held: reads are masked, writes dropped
         self._free = LowestFirst(slots)
-        self._pages = PageAllocator(pages)
+        self.pages = PageAllocator(pages, cache=prefix_caching)  # its counts may be read; it changes only through this pool
+        self.prefix_queried = 0  # prompt positions looked up in the prefix cache
+        self.prefix_hits = 0  # of those, positions found cached
         self._held: list[list[int]] = [[] for _ in range(slots)]
         self.tables = np.full((slots, policy.pages_for(max_seq_len, page_size)), pages, np.int32)
         self._cond = cond
@@ -43,34 +51,55 @@ class KVPool:
     def in_use(self) -> int:
         return self.size - len(self._free)
 
-    @property
-    def pages_free(self) -> int:
-        return len(self._pages)
-
-    @property
-    def pages_used(self) -> int:
-        return self._pages.used
-
-    @property
-    def pages_total(self) -> int:
-        return self._pages.total
-
     def admits(self, context_lens: list[int]) -> int:
         """How many of these waiting requests (in queue order) this instance admits now."""
         needs = [policy.admission_pages(n, self.page_size) for n in context_lens]
         with self._cond:
-            return policy.admits(needs, self.free, self.pages_free, self.pages_total)
+            return policy.admits(needs, self.free, len(self.pages), self.pages.total)
 
     def try_reserve(self, context_len: int) -> int | None:
         """A slot holding the pages of ``context_len`` positions and the next token's, if admission
         allows (``policy.admits``); None otherwise."""
+        got = self._reserve(context_len, ())
+        return None if got is None else got[0]
+
+    def reserve_reusing(self, context: Sequence[int]) -> tuple[int, int] | None:
+        """``try_reserve`` for a request whose ``context`` (token ids) may begin with cached pages:
+        those of its longest cached run of full pages (all but its last token at most: one is
+        computed, for the logits) are shared. (slot, positions reused), or None."""
+        reusable = page_keys(context[: len(context) - 1], self.page_size) if self.pages.caching else []
+        return self._reserve(len(context), reusable)
+
+    def _reserve(self, context_len: int, reusable: list[bytes]) -> tuple[int, int] | None:
         need = policy.admission_pages(context_len, self.page_size)
         with self._cond:
-            if not policy.admits([need], self.free, self.pages_free, self.pages_total):
+            if not policy.admits([need], self.free, len(self.pages), self.pages.total):
                 return None
             slot = self._free.take()
-            self._grow(slot, need)
-            return slot
+            cached = self.pages.lookup(reusable)
+            self.pages.share(cached)
+            self._held[slot] = list(cached)
+            self.tables[slot, : len(cached)] = cached
+            if not self._grow(slot, need):  # evicting cached pages the admission counted did not give enough
+                self._release(slot)
+                return None
+            self.prefix_queried += context_len if reusable else 0
+            self.prefix_hits += len(cached) * self.page_size
+            return slot, len(cached) * self.page_size
+
+    def register(self, slot: int, tokens: Sequence[int]) -> None:
+        """Cache ``slot``'s full pages of ``tokens`` (its first tokens, whose KV is written), where
+        prefix caching is on."""
+        if self.pages.caching:
+            with self._cond:
+                keys = page_keys(tokens, self.page_size)
+                self.pages.register(keys, self._held[slot][: len(keys)])
+
+    def drop_cache(self) -> None:
+        """Forget every cached page (held ones stay with their requests)."""
+        with self._cond:
+            self.pages.drop_cache()
+            self._cond.notify_all()
 
     def grow(self, slot: int, tokens: int) -> bool:
         """Give ``slot`` the pages of ``tokens`` positions, if it lacks some; False if too few are free."""
@@ -81,7 +110,7 @@ class KVPool:
         held = self._held[slot]
         if len(held) >= pages:
             return True
-        got = self._pages.take(pages - len(held))
+        got = self.pages.take(pages - len(held))
         if got is None:
             return False
         self.tables[slot, len(held) : pages] = got
@@ -91,11 +120,14 @@ class KVPool:
     def release(self, slot: int) -> None:
         """Free ``slot`` and let go of its pages."""
         with self._cond:
-            self._pages.give_back(self._held[slot])
-            self._held[slot] = []
-            self.tables[slot] = self.no_page
-            self._free.give_back(slot)
+            self._release(slot)
             self._cond.notify_all()
+
+    def _release(self, slot: int) -> None:
+        self.pages.give_back(self._held[slot])
+        self._held[slot] = []
+        self.tables[slot] = self.no_page
+        self._free.give_back(slot)
 
     def step_tables(self, lo: int, rows: int, context: int) -> np.ndarray:
         """The block tables a step of rows ``lo .. lo + rows`` reads over ``context`` positions."""

@@ -36,6 +36,7 @@ class RequestTimings:
     finished: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)  # one mark per generated token
     route: list[str] = dataclasses.field(default_factory=list)  # the instances that served it, in order
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache instead of being computed
 
     @property
     def queue(self) -> float | None:

@@ -10,6 +10,11 @@ device works on it, following the engine's threads:
   a request's last round by length is known ahead, and its slot frees when that round is read;
 - a colocated instance that prefills first reads the round in flight, then runs the prefill
   batch (or one chunk), then dispatches the next round with the new requests;
+- KV pages: a request is admitted with the pages of its context, takes a page when its next
+  token starts one (at the dispatch of that round, oldest request first), and when none is free
+  the youngest request holding a slot is preempted: its pages and slot are freed, the tokens of
+  its rounds not yet read are lost, and it goes to the front of the waiting queue to be
+  prefilled again with its prompt and the tokens it has (no prefix cache is modelled);
 - in one process, a prefill instance's transfer thread reserves a slot on the decode instance
   with the most room, waits when none is free, and moves the whole batch's KV; between
   processes, each request's row is pulled by the decode instance's landing thread, one at a time,
@@ -52,40 +57,59 @@ class _Clock:
 
 
 class _Request:
-    def __init__(self, planned: PlannedRequest):
+    def __init__(self, planned: PlannedRequest, order: int):
         self.planned = planned
+        self.arrived = (planned.arrival, order)  # requests sent at one instant arrive in order, as the engine stamps them
         self.first: float | None = None  # when prefill published its token
         self.decoder: _Decoder | None = None
         self.join = 0  # index of its first round in its decoder's ``round_ends``
         self.slot = 0  # which slot of its decoder it holds
+        self.pages = 0  # KV pages it holds there
         self.done = False  # no more rounds: its last was dispatched (or it needed none)
+        self.generated = 0  # tokens it had when it (last) joined a decoder
+        self.earlier: list[float] = []  # times of its tokens decoded before it was preempted
+        self.epoch = 0  # joins so far: heap entries of an earlier join are stale
+
+    @property
+    def context(self) -> int:
+        """Positions its (next) prefill computes: the prompt, and the tokens it has but the newest."""
+        return self.planned.input_len + max(0, self.generated - 1)
 
     @property
     def last_round(self) -> int:
-        return self.join + self.planned.output_len - 2
+        return self.join + self.planned.output_len - self.generated - 1
 
     def first_token(self, when: float) -> bool:
-        """Prefill's token is out; whether the request goes on to decode."""
-        self.first = when
-        self.done = self.planned.output_len == 1
+        """Prefill's token is out (unless this was a prefill after a preemption); whether the
+        request goes on to decode."""
+        if self.first is None:
+            self.first, self.generated = when, 1
+            self.done = self.planned.output_len == 1
         return not self.done
 
     def record(self) -> RequestRecord:
-        times = [self.first]
+        times = [self.first, *self.earlier]
         if self.decoder is not None:
             times += self.decoder.round_ends[self.join : self.last_round + 1]
         return RequestRecord(self.planned.input_len, self.planned.output_len, sent=self.planned.arrival, token_times=times, end=times[-1])
 
 
-def _take(waiting: collections.deque, batches: PrefillBatches, limit: int) -> list[_Request]:
-    """The requests the next prefill call takes from the head of the queue."""
-    n = batches.take((r.planned.input_len for r in waiting), limit)
-    return [waiting.popleft() for _ in range(n)]
+def _take(waiting: collections.deque, batches: PrefillBatches, limit: int, decoder: _Decoder | None = None) -> list[_Request]:
+    """The requests the next prefill call takes from the head of the queue; ``decoder``: those an
+    instance that decodes what it prefills admits (each then holds a slot and its pages)."""
+    if decoder is not None:
+        limit = min(limit, decoder.admits([r.context for r in itertools.islice(waiting, limit)]))
+    n = batches.take((r.context for r in waiting), limit)
+    taken = [waiting.popleft() for _ in range(n)]
+    if decoder is not None:
+        for r in taken:
+            decoder.reserve(r)
+    return taken
 
 
 def _prefill_seconds(latency: PrefillEntry, batches: PrefillBatches, batch: list[_Request]) -> tuple[float, int]:
     """The padded batch's time and its padded length."""
-    length = batches.bucket(max(r.planned.input_len for r in batch))
+    length = batches.bucket(max(r.context for r in batch))
     return latency.batch_seconds(pow2_at_least(len(batch)), length), length
 
 
@@ -101,13 +125,26 @@ class _Decoder:
     """
 
     def __init__(
-        self, clock: _Clock, latency: DecodeEntry, slots: int, microbatches: int, max_seq_len: int, page_size: int, on_free: Callable[[], None]
+        self,
+        clock: _Clock,
+        latency: DecodeEntry,
+        slots: int,
+        microbatches: int,
+        max_seq_len: int,
+        pages: tuple[int, int],
+        on_free: Callable[[], None],
     ):
+        """``pages``: (pages, page_size) of the instance's KV."""
         self.clock = clock
         self.latency = latency
         self.slots = LowestFirst(slots)
+        self.pages_total, self.page_size = pages
+        self.pages_free = self.pages_total
+        self.holding: dict[int, _Request] = {}  # slot -> the request holding it
+        self._growth: list = []  # (round at which it needs another page, order, request, epoch)
+        self.requeue: Callable[[_Request], None] = lambda r: None  # where a preempted request goes
         self.row_buckets = policy.row_buckets(slots) if microbatches == 1 else [slots]
-        self.contexts = policy.context_buckets(max_seq_len, page_size)
+        self.contexts = policy.context_buckets(max_seq_len, self.page_size)
         self.reserved_elsewhere = 0  # sent here by a router but not yet holding a slot
         self.dispatched = 0  # rounds dispatched
         self.round_ends: list[float] = []  # when each round was read
@@ -129,32 +166,91 @@ class _Decoder:
     def free(self) -> int:
         return len(self.slots)
 
+    def admits(self, contexts: Sequence[int]) -> int:
+        """How many requests of these context lengths (the queue's head, in order) admission takes now."""
+        needs = [policy.admission_pages(n, self.page_size) for n in contexts]
+        return policy.admits(needs, self.free, self.pages_free, self.pages_total)
+
+    def reserve(self, r: _Request) -> None:
+        """Give an admitted request a slot and the pages of its context."""
+        r.slot, r.pages = self.slots.take(), policy.admission_pages(r.context, self.page_size)
+        self.pages_free -= r.pages
+
+    def free_held(self, r: _Request) -> None:
+        self.slots.give_back(r.slot)
+        self.pages_free += r.pages
+        r.pages = 0
+        self.holding.pop(r.slot, None)
+
     def join(self, requests: list[_Request]) -> None:
-        """Requests (each holding a reserved slot) take part from the next round dispatched."""
+        """Requests (each holding a reserved slot and pages) take part from the next round dispatched."""
         k = self.dispatched
         for r in requests:
-            r.decoder, r.join = self, k
+            r.decoder, r.join, r.done = self, k, False
+            r.epoch += 1
+            self.holding[r.slot] = r
             self._in_use[r.slot] = True
             heapq.heappush(self._highest, -r.slot)
             self.members += 1
-            heapq.heappush(self._leaving, (r.last_round, next(self._order), r))
-            heapq.heappush(self._longest, (k - r.planned.input_len, next(self._order), r))
+            heapq.heappush(self._leaving, (r.last_round, next(self._order), r, r.epoch))
+            heapq.heappush(self._longest, (k - r.context, next(self._order), r, r.epoch))
+            self._next_page(r)
+
+    def _next_page(self, r: _Request) -> None:
+        """Note the round at which ``r``'s next token starts a page it does not hold (round k feeds
+        the token at position ``context + k - join``)."""
+        when = r.join + r.pages * self.page_size - r.context
+        if when <= r.last_round:
+            heapq.heappush(self._growth, (when, next(self._order), r, r.epoch))
 
     def _retire(self, k: int) -> None:
         """Requests whose last round is ``k`` or before take part in no later round."""
         while self._leaving and self._leaving[0][0] <= k:
-            r = heapq.heappop(self._leaving)[2]
+            _, _, r, epoch = heapq.heappop(self._leaving)
+            if epoch != r.epoch or r.decoder is not self or r.slot not in self.holding:
+                continue  # preempted: its entry is of an earlier join
             r.done, self._in_use[r.slot] = True, False
             self.members -= 1
             self._freeing[r.last_round].append(r)
+
+    def _make_room(self, k: int) -> None:
+        """Pages for round ``k``'s tokens that start one, oldest request first, preempting the
+        youngest request holding a slot while none is free (``DecodeBatch._make_room``)."""
+        due = []
+        while self._growth and self._growth[0][0] <= k:
+            _, _, r, epoch = heapq.heappop(self._growth)
+            if epoch == r.epoch and self.holding.get(r.slot) is r:
+                due.append(r)
+        for r in sorted(due, key=lambda r: r.arrived):
+            while self.holding.get(r.slot) is r and self.pages_free < 1:
+                self._preempt(self.holding[policy.preemption_victim({s: h.arrived for s, h in self.holding.items()})])
+            if self.holding.get(r.slot) is r:
+                r.pages += 1
+                self.pages_free -= 1
+                self._next_page(r)
+
+    def _preempt(self, r: _Request) -> None:
+        """``r`` gives up its slot and pages; the tokens of its rounds already read stay its own."""
+        read = max(0, min(len(self.round_ends), r.last_round + 1) - r.join)
+        r.earlier += self.round_ends[r.join : r.join + read]
+        if r.done:  # its last round was dispatched, not read: its slot was to free then
+            self._freeing[r.last_round].remove(r)
+        else:
+            self._in_use[r.slot] = False
+            self.members -= 1
+        r.generated += read
+        r.decoder, r.done = None, False
+        self.free_held(r)
+        self.requeue(r)
 
     def dispatch(self) -> bool:
         """Dispatch the next round now, if any request takes part; it runs once the device is free."""
         k = self.dispatched
         self._retire(k - 1)
+        self._make_room(k)
         if not self.members:
             return False
-        while self._longest[0][2].done:
+        while self._longest[0][2].done or self._longest[0][3] != self._longest[0][2].epoch or self._longest[0][2].decoder is not self:
             heapq.heappop(self._longest)
         while not self._in_use[-self._highest[0]]:
             heapq.heappop(self._highest)
@@ -175,7 +271,7 @@ class _Decoder:
         self._retire(k)
         freed = self._freeing.pop(k, [])
         for r in freed:
-            self.slots.give_back(r.slot)
+            self.free_held(r)
         if freed:
             self._on_free()
 
@@ -263,10 +359,10 @@ class _Handoff:
         groups: dict[int, tuple[_Decoder, list[_Request]]] = {}
         while rows:
             d = self.decoders[policy.most_room([d.free for d in self.decoders])]
-            if not d.free:
+            if not d.admits([rows[0].context]):
                 break
             r = rows.pop(0)
-            r.slot = d.slots.take()
+            d.reserve(r)
             groups.setdefault(id(d), (d, []))[1].append(r)
         if not groups:
             return
@@ -287,10 +383,10 @@ class _Handoff:
 
     def _land_next(self, d: _Decoder) -> None:
         queue = self.landing[id(d)]
-        if self.landing_busy[id(d)] or not queue or not d.free:
+        if self.landing_busy[id(d)] or not queue or not d.admits([queue[0][0].context]):
             return
         r, length, source = queue.popleft()
-        r.slot = d.slots.take()
+        d.reserve(r)
         d.reserved_elsewhere -= 1
         self.landing_busy[id(d)] = True
 
@@ -346,13 +442,22 @@ class _Prefiller:
 class _Colocated:
     """One colocated instance's loop: prefill first whenever the policy says so, then a round."""
 
-    def __init__(self, clock: _Clock, spec: ColocatedInstance, prefill: PrefillEntry, decode: DecodeEntry, batches: PrefillBatches, waiting: collections.deque, max_seq_len: int):
+    def __init__(
+        self,
+        clock: _Clock,
+        spec: ColocatedInstance,
+        prefill: PrefillEntry,
+        decode: DecodeEntry,
+        batches: PrefillBatches,
+        waiting: collections.deque,
+        pages: tuple[int, int],
+    ):
         self.clock = clock
         self.spec = spec
         self.prefill = prefill
         self.batches = batches
         self.waiting = waiting
-        self.decoder = _Decoder(clock, decode, spec.slots, 1, max_seq_len, spec.page_size, lambda: None)
+        self.decoder = _Decoder(clock, decode, spec.slots, 1, spec.max_seq_len, pages, lambda: None)
         self.chunking: tuple[_Request, int] | None = None  # (request, prompt tokens done)
         self.busy = False  # a pass of the loop is under way
 
@@ -377,21 +482,18 @@ class _Colocated:
     def _prefill_now(self) -> None:
         d = self.decoder
         if self.spec.chunked_prefill is None:
-            batch = _take(self.waiting, self.batches, d.free)
+            batch = _take(self.waiting, self.batches, self.batches.max_batch, d)
             if not batch:  # another instance took them meanwhile
                 self._step()
                 return
-            for r in batch:
-                r.slot = d.slots.take()
             seconds, _ = _prefill_seconds(self.prefill, self.batches, batch)
             self.clock.at(d.run(seconds), lambda: self._prefilled(batch))
             return
         if self.chunking is None:
-            taken = _take(self.waiting, self.batches, 1 if d.free else 0)
+            taken = _take(self.waiting, self.batches, 1, d)
             if not taken:
                 self._step()
                 return
-            taken[0].slot = d.slots.take()
             self.chunking = (taken[0], 0)
         done = self.chunking[1]
         seconds = self.prefill.chunk_seconds(self.spec.chunked_prefill, policy.bucket(d.contexts, done))
@@ -401,21 +503,21 @@ class _Colocated:
         going = [r for r in batch if r.first_token(self.clock.now)]
         for r in batch:
             if r.done:
-                self.decoder.slots.give_back(r.slot)
+                self.decoder.free_held(r)
         self.decoder.join(going)
         self._step()
 
     def _chunked(self) -> None:
         r, done = self.chunking
         done += self.spec.chunked_prefill
-        if done < r.planned.input_len:
+        if done < r.context:
             self.chunking = (r, done)
         else:
             self.chunking = None
             if r.first_token(self.clock.now):
                 self.decoder.join([r])
             else:
-                self.decoder.slots.give_back(r.slot)
+                self.decoder.free_held(r)
         self._step()
 
     def _step(self) -> None:
@@ -451,13 +553,14 @@ def simulate(
     placement = placement.resolved(max_seq_len)
     waiting: collections.deque[_Request] = collections.deque()
     workers: list[_Prefiller | _Colocated] = []
+    decoders: list[_Decoder] = []
     if placement.mode == "colocated":
         for spec in placement.instances:
             prefill, decode = profile.prefill_latency(spec.tp), profile.decode_latency(spec.tp, 1)
             batches = PrefillBatches.up_to(spec.max_seq_len, spec.max_batch, spec.max_batch_tokens)
-            workers.append(_Colocated(clock, spec, prefill, decode, batches, waiting, spec.max_seq_len))
+            workers.append(_Colocated(clock, spec, prefill, decode, batches, waiting, _pages(profile, spec)))
+            decoders.append(workers[-1].decoder)
     else:
-        decoders: list[_Decoder] = []
         handoff_ref: list[_Handoff] = []
         for spec in placement.decode:
             decoders.append(_decoder(clock, profile, spec, lambda: handoff_ref[0].slot_freed()))
@@ -466,7 +569,15 @@ def simulate(
         for spec in placement.prefill:
             batches = PrefillBatches.up_to(placement.max_seq_len, spec.max_batch, spec.max_batch_tokens)
             workers.append(_Prefiller(clock, profile.prefill_latency(spec.tp), batches, waiting, handoff))
-    sims = [_Request(r) for r in requests]
+    sims = [_Request(r, i) for i, r in enumerate(requests)]
+
+    def requeue(r: _Request) -> None:  # a preempted request, first in line for prefill again
+        waiting.appendleft(r)
+        for w in workers:
+            w.poke()
+
+    for d in decoders:
+        d.requeue = requeue
 
     def arrive(group: list[_Request]) -> None:
         waiting.extend(group)
@@ -484,4 +595,9 @@ def simulate(
 
 def _decoder(clock: _Clock, profile: Profile, spec: DecodeInstance, on_free: Callable[[], None]) -> _Decoder:
     latency, microbatches = profile.decode_latency(spec.tp, spec.pp), spec.num_microbatches(profile.cpu)
-    return _Decoder(clock, latency, spec.slots, microbatches, spec.max_seq_len, spec.page_size, on_free)
+    return _Decoder(clock, latency, spec.slots, microbatches, spec.max_seq_len, _pages(profile, spec), on_free)
+
+
+def _pages(profile: Profile, spec: DecodeInstance | ColocatedInstance) -> tuple[int, int]:
+    """(pages, page_size) of an instance's KV, as ``jds.config.fit.instance_pages`` counts them."""
+    return spec.num_pages(profile.model.kv_bytes_per_token * spec.page_size), spec.page_size

@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 MIN_BUCKET = 16  # the shortest padded prompt length
 PENDING_BATCHES = 2  # prefilled batches whose KV may wait for decode room, per prefill instance
@@ -144,9 +144,10 @@ def admits(needs: Sequence[int], free_slots: int, free_pages: int, total_pages: 
     return n
 
 
-def preemption_victim(arrivals: dict[int, float]) -> int:
+def preemption_victim(arrivals: Mapping[int, float | tuple[float, int]]) -> int:
     """Which running request gives its pages up when one needs a page and none is free: the
-    youngest (the latest arrival; ``arrivals`` maps each running slot to its request's arrival)."""
+    youngest (the latest arrival; ``arrivals`` maps each running slot to its request's arrival,
+    a time or anything ordered like one)."""
     return max(arrivals, key=lambda slot: (arrivals[slot], slot))
 
 

@@ -31,6 +31,7 @@ class Metrics:
         self.requests = Counter("jds_requests", "Finished requests.", ["finish_reason"], registry=r)
         self.tokens = Counter("jds_generated_tokens", "Generated tokens.", ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("jds_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.cached_tokens = Counter("jds_prompt_tokens_cached", "Prompt tokens whose KV the prefix cache held.", registry=r)
         self.rejected = Counter("jds_rejected_requests", "Requests refused before running.", ["code"], registry=r)
         Gauge("jds_slots_in_use", "Decode slots holding a request.", registry=r).set_function(lambda: engine.slot_usage()[0])
         Gauge("jds_slots_total", "Decode slots.", registry=r).set_function(lambda: engine.slot_usage()[1])
@@ -44,6 +45,7 @@ class Metrics:
         self.tokens.labels(reason).inc(completion_tokens)
         self.prompt_tokens.inc(prompt_tokens)
         if timings is not None:
+            self.cached_tokens.inc(timings.cached_tokens)
             self._observe(timings)
 
     def _observe(self, t: RequestTimings) -> None:

@@ -317,6 +317,7 @@ class OpenAIFrontend:
                 self.metrics.finished("abort", reply.prompt_tokens, reply.completion_tokens, None)
 
     def _finished(self, reply: _Reply, last: StreamOutput) -> None:
+        reply.cached_tokens = last.timings.cached_tokens if last.timings is not None else 0
         self.metrics.finished(last.finish_reason, reply.prompt_tokens, reply.completion_tokens, last.timings)
 
 
@@ -331,6 +332,7 @@ class _Reply:
         self.prompt_ids = request.prompt_ids
         self.shapes = shapes
         self.completion_tokens = 0
+        self.cached_tokens = 0  # known at the end
         self.created = int(time.time())
         self.echo = not self.chat and body.echo  # completions that repeat the prompt before the completion
         self._offset = 0  # characters of the choice's text sent so far (completions' text_offset)
@@ -364,11 +366,12 @@ class _Reply:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "system_fingerprint": None}
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
     def whole(self, messages: list[StreamOutput]) -> dict[str, Any]:

@@ -74,7 +74,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             response.prompt_logprobs.extend(logprob_message(entry, token) for entry, token in zip(message.prompt_logprobs, prompt_ids))
         if message.finished:
             response.finish_reason = FINISH_REASONS[message.finish_reason]
-            response.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens))
+            cached = message.timings.cached_tokens if message.timings is not None else 0
+            response.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens, cached_tokens=cached))
             response.timings.CopyFrom(_timings(message.timings))
         return response
 
