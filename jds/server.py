@@ -151,7 +151,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         if not engine.registry.wait_ready(config.cluster.instance_wait_seconds):
             down = [i.name for i in engine.registry.instances if not i.healthy]
             log.warning("instances not answering yet: %s (requests wait for them)", ", ".join(down))
-        slots = sum(spec.slots for spec in config.placement.decode)
+        slots = sum(spec.slots for spec in engine.placement.decode)
     else:
         check_config(config)
         engine = Engine(

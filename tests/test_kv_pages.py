@@ -121,3 +121,16 @@ def test_a_pool_shares_a_cached_prefix_but_never_a_prompts_last_token():
         pool.release(s)
     assert pool.pages.used == pool.pages.cached == 2
     assert (pool.prefix_queried, pool.prefix_hits) == (10 + 12 + 8, 12)
+
+
+def test_without_slots_an_instance_runs_32_rows_over_the_pages_of_8_whole_sequences():
+    from jds.config.placement import ColocatedInstance, DecodeInstance
+
+    default = ColocatedInstance(devices=[0]).resolved(2048)
+    assert (default.slots, default.kv_pages, default.max_seq_len) == (32, 8 * 128, 2048)
+    given = DecodeInstance(devices=[0], slots=4, max_seq_len=100).resolved(2048)
+    assert (given.slots, given.kv_pages, given.max_seq_len) == (4, 4 * 7, 100)  # slots given: the memory of that many rows, as before pages
+    sized = ColocatedInstance(devices=[0], kv_memory_gb=1.0).resolved(2048)
+    assert sized.slots == 32 and sized.kv_pages is None  # pages from memory, once the model's page bytes are known
+    with pytest.raises(ValueError, match="not resolved"):
+        ColocatedInstance(devices=[0]).num_pages(1000)

@@ -329,7 +329,7 @@ def engine_decode(config: Config, model: LoadedModel, prompt: int = 64, tokens: 
     """
     from jds.llm import LLM
 
-    placement = config.placement
+    placement = config.placement.resolved(model.max_seq_len)
     spec = placement.instances[0] if placement.mode == "colocated" else placement.decode[0]
     if getattr(spec, "pp", 1) > 1:
         return {"note": "not measured: the decode instance is pipelined"}

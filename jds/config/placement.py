@@ -22,7 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-DEFAULT_SLOTS = 8
+DEFAULT_SLOTS = 32  # rows a decode step computes at most, where the config does not say
+DEFAULT_KV_ROWS = 8  # without slots, kv_pages or kv_memory_gb: the pages of this many max_seq_len sequences
 DEFAULT_PAGE_SIZE = 16  # cache positions per KV page (measured in WORKSPACE.md)
 
 
@@ -74,11 +75,15 @@ class PrefillInstance(PrefillBatching, _Process):
 
 
 class _DecodeSlots(_Section):
-    slots: PositiveInt = Field(default=DEFAULT_SLOTS, description="rows a decode step computes at most: requests running at once")
+    slots: PositiveInt | None = Field(
+        default=None, description=f"rows a decode step computes at most: requests running at once (default {DEFAULT_SLOTS})"
+    )
     max_seq_len: PositiveInt | None = Field(default=None, description="prompt + output limit; default model.max_seq_len")
     page_size: PositiveInt = Field(default=DEFAULT_PAGE_SIZE, description="cache positions per KV page")
     kv_pages: PositiveInt | None = Field(
-        default=None, description="KV pages the instance holds; default: kv_memory_gb's worth, else slots x max_seq_len positions"
+        default=None,
+        description=f"KV pages the instance holds; default: kv_memory_gb's worth, else the positions of slots (or {DEFAULT_KV_ROWS}) "
+        "sequences of max_seq_len",
     )
     kv_memory_gb: PositiveFloat | None = Field(default=None, description="KV memory of the instance (all its layers and devices), in GiB")
 
@@ -89,18 +94,24 @@ class _DecodeSlots(_Section):
         return self
 
     def resolved(self, max_seq_len: int) -> Self:
-        """This instance with ``max_seq_len`` filled in: ``max_seq_len`` (the model's) where the config left it out."""
-        return self if self.max_seq_len else self.model_copy(update={"max_seq_len": max_seq_len})
+        """This instance with every default filled in: ``max_seq_len`` (the model's), ``slots``,
+        and, unless ``kv_memory_gb`` sizes them, ``kv_pages``: as many as ``slots`` sequences of
+        ``max_seq_len`` fill where slots are given (the memory a cache of whole rows took), else
+        ``DEFAULT_KV_ROWS`` of them, with ``DEFAULT_SLOTS`` rows to share them."""
+        longest = self.max_seq_len or max_seq_len
+        update: dict[str, int] = {"max_seq_len": longest, "slots": self.slots or DEFAULT_SLOTS}
+        if self.kv_pages is None and self.kv_memory_gb is None:
+            update["kv_pages"] = (self.slots or DEFAULT_KV_ROWS) * -(-longest // self.page_size)
+        return self.model_copy(update=update)
 
     def num_pages(self, page_bytes: int) -> int:
         """KV pages of this (resolved) instance, given the bytes of one page over all its layers
-        and devices: as configured, ``kv_memory_gb``'s worth, or else as many as ``slots``
-        sequences of ``max_seq_len`` fill (the memory a cache of whole rows would take)."""
+        and devices: as configured, or ``kv_memory_gb``'s worth."""
         if self.kv_pages is not None:
             return self.kv_pages
-        if self.kv_memory_gb is not None:
-            return max(1, int(self.kv_memory_gb * 2**30) // page_bytes)
-        return self.slots * -(-self.max_seq_len // self.page_size)
+        if self.kv_memory_gb is None:
+            raise ValueError("the instance is not resolved: call resolved(max_seq_len) first")
+        return max(1, int(self.kv_memory_gb * 2**30) // page_bytes)
 
 
 class DecodeInstance(_DecodeSlots, _Process):
@@ -120,8 +131,8 @@ class DecodeInstance(_DecodeSlots, _Process):
             raise ValueError(f"pp {self.pp} x tp {self.tp} needs {self.pp * self.tp} devices, got {len(self.devices)}")
         if self.layers_per_stage is not None and len(self.layers_per_stage) != self.pp:
             raise ValueError(f"layers_per_stage has {len(self.layers_per_stage)} entries for pp {self.pp}")
-        if self.microbatches is not None and self.slots % self.microbatches:
-            raise ValueError(f"slots {self.slots} is not a multiple of microbatches {self.microbatches}")
+        if self.microbatches is not None and (self.slots or DEFAULT_SLOTS) % self.microbatches:
+            raise ValueError(f"slots {self.slots or DEFAULT_SLOTS} is not a multiple of microbatches {self.microbatches}")
         self._check_processes(len(self.devices))
         return self
 
