@@ -32,7 +32,7 @@ SHORT, LONG = 256, 1024  # cache positions of the two pipelines
 def pipelines():
     model = load_model(load_config(CONFIGS / "tiny.yaml"), progress=False)
     devices = jax.devices()[:2]  # a first stage and a last (sampling) one
-    return {seq: decode_instance(model, DecodeInstance(devices=[0, 1], pp=2, slots=SLOTS, max_seq_len=seq), devices) for seq in (SHORT, LONG)}
+    return {seq: decode_instance(model, DecodeInstance(devices=[0, 1], pp=2, slots=SLOTS).resolved(seq), devices) for seq in (SHORT, LONG)}
 
 
 def _cache_bytes(stage) -> int:

@@ -329,7 +329,7 @@ def engine_decode(config: Config, model: LoadedModel, prompt: int = 64, tokens: 
     """
     from jds.llm import LLM
 
-    placement = config.placement.resolved(model.max_seq_len)
+    placement = config.placement
     spec = placement.instances[0] if placement.mode == "colocated" else placement.decode[0]
     if getattr(spec, "pp", 1) > 1:
         return {"note": "not measured: the decode instance is pipelined"}
@@ -339,11 +339,12 @@ def engine_decode(config: Config, model: LoadedModel, prompt: int = 64, tokens: 
     with LLM(config, progress=False) as llm:
         llm.generate([[100] * prompt], params)  # compiles the context buckets this request reads
         out = llm.generate([[100] * prompt], params)[0]
+        slots = llm.engine.slot_usage()[1]
     per_token = (out.timings.finished - out.timings.first_token) / (len(out.token_ids) - 1)
     buckets = length_buckets(model.max_seq_len)
     reads = collections.Counter(next(c for c in buckets if c >= p) for p in range(prompt, prompt + tokens))
     bare = sum(n * decode_step_seconds(model, 1, c) for c, n in reads.items()) / tokens
-    return {"slots": spec.slots, "prompt": prompt, "tokens": tokens, "seconds_per_token": per_token,
+    return {"slots": slots, "prompt": prompt, "tokens": tokens, "seconds_per_token": per_token,
             "bare_seconds": bare, "over_bare": per_token / bare}  # fmt: skip
 
 

@@ -90,7 +90,7 @@ def _measure(config_path: str, job: Job, grid: Grid) -> dict:
         points = []
         contexts = [c for c in grid.contexts if c <= model.max_seq_len]
         for slots in tqdm(grid.slots, desc=job.label, unit="slot count"):
-            spec = DecodeInstance(devices=list(range(job.devices)), tp=job.tp, pp=job.pp, slots=slots, max_seq_len=model.max_seq_len)
+            spec = DecodeInstance(devices=list(range(job.devices)), tp=job.tp, pp=job.pp, slots=slots).resolved(model.max_seq_len)
             pipeline = builders.decode_instance(model, spec, devices)
             n = slots // pipeline.microbatches
             tokens, zeros, rows = np.zeros((n, 1), np.int32), np.zeros(n, np.int32), empty_rows(n)
