@@ -32,6 +32,8 @@ def test_a_pool_reserves_a_requests_context_grows_it_and_frees_it_whole():
     written = pool.write_pages(0, np.arange(14), length=10)
     assert list(written) == [0] * 4 + [1] * 4 + [2] * 2 + [pool.no_page] * 4
     assert pool.step_tables(0, 2, 8).tolist() == [[0, 1], [pool.no_page] * 2]
+    tables, step = pool.step_pages(0, 2, 8, np.array([0]), np.array([9, 0]))  # slot 0 writes position 9 (page 2); slot 1 is free
+    assert tables.tolist() == [[0, 1], [pool.no_page] * 2] and step.tolist() == [[2], [pool.no_page]]
     assert not pool.grow(0, 40)  # 10 pages: more than there are; nothing taken
     assert pool.pages.used == 3
     pool.release(0)

@@ -172,10 +172,8 @@ class DecodeBatch:
         # Free slots among those rows still compute, but at a position past the cache, so their
         # K/V writes are dropped: a slot being filled chunk by chunk must not be touched.
         positions = np.full(n, self.pipeline.max_seq_len, np.int32)
-        pages = np.full((n, 1), self.pool.no_page, np.int32)
         for s, seq in members.items():
             from_feed[s - lo], positions[s - lo], steps[s - lo] = ahead[s], seq.position + ahead[s], len(seq.tokens) + ahead[s]
-            pages[s - lo] = self.pool.write_pages(s, positions[s - lo : s - lo + 1])
             if not ahead[s]:
                 tokens[s - lo, 0] = seq.tokens[-1]
         rows = slice_rows(self.rows, lo, lo + n)
@@ -184,7 +182,7 @@ class DecodeBatch:
             for kept, every in zip(jax.tree.leaves(only), jax.tree.leaves(rows)):
                 kept[mine] = every[mine]
             rows = only
-        tables = self.pool.step_tables(lo, n, context)
+        tables, pages = self.pool.step_pages(lo, n, context, np.fromiter(members, np.int64) - lo, positions)
         return self.pipeline.forward(tokens, positions, lo, np.zeros(n, np.int32), rows, steps, tables, pages, from_feed)
 
     def _run_apart(self, lo: int, members: dict[int, Sequence], exc: Exception) -> None:

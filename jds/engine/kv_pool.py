@@ -134,6 +134,15 @@ class KVPool:
         with self._cond:
             return self.tables[lo : lo + rows, : policy.pages_for(context, self.page_size)].copy()
 
+    def step_pages(self, lo: int, rows: int, context: int, members: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A decode step's block tables (``step_tables``) and the page each row writes its token
+        to, ``[rows, 1]``: the page of ``positions[i]`` for the ``members`` rows (which hold it:
+        ``grow`` ran first), none for the others. One lock and no loop per row."""
+        pages = np.full((rows, 1), self.no_page, np.int32)
+        with self._cond:
+            pages[members, 0] = self.tables[lo + members, positions[members] // self.page_size]
+            return self.step_tables(lo, rows, context), pages
+
     def write_pages(self, slot: int, positions: np.ndarray, length: int | None = None) -> np.ndarray:
         """The page each of ``positions`` of ``slot`` is written to: ``no_page`` (dropped) past the
         pages it holds, or at and past ``length``."""
