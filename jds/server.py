@@ -247,7 +247,7 @@ def _serve_instance(config: Config, args: argparse.Namespace, address: str) -> i
         if args.role == "prefill":
             from jds.cluster.prefill_role import follow_leader
 
-            follow_leader(model, spec, placement.max_seq_len, warmup)
+            follow_leader(model, spec, placement.max_seq_len, placement.page_size, warmup)
         else:
             from jds.cluster.decode_role import follow_leader as follow_decode_leader
 
@@ -258,7 +258,7 @@ def _serve_instance(config: Config, args: argparse.Namespace, address: str) -> i
     if args.role == "prefill":
         from jds.cluster.prefill_role import PrefillService
 
-        service = PrefillService(name, model, spec, placement.max_seq_len, kv, warmup=warmup, progress=True)
+        service = PrefillService(name, model, spec, placement.max_seq_len, placement.page_size, kv, warmup=warmup, progress=True)
         add = ipb_grpc.add_PrefillInstanceServicer_to_server
     else:
         from jds.cluster.decode_role import DecodeService

@@ -149,9 +149,10 @@ def test_stream_delivers_tokens_as_they_come_and_holds_back_stop_strings(tiny):
         engine.shutdown()
 
 
-def _transit_arrays() -> list:
-    """Live arrays in the KV transit layout (a prefill's or handoff's KV), which must not outlive requests."""
-    return [a for a in jax.live_arrays() if a.ndim == 6]
+def _transit_arrays(engine: Engine) -> list:
+    """Live KV pages outside the decode pools (a prefill's or handoff's), which must not outlive requests."""
+    pools = {id(a) for w in engine.decode_workers for st in w.pipeline.stages for a in jax.tree.leaves(st.cache)}
+    return [a for a in jax.live_arrays() if a.ndim == 5 and id(a) not in pools]
 
 
 class _Gate:
@@ -344,8 +345,8 @@ def test_abort_anywhere_frees_slot_and_kv(tiny, monkeypatch, where):
             gate = _Gate(engine.prefill_workers[0].program.run)
             monkeypatch.setattr(engine.prefill_workers[0].program, "run", gate)
         elif where == "transfer":
-            gate = _Gate(prefill_module.send_kv)
-            monkeypatch.setattr(prefill_module, "send_kv", gate)
+            gate = _Gate(prefill_module.send_pages)
+            monkeypatch.setattr(prefill_module, "send_pages", gate)
         blocker = engine.submit(Request("blocker", tuple(PROMPTS[1]), long_run, 0)) if where == "waiting" else None
         stream = engine.submit(Request("victim", tuple(PROMPTS[3]), long_run, 0))
         if where == "decode":
@@ -363,8 +364,8 @@ def test_abort_anywhere_frees_slot_and_kv(tiny, monkeypatch, where):
         assert out.finish_reason == "abort" and len(out.token_ids) < 400
         _wait_until(lambda: engine.slot_usage()[0] == 0 and engine.num_running == 0)
         assert engine.slot_usage() == (0, 4)
-        _wait_until(lambda: not _transit_arrays() and len(jax.live_arrays()) <= before)
-        assert not _transit_arrays() and len(jax.live_arrays()) <= before
+        _wait_until(lambda: not _transit_arrays(engine) and len(jax.live_arrays()) <= before, timeout=30)
+        assert not _transit_arrays(engine) and len(jax.live_arrays()) <= before, [a.shape for a in _transit_arrays(engine)]
         # The engine keeps serving.
         assert _run(engine, PROMPTS[:1], tag="after")[0].finish_reason == "length"
     finally:
@@ -384,7 +385,10 @@ def test_transfer_time_is_recorded_and_logged(tiny, caplog):
     try:
         with caplog.at_level(logging.DEBUG, logger="jds.requests"):
             out = _run(engine, [PROMPTS[4]])[0]
-        expected_bytes = 2 * 4 * 4 * 64 * 16 * 4  # K and V, 4 layers, batch 1, 4 KV heads, bucket 64, head_dim 16, f32
+        # The pages its 47-token prompt fills (three of 16 positions, not its 64-position bucket):
+        # K and V, 4 layers, 4 KV heads, head_dim 16, f32.
+        assert len(PROMPTS[4]) == 47
+        expected_bytes = 2 * 4 * 3 * 16 * 4 * 16 * 4
         assert out.timings.transfer_bytes == expected_bytes and out.timings.transfer_seconds > 0
         assert out.timings.route == ["prefill0", "decode0"]
         line = next(r.getMessage() for r in caplog.records if "r0 finished" in r.getMessage())

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from jds.model import llama
-from jds.model.kv_cache import KVPages, insert, written_pages
+from jds.model.kv_cache import KVPages, as_pages, put, written_pages
 from jds.model.matrices import as_served
 from jds.model.weights.gguf_file import load_gguf
 from jds.model.weights.hf_checkpoint import load_hf
@@ -56,8 +56,8 @@ def _pool(arch, rows: int, dtype, seed: int) -> tuple[KVPages, np.ndarray]:
 
 
 def _prompt_pages(tables: np.ndarray, bucket: int) -> np.ndarray:
-    """Where each position of a bucket-long transit row lands: ``[rows, bucket]``."""
-    return tables[:, np.arange(bucket) // PAGE]
+    """Where the pages of bucket-long prefill rows land: each row's first pages of its table, one row after another."""
+    return tables[:, : bucket // PAGE].reshape(-1)
 
 
 def _padded(prompts: list[list[int]], bucket: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +95,7 @@ def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bou
 
     # Decode the rest of each prompt token by token from slots that are not the prefill rows.
     cache, tables = _pool(arch, len(prompts) + 1, params.final_norm.dtype, seed=0)
-    cache = insert(cache, kv, _prompt_pages(tables[1:], 16))
+    cache = put(cache, as_pages(kv, PAGE), _prompt_pages(tables[1:], 16))
     positions = np.array([0] + split, np.int32)
     for _ in range(max(len(p) - s for p, s in zip(prompts, split))):
         step_tokens = np.array([0] + [p[min(pos, len(p) - 1)] for p, pos in zip(prompts, positions[1:])], np.int32)
@@ -106,7 +106,7 @@ def _check_prefill_and_decode(model, arch, params, prompts: list[list[int]], bou
         positions = positions + 1
 
     cache, tables = _pool(arch, 1, params.final_norm.dtype, seed=1)
-    cache = insert(cache, kv[:, :, :1], _prompt_pages(tables, 16))
+    cache = put(cache, as_pages(kv[:, :, :1], PAGE), _prompt_pages(tables, 16))
     for pos in range(split[0], len(prompts[0])):
         logits, cache = decode_jit(params, cache, np.array([prompts[0][pos]], np.int32), np.array([pos], np.int32), tables, arch)
         check(logits[0], refs[0][pos])

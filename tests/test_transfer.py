@@ -21,17 +21,18 @@ def kv():
     return KVTransfer(lease_seconds=30)
 
 
-def test_an_offer_is_pulled_with_its_values_shape_and_dtype(kv):
-    array = jnp.arange(2 * 3 * 1 * 2 * 16 * 4, dtype=jnp.float32).reshape(2, 3, 1, 2, 16, 4)
-    offer = kv.offer(array)
-    assert (offer.shape, offer.dtype, offer.address) == (array.shape, "float32", kv.address)
+def test_an_offer_is_pulled_with_its_values_shapes_and_dtype(kv):
+    arrays = [jnp.arange(3 * n * 2 * 4 * 16, dtype=jnp.float32).reshape(3, n, 2, 4, 16) + n for n in (4, 1)]  # groups of pages
+    offer = kv.offer(arrays)
+    assert (offer.shapes, offer.dtype, offer.address) == (((3, 4, 2, 4, 16), (3, 1, 2, 4, 16)), "float32", kv.address)
     pulled = kv.pull(offer, jax.devices()[-1], timeout=10)
-    assert pulled.devices() == {jax.devices()[-1]}
-    np.testing.assert_array_equal(np.asarray(pulled), np.asarray(array))
+    assert len(pulled) == 2 and all(p.devices() == {jax.devices()[-1]} for p in pulled)
+    for got, sent in zip(pulled, arrays):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(sent))
 
 
 def test_an_offer_is_released_once(kv):
-    offer = kv.offer(jnp.ones((2, 2), jnp.float32))
+    offer = kv.offer([jnp.ones((2, 2), jnp.float32)])
     before = kv.outstanding
     assert kv.release(offer.uuid) and kv.outstanding == before - 1
     assert not kv.release(offer.uuid)
@@ -39,7 +40,7 @@ def test_an_offer_is_released_once(kv):
 
 def test_an_expired_lease_is_refused_before_pulling():
     short = KVTransfer(lease_seconds=1.2)
-    offer = short.offer(jnp.ones((4,), jnp.float32))
+    offer = short.offer([jnp.ones((4,), jnp.float32)])
     assert short.outstanding == 1
     time.sleep(1.3)
     assert short.outstanding == 0
@@ -60,7 +61,7 @@ MEMORY = textwrap.dedent(
     start = rss()
     for i in range(6):
         array = (jnp.ones((25, 1000, 1000), jnp.float32) * i).block_until_ready()  # 100 MB
-        offer = kv.offer(array)
+        offer = kv.offer([array])
         if sys.argv[2] == "release":
             kv.release(offer.uuid)
         del array

@@ -32,7 +32,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from jds.bench.server_process import ServerProcess
 from jds.bench.timing import timed
@@ -42,9 +41,9 @@ from jds.config.stages import stage_spans
 from jds.engine.programs import PrefillProgram, empty_rows, place_params
 from jds.engine.request import Request
 from jds.engine.sequence import Sequence
-from jds.mesh.rules import make_mesh, mesh_spec
+from jds.mesh.rules import make_mesh, shardings
 from jds.model import llama
-from jds.model.kv_cache import TRANSIT_AXES, KVPages
+from jds.model.kv_cache import KVPages
 from jds.model.loader import LoadedModel
 from jds.model.params import MatrixWeight
 from jds.model.sampling import sample
@@ -52,7 +51,7 @@ from jds.model.weights.gguf_file import open_gguf
 from jds.sampling_params import SamplingParams
 from jds.scheduling import policy
 from jds.scheduling.policy import length_buckets
-from jds.transfer.handoff import StageTarget, send_kv
+from jds.transfer.handoff import StageTarget, send_pages
 
 
 def memory_bandwidth(megabytes: int = 512) -> float:
@@ -179,7 +178,7 @@ def prefill_and_handoff(model: LoadedModel, tokens: int, devices: list[jax.Devic
     """(prefill seconds, handoff seconds, handoff bytes) for one prompt: prefill on devices[0], its
     KV handed to devices[1] (to devices[0] itself when there is only one)."""
     params = place_params(model.params, devices[:1])
-    program = PrefillProgram(model.arch, params, tokens, PrefillBatching(max_batch=1, max_batch_tokens=tokens))
+    program = PrefillProgram(model.arch, params, tokens, PrefillBatching(max_batch=1, max_batch_tokens=tokens), DEFAULT_PAGE_SIZE)
     request = Request("micro", tuple(range(100, 100 + tokens)), SamplingParams(temperature=0), 0)
     seqs = [Sequence(request, None, (), tokens + 1)]
     kv = {}
@@ -189,8 +188,10 @@ def prefill_and_handoff(model: LoadedModel, tokens: int, devices: list[jax.Devic
 
     prefill_seconds = timed(prefill)
     destination = devices[1] if len(devices) > 1 else devices[0]
-    target = StageTarget(stage_spans(model.arch.num_layers, 1)[0], NamedSharding(make_mesh([destination]), mesh_spec(TRANSIT_AXES)))
-    handoffs = sorted((send_kv(kv["pieces"], [target]) for _ in range(5)), key=lambda h: h.seconds)
+    where = shardings(KVPages.zeros(model.arch, 1, 1, jnp.float32, 1), make_mesh([destination]))
+    target = StageTarget(stage_spans(model.arch.num_layers, 1)[0], where)
+    ids = kv["pieces"].ids([(0, policy.pages_for(tokens, DEFAULT_PAGE_SIZE))])  # the pages its prompt fills
+    handoffs = sorted((send_pages(kv["pieces"].pieces, ids, [target]) for _ in range(5)), key=lambda h: h.seconds)
     return prefill_seconds, handoffs[2].seconds, handoffs[2].bytes
 
 
@@ -405,6 +406,7 @@ def run(
         prefill.append({"tokens": tokens, "seconds": seconds, "flops": work, "flops_per_s": work / seconds,
                         "of_matmul_peak": work / seconds / flops, "handoff_seconds": handoff_seconds, "handoff_bytes": handoff_bytes,
                         "handoff_gb_per_s": handoff_bytes / handoff_seconds / 1e9, "handoff_of_prefill": handoff_seconds / seconds,
+                        "handoff_of_prompt_kv": handoff_bytes / (tokens * model.arch.kv_bytes_per_token(model.dtype.itemsize)),
                         "peers": peer_times("prefill", tokens)})  # fmt: skip
     return {
         "model": model.name,
@@ -478,13 +480,13 @@ def markdown(result: dict) -> str:
         "",
         "## Prefill (compute-bound: ceiling = matmul FLOP/s) and KV handoff",
         "",
-        f"| prompt tokens | jds ms | GFLOP/s | of matmul peak | handoff MB | handoff ms | handoff GB/s | handoff / prefill |{heads}",
-        f"|---:|---:|---:|---:|---:|---:|---:|---:|{rules}",
+        f"| prompt tokens | jds ms | GFLOP/s | of matmul peak | handoff MB | of prompt's KV | handoff ms | handoff GB/s | handoff / prefill |{heads}",
+        f"|---:|---:|---:|---:|---:|---:|---:|---:|---:|{rules}",
     ]
     for r in result["prefill"]:
         lines.append(
             f"| {r['tokens']} | {ms(r['seconds'])} | {r['flops_per_s'] / 1e9:.0f} | {r['of_matmul_peak']:.0%} | "
-            f"{r['handoff_bytes'] / 1e6:.1f} | {ms(r['handoff_seconds'])} | {r['handoff_gb_per_s']:.1f} | {r['handoff_of_prefill']:.1%} |{peers(r)}"
+            f"{r['handoff_bytes'] / 1e6:.1f} | {r['handoff_of_prompt_kv']:.2f}x | {ms(r['handoff_seconds'])} | {r['handoff_gb_per_s']:.1f} | {r['handoff_of_prefill']:.1%} |{peers(r)}"
         )
     lines += ["", f"Handoff: {result['handoff']}. Peers decode from a 16-token prompt (a short, growing cache)."]
     if "startup" in result:

@@ -1,9 +1,9 @@
 """A decode instance as its own process (``--role decode``): the ``DecodeInstance`` service.
 
 A ``Decode`` RPC brings a prefilled request: its prompt, first token, sampling and KV offer. The
-landing thread reserves a slot (waiting for one if all are busy), pulls the KV from the prefill
-process, cuts it at this instance's stage boundaries and puts it on the stages, then hands it to
-the decode thread (``DecodeWorker``, exactly as in one process). The RPC streams one message per
+landing thread reserves a slot and pages (waiting for room if there is none), pulls the KV pages
+from the prefill process, cuts them at this instance's stage boundaries and puts them on the
+stages, then hands them to the decode thread (``DecodeWorker``, exactly as in one process). The RPC streams one message per
 step. A pull that fails ends the RPC with FAILED_PRECONDITION (the router then fails or
 re-prefills the request); a router that cancels the RPC aborts the request here.
 """
@@ -28,10 +28,12 @@ from jds.cluster.wire import offer_from, sequence_from
 from jds.config.placement import DecodeInstance
 from jds.engine import builders
 from jds.engine.decode import KV_LOST, PREEMPTED, DecodeWorker, Delivery
-from jds.engine.programs import Pipeline, compile_all
+from jds.engine.programs import Pipeline, compile_all, cut_pages
 from jds.engine.sequence import Sequence
+from jds.model.kv_cache import KVPages
 from jds.model.loader import LoadedModel
-from jds.transfer.handoff import send_kv
+from jds.scheduling.policy import pages_for
+from jds.transfer import handoff
 from jds.transfer.remote import KVTransfer, Offer, PullFailed
 
 log = logging.getLogger(__name__)
@@ -44,17 +46,18 @@ def build_pipeline(model: LoadedModel, spec: DecodeInstance, warmup: bool, progr
     """The instance's stages over all its devices (those of every process it spans, in order)."""
     pipeline = builders.decode_instance(model, spec, jax.devices()[: len(spec.devices)])
     if warmup:
-        compile_all(pipeline.compile(builders.one_row_at_a_time(pipeline), pipeline.starts), progress)
+        compile_all(pipeline.compile(pipeline.insert_sizes(), pipeline.starts), progress)
     return pipeline
 
 
-def place(pipeline: Pipeline, kv) -> list:
-    """A request's transit KV (on a device, or on the host) cut and put on the stages that own its layers."""
-    return send_kv(pipeline.cut(kv), pipeline.targets).parts
+def place(pipeline: Pipeline, groups: list[KVPages]) -> list:
+    """A request's groups of pages (all layers; on a device, or on the host) cut and put on the
+    stages that own their layers, landed."""
+    return jax.block_until_ready(handoff.place([cut_pages(g, pipeline.starts) for g in groups], pipeline.targets))
 
 
-def place_and_insert(pipeline: Pipeline, kv, pages: np.ndarray) -> None:
-    pipeline.insert(place(pipeline, kv), pages)
+def place_and_insert(pipeline: Pipeline, groups: list[KVPages], ids: np.ndarray) -> None:
+    pipeline.insert(place(pipeline, groups), ids)
 
 
 class LockstepPipeline:
@@ -72,9 +75,9 @@ class LockstepPipeline:
         lockstep.lead("forward", *args)
         return self._pipeline.forward(*args)
 
-    def insert(self, host_kv: np.ndarray, pages: np.ndarray) -> None:
-        lockstep.lead("insert", host_kv, pages)
-        place_and_insert(self._pipeline, host_kv, pages)
+    def insert(self, host_groups: list[KVPages], ids: np.ndarray) -> None:
+        lockstep.lead("insert", host_groups, ids)
+        place_and_insert(self._pipeline, host_groups, ids)
 
     def reset(self) -> None:
         lockstep.lead("reset")
@@ -91,7 +94,7 @@ def follow_leader(model: LoadedModel, spec: DecodeInstance, warmup: bool) -> Non
     lockstep.follow(
         {
             "forward": pipeline.forward,
-            "insert": lambda kv, pages: place_and_insert(pipeline, kv, pages),
+            "insert": lambda groups, ids: place_and_insert(pipeline, groups, ids),
             "reset": pipeline.reset,
             "write_history": pipeline.write_history,
         }
@@ -150,10 +153,14 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
             seq.publish("abort")
             return
         begin = time.perf_counter()
+        n = pages_for(seq.context_len, self.pool.page_size)
         try:
-            kv = self.kv.pull(offer, self._landing_device, self.pull_timeout)
-            # A multi-process instance places it on every process, in the decode thread's order: keep it on the host.
-            parts = np.asarray(kv) if self._lockstep else place(self.worker.pipeline, kv)
+            arrays = self.kv.pull(offer, self._landing_device, self.pull_timeout)
+            groups = [KVPages(k=k, v=v) for k, v in zip(arrays[::2], arrays[1::2])]
+            if sum(g.num_pages for g in groups) != n:
+                raise ValueError(f"{sum(g.num_pages for g in groups)} pages offered for a context of {n}")
+            # A multi-process instance places them on every process, in the decode thread's order: keep them on the host.
+            parts = [jax.tree.map(np.asarray, g) for g in groups] if self._lockstep else place(self.worker.pipeline, groups)
         except Exception as exc:  # PullFailed, or placing it on the stages failed
             self.pool.release(slot)
             prefix = PULL_FAILED if isinstance(exc, PullFailed) else "placing KV failed"
@@ -161,8 +168,8 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
             seq.publish("error", f"{prefix}: {exc}")
             return
         seq.timings.transfer_seconds = time.perf_counter() - begin
-        seq.timings.transfer_bytes = kv.nbytes
-        self.worker.inbox.put(Delivery(parts, [(0, seq, slot)], 1, kv.shape[4]))
+        seq.timings.transfer_bytes = sum(a.nbytes for a in arrays)
+        self.worker.inbox.put(Delivery(parts, [(seq, slot, n)]))
 
     def _reserve(self, seq: Sequence) -> int | None:
         """A slot with the pages of ``seq``'s context, waiting for room; None if the request was aborted meanwhile."""

@@ -2,8 +2,9 @@
 
 Requests from the router wait in this process's FCFS queue and are batched exactly as in one
 process (``PrefillWorker``, with its prefill and transfer threads). The program returns the KV
-whole (gathered over ``tp`` inside it); the transfer thread, instead of copying it to local decode
-stages, offers each request's row for a decode process to pull, under a lease. The RPC answers
+pages whole (gathered over ``tp`` inside it); the transfer thread, instead of copying them to
+local decode stages, offers the pages each request's prompt fills for a decode process to pull,
+under a lease. The RPC answers
 with the first token and that offer. A router that cancels the RPC aborts the request here,
 wherever it is. An instance spanning several processes (``processes: N``) runs this service in
 its first process and ``follow_leader`` in the others (``jds.cluster.lockstep``).
@@ -27,10 +28,12 @@ from jds.cluster.wire import offer_message, sequence_from
 from jds.config.placement import PrefillInstance
 from jds.engine import builders
 from jds.engine.prefill import PrefillWorker
-from jds.engine.programs import KVPieces, PrefillProgram, compile_all
+from jds.engine.programs import BatchPages, PrefillProgram, compile_all
 from jds.engine.sequence import Sequence
 from jds.engine.waiting import WaitingQueue
 from jds.model.loader import LoadedModel
+from jds.scheduling.policy import pages_for
+from jds.transfer.handoff import take_groups
 from jds.transfer.remote import KVTransfer, Offer
 
 log = logging.getLogger(__name__)
@@ -50,27 +53,30 @@ class _Ticket:
         self.done.set()
 
 
-def build_program(model: LoadedModel, spec: PrefillInstance, max_len: int, warmup: bool, progress: bool) -> PrefillProgram:
+def build_program(model: LoadedModel, spec: PrefillInstance, max_len: int, page_size: int, warmup: bool, progress: bool) -> PrefillProgram:
     """The instance's prefill program over all its devices (those of every process it spans),
-    returning the KV whole so that one process can offer it."""
-    program = builders.prefill_instance(model, spec, jax.devices()[: len(spec.devices)], max_len, gather_kv=True)
+    returning the KV pages whole so that one process can offer them."""
+    program = builders.prefill_instance(model, spec, jax.devices()[: len(spec.devices)], max_len, page_size, gather_kv=True)
     if warmup:
-        compile_all(builders.prefill_warmup(program), progress)
+        compile_all(builders.prefill_warmup(program, hands_off=True), progress)
     return program
 
 
-def follow_leader(model: LoadedModel, spec: PrefillInstance, max_len: int, warmup: bool) -> None:
+def follow_leader(model: LoadedModel, spec: PrefillInstance, max_len: int, page_size: int, warmup: bool) -> None:
     """A follower process of a multi-process prefill instance: the leader's calls, until it stops."""
-    program = build_program(model, spec, max_len, warmup, progress=False)
+    program = build_program(model, spec, max_len, page_size, warmup, progress=False)
     lockstep.follow({"prefill": program.call, "score": program.score_call})
 
 
 class PrefillService(ipb_grpc.PrefillInstanceServicer):
-    def __init__(self, name: str, model: LoadedModel, spec: PrefillInstance, max_len: int, kv: KVTransfer, *, warmup: bool, progress: bool):
+    def __init__(
+        self, name: str, model: LoadedModel, spec: PrefillInstance, max_len: int, page_size: int, kv: KVTransfer, *, warmup: bool,
+        progress: bool,
+    ):  # fmt: skip
         self.name = name
         self.max_len = max_len
         self.kv = kv
-        self.program = build_program(model, spec, max_len, warmup, progress)
+        self.program = build_program(model, spec, max_len, page_size, warmup, progress)
         self._followers = spec.processes > 1
         if self._followers:
             self.program.broadcast = lockstep.lead
@@ -83,17 +89,18 @@ class PrefillService(ipb_grpc.PrefillInstanceServicer):
         for t in self.worker.threads:
             t.start()
 
-    def _offer(self, kv: KVPieces, going: list[tuple[int, Sequence]]) -> None:
-        """The transfer thread's job here: one offer per request row, gathered onto one device."""
-        ((_, batch_kv),) = kv  # no stage cuts: the decode process cuts for its own stages
-        whole = batch_kv.addressable_data(0)  # replicated: this process's own copy, on one device
+    def _offer(self, kv: BatchPages, going: list[tuple[int, Sequence]]) -> None:
+        """The transfer thread's job here: one offer per request of the pages its prompt fills, on one device."""
+        ((_, pages),) = kv.pieces  # no stage cuts: the decode process cuts for its own stages
+        whole = jax.tree.map(lambda a: a.addressable_data(0), pages)  # replicated: this process's own copy, on one device
         for row, seq in going:
             with self._lock:
                 ticket = self._tickets.get(seq.request_id)
             if ticket is None or seq.aborted.is_set():
                 continue  # its RPC is gone: nobody would pull it
             try:
-                offer = self.kv.offer(whole[:, :, row : row + 1])
+                groups = take_groups([(0, whole)], kv.ids([(row, pages_for(seq.context_len, self.program.page_size))]))
+                offer = self.kv.offer([a for ((_, group),) in groups for a in (group.k, group.v)])
             except Exception as exc:
                 log.exception("offering KV of %s failed", seq.request_id)
                 ticket.settle(error=f"offering KV failed: {exc}")

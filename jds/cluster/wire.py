@@ -34,9 +34,11 @@ def sequence_from(request_id: str, prompt_ids, sampling: ipb.Sampling, max_seq_l
 
 def offer_message(offer: Offer) -> ipb.KVOffer:
     return ipb.KVOffer(
-        transfer_address=offer.address, uuid=offer.uuid, shape=offer.shape, dtype=offer.dtype, expires_at=offer.expires_at
-    )
+        transfer_address=offer.address, uuid=offer.uuid, arrays=[ipb.ArrayShape(dims=s) for s in offer.shapes], dtype=offer.dtype,
+        expires_at=offer.expires_at,
+    )  # fmt: skip
 
 
 def offer_from(message: ipb.KVOffer) -> Offer:
-    return Offer(message.transfer_address, message.uuid, tuple(message.shape), message.dtype, message.expires_at)
+    shapes = tuple(tuple(a.dims) for a in message.arrays)
+    return Offer(message.transfer_address, message.uuid, shapes, message.dtype, message.expires_at)

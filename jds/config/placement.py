@@ -195,6 +195,8 @@ class Placement(_Section):
                 raise ValueError("'instances' is for mode colocated; disaggregated uses 'prefill' and 'decode'")
             if not self.prefill or not self.decode:
                 raise ValueError("mode disaggregated needs at least one 'prefill' and one 'decode' instance")
+            if len({d.page_size for d in self.decode}) > 1:
+                raise ValueError("decode instances must share one page_size: prefill hands its KV over in pages of that size")
         else:
             if self.prefill or self.decode:
                 raise ValueError("'prefill' and 'decode' are for mode disaggregated; colocated uses 'instances'")
@@ -224,6 +226,12 @@ class Placement(_Section):
         return self.model_copy(
             update={"decode": [d.resolved(max_seq_len) for d in self.decode], "instances": [i.resolved(max_seq_len) for i in self.instances]}
         )
+
+    @property
+    def page_size(self) -> int:
+        """The decode instances' page size: what prefill instances cut their KV into (colocated
+        instances each use their own)."""
+        return self.decode[0].page_size if self.decode else DEFAULT_PAGE_SIZE
 
     @property
     def max_seq_len(self) -> int:

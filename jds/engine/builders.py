@@ -21,18 +21,20 @@ from jds.config.stages import stage_spans
 from jds.engine.kv_pool import KVPool
 from jds.engine.programs import Pipeline, PoolShape, PrefillProgram, place_params
 from jds.model.loader import LoadedModel
-from jds.scheduling.policy import length_buckets
+from jds.transfer.handoff import compile_take, group_sizes
 
 Job = Callable[[], object]  # one ahead-of-time compile
 
 
 def prefill_instance(
-    model: LoadedModel, spec: PrefillInstance, devices: Seq[jax.Device], longest: int, cuts: tuple[int, ...] = (), gather_kv: bool = False
-) -> PrefillProgram:
+    model: LoadedModel, spec: PrefillInstance, devices: Seq[jax.Device], longest: int, page_size: int, cuts: tuple[int, ...] = (),
+    gather_kv: bool = False,
+) -> PrefillProgram:  # fmt: skip
     """A prefill instance for prompts up to ``longest`` (the placement's ``max_seq_len``), its KV
-    cut at ``cuts`` (every decode stage start of the placement, in one process) or gathered whole
-    (``gather_kv``: for an offer to another process)."""
-    return PrefillProgram(model.arch, place_params(model.params, devices), longest, spec, cuts, gather_kv)
+    as pages of ``page_size`` (the decode instances'), cut at ``cuts`` (every decode stage start of
+    the placement, in one process) or gathered whole (``gather_kv``: for an offer to another
+    process)."""
+    return PrefillProgram(model.arch, place_params(model.params, devices), longest, spec, page_size, cuts, gather_kv)
 
 
 def decode_instance(model: LoadedModel, spec: DecodeInstance, devices: Seq[jax.Device]) -> Pipeline:
@@ -49,7 +51,7 @@ def colocated_instance(model: LoadedModel, spec: ColocatedInstance, devices: Seq
     placed = place_params(model.params, devices)
     spans = stage_spans(model.arch.num_layers, 1)
     pipeline = Pipeline(model.arch, placed, spans, [list(devices)], spec.slots, spec.max_seq_len, 1, pool_shape(model, spec))
-    return PrefillProgram(model.arch, placed, spec.max_seq_len, spec), pipeline
+    return PrefillProgram(model.arch, placed, spec.max_seq_len, spec, spec.page_size), pipeline
 
 
 def pool_shape(model: LoadedModel, spec: DecodeInstance | ColocatedInstance) -> PoolShape:
@@ -62,10 +64,11 @@ def kv_pool(pipeline: Pipeline, cond: threading.Condition, prefix_caching: bool 
     return KVPool(pipeline.slots, pipeline.pool.pages, pipeline.pool.page_size, pipeline.max_seq_len, cond, prefix_caching)
 
 
-def prefill_warmup(program: PrefillProgram) -> list[Job]:
-    return [functools.partial(program.compile, *shape) for shape in program.shapes()]
-
-
-def one_row_at_a_time(pipeline: Pipeline) -> list[tuple[int, int]]:
-    """The shapes KV arrives in at a decode process: one request's row, at its length bucket."""
-    return [(1, b) for b in length_buckets(pipeline.max_seq_len)]
+def prefill_warmup(program: PrefillProgram, hands_off: bool) -> list[Job]:
+    """Compiles of every prefill shape, and where its KV is handed off (``hands_off``: a prefill
+    instance, not a colocated one) every take of a group of pages from it."""
+    jobs = [functools.partial(program.compile, *shape) for shape in program.shapes()]
+    if hands_off:
+        takes = {(spec, g) for n in program.page_counts() for spec in program.page_specs(n) for g in group_sizes() if g <= n}
+        jobs += [functools.partial(compile_take, spec, g) for spec, g in takes]
+    return jobs

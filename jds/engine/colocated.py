@@ -21,7 +21,7 @@ import numpy as np
 from jds.engine.decode import DecodeBatch
 from jds.engine.kv_pool import KVPool
 from jds.engine.prefill import POLL_SECONDS, prefill_batch, score_prompts
-from jds.engine.programs import Pipeline, PrefillProgram, empty_rows, set_row
+from jds.engine.programs import BatchPages, Pipeline, PrefillProgram, empty_rows, set_row
 from jds.engine.sequence import Sequence
 from jds.engine.waiting import WaitingQueue
 from jds.scheduling import policy
@@ -136,13 +136,15 @@ class ColocatedWorker:
         for slot in slots.values():  # requests that ended at their first token (or failed) hold none
             self.pool.release(slot)
 
-    def _insert(self, going: list[tuple[int, Sequence, int]], kv) -> None:
-        _, _, batch, _, length, _ = kv[0][1].shape
-        pages = np.full((batch, length), self.pool.no_page, np.int32)
+    def _insert(self, going: list[tuple[int, Sequence, int]], kv: BatchPages) -> None:
+        """Write the batch's pages where its going rows' tables say, in one call (the rest of the
+        batch's pages, padding, are dropped)."""
+        ids = np.full(kv.pages, self.pool.no_page, np.int32)
         for row, seq, slot in going:
-            pages[row] = self.pool.write_pages(slot, np.arange(length), seq.context_len)
+            n = policy.pages_for(seq.context_len, self.pool.page_size)
+            ids[row * kv.per_row : row * kv.per_row + n] = self.pool.held_pages(slot, n)
         try:
-            self.pipeline.insert([kv], pages)
+            self.pipeline.insert([[kv.pieces]], ids)
         except Exception as exc:
             log.exception("KV insert failed")
             for _, seq, slot in going:

@@ -252,12 +252,11 @@ class DecodeBatch:
 
 @dataclasses.dataclass(frozen=True)
 class Delivery:
-    """A prefill batch's KV on this instance's devices, and which batch row goes to which slot."""
+    """KV pages on this instance's devices (``Handoff.parts``), and whose they are: each row's
+    pages follow the previous row's."""
 
     parts: list
-    rows: list[tuple[int, Sequence, int]]  # (batch row, sequence, reserved slot)
-    batch: int
-    length: int  # positions per row of the transit KV (its padded prompt length)
+    rows: list[tuple[Sequence, int, int]]  # (sequence, reserved slot, pages of its context)
 
 
 class DecodeWorker:
@@ -298,19 +297,19 @@ class DecodeWorker:
         while not self.inbox.empty():
             deliveries.append(self.inbox.get_nowait())
         for d in deliveries:
-            pages = np.full((d.batch, d.length), self.pool.no_page, np.int32)  # no page: not inserted
-            live = []
-            for row, seq, slot in d.rows:
+            ids, live = [], []
+            for seq, slot, n in d.rows:
                 if seq.aborted.is_set():
                     seq.publish("abort")
                     self.pool.release(slot)
+                    ids.append(np.full(n, self.pool.no_page, np.int32))  # not written
                 else:
-                    pages[row] = self.pool.write_pages(slot, np.arange(d.length), seq.context_len)
+                    ids.append(self.pool.held_pages(slot, n))
                     live.append((seq, slot))
             if not live:
                 continue
             try:
-                self.pipeline.insert(d.parts, pages)
+                self.pipeline.insert(d.parts, np.concatenate(ids))
             except Exception as exc:
                 log.exception("KV insert failed")
                 for seq, slot in live:

@@ -87,7 +87,9 @@ class Engine:
         router = DecodeRouter(self.decode_workers, self._slots_changed, self._stop)
         cuts = tuple(sorted(set().union(*(w.pipeline.cuts for w in self.decode_workers))))
         for i, spec in enumerate(self.placement.prefill):
-            program = builders.prefill_instance(self.model, spec, [devices[d] for d in spec.devices], self.placement.max_seq_len, cuts)
+            program = builders.prefill_instance(
+                self.model, spec, [devices[d] for d in spec.devices], self.placement.max_seq_len, self.placement.page_size, cuts
+            )
             self.prefill_workers.append(PrefillWorker(f"prefill{i}", program, self._waiting, router.send, self._stop))
 
     def _build_colocated(self, devices) -> None:
@@ -110,13 +112,12 @@ class Engine:
 
         Nothing runs: ``lower().compile()`` fills the same cache the calls use.
         """
-        programs = [w.program for w in self.prefill_workers + self.colocated_workers]
-        shapes = sorted({shape for p in programs for shape in p.shapes()})
-        jobs = [job for p in programs for job in builders.prefill_warmup(p)]
+        jobs = [job for w in self.prefill_workers for job in builders.prefill_warmup(w.program, hands_off=True)]
+        jobs += [job for w in self.colocated_workers for job in builders.prefill_warmup(w.program, hands_off=False)]
         for w in self.decode_workers:
-            jobs += w.pipeline.compile(shapes, self.prefill_workers[0].program.starts)
+            jobs += w.pipeline.compile(w.pipeline.insert_sizes(), self.prefill_workers[0].program.starts)
         for w in self.colocated_workers:
-            jobs += w.pipeline.compile(w.program.shapes(), w.program.starts, w.chunk)
+            jobs += w.pipeline.compile(w.program.page_counts(), w.program.starts, w.chunk)
         compile_all(jobs, progress)
 
     # -- requests ---------------------------------------------------------------------------

@@ -143,6 +143,11 @@ class KVPool:
             pages[members, 0] = self.tables[lo + members, positions[members] // self.page_size]
             return self.step_tables(lo, rows, context), pages
 
+    def held_pages(self, slot: int, n: int) -> np.ndarray:
+        """The first ``n`` pages of ``slot``'s table (it holds them: they were reserved with it)."""
+        with self._cond:
+            return self.tables[slot, :n].copy()
+
     def write_pages(self, slot: int, positions: np.ndarray, length: int | None = None) -> np.ndarray:
         """The page each of ``positions`` of ``slot`` is written to: ``no_page`` (dropped) past the
         pages it holds, or at and past ``length``."""

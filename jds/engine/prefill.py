@@ -3,8 +3,8 @@
 The prefill thread takes FCFS batches from the shared waiting queue, runs them, publishes each
 request's first token (its TTFT), and puts the batch's KV on a small bounded queue. The transfer
 thread routes each request to the decode instance with the most free slots, reserves a slot and pages, moves
-the KV with ``device_put`` and blocks until it has landed, then hands it to that instance's
-inbox. A full transfer queue stalls prefill: KV waiting for decode room stays bounded.
+the pages its prompt fills with ``device_put`` and blocks until they have landed, then hands them to
+that instance's inbox. A full transfer queue stalls prefill: KV waiting for decode room stays bounded.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ import time
 from collections.abc import Callable
 
 from jds.engine.decode import DecodeWorker, Delivery
-from jds.engine.programs import KVPieces, PrefillProgram
+from jds.engine.programs import BatchPages, PrefillProgram
 from jds.engine.request import PromptLogprobs
 from jds.engine.sequence import Sequence
 from jds.engine.waiting import WaitingQueue
 from jds.scheduling import policy
-from jds.transfer.handoff import send_kv
+from jds.transfer.handoff import send_pages
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
 
 
-Prefilled = tuple[list[tuple[int, Sequence]], KVPieces]  # (batch row, sequence) pairs that go on to decode, and the KV
+Prefilled = tuple[list[tuple[int, Sequence]], BatchPages]  # (batch row, sequence) pairs that go on to decode, and the KV
 
 
 def prefill_batch(program: PrefillProgram, seqs: list[Sequence]) -> list[Prefilled]:
@@ -148,7 +148,7 @@ class DecodeRouter:
         with self._cond:
             self._cond.wait(timeout)
 
-    def send(self, kv: KVPieces, going: list[tuple[int, Sequence]]) -> None:
+    def send(self, kv: BatchPages, going: list[tuple[int, Sequence]]) -> None:
         """Reserve a slot for each request and move its KV there.
 
         Requests already holding a reservation are shipped before waiting for more room, so a
@@ -170,25 +170,25 @@ class DecodeRouter:
                 self.wait(POLL_SECONDS)
         self._ship(kv, groups)
 
-    def _ship(self, kv: KVPieces, groups: dict[DecodeWorker, list[tuple[int, Sequence, int]]]) -> None:
+    def _ship(self, kv: BatchPages, groups: dict[DecodeWorker, list[tuple[int, Sequence, int]]]) -> None:
         for decoder, rows in groups.items():
+            counts = [policy.pages_for(seq.context_len, decoder.pool.page_size) for _, seq, _ in rows]
             try:
-                handoff = send_kv(kv, decoder.targets)
+                handoff = send_pages(kv.pieces, kv.ids([(row, n) for (row, _, _), n in zip(rows, counts)]), decoder.targets)
             except Exception as exc:
                 log.exception("KV transfer to %s failed", decoder.name)
                 for _, seq, slot in rows:
                     decoder.pool.release(slot)
                     decoder.batch.retry_or_fail(seq, f"KV transfer failed: {exc}")
                 continue
-            for _, seq, _ in rows:
+            for (_, seq, _), n in zip(rows, counts):
                 seq.timings.transfer_seconds += handoff.seconds
-                seq.timings.transfer_bytes += handoff.bytes
+                seq.timings.transfer_bytes += handoff.bytes * n // sum(counts)  # its own pages'
                 seq.timings.route.append(decoder.name)
-            _, _, batch, _, length, _ = kv[0][1].shape
-            decoder.inbox.put(Delivery(handoff.parts, rows, batch, length))
+            decoder.inbox.put(Delivery(handoff.parts, [(seq, slot, n) for (_, seq, slot), n in zip(rows, counts)]))
 
 
-Ship = Callable[[KVPieces, list[tuple[int, Sequence]]], None]  # where a prefilled batch's KV goes
+Ship = Callable[[BatchPages, list[tuple[int, Sequence]]], None]  # where a prefilled batch's KV goes
 
 
 class PrefillWorker:

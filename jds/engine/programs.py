@@ -1,7 +1,7 @@
 """The compiled programs of an instance, each bound to its own devices.
 
 ``PrefillProgram``: whole prompts, padded to length buckets, on one tensor-parallel mesh; returns
-the first sampled token and the KV in transit layout. ``Pipeline``: the decode side, one ``Stage``
+the first sampled token and the KV as pages (``BatchPages``). ``Pipeline``: the decode side, one ``Stage``
 per layer range on its own mesh, each owning its weights and its slice of the slot cache. The
 slots are split into microbatches; ``forward`` dispatches one microbatch through every stage
 without waiting, since JAX runs programs asynchronously (MPMD pipelining; ``DecodeBatch`` keeps
@@ -20,22 +20,21 @@ from collections.abc import Sequence as Seq
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from jds.config.placement import PrefillBatching
 from jds.config.stages import StageSpan
 from jds.engine.request import PromptLogprobs, TokenLogprob
-from jds.mesh.rules import make_mesh, mesh_spec, replicated, shardings
+from jds.mesh.rules import make_mesh, replicated, shardings
 from jds.mesh.stages import stage_params
-from jds.model import llama
+from jds.model import kv_cache, llama
 from jds.model.architecture import Architecture
-from jds.model.kv_cache import TRANSIT_AXES, KVPages, insert
+from jds.model.kv_cache import KVPages
 from jds.model.params import Params, float_dtype
 from jds.model.sampling import Sampled, SamplingRows, sample
 from jds.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 from jds.scheduling import policy
 from jds.scheduling.policy import PrefillBatches, pow2_at_least, row_buckets
-from jds.transfer.handoff import StageTarget
+from jds.transfer.handoff import Pieces, StageTarget, group_sizes
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,29 @@ def place_params(params: Params, devices: Seq[jax.Device]) -> Params:
     return jax.device_put(params, shardings(params, mesh))
 
 
-KVPieces = list[tuple[int, jax.Array]]  # transit KV cut at decode stage boundaries: (first layer, array)
+@dataclasses.dataclass(frozen=True)
+class BatchPages:
+    """A prefill batch's KV as pages, cut at decode stage boundaries: row ``r``'s page ``i`` is
+    page ``r * per_row + i`` of every piece."""
+
+    pieces: Pieces
+    per_row: int  # pages per batch row: its length bucket's
+
+    @property
+    def pages(self) -> int:
+        return self.pieces[0][1].num_pages
+
+    def ids(self, rows: Seq[tuple[int, int]]) -> np.ndarray:
+        """The pages of each (batch row, page count) in ``rows``, one row after another."""
+        return np.concatenate([r * self.per_row + np.arange(n) for r, n in rows] or [np.zeros(0, int)]).astype(np.int32)
+
+
+def cut_pages(pages: KVPages, starts: Seq[int]) -> Pieces:
+    """Pages of every layer cut at the layers ``starts`` (the first is 0)."""
+    if len(starts) == 1:
+        return [(0, pages)]  # no slice: no program to run (or compile) for it
+    bounds = (*starts, pages.k.shape[0])
+    return [(a, KVPages(k=pages.k[a:b], v=pages.v[a:b])) for a, b in zip(bounds, bounds[1:])]
 
 
 def _spec(value) -> jax.ShapeDtypeStruct:
@@ -96,10 +117,9 @@ def _spec(value) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=getattr(value, "sharding", None))
 
 
-def _prefill(params: Params, tokens, lengths, *, arch: Architecture, cuts: tuple[int, ...]):
+def _prefill(params: Params, tokens, lengths, *, arch: Architecture, cuts: tuple[int, ...], page_size: int):
     logits, kv = llama.prefill(params, tokens, lengths, arch)
-    bounds = (0, *cuts, arch.num_layers)
-    return logits, tuple(kv[:, a:b] for a, b in zip(bounds, bounds[1:]))
+    return logits, tuple(pages for _, pages in cut_pages(kv_cache.as_pages(kv, page_size), (0, *cuts)))
 
 
 def _sample_first(logits: jax.Array, rows: SamplingRows, history: jax.Array):
@@ -107,10 +127,11 @@ def _sample_first(logits: jax.Array, rows: SamplingRows, history: jax.Array):
 
 
 class PrefillProgram:
-    """Prompt batches to first tokens and transit KV, on one mesh.
+    """Prompt batches to first tokens and KV pages, on one mesh.
 
-    The KV comes out cut at ``cuts`` (every decode stage boundary of the placement), so each
-    decode stage receives whole pieces and nothing is sliced after the program. Sampling the first
+    The KV comes out as pages of ``page_size`` positions (the decode instances'), cut at ``cuts``
+    (every decode stage boundary of the placement), so a handoff moves whole pages of whole pieces
+    and nothing is sliced after the program. Sampling the first
     token is a program of its own, one per batch size rather than one per (batch, length) shape:
     inside each prefill shape it was 0.4 of its 1 s compile, 10 s of the default start-up.
     """
@@ -121,6 +142,7 @@ class PrefillProgram:
         params: Params,
         max_len: int,
         batching: PrefillBatching,
+        page_size: int,
         cuts: tuple[int, ...] = (),
         gather_kv: bool = False,
     ):
@@ -131,10 +153,13 @@ class PrefillProgram:
         self.mesh = jax.tree.leaves(params)[0].sharding.mesh
         self.batches = PrefillBatches.up_to(max_len, batching.max_batch, batching.max_batch_tokens)  # what a call takes
         self.starts = (0, *cuts)
+        self.page_size = page_size
+        self.gather_kv = gather_kv
         self.broadcast: Callable[..., None] | None = None  # (op, *inputs): a multi-process instance's leader tells its followers
-        kv_sharding = replicated(self.mesh) if gather_kv else NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
+        self._page_sharding = shardings(KVPages.zeros(arch, 1, 1, jnp.float32, 1), self.mesh)
+        kv_sharding = replicated(self.mesh) if gather_kv else self._page_sharding
         self._prefill = jax.jit(
-            functools.partial(_prefill, arch=arch, cuts=cuts),
+            functools.partial(_prefill, arch=arch, cuts=cuts, page_size=page_size),
             out_shardings=(replicated(self.mesh), (kv_sharding,) * len(self.starts)),
         )
         self._sample = jax.jit(_sample_first, out_shardings=replicated(self.mesh))
@@ -147,12 +172,29 @@ class PrefillProgram:
         """Every (batch, bucket) this program can be called with: what warm-up compiles."""
         return self.batches.shapes()
 
+    def page_counts(self) -> list[int]:
+        """The pages a call's KV holds, for each shape (what a colocated instance's insert compiles for)."""
+        return sorted({batch * policy.pages_for(bucket, self.page_size) for batch, bucket in self.shapes()})
+
+    def page_specs(self, pages: int) -> list[KVPages]:
+        """The abstract KV pieces of a call whose KV holds ``pages`` pages, as a handoff takes from
+        them (this process's own copy, on one device, where they are gathered whole)."""
+        dtype = float_dtype(self.params.layers)
+        one = jax.sharding.SingleDeviceSharding(self.mesh.local_devices[0])  # where addressable_data(0) is
+        where = KVPages(k=one, v=one) if self.gather_kv else self._page_sharding
+        bounds = (*self.starts, self.arch.num_layers)
+        specs = []
+        for a, b in zip(bounds, bounds[1:]):
+            shapes = jax.eval_shape(functools.partial(KVPages.zeros, self.arch, pages, self.page_size, dtype, b - a))
+            specs.append(jax.tree.map(lambda s, w: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=w), shapes, where))
+        return specs
+
     def inputs(self, batch: int, bucket: int) -> tuple[np.ndarray, np.ndarray, SamplingRows]:
         """Host inputs of one (batch, bucket) call, all padding: what compiles and profiles use."""
         return np.zeros((batch, bucket), np.int32), np.ones(batch, np.int32), empty_rows(batch)
 
-    def run(self, seqs: list) -> tuple[Sampled, KVPieces]:
-        """What each sequence's first token is (on the host), and the batch's KV pieces (on this mesh)."""
+    def run(self, seqs: list) -> tuple[Sampled, BatchPages]:
+        """What each sequence's first token is (on the host), and the batch's KV pages (on this mesh)."""
         batch, bucket = pow2_at_least(len(seqs)), self.batches.bucket(max(s.context_len for s in seqs))
         tokens, lengths, rows = self.inputs(batch, bucket)
         for i, s in enumerate(seqs):
@@ -162,7 +204,7 @@ class PrefillProgram:
         if self.broadcast is not None:
             self.broadcast("prefill", tokens, lengths, rows)
         sampled, kv = self.call(tokens, lengths, rows)
-        return jax.device_get(sampled), list(zip(self.starts, kv))
+        return jax.device_get(sampled), BatchPages(list(zip(self.starts, kv)), policy.pages_for(bucket, self.page_size))
 
     def call(self, tokens: np.ndarray, lengths: np.ndarray, rows: SamplingRows):
         """The program on prepared host inputs (what a multi-process instance's followers call)."""
@@ -247,9 +289,9 @@ def _write_history(history: jax.Array, slot: jax.Array, ids: jax.Array) -> jax.A
     return jax.lax.dynamic_update_slice(history, ids[None, :], (slot, 0))
 
 
-def _insert_pieces(cache: KVPages, pieces: tuple[jax.Array, ...], pages, offsets: tuple[int, ...]) -> KVPages:
+def _insert_pieces(cache: KVPages, pieces: tuple[KVPages, ...], ids, offsets: tuple[int, ...]) -> KVPages:
     for piece, offset in zip(pieces, offsets):
-        cache = insert(cache, piece, pages, offset)
+        cache = kv_cache.put(cache, piece, ids, offset)
     return cache
 
 
@@ -294,7 +336,6 @@ class Stage:
         cache_shape = KVPages.zeros(arch, 1, 1, jnp.float32, span.num_layers)  # for its logical axes only
         self.cache_sharding = shardings(cache_shape, self.mesh)
         self.activations = replicated(self.mesh)
-        self.kv_sharding = NamedSharding(self.mesh, mesh_spec(TRANSIT_AXES))
         self.dtype = float_dtype(self.params.layers)  # the activations' (weights may be int8)
         self._zeros = jax.jit(
             functools.partial(KVPages.zeros, arch, pool.pages, pool.page_size, self.dtype, span.num_layers), out_shardings=self.cache_sharding
@@ -337,11 +378,15 @@ class Stage:
         """Set a slot's token history (the last stage's): ``ids`` ``[max_seq_len]``, -1 past its tokens."""
         self.history = self._write_history(self.history, np.int32(slot), ids)
 
-    def insert(self, pieces: KVPieces, pages: np.ndarray) -> None:
-        """Write the pieces (first layer, transit array on this stage's devices) into ``pages``
-        (``[batch, seq]``: where each row's each position goes)."""
-        offsets = tuple(start - self.span.start for start, _ in pieces)
-        self.cache = self._insert(self.cache, tuple(a for _, a in pieces), pages, offsets)
+    def insert(self, groups: list[Pieces], ids: np.ndarray) -> None:
+        """Write each group's pieces (first layer, pages on this stage's devices) over pages
+        ``ids``: the first group's pages go to the first of them, and so on."""
+        done = 0
+        for pieces in groups:
+            n = pieces[0][1].num_pages
+            offsets = tuple(start - self.span.start for start, _ in pieces)
+            self.cache = self._insert(self.cache, tuple(p for _, p in pieces), ids[done : done + n], offsets)
+            done += n
 
     def reset(self) -> None:
         """A fresh cache, after a failed program may have consumed the donated one."""
@@ -363,17 +408,20 @@ class Stage:
         feed = _spec(self._empty_feed()) if self.span.first or self.span.last else None
         return self._run.lower(self.params, self.cache, self.history, feed, *jax.tree.map(_spec, args)).compile()
 
-    def compile_insert(self, batch: int, bucket: int, starts: Seq[int]) -> jax.stages.Compiled:
-        """Compile the insert of a (batch, bucket) prefill cut at ``starts``, ahead of time."""
+    def compile_insert(self, pages: int, starts: Seq[int]) -> jax.stages.Compiled:
+        """Compile the insert of ``pages`` pages cut at ``starts``, ahead of time."""
         bounds = [*starts, self.arch.num_layers]
         mine = [(a, b) for a, b in zip(bounds, bounds[1:]) if self.span.start <= a < self.span.stop]
-        v = self.cache.v
+        k, v = self.cache.k, self.cache.v
         pieces = tuple(
-            jax.ShapeDtypeStruct((2, b - a, batch, v.shape[2], bucket, v.shape[4]), v.dtype, sharding=self.kv_sharding)
+            KVPages(
+                k=jax.ShapeDtypeStruct((b - a, pages, *k.shape[2:]), k.dtype, sharding=k.sharding),
+                v=jax.ShapeDtypeStruct((b - a, pages, *v.shape[2:]), v.dtype, sharding=v.sharding),
+            )
             for a, b in mine
         )
         offsets = tuple(a - self.span.start for a, _ in mine)
-        return self._insert.lower(self.cache, pieces, jax.ShapeDtypeStruct((batch, bucket), jnp.int32), offsets).compile()
+        return self._insert.lower(self.cache, pieces, jax.ShapeDtypeStruct((pages,), jnp.int32), offsets).compile()
 
 
 class Pipeline:
@@ -436,11 +484,11 @@ class Pipeline:
         padded[: len(ids)] = ids
         self.stages[-1].write_history(slot, padded)
 
-    def insert(self, parts: list[KVPieces], pages: np.ndarray) -> None:
-        """Write transferred KV (each stage's pieces, already on its devices) into ``pages``
-        (``[batch, seq]``, the page of each row's each position; the pool's size: dropped)."""
-        for stage, pieces in zip(self.stages, parts):
-            stage.insert(pieces, pages)
+    def insert(self, parts: list[list[Pieces]], ids: np.ndarray) -> None:
+        """Write transferred pages (each stage's groups of pieces, already on its devices) over
+        the pool's pages ``ids``, in order (the pool's size: dropped)."""
+        for stage, groups in zip(self.stages, parts):
+            stage.insert(groups, ids)
 
     def reset(self) -> None:
         for stage in self.stages:
@@ -460,24 +508,25 @@ class Pipeline:
 
     @property
     def targets(self) -> list[StageTarget]:
-        """Where each stage wants its KV: its layer range and transit sharding."""
-        return [StageTarget(st.span, st.kv_sharding) for st in self.stages]
+        """Where each stage wants its KV: its layer range and its cache's sharding."""
+        return [StageTarget(st.span, st.cache_sharding) for st in self.stages]
 
     @property
     def starts(self) -> tuple[int, ...]:
         """The first layer of every stage."""
         return (0, *sorted(self.cuts))
 
-    def cut(self, kv) -> KVPieces:
-        """A whole-layer transit KV (on a device or the host) cut at this pipeline's stage starts."""
-        return [(a, kv[:, a:b]) for a, b in zip(self.starts, (*self.starts[1:], kv.shape[1]))]
+    def insert_sizes(self) -> list[int]:
+        """The page counts handoffs bring here (``page_groups``' sizes, none larger than the pool)."""
+        return [n for n in group_sizes() if n <= self.pool.pages]
 
-    def compile(self, prefill_shapes: Seq[tuple[int, int]], starts: Seq[int], chunk: int | None = None) -> list:
-        """Ahead-of-time compile jobs: a decode step of every row bucket, a prompt chunk, the insert of every prefill shape."""
+    def compile(self, inserts: Seq[int], starts: Seq[int], chunk: int | None = None) -> list:
+        """Ahead-of-time compile jobs: a decode step of every row bucket, a prompt chunk, the
+        insert of each of ``inserts`` pages cut at ``starts``."""
         jobs = [functools.partial(st.compile_run, r, 1, c) for st in self.stages for r in self.row_buckets for c in self.contexts]
         if chunk:
             jobs += [functools.partial(st.compile_run, 1, chunk, c) for st in self.stages for c in self.contexts]
-        jobs += [functools.partial(st.compile_insert, b, t, starts) for st in self.stages for b, t in prefill_shapes]
+        jobs += [functools.partial(st.compile_insert, n, starts) for st in self.stages for n in inserts]
         return jobs
 
 

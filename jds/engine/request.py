@@ -32,7 +32,7 @@ class RequestTimings:
     prefill_start: float | None = None
     first_token: float | None = None
     transfer_seconds: float = 0.0  # prefill KV to the decode devices (0 when colocated)
-    transfer_bytes: int = 0  # of the whole batch transfer it rode in (rows of other requests included)
+    transfer_bytes: int = 0  # of the KV pages its prompt fills, moved from prefill to decode
     finished: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)  # one mark per generated token
     route: list[str] = dataclasses.field(default_factory=list)  # the instances that served it, in order

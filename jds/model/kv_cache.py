@@ -14,10 +14,10 @@ seq]``, probabilities ``[groups, seq] @ [seq, head_dim]``): with K as ``[seq, he
 score product contracts both operands' minor axes, which XLA's CPU backend runs at a third of
 memory speed. Lengths are not stored here: whoever owns the pages knows them.
 
-In transit (prefill to decode) K and V travel stacked in the prompt's own layout, ``[2, layers,
-batch, kv_heads, seq, head_dim]``: one large copy dispatches faster than two, and K is transposed
-only when it lands in pages. A transit array may hold a range of the layers only (a piece cut at
-decode stage boundaries).
+A prefill's KV leaves its program already as pages (``as_pages``: batch row ``r``'s page ``i``
+is page ``r * n + i`` of a ``KVPages`` of ``batch * n`` pages), so moving a request's KV is moving
+the pages its prompt fills (``take``), and landing it is a scatter of whole pages into the pages
+reserved for it (``put``): no position-by-position write, no transpose where it lands.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from flax import struct
 
 from jds.model.architecture import Architecture
 from jds.model.params import axes
-
-TRANSIT_AXES = ("kv", "layers", "batch", "kv_heads", "seq", "head_dim")
 
 
 @struct.dataclass
@@ -78,12 +76,32 @@ def write(cache: KVPages, k_new: jax.Array, v_new: jax.Array, pages: jax.Array, 
     )
 
 
-def insert(cache: KVPages, update: jax.Array, pages: jax.Array, layer_offset: int = 0) -> KVPages:
-    """Write a prefill KV ``update`` (transit layout; batch row i's positions ``0 .. seq``) into the
-    pages ``pages[i, s]`` (``[batch, seq]``; ``num_pages`` for padding and aborted rows: dropped).
-    ``update`` may cover only some layers: it lands at ``layer_offset`` onwards."""
-    positions = jnp.broadcast_to(jnp.arange(update.shape[4], dtype=jnp.int32), pages.shape)
-    return write(cache, update[0], update[1], pages, positions, layer_offset)
+def as_pages(kv: jax.Array, page_size: int) -> KVPages:
+    """A prefill's K and V ``[2, layers, B, KV, T, hd]`` as ``B * n`` pages (``n = ceil(T /
+    page_size)``; row ``r``'s page ``i`` is page ``r * n + i``), positions past ``T`` zero."""
+    _, layers, b, kv_heads, t, hd = kv.shape
+    n = -(-t // page_size)
+    kv = jnp.pad(kv, ((0, 0),) * 4 + ((0, n * page_size - t), (0, 0))).reshape(2, layers, b, kv_heads, n, page_size, hd)
+    return KVPages(
+        k=kv[0].transpose(0, 1, 3, 2, 5, 4).reshape(layers, b * n, kv_heads, hd, page_size),
+        v=kv[1].transpose(0, 1, 3, 2, 4, 5).reshape(layers, b * n, kv_heads, page_size, hd),
+    )
+
+
+def take(pages: KVPages, ids: jax.Array) -> KVPages:
+    """Pages ``ids`` of ``pages``, in that order (what a transfer moves)."""
+    return KVPages(k=pages.k[:, ids], v=pages.v[:, ids])
+
+
+def put(cache: KVPages, update: KVPages, ids: jax.Array, layer_offset: int = 0) -> KVPages:
+    """Write the pages of ``update`` over pages ``ids`` of ``cache`` (``num_pages``: dropped), for
+    ``update``'s layers from ``layer_offset`` on. Jit it with the cache donated so the write
+    happens in place."""
+    layers = slice(layer_offset, layer_offset + update.k.shape[0])
+    return KVPages(
+        k=cache.k.at[layers, ids].set(update.k.astype(cache.k.dtype), mode="drop"),
+        v=cache.v.at[layers, ids].set(update.v.astype(cache.v.dtype), mode="drop"),
+    )
 
 
 def written_pages(tables: jax.Array, positions: jax.Array, page_size: int, no_page: int) -> jax.Array:

@@ -71,7 +71,7 @@ def _measure(config_path: str, job: Job, grid: Grid) -> dict:
 
     from jds.bench.timing import timed
     from jds.config import load_config
-    from jds.config.placement import DecodeInstance, PrefillInstance
+    from jds.config.placement import DEFAULT_PAGE_SIZE, DecodeInstance, PrefillInstance
     from jds.engine import builders
     from jds.engine.programs import empty_rows
     from jds.model.loader import load_model
@@ -79,7 +79,8 @@ def _measure(config_path: str, job: Job, grid: Grid) -> dict:
     model = load_model(load_config(config_path), progress=False)
     devices = jax.devices()[: job.devices]
     if job.phase == "prefill":
-        program = builders.prefill_instance(model, PrefillInstance(devices=list(range(job.devices)), tp=job.devices), devices, model.max_seq_len)
+        spec = PrefillInstance(devices=list(range(job.devices)), tp=job.devices)
+        program = builders.prefill_instance(model, spec, devices, model.max_seq_len, DEFAULT_PAGE_SIZE)
         shapes = [s for s in program.shapes() if s[0] * s[1] <= grid.max_tokens]
         points = []
         for batch, length in tqdm(shapes, desc=job.label, unit="shape"):

@@ -107,10 +107,9 @@ def _take(waiting: collections.deque, batches: PrefillBatches, limit: int, decod
     return taken
 
 
-def _prefill_seconds(latency: PrefillEntry, batches: PrefillBatches, batch: list[_Request]) -> tuple[float, int]:
-    """The padded batch's time and its padded length."""
-    length = batches.bucket(max(r.context for r in batch))
-    return latency.batch_seconds(pow2_at_least(len(batch)), length), length
+def _prefill_seconds(latency: PrefillEntry, batches: PrefillBatches, batch: list[_Request]) -> float:
+    """The padded batch's time."""
+    return latency.batch_seconds(pow2_at_least(len(batch)), batches.bucket(max(r.context for r in batch)))
 
 
 class _Decoder:
@@ -323,23 +322,22 @@ class _Handoff:
         self.pulls_wait = pulls_wait  # a pull is answered only once its prefill process is not computing
         self.landing = {id(d): collections.deque() for d in decoders}  # requests sent to a decode process
         self.landing_busy = {id(d): False for d in decoders}
-        # one process: per prefill instance, its batches waiting to ship (rows left, transit bytes, done)
-        self.batches: dict[int, list[tuple[list[_Request], int, Callable[[], None]]]] = collections.defaultdict(list)
+        # one process: per prefill instance, its batches waiting to ship (rows left, done)
+        self.batches: dict[int, list[tuple[list[_Request], Callable[[], None]]]] = collections.defaultdict(list)
         self.shipping: set[int] = set()
 
-    def send(self, source: _Prefiller, batch: list[_Request], length: int, padded_rows: int, done: Callable[[], None]) -> None:
-        """Prefill instance ``source`` hands over a batch (``padded_rows`` rows of ``length``
-        tokens were computed); ``done`` once every row has left it."""
+    def send(self, source: _Prefiller, batch: list[_Request], done: Callable[[], None]) -> None:
+        """Prefill instance ``source`` hands over a batch; ``done`` once every row has left it."""
         if self.between_processes:
             for r in batch:
                 sent = [d.reserved_elsewhere + d.slots.size - d.free for d in self.decoders]
                 d = self.decoders[policy.most_room([policy.remote_room(d.slots.size, d.free, n) for d, n in zip(self.decoders, sent)])]
                 d.reserved_elsewhere += 1
-                self.landing[id(d)].append((r, length, source))
+                self.landing[id(d)].append((r, source))
                 self._land_next(d)
             done()
             return
-        self.batches[id(source)].append((list(batch), padded_rows * length * self.kv_per_token, done))
+        self.batches[id(source)].append((list(batch), done))
         self._ship(id(source))
 
     def slot_freed(self) -> None:
@@ -355,7 +353,7 @@ class _Handoff:
         queue = self.batches[source]
         if source in self.shipping or not queue:
             return
-        rows, nbytes, done = queue[0]
+        rows, done = queue[0]
         groups: dict[int, tuple[_Decoder, list[_Request]]] = {}
         while rows:
             d = self.decoders[policy.most_room([d.free for d in self.decoders])]
@@ -368,7 +366,7 @@ class _Handoff:
             return
         if not rows:
             queue.pop(0)
-        seconds = len(groups) * self.link.seconds(nbytes)  # every ship moves the whole batch's KV (``send_kv``)
+        seconds = sum(self.link.seconds(sum(self._bytes(d, r) for r in g)) for d, g in groups.values())  # the rows' pages (``send_pages``)
         self.shipping.add(source)
 
         def landed() -> None:
@@ -381,11 +379,15 @@ class _Handoff:
 
         self.clock.at(self.clock.now + seconds, landed)
 
+    def _bytes(self, d: _Decoder, r: _Request) -> int:
+        """The bytes of the pages ``r``'s context fills on ``d``: what a handoff moves."""
+        return policy.pages_for(r.context, d.page_size) * d.page_size * self.kv_per_token
+
     def _land_next(self, d: _Decoder) -> None:
         queue = self.landing[id(d)]
         if self.landing_busy[id(d)] or not queue or not d.admits([queue[0][0].context]):
             return
-        r, length, source = queue.popleft()
+        r, source = queue.popleft()
         d.reserve(r)
         d.reserved_elsewhere -= 1
         self.landing_busy[id(d)] = True
@@ -399,7 +401,7 @@ class _Handoff:
             # After everything else due now: a prefill that starts as its previous batch hands over
             # is running by the time the pull reaches its process.
             answered = max(self.clock.now, source.busy_until) if self.pulls_wait else self.clock.now
-            self.clock.at(answered + self.link.seconds(length * self.kv_per_token), landed)
+            self.clock.at(answered + self.link.seconds(self._bytes(d, r)), landed)
 
         self.clock.at(self.clock.now, asked)
 
@@ -421,17 +423,17 @@ class _Prefiller:
         if self.running or self.pending >= policy.PENDING_BATCHES or not self.waiting:
             return
         batch = _take(self.waiting, self.batches, self.batches.max_batch)
-        seconds, length = _prefill_seconds(self.latency, self.batches, batch)
+        seconds = _prefill_seconds(self.latency, self.batches, batch)
         self.running = True
         self.busy_until = self.clock.now + seconds
-        self.clock.at(self.busy_until, lambda: self._done(batch, length))
+        self.clock.at(self.busy_until, lambda: self._done(batch))
 
-    def _done(self, batch: list[_Request], length: int) -> None:
+    def _done(self, batch: list[_Request]) -> None:
         self.running = False
         going = [r for r in batch if r.first_token(self.clock.now)]
         if going:
             self.pending += 1
-            self.handoff.send(self, going, length, pow2_at_least(len(batch)), self._shipped)
+            self.handoff.send(self, going, self._shipped)
         self.poke()
 
     def _shipped(self) -> None:
@@ -486,7 +488,7 @@ class _Colocated:
             if not batch:  # another instance took them meanwhile
                 self._step()
                 return
-            seconds, _ = _prefill_seconds(self.prefill, self.batches, batch)
+            seconds = _prefill_seconds(self.prefill, self.batches, batch)
             self.clock.at(d.run(seconds), lambda: self._prefilled(batch))
             return
         if self.chunking is None:

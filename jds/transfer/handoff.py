@@ -1,11 +1,17 @@
-"""In-process KV handoff: ``jax.device_put`` from the prefill mesh into each decode stage's layout.
+"""In-process KV handoff: the pages a batch's prompts fill, copied from the prefill mesh onto each
+decode stage with ``jax.device_put``.
 
-The prefill program returns K and V stacked in transit arrays ``[2, layers, batch, kv_heads, seq,
-head_dim]``, sharded over its own ``tp`` and already cut at every decode stage boundary of the
-placement. Each decode stage receives the pieces of its own layer range, put straight into the
-stage's sharding (its own ``tp``, which may differ from prefill's): XLA copies device to device
-(over NVLink or ICI on accelerators) and never gathers a whole array on one device. The caller blocks until the copies land, so the decode loop that later inserts
-them never waits on a transfer.
+The prefill program returns its KV as pages (``kv_cache.as_pages``), already cut at every decode
+stage boundary of the placement. A handoff takes exactly the pages the requests' prompts fill
+(never a padded row or the padding of a length bucket) and puts them straight into the sharding
+of the stage that owns their layers (its own ``tp``, which may differ from prefill's): XLA copies
+device to device (over NVLink or ICI on accelerators) and never gathers a whole array on one
+device. The caller blocks until the copies land, so the decode loop that later writes them into
+its pages never waits on a transfer.
+
+Pages move in groups whose sizes are powers of two (``page_groups``): the bytes are the pages'
+own, and the programs that take and place a group are compiled once per size, not once per
+prompt length.
 """
 
 from __future__ import annotations
@@ -15,14 +21,39 @@ import time
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding
 
 from jds.config.stages import StageSpan
+from jds.model import kv_cache
+from jds.model.kv_cache import KVPages
+
+MAX_GROUP_PAGES = 256  # the largest group a handoff moves at once
+
+Pieces = list[tuple[int, KVPages]]  # KV pages cut at stage boundaries: (first layer, pages)
+
+
+def page_groups(n: int) -> list[int]:
+    """Group sizes that add up to ``n`` pages: as many ``MAX_GROUP_PAGES`` as fit, then the
+    binary digits of the rest, largest first."""
+    whole, rest = divmod(n, MAX_GROUP_PAGES)
+    return [MAX_GROUP_PAGES] * whole + [1 << b for b in reversed(range(rest.bit_length())) if rest >> b & 1]
+
+
+def group_sizes() -> list[int]:
+    """Every size ``page_groups`` may give: what a receiving stage compiles."""
+    return [1 << b for b in range(MAX_GROUP_PAGES.bit_length())]
+
+
+def split(ids: np.ndarray) -> list[np.ndarray]:
+    """``ids`` cut into consecutive groups of ``page_groups(len(ids))``."""
+    bounds = np.cumsum([0, *page_groups(len(ids))])
+    return [ids[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 @dataclasses.dataclass(frozen=True)
 class StageTarget:
-    """Where one decode stage wants its KV: its layer range and its transit sharding."""
+    """Where one decode stage wants its KV: its layer range and its cache's sharding."""
 
     span: StageSpan
     sharding: NamedSharding
@@ -30,17 +61,38 @@ class StageTarget:
 
 @dataclasses.dataclass(frozen=True)
 class Handoff:
-    """A prefill batch's KV on the decode devices: each stage's pieces, and what moving them cost."""
+    """Pages on the decode devices: for each stage, each group's pieces; and what moving them cost."""
 
-    parts: list[list[tuple[int, jax.Array]]]
+    parts: list[list[Pieces]]
     seconds: float
     bytes: int
 
 
-def send_kv(pieces: Sequence[tuple[int, jax.Array]], targets: Sequence[StageTarget]) -> Handoff:
-    """Copy each piece (first layer, transit array) onto the stage that owns its layers; returns when all landed."""
+_take = jax.jit(kv_cache.take)  # compiled per (pages offered, group size): both powers of two
+
+
+def compile_take(pages: KVPages, group: int) -> None:
+    """Compile the take of ``group`` pages from ``pages`` (abstract), ahead of time."""
+    _take.lower(pages, jax.ShapeDtypeStruct((group,), np.int32)).compile()
+
+
+def take_groups(pieces: Sequence[tuple[int, KVPages]], ids: np.ndarray) -> list[Pieces]:
+    """Pages ``ids`` (in order) of every piece, in ``split`` groups, where the pieces are."""
+    return [[(start, _take(pages, group)) for start, pages in pieces] for group in split(np.asarray(ids, np.int32))]
+
+
+def send_pages(pieces: Sequence[tuple[int, KVPages]], ids: np.ndarray, targets: Sequence[StageTarget]) -> Handoff:
+    """Copy pages ``ids`` of each piece onto the stage that owns its layers; returns when all landed."""
     begin = time.perf_counter()
-    parts = [[(start, jax.device_put(kv, t.sharding)) for start, kv in pieces if t.span.start <= start < t.span.stop] for t in targets]
+    parts = place(take_groups(pieces, ids), targets)
     jax.block_until_ready(parts)
-    moved = sum(kv.nbytes for part in parts for _, kv in part)
+    moved = sum(a.nbytes for part in parts for group in part for _, pages in group for a in jax.tree.leaves(pages))
     return Handoff(parts, time.perf_counter() - begin, moved)
+
+
+def place(groups: list[Pieces], targets: Sequence[StageTarget]) -> list[list[Pieces]]:
+    """Each group's pieces (on any device, or the host) put on the stages that own their layers."""
+    return [
+        [[(start, jax.device_put(pages, t.sharding)) for start, pages in group if t.span.start <= start < t.span.stop] for group in groups]
+        for t in targets
+    ]

@@ -1,19 +1,20 @@
 """KV between processes with ``jax.experimental.transfer``: offered by prefill, pulled by decode.
 
-Each process runs one transfer server. The prefill side offers a request's KV under a fresh id
+Each process runs one transfer server. The prefill side offers a request's KV pages (the groups
+``jds.transfer.handoff`` cuts them into, K and V of each) under a fresh id
 (``await_pull``) with a lease: when it ends, the transfer server drops the KV if nobody pulled it
 (measured: memory stays flat over many unpulled offers with a lease, and grows by each offer
 without one), so a request aborted between the phases, or a decode process that died, strands
 memory for at most the lease. An offer no decode process was ever told about is released at once
-by pulling it locally. The decode side pulls by id onto one of its devices, naming the exact shape
-and dtype offered, then reshards locally into its stages (``send_kv``).
+by pulling it locally. The decode side pulls by id onto one of its devices, naming the exact shapes
+and dtype offered, then reshards locally into its stages (``handoff.place``).
 
 Pulling an id that expired or was never offered does not fail: the array never fills. So a pull
 is refused outright when the lease is about to end, and waited for with a timeout otherwise; a
 pull that times out fails its request (``PullFailed``) instead of hanging it.
 
-Transit arrays are single-device on both ends: the prefill side gathers a request's row onto one
-device before offering it. That keeps the two sides' layouts trivially equal whatever their ``tp``
+The arrays are single-device on both ends: the prefill side gathers a request's pages onto one
+device before offering them. That keeps the two sides' layouts trivially equal whatever their ``tp``
 (the library needs matching shard shapes); the local reshard on the decode side is a
 device-to-device copy.
 """
@@ -43,7 +44,7 @@ class Offer:
 
     address: str
     uuid: int
-    shape: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]  # of each array offered, in order
     dtype: str
     expires_at: float  # unix time
 
@@ -64,29 +65,29 @@ class KVTransfer:
         self._lock = threading.Lock()
         # Ids are unique across processes too: a random prefix per process, then a counter.
         self._ids = itertools.count((secrets.randbits(31) << 32) + 1)
-        self._offers: dict[int, tuple[jax.ShapeDtypeStruct, float]] = {}  # id -> (what, lease end)
+        self._offers: dict[int, tuple[list[jax.ShapeDtypeStruct], float]] = {}  # id -> (what, lease end)
 
     # -- prefill side ---------------------------------------------------------------------------
 
-    def offer(self, kv: jax.Array) -> Offer:
-        """Make ``kv`` pullable once, until the lease ends; the transfer server holds the reference."""
+    def offer(self, arrays: list[jax.Array]) -> Offer:
+        """Make ``arrays`` (one dtype) pullable once, until the lease ends; the transfer server
+        holds the references."""
         uuid = next(self._ids)
         expires_at = time.time() + self.lease_seconds
-        self._server.await_pull(uuid, [kv], timeout=datetime.datetime.fromtimestamp(expires_at))
+        self._server.await_pull(uuid, arrays, timeout=datetime.datetime.fromtimestamp(expires_at))
         with self._lock:
             self._prune()
-            self._offers[uuid] = (jax.ShapeDtypeStruct(kv.shape, kv.dtype, sharding=kv.sharding), expires_at)
-        return Offer(self.address, uuid, tuple(kv.shape), str(kv.dtype), expires_at)
+            self._offers[uuid] = ([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for a in arrays], expires_at)
+        return Offer(self.address, uuid, tuple(tuple(a.shape) for a in arrays), str(arrays[0].dtype), expires_at)
 
     def release(self, uuid: int) -> bool:
         """Free an offer nobody was told about, now rather than at its lease: pull it here and drop it."""
         with self._lock:
             self._prune()
-            spec, expires_at = self._offers.pop(uuid, (None, 0.0))
-        if spec is None or time.time() > expires_at - PULL_MARGIN_SECONDS:
+            specs, expires_at = self._offers.pop(uuid, (None, 0.0))
+        if specs is None or time.time() > expires_at - PULL_MARGIN_SECONDS:
             return False
-        (kv,) = self._connection(self.address).pull(uuid, [spec])
-        _arrival(kv)  # lands in the background, then is dropped with the thread
+        _arrival(self._connection(self.address).pull(uuid, specs))  # lands in the background, then is dropped with the thread
         return True
 
     @property
@@ -103,14 +104,15 @@ class KVTransfer:
 
     # -- decode side ----------------------------------------------------------------------------
 
-    def pull(self, offer: Offer, device: jax.Device, timeout: float) -> jax.Array:
-        """The offered array, on ``device``; ``PullFailed`` (never a hang) if it cannot arrive."""
+    def pull(self, offer: Offer, device: jax.Device, timeout: float) -> list[jax.Array]:
+        """The offered arrays, on ``device``; ``PullFailed`` (never a hang) if they cannot arrive."""
         left = offer.expires_at - time.time()
         if left < PULL_MARGIN_SECONDS:
             raise PullFailed(f"KV {offer.uuid} from {offer.address}: its lease ended (or ends in {max(left, 0):.1f} s) before the pull")
-        spec = jax.ShapeDtypeStruct(offer.shape, np.dtype(offer.dtype), sharding=jax.sharding.SingleDeviceSharding(device))
+        where = jax.sharding.SingleDeviceSharding(device)
+        specs = [jax.ShapeDtypeStruct(shape, np.dtype(offer.dtype), sharding=where) for shape in offer.shapes]
         try:
-            (kv,) = self._connection(offer.address).pull(offer.uuid, [spec])
+            kv = self._connection(offer.address).pull(offer.uuid, specs)
         except Exception as exc:  # the library's own errors: the peer closed, refused, ...
             raise PullFailed(f"KV {offer.uuid} from {offer.address}: {exc}") from exc
         landed = _arrival(kv)
@@ -133,14 +135,14 @@ class _Arrival:
         self.error: Exception | None = None
 
 
-def _arrival(array: jax.Array) -> _Arrival:
-    """Wait for ``array`` to land on a daemon thread: a pull that never lands must not keep the
+def _arrival(arrays: list[jax.Array]) -> _Arrival:
+    """Wait for ``arrays`` to land on a daemon thread: a pull that never lands must not keep the
     process from exiting (a pool's worker threads would be joined at exit, forever)."""
     arrival = _Arrival()
 
     def wait() -> None:
         try:
-            array.block_until_ready()
+            jax.block_until_ready(arrays)
         except Exception as exc:
             arrival.error = exc
         finally:
