@@ -136,3 +136,59 @@ def test_without_slots_an_instance_runs_32_rows_over_the_pages_of_8_whole_sequen
     assert sized.slots == 32 and sized.kv_pages is None  # pages from memory, once the model's page bytes are known
     with pytest.raises(ValueError, match="not resolved"):
         ColocatedInstance(devices=[0]).num_pages(1000)
+
+
+def test_a_thousand_requests_ending_every_way_in_a_tiny_pool_leave_only_the_cache():
+    """1,000 requests through 4 slots and 12 pages of 4 positions, with shared prompt prefixes so
+    that pages are shared, cached and evicted. Each ends finished (its tokens registered, as
+    ``DecodeBatch.leave`` does), aborted or past its deadline (freed as it stands), and many are
+    preempted on the way (freed at once, then admitted again with their tokens so far) when a
+    running request cannot grow. After every operation each page is either available or listed by
+    a running request's table, never both (a double free raises); at the end the pages in use are
+    exactly the cached ones, and dropping the cache leaves none."""
+    rng = np.random.default_rng(0)
+    pool = KVPool(slots=4, pages=12, page_size=4, max_seq_len=32, cond=threading.Condition(), prefix_caching=True)
+    prefixes = [list(rng.integers(0, 1000, 8)) for _ in range(3)]
+    waiting = [[*prefixes[i % 3], *rng.integers(0, 1000, 1 + i % 7)] for i in range(1000)]  # each request's tokens so far
+    running: dict[int, list[int]] = {}  # slot -> its tokens, the newest not yet in the cache
+    ended = {"finished": 0, "aborted": 0, "expired": 0, "preempted": 0}
+
+    def check() -> None:
+        held = {int(p) for slot in running for p in pool.tables[slot] if p != pool.no_page}
+        assert len(pool.pages) + len(held) == pool.pages.total
+        assert all((pool.tables[slot] == pool.no_page).all() for slot in range(pool.size) if slot not in running)
+
+    while waiting or running:
+        if waiting and rng.random() < 0.5:
+            got = pool.reserve_reusing(waiting[0][:-1])
+            if got is not None:
+                running[got[0]] = waiting.pop(0)
+        for slot in list(running):
+            if slot not in running:  # preempted by an older request this round
+                continue
+            tokens = running[slot]
+            fate = rng.random()
+            if fate < 0.05 or len(tokens) >= 31:
+                pool.register(slot, tokens[:-1])
+                ended["finished"] += 1
+            elif fate < 0.08:
+                ended["aborted" if fate < 0.065 else "expired"] += 1
+            elif pool.grow(slot, len(tokens) + 1):
+                tokens.append(int(rng.integers(0, 1000)))
+                check()
+                continue
+            else:  # the youngest (maybe this one) goes back to the front of the queue
+                victim = list(running)[-1]
+                waiting.insert(0, running.pop(victim))
+                pool.release(victim)
+                ended["preempted"] += 1
+                check()
+                continue
+            del running[slot]
+            pool.release(slot)
+            check()
+    assert ended["finished"] + ended["aborted"] + ended["expired"] == 1000 and min(ended.values()) > 10, ended
+    assert pool.prefix_hits > 0 and pool.free == pool.size
+    assert pool.pages.used == pool.pages.cached > 0
+    pool.drop_cache()
+    assert pool.pages.used == 0 and len(pool.pages) == pool.pages.total

@@ -198,9 +198,14 @@ def test_overload_gives_resource_exhausted_and_accepted_requests_finish(stub):
 
 def test_a_repeated_prompt_reports_the_tokens_the_prefix_cache_held(stub):
     ids = list(range(4200, 4240))  # 40 tokens: two full pages of 16 before its last token
+    before = stub.ModelInfo(pb.ModelInfoRequest())
     first, again = (_generate(stub, token_ids=ids, max_tokens=3, temperature=0.0, ignore_eos=True) for _ in range(2))
     assert (first[-1].usage.cached_tokens, again[-1].usage.cached_tokens) == (0, 32)
     assert _tokens(first) == _tokens(again)
+    info = stub.ModelInfo(pb.ModelInfoRequest())  # both prompts were looked up, 40 positions each; 32 were held
+    assert info.prefix_cache_queried_tokens - before.prefix_cache_queried_tokens == 80
+    assert info.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens == 32
+    assert info.prefix_cache_hit_rate == info.prefix_cache_hit_tokens / info.prefix_cache_queried_tokens > 0
 
 
 def test_metrics_expose_histograms_gauges_and_counters(server, stub):
@@ -217,6 +222,7 @@ def test_metrics_expose_histograms_gauges_and_counters(server, stub):
         f"jds_kv_pages_total {4 * MAX_SEQ_LEN // 16}.0",
         "jds_kv_pages_used",
         "jds_prompt_tokens_cached_total",
+        "jds_prefix_cache_hit_rate",
         "jds_waiting_requests",
         'jds_requests_total{finish_reason="length"}',
         'jds_generated_tokens_total{finish_reason="length"}',

@@ -117,6 +117,9 @@ class Router:
     def page_usage(self) -> tuple[int, int]:
         return self.registry.page_usage()
 
+    def prefix_cache_usage(self) -> tuple[int, int]:
+        return 0, 0  # role processes keep no prefix cache yet: every prompt is computed whole
+
     def drain(self, timeout: float) -> int:
         return self._running.wait_finished(timeout)
 

@@ -164,6 +164,10 @@ class Engine:
         """(KV pages in use, total KV pages) over every decode-capable instance."""
         return sum(p.pages.used for p in self._pools), sum(p.pages.total for p in self._pools)
 
+    def prefix_cache_usage(self) -> tuple[int, int]:
+        """(prompt positions looked up in the instances' prefix caches, of those found cached)."""
+        return sum(p.prefix_queried for p in self._pools), sum(p.prefix_hits for p in self._pools)
+
     def drain(self, timeout: float) -> int:
         return self._running.wait_finished(timeout)
 

@@ -51,6 +51,10 @@ class ServingEngine(Protocol):
         """(KV pages in use, KV pages in all) over the decode-capable instances."""
         ...
 
+    def prefix_cache_usage(self) -> tuple[int, int]:
+        """(prompt positions looked up in a prefix cache, of those the cache held) since start."""
+        ...
+
     def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` seconds for every running request to finish; how many have not."""
         ...

@@ -12,6 +12,12 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TRANSFER_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0)
 
 
+def hit_rate(usage: tuple[int, int]) -> float:
+    """The share of looked-up prompt positions a prefix cache held (0 before any lookup)."""
+    queried, hits = usage
+    return hits / queried if queried else 0.0
+
+
 class Metrics:
     """One registry per server (not the global one), so several servers can live in one process."""
 
@@ -37,6 +43,9 @@ class Metrics:
         Gauge("jds_slots_total", "Decode slots.", registry=r).set_function(lambda: engine.slot_usage()[1])
         Gauge("jds_kv_pages_used", "KV cache pages holding a request's tokens.", registry=r).set_function(lambda: engine.page_usage()[0])
         Gauge("jds_kv_pages_total", "KV cache pages.", registry=r).set_function(lambda: engine.page_usage()[1])
+        Gauge("jds_prefix_cache_hit_rate", "Share of prompt positions looked up that the prefix cache held.", registry=r).set_function(
+            lambda: hit_rate(engine.prefix_cache_usage())
+        )
         Gauge("jds_waiting_requests", "Requests waiting for prefill.", registry=r).set_function(lambda: engine.num_waiting)
         Gauge("jds_running_requests", "Requests admitted and not finished.", registry=r).set_function(lambda: engine.num_running)
 

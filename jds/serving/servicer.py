@@ -22,7 +22,7 @@ from jds.engine.interface import ServingEngine
 from jds.engine.request import Request, RequestTimings, StreamOutput
 from jds.intake import InvalidRequest, build_request, check_token_ids, encode_chat, encode_text
 from jds.serving.admission import GRPC_CODES, Refused, admit
-from jds.serving.metrics import Metrics
+from jds.serving.metrics import Metrics, hit_rate
 
 OPTIONAL_SAMPLING = (
     "max_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty",
@@ -110,6 +110,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         arch = model.arch
         in_use, total = self.engine.slot_usage()
         pages_in_use, pages_total = self.engine.page_usage()
+        queried, hits = self.engine.prefix_cache_usage()
         return pb.ModelInfoResponse(
             model_name=model.name,
             num_params=arch.num_params(),
@@ -129,6 +130,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             quantization=model.quantization,
             kv_pages_total=pages_total,
             kv_pages_in_use=pages_in_use,
+            prefix_cache_queried_tokens=queried,
+            prefix_cache_hit_tokens=hits,
+            prefix_cache_hit_rate=hit_rate((queried, hits)),
         )
 
 
