@@ -134,7 +134,7 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(tmp_path):
     config["placement"] = {"instances": {"devices": [0], "slots": 2, "max_batch": 2}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "micro"
-    assert main(["micro", "--config", str(tmp_path / "tiny.yaml"), "--batches", "1,4", "--contexts", "64", "--prompts", "32", "--no-peer", "--out", str(out)]) == 0
+    assert main(["micro", "--config", str(tmp_path / "tiny.yaml"), "--batches", "1,4", "--contexts", "64", "--prompts", "40", "--no-peer", "--out", str(out)]) == 0
     result = json.loads((out / "micro.json").read_text())
     assert result["memory_bandwidth_gb_per_s"] > 0 and result["matmul_gflop_per_s"] > 0
     # Limits sampled before the decode passes and after each (before and after each prompt's prefill).
@@ -156,8 +156,11 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(tmp_path):
         assert row["over_greedy"] == pytest.approx(row["seconds"] / greedy["seconds"])
     assert "against the greedy one" in (out / "micro.md").read_text()
     (prefill,) = result["prefill"]
-    expected_kv = 2 * 4 * 4 * 32 * 16 * 4  # K and V, 4 layers, 4 KV heads, 32 positions, head_dim 16, float32
+    # The pages a 40-token prompt fills, three of 16 positions (its 64-position bucket is not moved):
+    # K and V, 4 layers, 4 KV heads, head_dim 16, float32.
+    expected_kv = 2 * 4 * 4 * 48 * 16 * 4
     assert prefill["handoff_bytes"] == expected_kv and 0 < prefill["of_matmul_peak"]
+    assert prefill["handoff_of_prompt_kv"] == pytest.approx(48 / 40)
     assert "jds / floor" in (out / "micro.md").read_text()
     engine = result["engine"]  # one request through the engine against the bare step of its shapes
     assert engine["slots"] > 1 and engine["seconds_per_token"] > 0 and engine["over_bare"] == pytest.approx(engine["seconds_per_token"] / engine["bare_seconds"])
