@@ -285,21 +285,25 @@ def test_the_launcher_stops_every_process_and_frees_every_port(cluster):
 def test_the_router_policies_pick_the_least_loaded_or_in_turn_and_skip_unhealthy_instances():
     from jds.cluster.registry import Instance, Registry
 
-    def decoder(name: str, free: int, healthy: bool = True) -> Instance:
-        status = ipb.InstanceStatus(slots_total=4, slots_free=free, max_seq_len=MAX_SEQ_LEN)
+    def decoder(name: str, free: int, committed: int, healthy: bool = True) -> Instance:
+        status = ipb.InstanceStatus(slots_total=4, slots_free=free, max_seq_len=MAX_SEQ_LEN, kv_pages_total=64, kv_pages_committed=committed)
         return Instance(name, "decode", "unused", None, None, healthy=healthy, status=status)
 
     never = threading.Event()
     least = Registry([], [], 60, "least_loaded")
-    least.instances += [decoder("busy", 1), decoder("idle", 4), decoder("down", 4, healthy=False)]
-    picks = [least.acquire("decode", 10, 1, never).name for _ in range(5)]
-    assert picks[:3] == ["idle"] * 3 and "down" not in picks  # idle until its free slots match busy's
+    least.instances += [decoder("busy", 3, 40), decoder("idle", 4, 0), decoder("down", 4, 0, healthy=False)]
+    picks = [least.acquire("decode", 10, 1, never, pages=8) for _ in range(5)]
+    # idle, while it has a slot and more pages left than busy's 24 (each request sent commits 8);
+    # then its four slots are all taken by requests sent there, and busy has one free
+    assert [i.name for i in picks] == ["idle"] * 4 + ["busy"]
+    least.release(picks[0], pages=8)
+    assert least.acquire("decode", 10, 1, never, pages=8).name == "idle"  # 40 pages left against busy's 24
     assert least.acquire("decode", MAX_SEQ_LEN + 1, 0.1, never) is None  # nothing holds that many positions
     least.instances.clear()  # no channels to close
     least.close()
 
     turns = Registry([], [], 60, "round_robin")
-    turns.instances += [decoder("a", 1), decoder("b", 4), decoder("down", 4, healthy=False)]
+    turns.instances += [decoder("a", 1, 0), decoder("b", 4, 0), decoder("down", 4, 0, healthy=False)]
     assert {turns.acquire("decode", 10, 1, never).name for _ in range(4)} == {"a", "b"}
     turns.instances.clear()
     turns.close()

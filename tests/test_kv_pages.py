@@ -192,3 +192,17 @@ def test_a_thousand_requests_ending_every_way_in_a_tiny_pool_leave_only_the_cach
     assert pool.pages.used == pool.pages.cached > 0
     pool.drop_cache()
     assert pool.pages.used == 0 and len(pool.pages) == pool.pages.total
+
+
+def test_routing_room_counts_the_pages_running_requests_commit_not_those_they_hold_yet():
+    pool = KVPool(slots=2, pages=16, page_size=4, max_seq_len=32, cond=threading.Condition())
+    assert pool.room == (True, 16)
+    a = pool.try_reserve(5, final_len=30)  # holds 2 pages now, commits 8 (30 positions)
+    assert pool.pages.used == 2 and pool.room == (True, 8)
+    b = pool.try_reserve(9)  # no final length given: commits what it holds (3 pages)
+    assert pool.room == (False, 5)  # no free slot: routing sees no room whatever the pages
+    assert policy.most_room([pool.room, (True, 0)]) == 1 and policy.most_room([(True, 3), (True, 9)]) == 1
+    pool.release(a)
+    assert pool.room == (True, 13)
+    pool.release(b)
+    assert pool.room == (True, 16) and pool.committed == 0

@@ -143,15 +143,16 @@ def test_memory_needs_count_what_a_prefill_call_holds_and_what_a_decode_stage_re
 
     prefill, *stages = memory_needs(placement(None), TINY, 4, 512)
     kv_per_token = 2 * 4 * 4 * 16 * 4  # K and V, 4 layers, 4 KV heads, head_dim 16, float32
-    # the largest call is one prompt of max_seq_len (512 > 256): its KV, one layer's float32
-    # scores over 512 x 512 positions of 8 heads, and the MLP's two intermediate activations
-    assert prefill.transient == 512 * kv_per_token + 512 * 512 * 8 * 4 + 2 * 512 * 256 * 4
+    # the largest call is one prompt of max_seq_len (512 > 256): its KV and the pages taken from it
+    # for the handoff, one layer's float32 scores over 512 x 512 positions of 8 heads, and the
+    # MLP's two intermediate activations
+    assert prefill.transient == 2 * 512 * kv_per_token + 512 * 512 * 8 * 4 + 2 * 512 * 256 * 4
     assert [s.transient for s in stages] == [512 * kv_per_token // 2] * 2  # each stage receives its 2 layers
     assert prefill.per_device == prefill.weights + prefill.transient
     # prefill is built for the longest decode instance: at 64 positions, its largest call is a
     # batch of 256 tokens of prompts up to 64
     prefill, *stages = memory_needs(placement(64), TINY, 4, 512)
-    assert prefill.transient == 256 * kv_per_token + 256 * 64 * 8 * 4 + 2 * 256 * 256 * 4
+    assert prefill.transient == 2 * 256 * kv_per_token + 256 * 64 * 8 * 4 + 2 * 256 * 256 * 4
     assert [s.transient for s in stages] == [256 * kv_per_token // 2] * 2
 
 

@@ -175,7 +175,7 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
         """A slot with the pages of ``seq``'s context, waiting for room; None if the request was aborted meanwhile."""
         while not (seq.aborted.is_set() or self._stop.is_set()):
             with self._slots_changed:
-                slot = self.pool.try_reserve(seq.context_len)
+                slot = self.pool.try_reserve(seq.context_len, seq.prompt_len + seq.limit)
                 if slot is not None:
                     return slot
                 self._slots_changed.wait(POLL_SECONDS)
@@ -220,7 +220,7 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
         return ipb.InstanceStatus(
             role="decode", name=self.name, slots_total=self.pool.size, slots_free=self.pool.free, waiting=self._landing.qsize(),
             running=running, max_seq_len=self.max_seq_len, served=outcomes.get("served", 0), aborted=outcomes.get("aborted", 0),
-            kv_pages_total=self.pool.pages.total, kv_pages_free=len(self.pool.pages),
+            kv_pages_total=self.pool.pages.total, kv_pages_free=len(self.pool.pages), kv_pages_committed=self.pool.committed,
         )  # fmt: skip
 
     def shutdown(self) -> None:

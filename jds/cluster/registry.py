@@ -4,8 +4,8 @@ A health thread asks every instance for its ``Status`` every ``health_seconds``.
 not answer is taken out of rotation at once (also when a call to it fails); it is put back when it
 answers again, e.g. after a restart on the same address. The policy picks among the healthy ones:
 ``least_loaded`` (the default) takes the prefill instance with the fewest requests in flight from
-this router and the decode instance with the most free slots (counting requests sent there that
-may not have landed yet); ``round_robin`` takes them in turn, a baseline to compare against.
+this router and the decode instance with the most room (a free slot, then the fewest KV pages
+committed, counting requests sent there that may not have landed yet); ``round_robin`` takes them in turn, a baseline to compare against.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Instance:
     healthy: bool = False
     status: ipb.InstanceStatus | None = None
     in_flight: int = 0  # requests this router has sent here and not yet finished
+    in_flight_pages: int = 0  # the pages those requests commit (decode: prompt and max_tokens)
 
 
 class Registry:
@@ -98,16 +99,18 @@ class Registry:
 
     # -- choice -----------------------------------------------------------------------------------
 
-    def acquire(self, role: Role, need: int, timeout: float, cancelled: threading.Event) -> Instance | None:
+    def acquire(self, role: Role, need: int, timeout: float, cancelled: threading.Event, pages: int = 0) -> Instance | None:
         """The least-loaded healthy instance of ``role`` that fits ``need`` positions, counted as
-        taken. Busy instances queue requests themselves, so this waits only while none is healthy,
-        up to ``timeout``; None if none came back or ``cancelled`` was set."""
+        taken with the ``pages`` the request commits. Busy instances queue requests themselves, so
+        this waits only while none is healthy, up to ``timeout``; None if none came back or
+        ``cancelled`` was set."""
         with self.changed:
             end = None
             while not cancelled.is_set() and not self._stop.is_set():
                 best = self._best(role, need)
                 if best is not None:
                     best.in_flight += 1
+                    best.in_flight_pages += pages
                     return best
                 now = time.monotonic()
                 end = now + timeout if end is None else end
@@ -123,12 +126,19 @@ class Registry:
             return ready[self._turn[role] % len(ready)]
         if role == "prefill":
             return min(ready, key=lambda i: i.in_flight, default=None)
-        best = policy.most_room([policy.remote_room(i.status.slots_total, i.status.slots_free, i.in_flight) for i in ready])
+        best = policy.most_room([
+            policy.remote_decode_room(
+                s.slots_total, s.slots_free, i.in_flight, s.kv_pages_total, s.kv_pages_committed, i.in_flight_pages
+            )
+            for i, s in ((i, i.status) for i in ready)
+        ])  # fmt: skip
         return None if best is None else ready[best]
 
-    def release(self, instance: Instance) -> None:
+    def release(self, instance: Instance, pages: int = 0) -> None:
+        """A request ``acquire`` counted here (with its ``pages``) has finished."""
         with self.changed:
             instance.in_flight -= 1
+            instance.in_flight_pages -= pages
             self.changed.notify_all()
 
     # -- totals -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ the gRPC service and the OpenAI API run on it unchanged. Each request gets a dri
    instance fails or stops answering, the request goes to another one.
 2. the first token streams to the client at once (TTFT), through the router's own ``Sequence``,
    which owns the text, stop strings and limits, exactly as in one process.
-3. decode: the decode instance with the most free slots pulls the KV and streams tokens. A
+3. decode: the decode instance with the most room pulls the KV and streams tokens. A
    decode instance that dies fails its requests with UNAVAILABLE; a failed pull fails the request
    (or, with ``cluster.on_pull_failure: reprefill``, prefills it again, once). A request whose KV
    a device fault took (ABORTED) is prefilled again once, one preempted for pages
@@ -36,6 +36,7 @@ from jds.engine.request import Request
 from jds.engine.running import RunningRequests
 from jds.engine.sequence import RequestStream, Sequence
 from jds.model.loader import LoadedModel
+from jds.scheduling.policy import pages_for
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,13 @@ class Router:
                 with self._lock:
                     self._waiting -= 1
 
+    def _commits(self, seq: Sequence, role: str) -> int:
+        """The KV pages ``seq`` commits on an instance of ``role`` (decode: its prompt and max_tokens)."""
+        return pages_for(seq.prompt_len + seq.limit, self.placement.page_size) if role == "decode" else 0
+
     def _acquire(self, seq: Sequence, role: str) -> Instance:
-        instance = self.registry.acquire(role, seq.prompt_len + seq.limit, self.cluster.instance_wait_seconds, seq.aborted)
+        need = seq.prompt_len + seq.limit
+        instance = self.registry.acquire(role, need, self.cluster.instance_wait_seconds, seq.aborted, self._commits(seq, role))
         if instance is None:
             if seq.aborted.is_set() or self._stop.is_set():
                 raise _Outcome("abort")
@@ -225,7 +231,7 @@ class Router:
                     continue
                 raise _Outcome("error", f"prefill on {instance.name} failed: {err.details()}") from None
             finally:
-                self.registry.release(instance)
+                self.registry.release(instance, self._commits(seq, "prefill"))
             if not seq.tokens:  # the first prefill of this request sets its timings
                 seq.timings.prefill_start = time.perf_counter() - response.prefill_seconds
             seq.timings.route.append(instance.name)
@@ -279,7 +285,7 @@ class Router:
                 raise _Outcome("error", f"{instance.name} became unavailable: {err.details()}", unavailable=True) from None
             raise _Outcome("error", f"decode on {instance.name} failed: {err.details()}") from None
         finally:
-            self.registry.release(instance)
+            self.registry.release(instance, self._commits(seq, "decode"))
 
     def _release(self, instance: Instance, uuid: int) -> None:
         try:

@@ -108,7 +108,7 @@ class ClusterSection(BaseModel):
     pull_timeout_seconds: float = Field(default=30.0, gt=0, description="a KV pull not done by then fails")
     on_pull_failure: Literal["fail", "reprefill"] = Field(default="fail", description="what a failed KV pull does to its request")
     policy: Literal["least_loaded", "round_robin"] = Field(
-        default="least_loaded", description="how the router picks instances: fewest in flight / most free slots, or in turn"
+        default="least_loaded", description="how the router picks instances: fewest in flight / most room, or in turn"
     )
     health_seconds: float = Field(default=0.5, gt=0, description="how often the router checks every instance")
     instance_wait_seconds: float = Field(default=30.0, gt=0, description="a request fails if no instance of a role serves by then")

@@ -61,12 +61,13 @@ def prefill_tokens(batching: PrefillBatching, max_seq_len: int) -> int:
     return max(batching.max_batch_tokens, max_seq_len)
 
 
-def prefill_transient_bytes(arch: Architecture, itemsize: int, tp: int, tokens: int, longest: int) -> int:
+def prefill_transient_bytes(arch: Architecture, itemsize: int, tp: int, tokens: int, longest: int, hands_off: bool) -> int:
     """What one prefill call of ``tokens`` padded tokens (prompts of up to ``longest``) holds beside
-    the weights and the cache: the KV of every layer it hands over, one layer's attention scores
+    the weights and the cache: the KV of every layer it returns, one layer's attention scores
     (float32, as XLA's attention makes them; cuDNN's flash attention keeps none) and one layer's
-    MLP activations."""
-    kv = kv_bytes(arch, itemsize, arch.num_layers, tp, tokens, 1)
+    MLP activations; where it ``hands_off`` its KV to decode instances, also the pages taken for
+    the handoff (up to that KV again, while they move)."""
+    kv = kv_bytes(arch, itemsize, arch.num_layers, tp, tokens, 1) * (2 if hands_off else 1)
     scores = tokens * longest * (arch.num_heads // tp) * 4
     mlp = 2 * tokens * (arch.intermediate_size // tp) * itemsize
     return kv + scores + mlp
@@ -90,7 +91,7 @@ def memory_needs(
     for where, inst in placement.named_instances():
         if isinstance(inst, PrefillInstance):
             w = weight_bytes(arch, w_itemsize, arch.num_layers, inst.tp, True, head)
-            transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, longest), longest)
+            transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, longest), longest, hands_off=True)
             needs.append(MemoryNeed(f"placement.{where}", w, 0, tuple(inst.devices), transient))
         elif isinstance(inst, DecodeInstance):
             pages = instance_pages(inst, arch, itemsize)
@@ -105,7 +106,7 @@ def memory_needs(
             seq = inst.max_seq_len
             w = weight_bytes(arch, w_itemsize, arch.num_layers, inst.tp, True, head)
             kv = kv_bytes(arch, itemsize, arch.num_layers, inst.tp, instance_pages(inst, arch, itemsize), inst.page_size)
-            transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, seq), seq)
+            transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, seq), seq, hands_off=False)
             needs.append(MemoryNeed(f"placement.{where}", w, kv, tuple(inst.devices), transient))
     return needs
 

@@ -110,9 +110,10 @@ class ColocatedWorker:
         """A slot and pages for ``seq`` (admitted by the pool's own count, and only this thread
         takes from it), reusing its cached prefix unless it asks about its prompt's tokens (then
         every one is computed): (slot, positions reused)."""
+        final = seq.prompt_len + seq.limit
         if seq.request.params.prompt_logprobs is not None:
-            return self.pool.try_reserve(seq.context_len), 0
-        return self.pool.reserve_reusing(seq.context_ids)
+            return self.pool.try_reserve(seq.context_len, final), 0
+        return self.pool.reserve_reusing(seq.context_ids, final)
 
     def _admit(self) -> None:
         """Prefill what the pool admits: prompts with a cached prefix one by one, the rest of each

@@ -38,7 +38,9 @@ class KVPool:
         self.pages = PageAllocator(pages, cache=prefix_caching)  # its counts may be read; it changes only through this pool
         self.prefix_queried = 0  # prompt positions looked up in the prefix cache
         self.prefix_hits = 0  # of those, positions found cached
+        self.committed = 0  # pages the running requests would hold at their longest (routing's measure)
         self._held: list[list[int]] = [[] for _ in range(slots)]
+        self._commits = [0] * slots
         self.tables = np.full((slots, policy.pages_for(max_seq_len, page_size)), pages, np.int32)
         self._cond = cond
 
@@ -57,20 +59,27 @@ class KVPool:
         with self._cond:
             return policy.admits(needs, self.free, len(self.pages), self.pages.total)
 
-    def try_reserve(self, context_len: int) -> int | None:
+    @property
+    def room(self) -> tuple[bool, int]:
+        """How much room routing sees here (``policy.decode_room``)."""
+        with self._cond:
+            return policy.decode_room(self.free, self.pages.total, self.committed)
+
+    def try_reserve(self, context_len: int, final_len: int | None = None) -> int | None:
         """A slot holding the pages of ``context_len`` positions and the next token's, if admission
-        allows (``policy.admits``); None otherwise."""
-        got = self._reserve(context_len, ())
+        allows (``policy.admits``); None otherwise. ``final_len``: the longest the request may
+        grow (its prompt and ``max_tokens``; default the next token), what it commits."""
+        got = self._reserve(context_len, (), final_len)
         return None if got is None else got[0]
 
-    def reserve_reusing(self, context: Sequence[int]) -> tuple[int, int] | None:
+    def reserve_reusing(self, context: Sequence[int], final_len: int | None = None) -> tuple[int, int] | None:
         """``try_reserve`` for a request whose ``context`` (token ids) may begin with cached pages:
         those of its longest cached run of full pages (all but its last token at most: one is
         computed, for the logits) are shared. (slot, positions reused), or None."""
         reusable = page_keys(context[: len(context) - 1], self.page_size) if self.pages.caching else []
-        return self._reserve(len(context), reusable)
+        return self._reserve(len(context), reusable, final_len)
 
-    def _reserve(self, context_len: int, reusable: list[bytes]) -> tuple[int, int] | None:
+    def _reserve(self, context_len: int, reusable: list[bytes], final_len: int | None) -> tuple[int, int] | None:
         need = policy.admission_pages(context_len, self.page_size)
         with self._cond:
             if not policy.admits([need], self.free, len(self.pages), self.pages.total):
@@ -85,6 +94,8 @@ class KVPool:
                 return None
             self.prefix_queried += context_len if reusable else 0
             self.prefix_hits += len(cached) * self.page_size
+            self._commits[slot] = max(need, policy.pages_for(final_len or 0, self.page_size))
+            self.committed += self._commits[slot]
             return slot, len(cached) * self.page_size
 
     def register(self, slot: int, tokens: Sequence[int]) -> None:
@@ -125,6 +136,8 @@ class KVPool:
 
     def _release(self, slot: int) -> None:
         self.pages.give_back(self._held[slot])
+        self.committed -= self._commits[slot]
+        self._commits[slot] = 0
         self._held[slot] = []
         self.tables[slot] = self.no_page
         self._free.give_back(slot)

@@ -2,7 +2,7 @@
 
 The prefill thread takes FCFS batches from the shared waiting queue, runs them, publishes each
 request's first token (its TTFT), and puts the batch's KV on a small bounded queue. The transfer
-thread routes each request to the decode instance with the most free slots, reserves a slot and pages, moves
+thread routes each request to the decode instance with the most room (``policy.decode_room``), reserves a slot and pages, moves
 the pages its prompt fills with ``device_put`` and blocks until they have landed, then hands them to
 that instance's inbox. A full transfer queue stalls prefill: KV waiting for decode room stays bounded.
 """
@@ -125,7 +125,7 @@ def _any_prompt(seq: Sequence) -> bool:
 
 
 class DecodeRouter:
-    """Chooses the decode instance for a prefilled request: the one with the most free slots."""
+    """Chooses the decode instance for a prefilled request: the one with the most room."""
 
     def __init__(self, decoders: list[DecodeWorker], cond: threading.Condition, stop: threading.Event):
         self.decoders = decoders
@@ -133,15 +133,15 @@ class DecodeRouter:
         self._stop = stop
 
     def reserve(self, seq: Sequence) -> tuple[DecodeWorker, int] | None:
-        """A slot, with the pages of ``seq``'s context, on the instance with the most free slots
-        among those long enough for it; None if that one cannot admit it now."""
+        """A slot, with the pages of ``seq``'s context, on the instance with the most room among
+        those long enough for it; None if that one cannot admit it now."""
         need = seq.prompt_len + seq.limit
         with self._cond:
             fits = [d for d in self.decoders if d.max_seq_len >= need]
-            best = policy.most_room([d.pool.free for d in fits])
+            best = policy.most_room([d.pool.room for d in fits])
             if best is None:
                 return None
-            slot = fits[best].pool.try_reserve(seq.context_len)
+            slot = fits[best].pool.try_reserve(seq.context_len, need)
             return None if slot is None else (fits[best], slot)
 
     def wait(self, timeout: float) -> None:

@@ -65,6 +65,7 @@ class _Request:
         self.join = 0  # index of its first round in its decoder's ``round_ends``
         self.slot = 0  # which slot of its decoder it holds
         self.pages = 0  # KV pages it holds there
+        self.committed = 0  # pages it commits there: those of its prompt and every output token
         self.done = False  # no more rounds: its last was dispatched (or it needed none)
         self.generated = 0  # tokens it had when it (last) joined a decoder
         self.earlier: list[float] = []  # times of its tokens decoded before it was preempted
@@ -139,12 +140,14 @@ class _Decoder:
         self.slots = LowestFirst(slots)
         self.pages_total, self.page_size = pages
         self.pages_free = self.pages_total
+        self.committed = 0  # pages the requests holding slots would hold at their longest (routing's measure)
         self.holding: dict[int, _Request] = {}  # slot -> the request holding it
         self._growth: list = []  # (round at which it needs another page, order, request, epoch)
         self.requeue: Callable[[_Request], None] = lambda r: None  # where a preempted request goes
         self.row_buckets = policy.row_buckets(slots) if microbatches == 1 else [slots]
         self.contexts = policy.context_buckets(max_seq_len, self.page_size)
         self.reserved_elsewhere = 0  # sent here by a router but not yet holding a slot
+        self.reserved_elsewhere_pages = 0  # the pages those commit
         self.dispatched = 0  # rounds dispatched
         self.round_ends: list[float] = []  # when each round was read
         self.in_flight: collections.deque[tuple[int, float]] = collections.deque()  # (round, its end)
@@ -170,15 +173,30 @@ class _Decoder:
         needs = [policy.admission_pages(n, self.page_size) for n in contexts]
         return policy.admits(needs, self.free, self.pages_free, self.pages_total)
 
+    def commits(self, r: _Request) -> int:
+        """The pages ``r`` commits here: those of its prompt and every output token."""
+        return policy.pages_for(r.planned.input_len + r.planned.output_len, self.page_size)
+
+    def remote_room(self) -> tuple[bool, int]:
+        """The room a router sees here (``policy.remote_decode_room``): the requests it sent that
+        have not finished are those still landing and those holding slots."""
+        sent = self.reserved_elsewhere + self.slots.size - self.free
+        return policy.remote_decode_room(
+            self.slots.size, self.free, sent, self.pages_total, self.committed, self.reserved_elsewhere_pages + self.committed
+        )  # fmt: skip
+
     def reserve(self, r: _Request) -> None:
         """Give an admitted request a slot and the pages of its context."""
         r.slot, r.pages = self.slots.take(), policy.admission_pages(r.context, self.page_size)
+        r.committed = max(r.pages, self.commits(r))
         self.pages_free -= r.pages
+        self.committed += r.committed
 
     def free_held(self, r: _Request) -> None:
         self.slots.give_back(r.slot)
         self.pages_free += r.pages
-        r.pages = 0
+        self.committed -= r.committed
+        r.pages = r.committed = 0
         self.holding.pop(r.slot, None)
 
     def join(self, requests: list[_Request]) -> None:
@@ -330,9 +348,9 @@ class _Handoff:
         """Prefill instance ``source`` hands over a batch; ``done`` once every row has left it."""
         if self.between_processes:
             for r in batch:
-                sent = [d.reserved_elsewhere + d.slots.size - d.free for d in self.decoders]
-                d = self.decoders[policy.most_room([policy.remote_room(d.slots.size, d.free, n) for d, n in zip(self.decoders, sent)])]
+                d = self.decoders[policy.most_room([d.remote_room() for d in self.decoders])]
                 d.reserved_elsewhere += 1
+                d.reserved_elsewhere_pages += d.commits(r)
                 self.landing[id(d)].append((r, source))
                 self._land_next(d)
             done()
@@ -356,7 +374,7 @@ class _Handoff:
         rows, done = queue[0]
         groups: dict[int, tuple[_Decoder, list[_Request]]] = {}
         while rows:
-            d = self.decoders[policy.most_room([d.free for d in self.decoders])]
+            d = self.decoders[policy.most_room([policy.decode_room(d.free, d.pages_total, d.committed) for d in self.decoders])]
             if not d.admits([rows[0].context]):
                 break
             r = rows.pop(0)
@@ -390,6 +408,7 @@ class _Handoff:
         r, source = queue.popleft()
         d.reserve(r)
         d.reserved_elsewhere -= 1
+        d.reserved_elsewhere_pages -= d.commits(r)
         self.landing_busy[id(d)] = True
 
         def landed() -> None:

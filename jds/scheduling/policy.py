@@ -13,8 +13,8 @@ The rules:
 - a request is admitted to a decode or colocated instance when a slot is free and the pages of
   its context and its next token are, less a small reserve (``ADMIT_RESERVE``) kept for the
   running requests to grow into; the queue's head is admitted first;
-- a prefilled request goes to the decode instance with the most free slots (the first on ties),
-  once that one admits it;
+- a prefilled request goes to the decode instance with the most room (``decode_room``: a free
+  slot, then the fewest pages committed; the first on ties), once that one admits it;
 - slots are handed out lowest first, and a decode round computes the rows up to the highest one
   in use, rounded up to a row bucket, reading the context bucket of its longest sequence;
 - a running request that needs a page when none is free preempts the youngest running request
@@ -151,10 +151,20 @@ def preemption_victim(arrivals: Mapping[int, float | tuple[float, int]]) -> int:
     return max(arrivals, key=lambda slot: (arrivals[slot], slot))
 
 
-def most_room(rooms: Sequence[int]) -> int | None:
+def most_room(rooms: Sequence) -> int | None:
     """Which decode instance a prefilled request goes to: the one with the most room (the first
     on ties); None when there is none to choose from. Room may be zero or negative (a queue)."""
     return max(range(len(rooms)), key=lambda i: rooms[i], default=None)
+
+
+def decode_room(free_slots: int, total_pages: int, committed_pages: int) -> tuple[bool, int]:
+    """The room of a decode instance in one process, for routing: whether it has a free slot, then
+    the pages its running requests would leave even at their longest (``committed_pages``: the
+    pages of each one's prompt plus its ``max_tokens``). Committed rather than free pages: they
+    change only as requests come and go, not with each step's growth, so where a request goes does
+    not depend on how fast the steps ran; and an instance whose requests will grow long is fuller
+    than its pages in use say."""
+    return free_slots > 0, total_pages - committed_pages
 
 
 def remote_room(total: int, free: int, sent: int) -> int:
@@ -162,6 +172,16 @@ def remote_room(total: int, free: int, sent: int) -> int:
     in use and the requests this router sent there that have not finished (some may not have
     landed, or been reported, yet)."""
     return total - max(sent, total - free)
+
+
+def remote_decode_room(
+    slots_total: int, slots_free: int, sent: int, pages_total: int, pages_committed: int, sent_pages: int
+) -> tuple[bool, int]:  # fmt: skip
+    """``decode_room`` as a router sees a decode process: whether a slot is free once the requests
+    it sent there and that have not finished are counted (``remote_room``), then the pages left by
+    the larger of those the process reports committed and those of the requests sent
+    (``sent_pages``: each one's prompt and ``max_tokens``)."""
+    return remote_room(slots_total, slots_free, sent) > 0, pages_total - max(sent_pages, pages_committed)
 
 
 def round_shape(rows: Sequence[int], contexts: Sequence[int], highest: int, longest: int) -> tuple[int, int]:
