@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from jds.config.stages import StageSpan
 from jds.model import kv_cache
@@ -56,7 +55,7 @@ class StageTarget:
     """Where one decode stage wants its KV: its layer range and its cache's sharding."""
 
     span: StageSpan
-    sharding: NamedSharding
+    sharding: KVPages  # of shardings, K's and V's
 
 
 @dataclasses.dataclass(frozen=True)
