@@ -293,13 +293,14 @@ def test_plan_search_on_the_gpu_example_writes_a_config_that_loads(tmp_path):
     from jds.config import load_config
 
     out = tmp_path / "best.yaml"
-    cmd = [sys.executable, "-m", "jds.plan", "search", "--profile", str(GPU_PROFILE), "--devices", "4", "--workload", "chatbot",
+    # Two devices: every kind of candidate is searched (prefill, decode and colocated shapes), in a third of four's time.
+    cmd = [sys.executable, "-m", "jds.plan", "search", "--profile", str(GPU_PROFILE), "--devices", "2", "--workload", "chatbot",
            "--slo", "ttft=1.0,tpot=0.1", "--num-requests", "100", "--config", str(CONFIGS / "llama7b.yaml"), "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "| 1 |" in done.stdout and ("Disaggregation wins" in done.stdout or "Colocated serving wins" in done.stdout)
     config = load_config(out)
-    assert len(config.placement.devices) <= 4
+    assert len(config.placement.devices) <= 2
     assert config.model.name == "llama-2-7b"
 
 
