@@ -233,6 +233,8 @@ class _Decoder:
     def _make_room(self, k: int) -> None:
         """Pages for round ``k``'s tokens that start one, oldest request first, preempting the
         youngest request holding a slot while none is free (``DecodeBatch._make_room``)."""
+        if not self._growth or self._growth[0][0] > k:
+            return  # most rounds: no token starts a page
         due = []
         while self._growth and self._growth[0][0] <= k:
             _, _, r, epoch = heapq.heappop(self._growth)
