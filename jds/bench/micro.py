@@ -38,10 +38,10 @@ from jds.bench.timing import timed
 from jds.config import Config
 from jds.config.placement import DEFAULT_PAGE_SIZE, PrefillBatching
 from jds.config.stages import stage_spans
-from jds.engine.programs import PrefillProgram, empty_rows, place_params
+from jds.engine.programs import PrefillProgram, empty_rows, page_shardings, place_params
 from jds.engine.request import Request
 from jds.engine.sequence import Sequence
-from jds.mesh.rules import make_mesh, shardings
+from jds.mesh.rules import make_mesh
 from jds.model import llama
 from jds.model.kv_cache import KVPages
 from jds.model.loader import LoadedModel
@@ -188,8 +188,7 @@ def prefill_and_handoff(model: LoadedModel, tokens: int, devices: list[jax.Devic
 
     prefill_seconds = timed(prefill)
     destination = devices[1] if len(devices) > 1 else devices[0]
-    where = shardings(KVPages.zeros(model.arch, 1, 1, jnp.float32, 1), make_mesh([destination]))
-    target = StageTarget(stage_spans(model.arch.num_layers, 1)[0], where)
+    target = StageTarget(stage_spans(model.arch.num_layers, 1)[0], page_shardings(model.arch, make_mesh([destination])))
     ids = kv["pieces"].ids([(0, policy.pages_for(tokens, DEFAULT_PAGE_SIZE))])  # the pages its prompt fills
     handoffs = sorted((send_pages(kv["pieces"].pieces, ids, [target]) for _ in range(5)), key=lambda h: h.seconds)
     return prefill_seconds, handoffs[2].seconds, handoffs[2].bytes

@@ -104,6 +104,12 @@ class BatchPages:
         return np.concatenate([r * self.per_row + np.arange(n) for r, n in rows] or [np.zeros(0, int)]).astype(np.int32)
 
 
+def page_shardings(arch: Architecture, mesh: jax.sharding.Mesh) -> KVPages:
+    """The sharding of KV pages on ``mesh`` (K's and V's, by their logical axes), whatever their
+    layer and page counts."""
+    return shardings(KVPages.zeros(arch, 1, 1, jnp.float32, 1), mesh)
+
+
 def cut_pages(pages: KVPages, starts: Seq[int]) -> Pieces:
     """Pages of every layer cut at the layers ``starts`` (the first is 0)."""
     if len(starts) == 1:
@@ -156,7 +162,7 @@ class PrefillProgram:
         self.page_size = page_size
         self.gather_kv = gather_kv
         self.broadcast: Callable[..., None] | None = None  # (op, *inputs): a multi-process instance's leader tells its followers
-        self._page_sharding = shardings(KVPages.zeros(arch, 1, 1, jnp.float32, 1), self.mesh)
+        self._page_sharding = page_shardings(arch, self.mesh)
         kv_sharding = replicated(self.mesh) if gather_kv else self._page_sharding
         self._prefill = jax.jit(
             functools.partial(_prefill, arch=arch, cuts=cuts, page_size=page_size),
@@ -333,8 +339,7 @@ class Stage:
         self.mesh = make_mesh(devices)
         sp = stage_params(params, span) if span.num_layers != arch.num_layers else params
         self.params = jax.device_put(sp, shardings(sp, self.mesh))
-        cache_shape = KVPages.zeros(arch, 1, 1, jnp.float32, span.num_layers)  # for its logical axes only
-        self.cache_sharding = shardings(cache_shape, self.mesh)
+        self.cache_sharding = page_shardings(arch, self.mesh)
         self.activations = replicated(self.mesh)
         self.dtype = float_dtype(self.params.layers)  # the activations' (weights may be int8)
         self._zeros = jax.jit(
