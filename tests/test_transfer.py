@@ -82,3 +82,18 @@ def test_offers_nobody_pulls_are_freed_when_their_lease_ends_or_on_release():
         grown[lease, mode] = int(out.stdout.split()[-1]) / 1e6
     assert grown[30.0, "keep"] > 450, grown  # the measure sees offers held
     assert grown[0.3, "keep"] < 350 and grown[30.0, "release"] < 350, grown  # ... and freed ones gone (a release pulls a copy first)
+
+
+def test_pages_move_in_power_of_two_groups_and_a_whole_batch_moves_uncopied():
+    from jds.model.kv_cache import KVPages
+    from jds.transfer.handoff import page_groups, take_groups
+
+    assert page_groups(13) == [8, 4, 1] and page_groups(600) == [256, 256, 64, 16, 8] and page_groups(0) == []
+    pages = KVPages(k=jnp.arange(2 * 6 * 3, dtype=jnp.float32).reshape(2, 6, 3), v=-jnp.arange(2 * 6 * 3, dtype=jnp.float32).reshape(2, 6, 3))
+    groups = take_groups([(0, pages)], np.array([5, 0, 2]))  # two groups: pages 5 and 0, then page 2
+    assert [g[0][1].num_pages for g in groups] == [2, 1]
+    np.testing.assert_array_equal(np.asarray(groups[0][0][1].k), np.asarray(pages.k)[:, [5, 0]])
+    np.testing.assert_array_equal(np.asarray(groups[1][0][1].v), np.asarray(pages.v)[:, [2]])
+    first_four = KVPages(k=pages.k[:, :4], v=pages.v[:, :4])
+    ((_, whole),) = take_groups([(0, first_four)], np.arange(4))[0]
+    assert whole is first_four  # every page, in order: nothing to copy

@@ -77,7 +77,15 @@ def compile_take(pages: KVPages, group: int) -> None:
 
 def take_groups(pieces: Sequence[tuple[int, KVPages]], ids: np.ndarray) -> list[Pieces]:
     """Pages ``ids`` (in order) of every piece, in ``split`` groups, where the pieces are."""
-    return [[(start, _take(pages, group)) for start, pages in pieces] for group in split(np.asarray(ids, np.int32))]
+    return [[(start, _taken(pages, group)) for start, pages in pieces] for group in split(np.asarray(ids, np.int32))]
+
+
+def _taken(pages: KVPages, group: np.ndarray) -> KVPages:
+    """Pages ``group`` of ``pages``: the pieces themselves where that is all of them, in order
+    (a prompt that fills its whole bucket), so nothing is copied before it moves."""
+    if len(group) == pages.num_pages and (group == np.arange(len(group))).all():
+        return pages
+    return _take(pages, group)
 
 
 def send_pages(pieces: Sequence[tuple[int, KVPages]], ids: np.ndarray, targets: Sequence[StageTarget]) -> Handoff:
