@@ -203,8 +203,8 @@ class Router:
         return pages_for(seq.prompt_len + seq.limit, self.placement.page_size) if role == "decode" else 0
 
     def _acquire(self, seq: Sequence, role: str) -> Instance:
-        need = seq.prompt_len + seq.limit
-        instance = self.registry.acquire(role, need, self.cluster.instance_wait_seconds, seq.aborted, self._commits(seq, role))
+        need, pages = seq.prompt_len + seq.limit, self._commits(seq, role)
+        instance = self.registry.acquire(role, need, self.cluster.instance_wait_seconds, seq.aborted, pages)
         if instance is None:
             if seq.aborted.is_set() or self._stop.is_set():
                 raise _Outcome("abort")
@@ -231,7 +231,7 @@ class Router:
                     continue
                 raise _Outcome("error", f"prefill on {instance.name} failed: {err.details()}") from None
             finally:
-                self.registry.release(instance, self._commits(seq, "prefill"))
+                self.registry.release(instance)
             if not seq.tokens:  # the first prefill of this request sets its timings
                 seq.timings.prefill_start = time.perf_counter() - response.prefill_seconds
             seq.timings.route.append(instance.name)
