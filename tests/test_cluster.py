@@ -163,6 +163,23 @@ def test_outputs_equal_the_single_process_engine_and_every_instance_serves(clust
     assert nothing[-1].finish_reason == pb.FINISH_REASON_LENGTH and not nothing[-1].token_ids and len(nothing[0].prompt_logprobs) == len(PROMPTS[3])
 
 
+def test_a_prompt_repeated_on_a_one_process_prefill_instance_reuses_its_cached_pages(cluster, stub, offline):
+    shared = [(13 * j) % 3000 + 5 for j in range(40)]  # two full pages of 16, and 8 tokens more
+    before = stub.ModelInfo(pb.ModelInfoRequest())
+    expected = offline.generate([shared], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
+    runs = []
+    for _ in range(2):  # one at a time: both go to the least loaded prefill instance, the first (one process, caching)
+        messages = list(stub.Generate(pb.GenerateRequest(token_ids=shared, max_tokens=8, temperature=0.0, ignore_eos=True), timeout=60))
+        runs.append(([t for m in messages for t in m.token_ids], messages[-1].usage.cached_tokens))
+    assert runs == [(expected, 0), (expected, 32)]
+    info = _wait(
+        lambda: (i := stub.ModelInfo(pb.ModelInfoRequest())).prefix_cache_hit_tokens > before.prefix_cache_hit_tokens and i,
+        what="the prefill instance's status to report the hit",
+    )
+    assert info.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens == 32
+    assert info.prefix_cache_queried_tokens - before.prefix_cache_queried_tokens == 80  # two lookups of 40 positions
+
+
 def test_cancellation_reaches_the_decode_and_the_prefill_process(cluster, stub):
     before = _total(_status(cluster, "decode"), "aborted")
     call = stub.Generate(pb.GenerateRequest(token_ids=[1, 2, 3], max_tokens=120, temperature=0, ignore_eos=True), timeout=60)

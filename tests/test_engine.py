@@ -263,7 +263,7 @@ def _assert_only_the_prefix_cache_holds_pages(engine: Engine) -> None:
     """Once every request ended: no slot in use, every page in use is a cached one, and dropping
     the cache frees them all."""
     assert engine.slot_usage()[0] == 0
-    pools = [w.pool for w in engine.decode_workers + engine.colocated_workers]
+    pools = [w.pool for w in engine.decode_workers + engine.colocated_workers + engine.prefill_workers if w.pool is not None]
     assert [p.pages.used for p in pools] == [p.pages.cached for p in pools]
     for p in pools:
         p.drop_cache()
@@ -287,12 +287,24 @@ def test_requests_preempted_for_pages_continue_with_the_same_tokens(tiny, long_r
 SHARED = [(13 * j) % 3000 + 5 for j in range(40)]  # a 40-token system prompt: two full pages of 16, and 8 tokens more
 
 
-@pytest.mark.parametrize("chunked", [None, 16], ids=["whole-prompts", "chunked"])
-def test_a_prefix_hit_gives_the_tokens_of_a_miss_and_reports_its_cached_tokens(tiny, chunked):
+PREFIX_PLACEMENTS = {
+    "whole-prompts": {"instances": {"devices": [0], "slots": 4}},
+    "chunked": {"instances": {"devices": [0], "slots": 4, "chunked_prefill": 16}},
+    "disaggregated": {"mode": "disaggregated", "prefill": {"devices": [0, 1], "tp": 2}, "decode": {"devices": [2, 3], "pp": 2, "slots": 4}},
+}
+
+
+def _with_prefix_caching(placement: dict, on: bool) -> dict:
+    where = "prefill" if placement.get("mode") == "disaggregated" else "instances"
+    return {**placement, where: {**placement[where], "enable_prefix_caching": on}}
+
+
+@pytest.mark.parametrize("name", PREFIX_PLACEMENTS)
+def test_a_prefix_hit_gives_the_tokens_of_a_miss_and_reports_its_cached_tokens(tiny, name):
     prompts = [SHARED + [7 + i] * (3 + 5 * i) for i in range(3)] + [SHARED]
     outputs = {}
     for caching in (False, True):
-        engine = _engine(tiny, {"instances": {"devices": [0], "slots": 4, "chunked_prefill": chunked, "enable_prefix_caching": caching}})
+        engine = _engine(tiny, _with_prefix_caching(PREFIX_PLACEMENTS[name], caching))
         try:
             (first,) = _run(engine, prompts[:1], LONG_GREEDY)  # a miss: computes, then caches, the shared pages
             rest = _run(engine, prompts[1:], LONG_GREEDY, "rest")
@@ -300,13 +312,16 @@ def test_a_prefix_hit_gives_the_tokens_of_a_miss_and_reports_its_cached_tokens(t
             turn = prompts[0] + first.token_ids + [11, 12, 13]
             (second,) = _run(engine, [turn], LONG_GREEDY, "turn")
             outputs[caching] = [first, *rest, second]
+            assert engine.prefix_cache_usage()[1] == sum(o.timings.cached_tokens for o in outputs[caching])
             if caching:
                 _assert_only_the_prefix_cache_holds_pages(engine)
         finally:
             engine.shutdown()
     assert [o.token_ids for o in outputs[True]] == [o.token_ids for o in outputs[False]]
     assert [o.timings.cached_tokens for o in outputs[False]] == [0] * 5
-    answered = len(prompts[0]) + len(first.token_ids) - 1  # the first conversation's tokens with KV written
+    # A colocated instance caches the answer's pages too (it decoded them); a prefill instance
+    # caches the prompts it computed, so the next turn reuses the first prompt's full pages.
+    answered = len(prompts[0]) + len(first.token_ids) - 1 if name != "disaggregated" else len(prompts[0])
     assert [o.timings.cached_tokens for o in outputs[True]] == [0, 32, 32, 32, 16 * (answered // 16)]
 
 

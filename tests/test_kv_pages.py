@@ -69,9 +69,9 @@ def test_an_instances_pages_come_from_kv_pages_or_kv_memory_gb_or_its_rows_and_t
     one_page = page_bytes(arch, 4, 16)
     assert one_page == 2 * 4 * 2 * 16 * 16 * 4  # K and V, 4 layers, 2 KV heads of 16, 16 positions, float32
     default = ColocatedInstance(devices=[0], slots=4).resolved(100)
-    assert instance_pages(default, arch, 4) == 4 * 7  # four rows of 100 positions: 7 pages each
-    assert instance_pages(ColocatedInstance(devices=[0], kv_pages=5).resolved(100), arch, 4) == 5
-    assert instance_pages(ColocatedInstance(devices=[0], kv_memory_gb=1.0).resolved(100), arch, 4) == 2**30 // one_page
+    assert instance_pages(default, arch, 4, 16) == 4 * 7  # four rows of 100 positions: 7 pages each
+    assert instance_pages(ColocatedInstance(devices=[0], kv_pages=5).resolved(100), arch, 4, 16) == 5
+    assert instance_pages(ColocatedInstance(devices=[0], kv_memory_gb=1.0).resolved(100), arch, 4, 16) == 2**30 // one_page
     with pytest.raises(ValidationError, match="give kv_pages or kv_memory_gb, not both"):
         ColocatedInstance(devices=[0], kv_pages=5, kv_memory_gb=1.0)
     small, large = (Placement(instances=[{"devices": [0], "kv_pages": n}]) for n in (10, 1000))

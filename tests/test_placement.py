@@ -124,14 +124,23 @@ def test_int8_weights_are_counted_at_one_byte_and_the_cache_at_the_activations_w
     assert int8.weights * 4 == full.weights and int8.kv == full.kv
 
 
-def test_memory_needs_count_stage_slices():
-    p = Placement.model_validate(
-        {"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1, 2], "pp": 2, "slots": 4, "max_seq_len": 64}}
-    )
-    needs = memory_needs(p, TINY, 4, 512)
+def test_memory_needs_count_stage_slices_and_the_prefill_instances_pool():
+    def placement(prefill: dict) -> Placement:
+        return Placement.model_validate(
+            {"mode": "disaggregated", "prefill": {"devices": [0], **prefill}, "decode": {"devices": [1, 2], "pp": 2, "slots": 4, "max_seq_len": 64}}
+        )
+
+    needs = memory_needs(placement({}), TINY, 4, 512)
     stage_kv = 2 * 2 * 4 * 4 * 64 * 16 * 4  # K and V, 2 layers, 4 slots, 4 KV heads, 64 positions, head_dim 16, f32
-    assert [n.kv for n in needs] == [0, stage_kv, stage_kv]
+    pool_kv = 2 * 4 * 8 * 4 * 64 * 16 * 4  # its prefix cache's pool: 8 sequences of the placement's 64 positions, 4 layers
+    assert [n.kv for n in needs] == [pool_kv, stage_kv, stage_kv]
     assert [n.devices for n in needs] == [(0,), (1,), (2,)]
+    assert memory_needs(placement({"kv_pages": 3}), TINY, 4, 512)[0].kv == 3 * pool_kv // 32  # 32 pages of 16 make the default
+    assert memory_needs(placement({"enable_prefix_caching": False}), TINY, 4, 512)[0].kv == 0
+    assert memory_needs(placement({"processes": 1, "devices": [0, 3], "tp": 2}), TINY, 4, 512)[0].kv == pool_kv // 2  # per device
+    with pytest.raises(ValueError, match="enable_prefix_caching: an instance spanning several processes keeps no prefix cache"):
+        placement({"devices": [0, 3], "tp": 2, "processes": 2, "enable_prefix_caching": True})
+    assert memory_needs(placement({"devices": [0, 3], "tp": 2, "processes": 2}), TINY, 4, 512)[0].kv == 0
 
 
 def test_memory_needs_count_what_a_prefill_call_holds_and_what_a_decode_stage_receives():
@@ -143,16 +152,17 @@ def test_memory_needs_count_what_a_prefill_call_holds_and_what_a_decode_stage_re
 
     prefill, *stages = memory_needs(placement(None), TINY, 4, 512)
     kv_per_token = 2 * 4 * 4 * 16 * 4  # K and V, 4 layers, 4 KV heads, head_dim 16, float32
-    # the largest call is one prompt of max_seq_len (512 > 256): its KV and the pages taken from it
-    # for the handoff, one layer's float32 scores over 512 x 512 positions of 8 heads, and the
-    # MLP's two intermediate activations
-    assert prefill.transient == 2 * 512 * kv_per_token + 512 * 512 * 8 * 4 + 2 * 512 * 256 * 4
+    # the largest call is one prompt of max_seq_len (512 > 256): its KV, that of the two batches
+    # waiting on the transfer queue and of the one being moved, and the pages taken from it;
+    # one layer's float32 scores over 512 x 512 positions of 8 heads, and the MLP's two
+    # intermediate activations
+    assert prefill.transient == 5 * 512 * kv_per_token + 512 * 512 * 8 * 4 + 2 * 512 * 256 * 4
     assert [s.transient for s in stages] == [512 * kv_per_token // 2] * 2  # each stage receives its 2 layers
-    assert prefill.per_device == prefill.weights + prefill.transient
+    assert prefill.per_device == prefill.weights + prefill.kv + prefill.transient  # kv: its prefix cache's pool
     # prefill is built for the longest decode instance: at 64 positions, its largest call is a
     # batch of 256 tokens of prompts up to 64
     prefill, *stages = memory_needs(placement(64), TINY, 4, 512)
-    assert prefill.transient == 2 * 256 * kv_per_token + 256 * 64 * 8 * 4 + 2 * 256 * 256 * 4
+    assert prefill.transient == 5 * 256 * kv_per_token + 256 * 64 * 8 * 4 + 2 * 256 * 256 * 4
     assert [s.transient for s in stages] == [256 * kv_per_token // 2] * 2
 
 

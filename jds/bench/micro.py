@@ -189,8 +189,8 @@ def prefill_and_handoff(model: LoadedModel, tokens: int, devices: list[jax.Devic
     prefill_seconds = timed(prefill)
     destination = devices[1] if len(devices) > 1 else devices[0]
     target = StageTarget(stage_spans(model.arch.num_layers, 1)[0], page_shardings(model.arch, make_mesh([destination])))
-    ids = kv["pieces"].ids([(0, policy.pages_for(tokens, DEFAULT_PAGE_SIZE))])  # the pages its prompt fills
-    handoffs = sorted((send_pages(kv["pieces"].pieces, ids, [target]) for _ in range(5)), key=lambda h: h.seconds)
+    rows = [(0, policy.pages_for(tokens, DEFAULT_PAGE_SIZE))]  # the pages its prompt fills
+    handoffs = sorted((send_pages(kv["pieces"], rows, [target]) for _ in range(5)), key=lambda h: h.seconds)
     return prefill_seconds, handoffs[2].seconds, handoffs[2].bytes
 
 

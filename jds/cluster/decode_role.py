@@ -28,7 +28,7 @@ from jds.cluster.wire import offer_from, sequence_from
 from jds.config.placement import DecodeInstance
 from jds.engine import builders
 from jds.engine.decode import KV_LOST, PREEMPTED, DecodeWorker, Delivery
-from jds.engine.programs import Pipeline, compile_all, cut_pages
+from jds.engine.programs import Pipeline, compile_all
 from jds.engine.sequence import Sequence
 from jds.model.kv_cache import KVPages
 from jds.model.loader import LoadedModel
@@ -53,7 +53,7 @@ def build_pipeline(model: LoadedModel, spec: DecodeInstance, warmup: bool, progr
 def place(pipeline: Pipeline, groups: list[KVPages]) -> list:
     """A request's groups of pages (all layers; on a device, or on the host) cut and put on the
     stages that own their layers, landed."""
-    return jax.block_until_ready(handoff.place([cut_pages(g, pipeline.starts) for g in groups], pipeline.targets))
+    return jax.block_until_ready(handoff.place([handoff.cut(g, pipeline.starts) for g in groups], pipeline.targets))
 
 
 def place_and_insert(pipeline: Pipeline, groups: list[KVPages], ids: np.ndarray) -> None:

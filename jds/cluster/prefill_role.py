@@ -27,13 +27,13 @@ from jds.cluster import lockstep
 from jds.cluster.wire import offer_message, sequence_from
 from jds.config.placement import PrefillInstance
 from jds.engine import builders
+from jds.engine.kv_pool import KVPool
 from jds.engine.prefill import PrefillWorker
-from jds.engine.programs import BatchPages, PrefillProgram, compile_all
+from jds.engine.programs import BatchPages, Pipeline, PrefillProgram, TakenPages, compile_all
 from jds.engine.sequence import Sequence
 from jds.engine.waiting import WaitingQueue
 from jds.model.loader import LoadedModel
 from jds.scheduling.policy import pages_for
-from jds.transfer.handoff import take_groups
 from jds.transfer.remote import KVTransfer, Offer
 
 log = logging.getLogger(__name__)
@@ -53,18 +53,24 @@ class _Ticket:
         self.done.set()
 
 
-def build_program(model: LoadedModel, spec: PrefillInstance, max_len: int, page_size: int, warmup: bool, progress: bool) -> PrefillProgram:
+def build_program(model: LoadedModel, spec: PrefillInstance, max_len: int, page_size: int) -> PrefillProgram:
     """The instance's prefill program over all its devices (those of every process it spans),
-    returning the KV pages whole so that one process can offer them."""
-    program = builders.prefill_instance(model, spec, jax.devices()[: len(spec.devices)], max_len, page_size, gather_kv=True)
-    if warmup:
-        compile_all(builders.prefill_warmup(program, hands_off=True), progress)
-    return program
+    returning the KV pages whole so that one process can offer them (without a prefix cache: only
+    a one-process instance keeps one, and gathers each request's pages as it offers them)."""
+    devices = jax.devices()[: len(spec.devices)]
+    return builders.prefill_instance(model, spec, devices, max_len, page_size, gather_kv=not spec.prefix_caching)
+
+
+def warm_up(program: PrefillProgram, pool: tuple[Pipeline, KVPool] | None, progress: bool) -> None:
+    """Compile the instance's programs: prefill's, and those of its pool where it keeps one."""
+    compile_all(builders.prefill_warmup(program, True, pool and pool[0]), progress)
 
 
 def follow_leader(model: LoadedModel, spec: PrefillInstance, max_len: int, page_size: int, warmup: bool) -> None:
     """A follower process of a multi-process prefill instance: the leader's calls, until it stops."""
-    program = build_program(model, spec, max_len, page_size, warmup, progress=False)
+    program = build_program(model, spec, max_len, page_size)
+    if warmup:
+        warm_up(program, None, progress=False)
     lockstep.follow({"prefill": program.call, "score": program.score_call})
 
 
@@ -76,7 +82,10 @@ class PrefillService(ipb_grpc.PrefillInstanceServicer):
         self.name = name
         self.max_len = max_len
         self.kv = kv
-        self.program = build_program(model, spec, max_len, page_size, warmup, progress)
+        self.program = build_program(model, spec, max_len, page_size)
+        pool = builders.prefill_pool(model, spec, self.program, threading.Condition())
+        if warmup:
+            warm_up(self.program, pool, progress)
         self._followers = spec.processes > 1
         if self._followers:
             self.program.broadcast = lockstep.lead
@@ -85,21 +94,21 @@ class PrefillService(ipb_grpc.PrefillInstanceServicer):
         self._tickets: dict[str, _Ticket] = {}
         self._outcomes = collections.Counter()
         self._lock = threading.Lock()
-        self.worker = PrefillWorker(name, self.program, self._waiting, self._offer, self._stop)
+        self.worker = PrefillWorker(name, self.program, self._waiting, self._offer, self._stop, *(pool or (None, None)))
         for t in self.worker.threads:
             t.start()
 
-    def _offer(self, kv: BatchPages, going: list[tuple[int, Sequence]]) -> None:
-        """The transfer thread's job here: one offer per request of the pages its prompt fills, on one device."""
-        ((_, pages),) = kv.pieces  # no stage cuts: the decode process cuts for its own stages
-        whole = jax.tree.map(lambda a: a.addressable_data(0), pages)  # replicated: this process's own copy, on one device
+    def _offer(self, kv: BatchPages | TakenPages, going: list[tuple[int, Sequence]]) -> None:
+        """The transfer thread's job here: one offer per request of the pages its prompt fills, on
+        one device (no stage cuts: the decode process cuts for its own stages)."""
+        here = kv.local()
         for row, seq in going:
             with self._lock:
                 ticket = self._tickets.get(seq.request_id)
             if ticket is None or seq.aborted.is_set():
                 continue  # its RPC is gone: nobody would pull it
             try:
-                groups = take_groups([(0, whole)], kv.ids([(row, pages_for(seq.context_len, self.program.page_size))]))
+                groups = here.groups([(row, pages_for(seq.context_len, self.program.page_size))])
                 offer = self.kv.offer([a for ((_, group),) in groups for a in (group.k, group.v)])
             except Exception as exc:
                 log.exception("offering KV of %s failed", seq.request_id)
@@ -123,7 +132,7 @@ class PrefillService(ipb_grpc.PrefillInstanceServicer):
             if first.finish_reason == "abort":
                 context.abort(grpc.StatusCode.CANCELLED, "aborted")
             t = seq.timings
-            response = ipb.PrefillResponse(is_stop=first.finish_reason == "stop", queue_seconds=t.queue)
+            response = ipb.PrefillResponse(is_stop=first.finish_reason == "stop", queue_seconds=t.queue, cached_tokens=t.cached_tokens)
             if first.token_ids:  # none when the request asked for nothing to be generated
                 response.first_token = first.token_ids[0]
             if first.logprobs:
@@ -163,6 +172,7 @@ class PrefillService(ipb_grpc.PrefillInstanceServicer):
         return ipb.InstanceStatus(
             role="prefill", name=self.name, waiting=len(self._waiting), running=running, kv_offered=self.kv.outstanding,
             max_seq_len=self.max_len, served=outcomes.get("served", 0), aborted=outcomes.get("aborted", 0),
+            prefix_cache_queried_tokens=getattr(self.worker.pool, "prefix_queried", 0), prefix_cache_hit_tokens=getattr(self.worker.pool, "prefix_hits", 0),
         )  # fmt: skip
 
     def shutdown(self) -> None:

@@ -143,18 +143,24 @@ class Registry:
 
     # -- totals -----------------------------------------------------------------------------------
 
-    def _serving_decode(self) -> list:
-        return [i.status for i in self.of("decode") if i.healthy and i.status is not None]
+    def _serving(self, role: Role) -> list:
+        return [i.status for i in self.of(role) if i.healthy and i.status is not None]
 
     def slot_usage(self) -> tuple[int, int]:
         """(slots in use, total slots) over the decode instances now serving."""
-        statuses = self._serving_decode()
+        statuses = self._serving("decode")
         return sum(s.slots_total - s.slots_free for s in statuses), sum(s.slots_total for s in statuses)
 
     def page_usage(self) -> tuple[int, int]:
         """(KV pages in use, total KV pages) over the decode instances now serving."""
-        statuses = self._serving_decode()
+        statuses = self._serving("decode")
         return sum(s.kv_pages_total - s.kv_pages_free for s in statuses), sum(s.kv_pages_total for s in statuses)
+
+    def prefix_cache_usage(self) -> tuple[int, int]:
+        """(prompt positions looked up, of those found cached) over the prefill instances' prefix
+        caches, as of their last status."""
+        statuses = self._serving("prefill")
+        return sum(s.prefix_cache_queried_tokens for s in statuses), sum(s.prefix_cache_hit_tokens for s in statuses)
 
     def close(self) -> None:
         self._stop.set()

@@ -119,7 +119,7 @@ class Router:
         return self.registry.page_usage()
 
     def prefix_cache_usage(self) -> tuple[int, int]:
-        return 0, 0  # role processes keep no prefix cache yet: every prompt is computed whole
+        return self.registry.prefix_cache_usage()
 
     def drain(self, timeout: float) -> int:
         return self._running.wait_finished(timeout)
@@ -234,6 +234,7 @@ class Router:
                 self.registry.release(instance)
             if not seq.tokens:  # the first prefill of this request sets its timings
                 seq.timings.prefill_start = time.perf_counter() - response.prefill_seconds
+                seq.timings.cached_tokens = response.cached_tokens
             seq.timings.route.append(instance.name)
             return response, instance
 

@@ -16,6 +16,7 @@ from jds.config import ConfigError
 from jds.config.placement import ColocatedInstance, DecodeInstance, Placement, PrefillBatching, PrefillInstance
 from jds.config.stages import stage_spans
 from jds.model.architecture import Architecture
+from jds.scheduling.policy import PENDING_BATCHES
 
 HOST_MEMORY_FRACTION = 0.8  # leave room for the runtime, compiled programs and activations
 
@@ -50,9 +51,12 @@ def page_bytes(arch: Architecture, itemsize: int, page_size: int) -> int:
     return kv_bytes(arch, itemsize, arch.num_layers, 1, 1, page_size)
 
 
-def instance_pages(inst: DecodeInstance | ColocatedInstance, arch: Architecture, itemsize: int) -> int:
-    """The KV pages a (resolved) decode or colocated instance holds."""
-    return inst.num_pages(page_bytes(arch, itemsize, inst.page_size))
+def instance_pages(inst: DecodeInstance | ColocatedInstance | PrefillInstance, arch: Architecture, itemsize: int, page_size: int) -> int:
+    """The KV pages a (resolved) instance holds, in pages of ``page_size`` (a prefill instance's
+    pool: none where it keeps no prefix cache)."""
+    if isinstance(inst, PrefillInstance) and not inst.prefix_caching:
+        return 0
+    return inst.num_pages(page_bytes(arch, itemsize, page_size))
 
 
 def prefill_tokens(batching: PrefillBatching, max_seq_len: int) -> int:
@@ -65,9 +69,11 @@ def prefill_transient_bytes(arch: Architecture, itemsize: int, tp: int, tokens: 
     """What one prefill call of ``tokens`` padded tokens (prompts of up to ``longest``) holds beside
     the weights and the cache: the KV of every layer it returns, one layer's attention scores
     (float32, as XLA's attention makes them; cuDNN's flash attention keeps none) and one layer's
-    MLP activations; where it ``hands_off`` its KV to decode instances, also the pages taken for
-    the handoff (up to that KV again, while they move)."""
-    kv = kv_bytes(arch, itemsize, arch.num_layers, tp, tokens, 1) * (2 if hands_off else 1)
+    MLP activations. Where it ``hands_off`` its KV to decode instances, batches' KV also waits on
+    its transfer queue (``PENDING_BATCHES`` of them) and in the transfer thread's hands (one more,
+    and the pages taken from it while they move): up to that KV again, that many times over."""
+    waiting = PENDING_BATCHES + 2 if hands_off else 0
+    kv = kv_bytes(arch, itemsize, arch.num_layers, tp, tokens, 1) * (1 + waiting)
     scores = tokens * longest * (arch.num_heads // tp) * 4
     mlp = 2 * tokens * (arch.intermediate_size // tp) * itemsize
     return kv + scores + mlp
@@ -91,10 +97,12 @@ def memory_needs(
     for where, inst in placement.named_instances():
         if isinstance(inst, PrefillInstance):
             w = weight_bytes(arch, w_itemsize, arch.num_layers, inst.tp, True, head)
+            pages = instance_pages(inst, arch, itemsize, placement.page_size)
+            kv = kv_bytes(arch, itemsize, arch.num_layers, inst.tp, pages, placement.page_size)
             transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, longest), longest, hands_off=True)
-            needs.append(MemoryNeed(f"placement.{where}", w, 0, tuple(inst.devices), transient))
+            needs.append(MemoryNeed(f"placement.{where}", w, kv, tuple(inst.devices), transient))
         elif isinstance(inst, DecodeInstance):
-            pages = instance_pages(inst, arch, itemsize)
+            pages = instance_pages(inst, arch, itemsize, inst.page_size)
             for span in stage_spans(arch.num_layers, inst.pp, inst.layers_per_stage):
                 w = weight_bytes(arch, w_itemsize, span.num_layers, inst.tp, span.first, span.last and head)
                 if span.last and not head and not span.first:
@@ -105,7 +113,7 @@ def memory_needs(
         else:
             seq = inst.max_seq_len
             w = weight_bytes(arch, w_itemsize, arch.num_layers, inst.tp, True, head)
-            kv = kv_bytes(arch, itemsize, arch.num_layers, inst.tp, instance_pages(inst, arch, itemsize), inst.page_size)
+            kv = kv_bytes(arch, itemsize, arch.num_layers, inst.tp, instance_pages(inst, arch, itemsize, inst.page_size), inst.page_size)
             transient = prefill_transient_bytes(arch, itemsize, inst.tp, prefill_tokens(inst, seq), seq, hands_off=False)
             needs.append(MemoryNeed(f"placement.{where}", w, kv, tuple(inst.devices), transient))
     return needs

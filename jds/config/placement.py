@@ -62,28 +62,11 @@ class PrefillBatching(_Section):
     max_batch: PositiveInt = Field(default=8, description="prompts per prefill batch (a power of two bounds compiles)")
 
 
-class PrefillInstance(PrefillBatching, _Process):
-    devices: list[NonNegativeInt] = Field(min_length=1)
-    tp: PositiveInt = 1
-
-    @model_validator(mode="after")
-    def _tp_uses_all_devices(self) -> PrefillInstance:
-        if len(self.devices) != self.tp:
-            raise ValueError(f"tp {self.tp} needs exactly {self.tp} devices, got {len(self.devices)}")
-        self._check_processes(len(self.devices))
-        return self
-
-
-class _DecodeSlots(_Section):
-    slots: PositiveInt | None = Field(
-        default=None, description=f"rows a decode step computes at most: requests running at once (default {DEFAULT_SLOTS})"
-    )
-    max_seq_len: PositiveInt | None = Field(default=None, description="prompt + output limit; default model.max_seq_len")
-    page_size: PositiveInt = Field(default=DEFAULT_PAGE_SIZE, description="cache positions per KV page")
+class _KVMemory(_Section):
     kv_pages: PositiveInt | None = Field(
         default=None,
-        description=f"KV pages the instance holds; default: kv_memory_gb's worth, else the positions of slots (or {DEFAULT_KV_ROWS}) "
-        "sequences of max_seq_len",
+        description="KV pages the instance holds; default: kv_memory_gb's worth, else the positions of slots sequences of "
+        f"max_seq_len ({DEFAULT_KV_ROWS} where slots is not given, and on a prefill instance)",
     )
     kv_memory_gb: PositiveFloat | None = Field(default=None, description="KV memory of the instance (all its layers and devices), in GiB")
 
@@ -93,17 +76,6 @@ class _DecodeSlots(_Section):
             raise ValueError("give kv_pages or kv_memory_gb, not both")
         return self
 
-    def resolved(self, max_seq_len: int) -> Self:
-        """This instance with every default filled in: ``max_seq_len`` (the model's), ``slots``,
-        and, unless ``kv_memory_gb`` sizes them, ``kv_pages``: as many as ``slots`` sequences of
-        ``max_seq_len`` fill where slots are given (the memory a cache of whole rows took), else
-        ``DEFAULT_KV_ROWS`` of them, with ``DEFAULT_SLOTS`` rows to share them."""
-        longest = self.max_seq_len or max_seq_len
-        update: dict[str, int] = {"max_seq_len": longest, "slots": self.slots or DEFAULT_SLOTS}
-        if self.kv_pages is None and self.kv_memory_gb is None:
-            update["kv_pages"] = (self.slots or DEFAULT_KV_ROWS) * -(-longest // self.page_size)
-        return self.model_copy(update=update)
-
     def num_pages(self, page_bytes: int) -> int:
         """KV pages of this (resolved) instance, given the bytes of one page over all its layers
         and devices: as configured, or ``kv_memory_gb``'s worth."""
@@ -112,6 +84,61 @@ class _DecodeSlots(_Section):
         if self.kv_memory_gb is None:
             raise ValueError("the instance is not resolved: call resolved(max_seq_len) first")
         return max(1, int(self.kv_memory_gb * 2**30) // page_bytes)
+
+
+def _default_pages(rows: int, longest: int, page_size: int) -> int:
+    return rows * -(-longest // page_size)
+
+
+class PrefillInstance(PrefillBatching, _KVMemory, _Process):
+    devices: list[NonNegativeInt] = Field(min_length=1)
+    tp: PositiveInt = 1
+    enable_prefix_caching: bool | None = Field(
+        default=None,
+        description="keep full KV pages of known prompts (kv_pages or kv_memory_gb of them) and reuse them for prompts that start "
+        "the same; default on, except for an instance spanning several processes, which keeps none",
+    )
+
+    @model_validator(mode="after")
+    def _tp_uses_all_devices(self) -> PrefillInstance:
+        if len(self.devices) != self.tp:
+            raise ValueError(f"tp {self.tp} needs exactly {self.tp} devices, got {len(self.devices)}")
+        self._check_processes(len(self.devices))
+        if self.enable_prefix_caching and self.processes > 1:
+            raise ValueError("enable_prefix_caching: an instance spanning several processes keeps no prefix cache")
+        return self
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether this instance keeps a pool of pages and a prefix cache in it."""
+        return self.enable_prefix_caching is not False and self.processes == 1
+
+    def resolved(self, longest: int, page_size: int) -> Self:
+        """With ``kv_pages`` filled in where prefix caching needs a pool and nothing sizes it:
+        the pages of ``DEFAULT_KV_ROWS`` sequences of ``longest`` (the placement's
+        ``max_seq_len``)."""
+        if not self.prefix_caching or self.kv_pages is not None or self.kv_memory_gb is not None:
+            return self
+        return self.model_copy(update={"kv_pages": _default_pages(DEFAULT_KV_ROWS, longest, page_size)})
+
+
+class _DecodeSlots(_KVMemory):
+    slots: PositiveInt | None = Field(
+        default=None, description=f"rows a decode step computes at most: requests running at once (default {DEFAULT_SLOTS})"
+    )
+    max_seq_len: PositiveInt | None = Field(default=None, description="prompt + output limit; default model.max_seq_len")
+    page_size: PositiveInt = Field(default=DEFAULT_PAGE_SIZE, description="cache positions per KV page")
+
+    def resolved(self, max_seq_len: int) -> Self:
+        """This instance with every default filled in: ``max_seq_len`` (the model's), ``slots``,
+        and, unless ``kv_memory_gb`` sizes them, ``kv_pages``: as many as ``slots`` sequences of
+        ``max_seq_len`` fill where slots are given (the memory a cache of whole rows took), else
+        ``DEFAULT_KV_ROWS`` of them, with ``DEFAULT_SLOTS`` rows to share them."""
+        longest = self.max_seq_len or max_seq_len
+        update: dict[str, int] = {"max_seq_len": longest, "slots": self.slots or DEFAULT_SLOTS}
+        if self.kv_pages is None and self.kv_memory_gb is None:
+            update["kv_pages"] = _default_pages(self.slots or DEFAULT_KV_ROWS, longest, self.page_size)
+        return self.model_copy(update=update)
 
 
 class DecodeInstance(_DecodeSlots, _Process):
@@ -223,9 +250,10 @@ class Placement(_Section):
         """This placement with every instance's defaults filled in from the model's ``max_seq_len``.
         Whoever builds instances resolves the placement once and then reads ``max_seq_len`` off
         each instance (and the placement) as given."""
-        return self.model_copy(
-            update={"decode": [d.resolved(max_seq_len) for d in self.decode], "instances": [i.resolved(max_seq_len) for i in self.instances]}
-        )
+        decode = [d.resolved(max_seq_len) for d in self.decode]
+        placed = self.model_copy(update={"decode": decode, "instances": [i.resolved(max_seq_len) for i in self.instances]})
+        longest = placed.max_seq_len if decode else max_seq_len
+        return placed.model_copy(update={"prefill": [p.resolved(longest, self.page_size) for p in self.prefill]})
 
     @property
     def page_size(self) -> int:

@@ -20,8 +20,9 @@ from jds.config.placement import ColocatedInstance, DecodeInstance, PrefillInsta
 from jds.config.stages import stage_spans
 from jds.engine.kv_pool import KVPool
 from jds.engine.programs import Pipeline, PoolShape, PrefillProgram, place_params
+from jds.engine.prompt_pages import REUSE_CHUNK
 from jds.model.loader import LoadedModel
-from jds.transfer.handoff import compile_take, group_sizes
+from jds.transfer.handoff import compile_take, compile_take_from_pool, group_sizes
 
 Job = Callable[[], object]  # one ahead-of-time compile
 
@@ -56,7 +57,22 @@ def colocated_instance(model: LoadedModel, spec: ColocatedInstance, devices: Seq
 
 def pool_shape(model: LoadedModel, spec: DecodeInstance | ColocatedInstance) -> PoolShape:
     """The KV pages of a decode or colocated instance (``kv_pages``, ``kv_memory_gb``, or the default)."""
-    return PoolShape(instance_pages(spec, model.arch, model.dtype.itemsize), spec.page_size)
+    return PoolShape(instance_pages(spec, model.arch, model.dtype.itemsize, spec.page_size), spec.page_size)
+
+
+def prefill_pool(
+    model: LoadedModel, spec: PrefillInstance, program: PrefillProgram, cond: threading.Condition
+) -> tuple[Pipeline, KVPool] | None:
+    """A prefill instance's pool of pages, with its prefix cache, and the one-stage pipeline that
+    computes a prompt's rest over its cached pages (sharing the program's weights); None where
+    the instance keeps no prefix cache. Slots: the most prompts one prefill call takes."""
+    if not spec.prefix_caching:
+        return None
+    devices = list(program.mesh.devices.flat)
+    shape = PoolShape(instance_pages(spec, model.arch, model.dtype.itemsize, program.page_size), program.page_size)
+    slots = max(batch for batch, _ in program.shapes())
+    pipeline = Pipeline(model.arch, program.params, stage_spans(model.arch.num_layers, 1), [devices], slots, program.max_len, 1, shape)
+    return pipeline, kv_pool(pipeline, cond, prefix_caching=True)
 
 
 def kv_pool(pipeline: Pipeline, cond: threading.Condition, prefix_caching: bool = False) -> KVPool:
@@ -64,11 +80,17 @@ def kv_pool(pipeline: Pipeline, cond: threading.Condition, prefix_caching: bool 
     return KVPool(pipeline.slots, pipeline.pool.pages, pipeline.pool.page_size, pipeline.max_seq_len, cond, prefix_caching)
 
 
-def prefill_warmup(program: PrefillProgram, hands_off: bool) -> list[Job]:
+def prefill_warmup(program: PrefillProgram, hands_off: bool, pipeline: Pipeline | None = None) -> list[Job]:
     """Compiles of every prefill shape, and where its KV is handed off (``hands_off``: a prefill
-    instance, not a colocated one) every take of a group of pages from it."""
+    instance, not a colocated one) every take of a group of pages from it: from the instance's
+    pool where it has one (``pipeline``, with its inserts and prompt chunks), else from the
+    program's KV."""
     jobs = [functools.partial(program.compile, *shape) for shape in program.shapes()]
-    if hands_off:
+    if pipeline is not None:
+        jobs += pipeline.compile(program.page_counts(), program.starts, REUSE_CHUNK, steps=False)
+        cache = pipeline.stages[0].cache
+        jobs += [functools.partial(compile_take_from_pool, cache, g, program.starts) for g in pipeline.insert_sizes()]
+    elif hands_off:
         takes = {(spec, g) for n in program.page_counts() for spec in program.page_specs(n) for g in group_sizes() if g <= n}
         jobs += [functools.partial(compile_take, spec, g) for spec, g in takes]
     return jobs

@@ -35,6 +35,24 @@ KV_LOST = "KV lost"  # how the error of a request whose KV a device fault took b
 PREEMPTED = "preempted"  # how the error of a request preempted for pages begins, where it cannot be requeued
 
 
+def retry_or_fail(seq: Sequence, error: str, requeue: Callable[[Sequence], None] | None) -> None:
+    """A request whose KV was lost (it holds no slot): back to prefill (``requeue``) the first
+    time, else it fails; where nothing here may prefill it (``requeue`` None: a decode process),
+    it fails with ``KV_LOST``, for whoever routed it to prefill it again."""
+    if seq.aborted.is_set():
+        seq.publish("abort")
+        return
+    if requeue is None:  # a decode process: whoever routes the request may prefill it again
+        seq.publish("error", f"{KV_LOST}: {error}")
+        return
+    if seq.recomputed:
+        seq.publish("error", error)
+        return
+    log.warning("%s: %s; prefilling its %d tokens again", seq.request_id, error, seq.context_len)
+    seq.recomputed = True
+    requeue(seq)
+
+
 class DecodeBatch:
     """The sequences holding slots of one pipeline; only the owning worker thread calls it.
 
@@ -220,18 +238,7 @@ class DecodeBatch:
 
     def retry_or_fail(self, seq: Sequence, error: str) -> None:
         """A request whose KV was lost (it holds no slot): back to prefill the first time, else it fails."""
-        if seq.aborted.is_set():
-            seq.publish("abort")
-            return
-        if self.requeue is None:  # a decode process: whoever routes the request may prefill it again
-            seq.publish("error", f"{KV_LOST}: {error}")
-            return
-        if seq.recomputed:
-            seq.publish("error", error)
-            return
-        log.warning("%s: %s; prefilling its %d tokens again", seq.request_id, error, seq.context_len)
-        seq.recomputed = True
-        self.requeue(seq)
+        retry_or_fail(seq, error, self.requeue)
 
     def recover(self, error: str) -> None:
         """After a fault that may have consumed the cache: a fresh cache, and every request that

@@ -90,7 +90,8 @@ class Engine:
             program = builders.prefill_instance(
                 self.model, spec, [devices[d] for d in spec.devices], self.placement.max_seq_len, self.placement.page_size, cuts
             )
-            self.prefill_workers.append(PrefillWorker(f"prefill{i}", program, self._waiting, router.send, self._stop))
+            pool = builders.prefill_pool(self.model, spec, program, self._slots_changed) or (None, None)
+            self.prefill_workers.append(PrefillWorker(f"prefill{i}", program, self._waiting, router.send, self._stop, *pool))
 
     def _build_colocated(self, devices) -> None:
         for i, spec in enumerate(self.placement.instances):
@@ -112,7 +113,7 @@ class Engine:
 
         Nothing runs: ``lower().compile()`` fills the same cache the calls use.
         """
-        jobs = [job for w in self.prefill_workers for job in builders.prefill_warmup(w.program, hands_off=True)]
+        jobs = [job for w in self.prefill_workers for job in builders.prefill_warmup(w.program, True, w.prompts and w.prompts.pipeline)]
         jobs += [job for w in self.colocated_workers for job in builders.prefill_warmup(w.program, hands_off=False)]
         for w in self.decode_workers:
             jobs += w.pipeline.compile(w.pipeline.insert_sizes(), self.prefill_workers[0].program.starts)
@@ -166,7 +167,8 @@ class Engine:
 
     def prefix_cache_usage(self) -> tuple[int, int]:
         """(prompt positions looked up in the instances' prefix caches, of those found cached)."""
-        return sum(p.prefix_queried for p in self._pools), sum(p.prefix_hits for p in self._pools)
+        pools = self._pools + [w.pool for w in self.prefill_workers if w.pool is not None]
+        return sum(p.prefix_queried for p in pools), sum(p.prefix_hits for p in pools)
 
     def drain(self, timeout: float) -> int:
         return self._running.wait_finished(timeout)

@@ -134,6 +134,15 @@ class KVPool:
             self._release(slot)
             self._cond.notify_all()
 
+    def release_all(self) -> None:
+        """Free every slot in use (an instance whose slots are only ever held within one call of
+        its thread, after that call failed)."""
+        with self._cond:
+            for slot in range(self.size):
+                if self._held[slot] or self._commits[slot]:
+                    self._release(slot)
+            self._cond.notify_all()
+
     def _release(self, slot: int) -> None:
         self.pages.give_back(self._held[slot])
         self.committed -= self._commits[slot]

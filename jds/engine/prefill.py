@@ -1,7 +1,9 @@
 """The prefill side of a disaggregated placement: one prefill thread and one transfer thread per instance.
 
 The prefill thread takes FCFS batches from the shared waiting queue, runs them, publishes each
-request's first token (its TTFT), and puts the batch's KV on a small bounded queue. The transfer
+request's first token (its TTFT), and puts the batch's KV on a small bounded queue. With prefix
+caching the instance keeps a pool of pages: prompts are written there, reusing the cached pages of
+their prefix, and each request's pages are taken out of it for the queue. The transfer
 thread routes each request to the decode instance with the most room (``policy.decode_room``), reserves a slot and pages, moves
 the pages its prompt fills with ``device_put`` and blocks until they have landed, then hands them to
 that instance's inbox. A full transfer queue stalls prefill: KV waiting for decode room stays bounded.
@@ -12,112 +14,21 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 
-from jds.engine.decode import DecodeWorker, Delivery
-from jds.engine.programs import BatchPages, PrefillProgram
-from jds.engine.request import PromptLogprobs
+from jds.engine.decode import DecodeWorker, Delivery, retry_or_fail
+from jds.engine.first_tokens import prefill_batch
+from jds.engine.kv_pool import KVPool
+from jds.engine.programs import Pipeline, PrefillProgram, TakenPages
+from jds.engine.prompt_pages import PromptWriter
 from jds.engine.sequence import Sequence
 from jds.engine.waiting import WaitingQueue
 from jds.scheduling import policy
-from jds.transfer.handoff import send_pages
+from jds.transfer.handoff import PageSource, send_pages, take_from_pool
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
-
-
-Prefilled = tuple[list[tuple[int, Sequence]], BatchPages]  # (batch row, sequence) pairs that go on to decode, and the KV
-
-
-def prefill_batch(program: PrefillProgram, seqs: list[Sequence]) -> list[Prefilled]:
-    """Run one prefill batch and publish first tokens; for each program run that succeeded, the
-    requests that go on to decode and their KV.
-
-    A batch that fails is run again in halves, down to single requests, so that a request whose
-    own input breaks the program fails alone and its neighbours get the tokens they would have
-    had; a request fails once it has failed alone too (a fault of the device fails each request
-    after that one retry).
-    """
-    now = time.perf_counter()
-    for s in seqs:
-        if s.timings.prefill_start is None:  # not a request prefilled again after a device fault
-            s.timings.prefill_start = now
-    runs = _run_apart_on_failure(program, seqs, retried=False)
-    return [(going, kv) for going, kv in (_first_tokens(program, out, part) for out, part in runs) if going]
-
-
-def _run_apart_on_failure(program: PrefillProgram, seqs: list[Sequence], retried: bool) -> list[tuple[tuple, list[Sequence]]]:
-    try:
-        return [(program.run(seqs), seqs)]
-    except Exception as exc:
-        if len(seqs) == 1 and retried:
-            log.exception("prefill of %s failed", seqs[0].request_id)
-            seqs[0].publish("error", f"prefill failed: {exc}")
-            return []
-        log.warning("prefill of %d request(s) failed (%s); running them again apart", len(seqs), exc)
-        half = (len(seqs) + 1) // 2
-        parts = [seqs] if len(seqs) == 1 else [seqs[:half], seqs[half:]]
-        return [run for part in parts for run in _run_apart_on_failure(program, part, retried=True)]
-
-
-def _first_tokens(program: PrefillProgram, out: tuple, seqs: list[Sequence]) -> Prefilled:
-    drawn, kv = out
-    going = []
-    scored = {id(s) for s in score_prompts(program, [s for s in seqs if not s.aborted.is_set()])}
-    for i, s in enumerate(seqs):
-        if s.aborted.is_set():
-            s.publish("abort")
-            continue
-        if s.tokens:  # prefilled again after a device fault: its newest token is known, its KV rebuilt
-            going.append((i, s))
-            continue
-        if id(s) not in scored:
-            continue
-        if s.limit == 0:  # max_tokens 0: the prompt (its log-probabilities) was all it asked about
-            s.publish("length")
-            continue
-        reason = s.add_drawn(drawn, i)
-        s.publish(reason)
-        if reason is None:
-            going.append((i, s))
-    return going, kv
-
-
-def score_prompts(program: PrefillProgram, seqs: list[Sequence]) -> list[Sequence]:
-    """Give each of ``seqs`` that asks for them its prompt's log-probabilities, all in one call;
-    if that call fails, each alone, so only a request whose own scoring fails fails. Returns the
-    sequences that go on."""
-    asking = [s for s in seqs if s.request.params.prompt_logprobs is not None and s.prompt_logprobs is None]
-    if not asking:
-        return seqs
-    try:
-        scores = program.score(asking)
-    except Exception as exc:
-        if len(asking) == 1:
-            scores = [_scoring_failed(asking[0], exc)]
-        else:
-            log.warning("scoring %d prompts failed (%s); scoring them apart", len(asking), exc)
-            scores = [_score_alone(program, s) for s in asking]
-    failed = set()
-    for s, score in zip(asking, scores):
-        s.prompt_logprobs = score
-        if score is None:
-            failed.add(id(s))
-    return [s for s in seqs if id(s) not in failed]
-
-
-def _score_alone(program: PrefillProgram, seq: Sequence) -> PromptLogprobs | None:
-    try:
-        return program.score([seq])[0]
-    except Exception as exc:
-        return _scoring_failed(seq, exc)
-
-
-def _scoring_failed(seq: Sequence, exc: Exception) -> None:
-    log.error("scoring the prompt of %s failed: %s", seq.request_id, exc)
-    seq.publish("error", f"scoring the prompt failed: {exc}")
 
 
 def _any_prompt(seq: Sequence) -> bool:
@@ -148,7 +59,7 @@ class DecodeRouter:
         with self._cond:
             self._cond.wait(timeout)
 
-    def send(self, kv: BatchPages, going: list[tuple[int, Sequence]]) -> None:
+    def send(self, kv: PageSource, going: list[tuple[int, Sequence]]) -> None:
         """Reserve a slot for each request and move its KV there.
 
         Requests already holding a reservation are shipped before waiting for more room, so a
@@ -170,11 +81,11 @@ class DecodeRouter:
                 self.wait(POLL_SECONDS)
         self._ship(kv, groups)
 
-    def _ship(self, kv: BatchPages, groups: dict[DecodeWorker, list[tuple[int, Sequence, int]]]) -> None:
+    def _ship(self, kv: PageSource, groups: dict[DecodeWorker, list[tuple[int, Sequence, int]]]) -> None:
         for decoder, rows in groups.items():
             counts = [policy.pages_for(seq.context_len, decoder.pool.page_size) for _, seq, _ in rows]
             try:
-                handoff = send_pages(kv.pieces, kv.ids([(row, n) for (row, _, _), n in zip(rows, counts)]), decoder.targets)
+                handoff = send_pages(kv, [(row, n) for (row, _, _), n in zip(rows, counts)], decoder.targets)
             except Exception as exc:
                 log.exception("KV transfer to %s failed", decoder.name)
                 for _, seq, slot in rows:
@@ -188,7 +99,7 @@ class DecodeRouter:
             decoder.inbox.put(Delivery(handoff.parts, [(seq, slot, n) for (_, seq, slot), n in zip(rows, counts)]))
 
 
-Ship = Callable[[BatchPages, list[tuple[int, Sequence]]], None]  # where a prefilled batch's KV goes
+Ship = Callable[[PageSource, list[tuple[int, Sequence]]], None]  # where a prefilled batch's KV goes
 
 
 class PrefillWorker:
@@ -196,11 +107,21 @@ class PrefillWorker:
 
     ``ship`` is the transfer thread's job: ``DecodeRouter.send`` in one process, an offer for a
     decode process to pull when roles run as processes.
+
+    With a pool (``pipeline`` and ``pool``: prefix caching), prompts are written into its pages,
+    reusing the cached pages of their prefix (``PromptWriter``), and each request's pages are
+    taken out of it right after (``TakenPages``), so the pool holds between batches only what its
+    prefix cache keeps. Without one, the batch's KV goes on as the program returned it.
     """
 
-    def __init__(self, name: str, program: PrefillProgram, waiting: WaitingQueue, ship: Ship, stop: threading.Event):
+    def __init__(
+        self, name: str, program: PrefillProgram, waiting: WaitingQueue, ship: Ship, stop: threading.Event,
+        pipeline: Pipeline | None = None, pool: KVPool | None = None,
+    ):  # fmt: skip
         self.name = name
         self.program = program
+        self.pool = pool
+        self.prompts = None if pool is None else PromptWriter(program, pipeline, pool, None, self._fail, self._recover)
         self._waiting = waiting
         self._ship_batch = ship
         self._stop = stop
@@ -216,13 +137,58 @@ class PrefillWorker:
             self._prefill_once()
 
     def _prefill_once(self) -> None:
-        seqs = self._waiting.take(self.program.batches, _any_prompt, timeout=POLL_SECONDS)
+        admits = None if self.pool is None else self.pool.admits
+        seqs = self._waiting.take(self.program.batches, _any_prompt, timeout=POLL_SECONDS, admits=admits)
         if not seqs:
             return
         for s in seqs:
             s.timings.route.append(self.name)
-        for going, kv in prefill_batch(self.program, seqs):
-            self._put_pending((kv, going))
+        if self.prompts is None:
+            for going, kv in prefill_batch(self.program, seqs):
+                self._put_pending((kv, going))
+            return
+        written: list[tuple[Sequence, int]] = []
+        try:
+            self.prompts.admit(seqs, lambda seq, slot: written.append((seq, slot)))
+        except Exception as exc:  # never let the thread die with requests waiting on it
+            log.exception("%s failed", self.name)
+            self._recover(f"{self.name} failed: {exc}")
+            taken = {id(seq) for seq, _ in written}
+            for seq in seqs:
+                if id(seq) not in taken and not seq.done:
+                    self._fail(seq, f"{self.name} failed: {exc}")
+        if written:
+            self._put_pending(self._take(written))
+
+    def _take(self, written: list[tuple[Sequence, int]]) -> tuple[TakenPages, list[tuple[int, Sequence]]]:
+        """Each written request's pages, taken out of the pool (whose slot it then leaves)."""
+        rows, going = {}, []
+        cache = self.prompts.pipeline.stages[0].cache
+        for row, (seq, slot) in enumerate(written):
+            try:
+                n = policy.pages_for(seq.context_len, self.pool.page_size)
+                rows[row] = take_from_pool(cache, self.pool.held_pages(slot, n), self.program.starts)
+                going.append((row, seq))
+            except Exception as exc:
+                log.exception("taking the KV of %s failed", seq.request_id)
+                self._fail(seq, f"taking its KV failed: {exc}")
+            finally:
+                self.pool.release(slot)
+        return TakenPages(rows), going
+
+    def _fail(self, seq: Sequence, error: str) -> None:
+        retry_or_fail(seq, error, self._waiting.put_front)
+
+    def _recover(self, error: str) -> None:
+        """After a fault that may have consumed the pool's cache: the prompt being written is
+        prefilled again (or fails), cached pages are forgotten and the cache is made anew."""
+        self.prompts.abandon(error)
+        self.pool.release_all()
+        self.pool.drop_cache()
+        try:
+            self.prompts.pipeline.reset()
+        except Exception:  # the device may still be failing: the next batch tries again
+            log.exception("a fresh cache could not be made")
 
     def _put_pending(self, item) -> None:
         while not self._stop.is_set():

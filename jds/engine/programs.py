@@ -34,7 +34,7 @@ from jds.model.sampling import Sampled, SamplingRows, sample
 from jds.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 from jds.scheduling import policy
 from jds.scheduling.policy import PrefillBatches, pow2_at_least, row_buckets
-from jds.transfer.handoff import Pieces, StageTarget, group_sizes
+from jds.transfer.handoff import Pieces, StageTarget, cut, group_sizes, take_groups
 
 log = logging.getLogger(__name__)
 
@@ -103,19 +103,39 @@ class BatchPages:
         """The pages of each (batch row, page count) in ``rows``, one row after another."""
         return np.concatenate([r * self.per_row + np.arange(n) for r, n in rows] or [np.zeros(0, int)]).astype(np.int32)
 
+    def groups(self, rows: Seq[tuple[int, int]]) -> list[Pieces]:
+        """``PageSource.groups``: taken from the batch's pieces."""
+        return take_groups(self.pieces, self.ids(rows))
+
+    def local(self) -> BatchPages:
+        """This process's own copy, on one device, of pieces gathered whole (``gather_kv``): what
+        it may take from without the other processes of its instance."""
+        return BatchPages([(start, jax.tree.map(lambda a: a.addressable_data(0), pages)) for start, pages in self.pieces], self.per_row)
+
+
+@dataclasses.dataclass(frozen=True)
+class TakenPages:
+    """Prefilled requests' pages already taken out of a prefill instance's pool (which they leave
+    at once, so it can take the next batch): each batch row's groups of pieces."""
+
+    rows: dict[int, list[Pieces]]
+
+    def groups(self, rows: Seq[tuple[int, int]]) -> list[Pieces]:
+        """``PageSource.groups``: the rows' own groups (they hold exactly their pages)."""
+        return [group for row, _ in rows for group in self.rows[row]]
+
+    def local(self) -> TakenPages:
+        """Each array on one device of this process (gathered over ``tp``), as an offer needs."""
+        def one(a: jax.Array) -> jax.Array:
+            return jax.device_put(a, jax.sharding.SingleDeviceSharding(a.addressable_shards[0].device))
+
+        return TakenPages({row: [[(s, jax.tree.map(one, p)) for s, p in g] for g in groups] for row, groups in self.rows.items()})
+
 
 def page_shardings(arch: Architecture, mesh: jax.sharding.Mesh) -> KVPages:
     """The sharding of KV pages on ``mesh`` (K's and V's, by their logical axes), whatever their
     layer and page counts."""
     return shardings(KVPages.zeros(arch, 1, 1, jnp.float32, 1), mesh)
-
-
-def cut_pages(pages: KVPages, starts: Seq[int]) -> Pieces:
-    """Pages of every layer cut at the layers ``starts`` (the first is 0)."""
-    if len(starts) == 1:
-        return [(0, pages)]  # no slice: no program to run (or compile) for it
-    bounds = (*starts, pages.k.shape[0])
-    return [(a, KVPages(k=pages.k[a:b], v=pages.v[a:b])) for a, b in zip(bounds, bounds[1:])]
 
 
 def _spec(value) -> jax.ShapeDtypeStruct:
@@ -125,7 +145,7 @@ def _spec(value) -> jax.ShapeDtypeStruct:
 
 def _prefill(params: Params, tokens, lengths, *, arch: Architecture, cuts: tuple[int, ...], page_size: int):
     logits, kv = llama.prefill(params, tokens, lengths, arch)
-    return logits, tuple(pages for _, pages in cut_pages(kv_cache.as_pages(kv, page_size), (0, *cuts)))
+    return logits, tuple(pages for _, pages in cut(kv_cache.as_pages(kv, page_size), (0, *cuts)))
 
 
 def _sample_first(logits: jax.Array, rows: SamplingRows, history: jax.Array):
@@ -156,6 +176,7 @@ class PrefillProgram:
         process) instead of sharded over ``tp`` (for a device-to-device handoff)."""
         self.arch = arch
         self.params = params
+        self.max_len = max_len
         self.mesh = jax.tree.leaves(params)[0].sharding.mesh
         self.batches = PrefillBatches.up_to(max_len, batching.max_batch, batching.max_batch_tokens)  # what a call takes
         self.starts = (0, *cuts)
@@ -525,10 +546,11 @@ class Pipeline:
         """The page counts handoffs bring here (``page_groups``' sizes, none larger than the pool)."""
         return [n for n in group_sizes() if n <= self.pool.pages]
 
-    def compile(self, inserts: Seq[int], starts: Seq[int], chunk: int | None = None) -> list:
-        """Ahead-of-time compile jobs: a decode step of every row bucket, a prompt chunk, the
-        insert of each of ``inserts`` pages cut at ``starts``."""
-        jobs = [functools.partial(st.compile_run, r, 1, c) for st in self.stages for r in self.row_buckets for c in self.contexts]
+    def compile(self, inserts: Seq[int], starts: Seq[int], chunk: int | None = None, steps: bool = True) -> list:
+        """Ahead-of-time compile jobs: a decode step of every row bucket (unless not ``steps``: a
+        prefill instance's pool), a prompt chunk, the insert of each of ``inserts`` pages cut at
+        ``starts``."""
+        jobs = [functools.partial(st.compile_run, r, 1, c) for st in self.stages for r in self.row_buckets for c in self.contexts if steps]
         if chunk:
             jobs += [functools.partial(st.compile_run, 1, chunk, c) for st in self.stages for c in self.contexts]
         jobs += [functools.partial(st.compile_insert, n, starts) for st in self.stages for n in inserts]

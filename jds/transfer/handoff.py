@@ -17,8 +17,10 @@ prompt length.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -30,6 +32,24 @@ from jds.model.kv_cache import KVPages
 MAX_GROUP_PAGES = 256  # the largest group a handoff moves at once
 
 Pieces = list[tuple[int, KVPages]]  # KV pages cut at stage boundaries: (first layer, pages)
+
+
+class PageSource(Protocol):
+    """Where a prefilled request's pages are taken from: a prefill batch's KV, or a prefill
+    instance's pool."""
+
+    def groups(self, rows: Sequence[tuple[int, int]]) -> list[Pieces]:
+        """The first ``n`` pages of each (row, n) in ``rows``, one row after another, in
+        ``page_groups`` groups of pieces."""
+        ...
+
+
+def cut(pages: KVPages, starts: Sequence[int]) -> Pieces:
+    """Pages of every layer cut at the layers ``starts`` (the first is 0)."""
+    if len(starts) == 1:
+        return [(0, pages)]  # no slice: no program to run (or compile) for it
+    bounds = (*starts, pages.k.shape[0])
+    return [(a, KVPages(k=pages.k[a:b], v=pages.v[a:b])) for a, b in zip(bounds, bounds[1:])]
 
 
 def page_groups(n: int) -> list[int]:
@@ -88,10 +108,27 @@ def _taken(pages: KVPages, group: np.ndarray) -> KVPages:
     return _take(pages, group)
 
 
-def send_pages(pieces: Sequence[tuple[int, KVPages]], ids: np.ndarray, targets: Sequence[StageTarget]) -> Handoff:
-    """Copy pages ``ids`` of each piece onto the stage that owns its layers; returns when all landed."""
+@functools.partial(jax.jit, static_argnums=2)
+def _take_cut(pool: KVPages, ids: jax.Array, starts: tuple[int, ...]) -> list[KVPages]:
+    return [pages for _, pages in cut(kv_cache.take(pool, ids), starts)]
+
+
+def take_from_pool(pool: KVPages, ids: np.ndarray, starts: tuple[int, ...]) -> list[Pieces]:
+    """Pages ``ids`` (in order) of a pool of every layer, in ``split`` groups, each cut at the
+    layers ``starts``: one program per group size, since the pool's shape never changes."""
+    return [list(zip(starts, _take_cut(pool, group, starts))) for group in split(np.asarray(ids, np.int32))]
+
+
+def compile_take_from_pool(pool: KVPages, group: int, starts: tuple[int, ...]) -> None:
+    """Compile ``take_from_pool``'s program for ``group`` pages, ahead of time."""
+    _take_cut.lower(pool, jax.ShapeDtypeStruct((group,), np.int32), starts).compile()
+
+
+def send_pages(source: PageSource, rows: Sequence[tuple[int, int]], targets: Sequence[StageTarget]) -> Handoff:
+    """Copy the pages of ``rows`` (``PageSource.groups``) onto the stages that own their layers;
+    returns when all landed."""
     begin = time.perf_counter()
-    parts = place(take_groups(pieces, ids), targets)
+    parts = place(source.groups(rows), targets)
     jax.block_until_ready(parts)
     moved = sum(a.nbytes for part in parts for group in part for _, pages in group for a in jax.tree.leaves(pages))
     return Handoff(parts, time.perf_counter() - begin, moved)
