@@ -520,11 +520,12 @@ def test_a_request_that_breaks_its_batch_fails_alone_and_its_neighbours_get_thei
 
 
 class _DeviceFault:
-    """``Pipeline.forward`` that, on the calls numbered in ``faults``, runs and then loses every
-    stage's cache and raises, as a step failing on the device after consuming its donated cache."""
+    """``Pipeline.forward`` (or another of its calls: ``method``) that, on the calls numbered in
+    ``faults``, runs and then loses every stage's cache and raises, as a step failing on the
+    device after consuming its donated cache."""
 
-    def __init__(self, pipeline, faults: set[int]):
-        self.pipeline, self.forward, self.faults, self.calls = pipeline, pipeline.forward, faults, 0
+    def __init__(self, pipeline, faults: set[int], method: str = "forward"):
+        self.pipeline, self.forward, self.faults, self.calls = pipeline, getattr(pipeline, method), faults, 0
 
     def __call__(self, *args):
         self.calls += 1
@@ -536,6 +537,20 @@ class _DeviceFault:
                     leaf.delete()
             raise RuntimeError("injected device fault")
         return out
+
+
+def test_a_fault_that_takes_a_prefill_instances_pool_sends_its_prompts_back_to_prefill_once(tiny, reference, monkeypatch):
+    engine = _engine(tiny, DISAGG)
+    try:
+        worker = engine.prefill_workers[0]
+        fault = _DeviceFault(worker.prompts.pipeline, {1}, "insert")  # the first batch's pages are written, then lost
+        monkeypatch.setattr(worker.prompts.pipeline, "insert", fault)
+        assert [o.token_ids for o in _run(engine, PROMPTS)] == reference["greedy"]
+        assert fault.calls > 1
+        _wait_until(lambda: engine.slot_usage()[0] == 0)
+        _assert_only_the_prefix_cache_holds_pages(engine)
+    finally:
+        engine.shutdown()
 
 
 @pytest.mark.parametrize("placement", [DISAGG, SINGLE, CHUNKED], ids=["disaggregated", "colocated", "chunked"])

@@ -122,6 +122,7 @@ class PrefillWorker:
         self.program = program
         self.pool = pool
         self.prompts = None if pool is None else PromptWriter(program, pipeline, pool, None, self._fail, self._recover)
+        self._written: list[tuple[Sequence, int]] = []  # prompts of the batch in hand written into the pool: (sequence, slot)
         self._waiting = waiting
         self._ship_batch = ship
         self._stop = stop
@@ -147,16 +148,18 @@ class PrefillWorker:
             for going, kv in prefill_batch(self.program, seqs):
                 self._put_pending((kv, going))
             return
-        written: list[tuple[Sequence, int]] = []
         try:
-            self.prompts.admit(seqs, lambda seq, slot: written.append((seq, slot)))
+            self.prompts.admit(seqs, lambda seq, slot: self._written.append((seq, slot)))
         except Exception as exc:  # never let the thread die with requests waiting on it
             log.exception("%s failed", self.name)
-            self._recover(f"{self.name} failed: {exc}")
-            taken = {id(seq) for seq, _ in written}
+            error = f"{self.name} failed: {exc}"
+            handled = {id(seq) for seq in self._recover(error)}
+            self.pool.release_all()
             for seq in seqs:
-                if id(seq) not in taken and not seq.done:
-                    self._fail(seq, f"{self.name} failed: {exc}")
+                if id(seq) not in handled and not seq.done:
+                    self._fail(seq, error)
+            return
+        written, self._written = self._written, []
         if written:
             self._put_pending(self._take(written))
 
@@ -179,16 +182,22 @@ class PrefillWorker:
     def _fail(self, seq: Sequence, error: str) -> None:
         retry_or_fail(seq, error, self._waiting.put_front)
 
-    def _recover(self, error: str) -> None:
-        """After a fault that may have consumed the pool's cache: the prompt being written is
-        prefilled again (or fails), cached pages are forgotten and the cache is made anew."""
+    def _recover(self, error: str) -> list[Sequence]:
+        """After a fault that may have consumed the pool's cache: the prompts written into it and
+        not yet taken out, and the one being written, are prefilled again (or fail), cached pages
+        are forgotten and the cache is made anew. Returns the requests it sent back."""
+        lost = [seq for seq, _ in self._written] + ([self.prompts.chunking.seq] if self.prompts.chunking else [])
         self.prompts.abandon(error)
-        self.pool.release_all()
+        for seq, slot in self._written:
+            self.pool.release(slot)
+            self._fail(seq, error)
+        self._written = []
         self.pool.drop_cache()
         try:
             self.prompts.pipeline.reset()
         except Exception:  # the device may still be failing: the next batch tries again
             log.exception("a fresh cache could not be made")
+        return lost
 
     def _put_pending(self, item) -> None:
         while not self._stop.is_set():
