@@ -141,7 +141,8 @@ def check_placement(
     weight_itemsize: int | None = None,
 ) -> None:
     """Raise ConfigError naming the key if the placement cannot run this model on these devices."""
-    for where, inst in placement.resolved(max_seq_len).named_instances():
+    resolved = placement.resolved(max_seq_len)
+    for where, inst in resolved.named_instances():
         key = f"placement.{where}"
         missing = [d for d in inst.devices if d >= len(devices)]
         if missing:
@@ -158,6 +159,14 @@ def check_placement(
             if inst.max_seq_len > arch.max_position_embeddings:
                 raise ConfigError(
                     f"{key}.max_seq_len: {inst.max_seq_len} exceeds the model's max_position_embeddings ({arch.max_position_embeddings})"
+                )
+        if isinstance(inst, PrefillInstance) and inst.prefix_caching:
+            pages, longest, size = instance_pages(inst, arch, itemsize, placement.page_size), resolved.max_seq_len, placement.page_size
+            if pages * size < longest:
+                field = "kv_pages" if inst.kv_pages is not None else "kv_memory_gb"
+                raise ConfigError(
+                    f"{key}.{field}: its prefix cache's {pages} pages of {size} positions hold less than one prompt of max_seq_len "
+                    f"({longest}); give it more, or set enable_prefix_caching: false"
                 )
         if isinstance(inst, ColocatedInstance) and inst.chunked_prefill and inst.chunked_prefill > inst.max_seq_len:
             raise ConfigError(f"{key}.chunked_prefill: {inst.chunked_prefill} is longer than max_seq_len")
