@@ -28,9 +28,13 @@ functions the benchmark uses.
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
+import gc
 import heapq
 import itertools
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 
 from jds.bench.metrics import RequestRecord
 from jds.bench.workloads import PlannedRequest
@@ -47,8 +51,11 @@ class _Clock:
         self._events: list = []
         self._order = itertools.count()
 
-    def at(self, when: float, action: Callable[[], None]) -> None:
-        heapq.heappush(self._events, (when, next(self._order), action))
+    def at(self, when: float, action: Callable[[], None], first: bool = False) -> None:
+        """Run ``action`` at ``when``, after what is due then already; ``first``: before it (at most
+        one such event may wait at a time: the next arrival, which is scheduled as the one before
+        it comes yet runs as if all had been scheduled at the start)."""
+        heapq.heappush(self._events, (when, -1 if first else next(self._order), action))
 
     def run(self) -> None:
         while self._events:
@@ -56,29 +63,36 @@ class _Clock:
             action()
 
 
+_NEVER = sys.maxsize  # a round no decoder reaches
+
+
 class _Request:
+    # Slots and plain attributes (not properties): the decode loop reads them every round.
+    __slots__ = ("arrived", "committed", "context", "decoder", "done", "earlier", "epoch", "first", "generated",
+                 "grows_from", "join", "last_round", "pages", "planned", "slot")  # fmt: skip
+
     def __init__(self, planned: PlannedRequest, order: int):
         self.planned = planned
         self.arrived = (planned.arrival, order)  # requests sent at one instant arrive in order, as the engine stamps them
         self.first: float | None = None  # when prefill published its token
         self.decoder: _Decoder | None = None
         self.join = 0  # index of its first round in its decoder's ``round_ends``
+        self.last_round = 0  # index of its last round there (set when it joins)
         self.slot = 0  # which slot of its decoder it holds
-        self.pages = 0  # KV pages it holds there
+        self.pages = 0  # KV pages it holds there, but those of rounds from ``grows_from`` on (``_Decoder.pages``)
+        self.grows_from = _NEVER  # its first round, of those its ``pages`` do not count, whose token starts a page
         self.committed = 0  # pages it commits there: those of its prompt and every output token
         self.done = False  # no more rounds: its last was dispatched (or it needed none)
         self.generated = 0  # tokens it had when it (last) joined a decoder
-        self.earlier: list[float] = []  # times of its tokens decoded before it was preempted
+        self.context = planned.input_len  # positions its (next) prefill computes: the prompt, its tokens but the newest
+        self.earlier: tuple[float, ...] = ()  # times of its tokens decoded before it was preempted
         self.epoch = 0  # joins so far: heap entries of an earlier join are stale
 
-    @property
-    def context(self) -> int:
-        """Positions its (next) prefill computes: the prompt, and the tokens it has but the newest."""
-        return self.planned.input_len + max(0, self.generated - 1)
-
-    @property
-    def last_round(self) -> int:
-        return self.join + self.planned.output_len - self.generated - 1
+    def keep(self, tokens: list[float]) -> None:
+        """Tokens decoded (at these times) before a preemption stay its own: its next prefill computes them too."""
+        self.earlier += tuple(tokens)
+        self.generated += len(tokens)
+        self.context = self.planned.input_len + max(0, self.generated - 1)
 
     def first_token(self, when: float) -> bool:
         """Prefill's token is out (unless this was a prefill after a preemption); whether the
@@ -95,6 +109,12 @@ class _Request:
         return RequestRecord(self.planned.input_len, self.planned.output_len, sent=self.planned.arrival, token_times=times, end=times[-1])
 
 
+def _memo(seconds: Callable[[int, int], float]) -> Callable[[int, int], float]:
+    """A profile entry's seconds by shape, each shape's worked out once: shapes recur, and an
+    entry's lookup (in a pydantic model) is slow."""
+    return functools.lru_cache(maxsize=None)(seconds)
+
+
 def _take(waiting: collections.deque, batches: PrefillBatches, limit: int, decoder: _Decoder | None = None) -> list[_Request]:
     """The requests the next prefill call takes from the head of the queue; ``decoder``: those an
     instance that decodes what it prefills admits (each then holds a slot and its pages)."""
@@ -108,9 +128,9 @@ def _take(waiting: collections.deque, batches: PrefillBatches, limit: int, decod
     return taken
 
 
-def _prefill_seconds(latency: PrefillEntry, batches: PrefillBatches, batch: list[_Request]) -> float:
-    """The padded batch's time."""
-    return latency.batch_seconds(pow2_at_least(len(batch)), batches.bucket(max(r.context for r in batch)))
+def _prefill_seconds(seconds: Callable[[int, int], float], batches: PrefillBatches, batch: list[_Request]) -> float:
+    """The padded batch's time (``seconds``: a ``PrefillEntry``'s ``batch_seconds``)."""
+    return seconds(pow2_at_least(len(batch)), batches.bucket(max(r.context for r in batch)))
 
 
 class _Decoder:
@@ -118,10 +138,14 @@ class _Decoder:
     as the host dispatches and reads them.
 
     A round's cost depends only on the rows it computes and the longest sequence, so a round is
-    simulated in O(log n) whatever the batch: each request's token times are the times its
-    rounds were read (``_Request.record``), requests leave off a heap keyed by their last round,
-    the longest one off a heap keyed by its length at round 0, and the highest slot in use off a
-    heap of slots. ``microbatches`` above 1 computes every slot.
+    simulated in O(1) whatever the batch, but for the requests that join or leave in it: each
+    request's token times are the times its rounds were read (``_Request.record``), requests
+    leave off a heap keyed by their last round, and the longest one and the highest slot in use
+    are looked up again only when requests come or go (off a heap keyed by position at round 0
+    and a heap of slots). A running request's token starts a page every ``page_size`` rounds, so
+    the requests are grouped by the round (modulo ``page_size``) at which theirs do: a round in
+    which there are pages for all of its group takes them at once, and a request's pages are
+    added up only when it frees them. ``microbatches`` above 1 computes every slot.
     """
 
     def __init__(
@@ -138,11 +162,14 @@ class _Decoder:
         self.clock = clock
         self.latency = latency
         self.slots = LowestFirst(slots)
+        self.free = slots  # ``len(self.slots)``, which the loops read every pass
         self.pages_total, self.page_size = pages
         self.pages_free = self.pages_total
         self.committed = 0  # pages the requests holding slots would hold at their longest (routing's measure)
         self.holding: dict[int, _Request] = {}  # slot -> the request holding it
-        self._growth: list = []  # (round at which it needs another page, order, request, epoch)
+        # by round modulo page_size: the requests taking part whose token of such a round starts a page
+        self._growing: list[dict[_Request, None]] = [{} for _ in range(self.page_size)]
+        self._joined: list[_Request] = []  # joined, and grouped once the pages of their first round are settled
         self.requeue: Callable[[_Request], None] = lambda r: None  # where a preempted request goes
         self.row_buckets = policy.row_buckets(slots) if microbatches == 1 else [slots]
         self.contexts = policy.context_buckets(max_seq_len, self.page_size)
@@ -150,23 +177,22 @@ class _Decoder:
         self.reserved_elsewhere_pages = 0  # the pages those commit
         self.dispatched = 0  # rounds dispatched
         self.round_ends: list[float] = []  # when each round was read
-        self.in_flight: collections.deque[tuple[int, float]] = collections.deque()  # (round, its end)
+        self.in_flight: collections.deque[float] = collections.deque()  # the ends of rounds dispatched, not read
         self.device_free = 0.0  # when the device finishes what it was given
         self.members = 0  # requests taking part in the next round dispatched
         self._on_free = on_free
-        self._leaving: list = []  # (last round, order, request)
+        self._leaving: list = [(_NEVER, -1, None, 0)]  # (last round, order, request, epoch), over one never leaving
         self._freeing: dict[int, list[_Request]] = collections.defaultdict(list)  # round -> slots it frees when read
         self._longest: list = []  # (-(position at round 0), order, request); done ones linger until on top
         self._order = itertools.count()
         self._in_use = [False] * slots
         self._highest: list[int] = []  # negated slots taken; freed ones linger until on top
+        self._changed = False  # members came or went since the highest slot and the longest were looked up
+        self._top_slot = 0  # the highest slot in use
+        self._start = 0  # the longest member's position at round 0
         self._cost: dict[tuple[int, int], float] = {}  # round seconds by (rows, context)
         self.landed: list[_Request] = []  # KV that arrived, for the loop's next pass
         self.looping = False
-
-    @property
-    def free(self) -> int:
-        return len(self.slots)
 
     def admits(self, contexts: Sequence[int]) -> int:
         """How many requests of these context lengths (the queue's head, in order) admission takes now."""
@@ -187,14 +213,16 @@ class _Decoder:
 
     def reserve(self, r: _Request) -> None:
         """Give an admitted request a slot and the pages of its context."""
-        r.slot, r.pages = self.slots.take(), policy.admission_pages(r.context, self.page_size)
+        r.slot, r.pages, r.grows_from = self.slots.take(), policy.admission_pages(r.context, self.page_size), _NEVER
         r.committed = max(r.pages, self.commits(r))
+        self.free -= 1
         self.pages_free -= r.pages
         self.committed += r.committed
 
     def free_held(self, r: _Request) -> None:
         self.slots.give_back(r.slot)
-        self.pages_free += r.pages
+        self.free += 1
+        self.pages_free += self.pages(r)
         self.committed -= r.committed
         r.pages = r.committed = 0
         self.holding.pop(r.slot, None)
@@ -204,94 +232,123 @@ class _Decoder:
         k = self.dispatched
         for r in requests:
             r.decoder, r.join, r.done = self, k, False
+            r.last_round = k + r.planned.output_len - r.generated - 1
             r.epoch += 1
             self.holding[r.slot] = r
             self._in_use[r.slot] = True
             heapq.heappush(self._highest, -r.slot)
-            self.members += 1
             heapq.heappush(self._leaving, (r.last_round, next(self._order), r, r.epoch))
             heapq.heappush(self._longest, (k - r.context, next(self._order), r, r.epoch))
-            self._next_page(r)
+            # round k feeds the token at position ``context + k - join``; its pages hold those below pages * page_size
+            r.grows_from = k + r.pages * self.page_size - r.context
+            if r.grows_from <= r.last_round:
+                self._joined.append(r)
+        if requests:
+            self.members += len(requests)
+            self._changed = True
 
-    def _next_page(self, r: _Request) -> None:
-        """Note the round at which ``r``'s next token starts a page it does not hold (round k feeds
-        the token at position ``context + k - join``)."""
-        when = r.join + r.pages * self.page_size - r.context
-        if when <= r.last_round:
-            heapq.heappush(self._growth, (when, next(self._order), r, r.epoch))
+    def pages(self, r: _Request) -> int:
+        """The pages ``r`` holds: ``r.pages``, and one for each round dispatched from ``r.grows_from``
+        on whose token started one (every ``page_size`` rounds up to its last)."""
+        rounds = min(r.last_round, self.dispatched - 1) - r.grows_from
+        return r.pages + (rounds // self.page_size + 1 if rounds >= 0 else 0)
+
+    def _group_joined(self) -> None:
+        """The requests that joined take a page with their group from the round after they joined
+        on (their first token to start one is at least a round away)."""
+        for r in self._joined:
+            if self.holding.get(r.slot) is r:  # not preempted in the meantime
+                self._growing[r.grows_from % self.page_size][r] = None
+        self._joined = []
 
     def _retire(self, k: int) -> None:
-        """Requests whose last round is ``k`` or before take part in no later round."""
-        while self._leaving and self._leaving[0][0] <= k:
+        """Requests whose last round is ``k`` or before take part in no later round (callers look
+        at ``self._leaving[0]`` first: most rounds are no one's last)."""
+        while self._leaving[0][0] <= k:
             _, _, r, epoch = heapq.heappop(self._leaving)
             if epoch != r.epoch or r.decoder is not self or r.slot not in self.holding:
                 continue  # preempted: its entry is of an earlier join
             r.done, self._in_use[r.slot] = True, False
+            self._growing[r.grows_from % self.page_size].pop(r, None)
             self.members -= 1
+            self._changed = True
             self._freeing[r.last_round].append(r)
 
-    def _make_room(self, k: int) -> None:
+    def _make_room(self, k: int, due: dict[_Request, None]) -> None:
         """Pages for round ``k``'s tokens that start one, oldest request first, preempting the
-        youngest request holding a slot while none is free (``DecodeBatch._make_room``)."""
-        if not self._growth or self._growth[0][0] > k:
-            return  # most rounds: no token starts a page
-        due = []
-        while self._growth and self._growth[0][0] <= k:
-            _, _, r, epoch = heapq.heappop(self._growth)
-            if epoch == r.epoch and self.holding.get(r.slot) is r:
-                due.append(r)
+        youngest request holding a slot while none is free (``DecodeBatch._make_room``). When
+        there are pages for all of them, neither order nor preemption comes in: they are taken
+        at once, and each request's added up when it frees them (``pages``). ``due``: round ``k``'s group."""
+        if len(due) <= self.pages_free:
+            self.pages_free -= len(due)
+            return
         for r in sorted(due, key=lambda r: r.arrived):
-            while self.holding.get(r.slot) is r and self.pages_free < 1:
+            while self.pages_free < 1 and self.holding.get(r.slot) is r:
                 self._preempt(self.holding[policy.preemption_victim({s: h.arrived for s, h in self.holding.items()})])
             if self.holding.get(r.slot) is r:
-                r.pages += 1
+                r.pages, r.grows_from = self.pages(r) + 1, k + self.page_size  # those before round k, and round k's
                 self.pages_free -= 1
-                self._next_page(r)
 
     def _preempt(self, r: _Request) -> None:
         """``r`` gives up its slot and pages; the tokens of its rounds already read stay its own."""
         read = max(0, min(len(self.round_ends), r.last_round + 1) - r.join)
-        r.earlier += self.round_ends[r.join : r.join + read]
         if r.done:  # its last round was dispatched, not read: its slot was to free then
             self._freeing[r.last_round].remove(r)
         else:
             self._in_use[r.slot] = False
+            self._growing[r.grows_from % self.page_size].pop(r, None)
             self.members -= 1
-        r.generated += read
+        self._changed = True
+        r.keep(self.round_ends[r.join : r.join + read])
         r.decoder, r.done = None, False
         self.free_held(r)
         self.requeue(r)
 
+    def _look_up_extremes(self) -> None:
+        """The highest slot in use and the longest member's position at round 0, once members came or went."""
+        longest, highest = self._longest, self._highest
+        while longest[0][2].done or longest[0][3] != longest[0][2].epoch or longest[0][2].decoder is not self:
+            heapq.heappop(longest)
+        while not self._in_use[-highest[0]]:
+            heapq.heappop(highest)
+        self._start, self._top_slot = -longest[0][0], -highest[0]
+        self._changed = False
+
     def dispatch(self) -> bool:
         """Dispatch the next round now, if any request takes part; it runs once the device is free."""
         k = self.dispatched
-        self._retire(k - 1)
-        self._make_room(k)
+        if self._leaving[0][0] < k:
+            self._retire(k - 1)
+        due = self._growing[k % self.page_size]
+        if due:
+            self._make_room(k, due)
+        if self._joined:
+            self._group_joined()
         if not self.members:
             return False
-        while self._longest[0][2].done or self._longest[0][3] != self._longest[0][2].epoch or self._longest[0][2].decoder is not self:
-            heapq.heappop(self._longest)
-        while not self._in_use[-self._highest[0]]:
-            heapq.heappop(self._highest)
-        longest = k - self._longest[0][0]  # the longest one's position
-        shape = policy.round_shape(self.row_buckets, self.contexts, -self._highest[0], longest)
-        if shape not in self._cost:
-            self._cost[shape] = self.latency.seconds(*shape)
-        self.device_free = max(self.clock.now, self.device_free) + self._cost[shape]
-        self.in_flight.append((k, self.device_free))
-        self.dispatched += 1
+        if self._changed:
+            self._look_up_extremes()
+        shape = policy.round_shape(self.row_buckets, self.contexts, self._top_slot, self._start + k)
+        seconds = self._cost.get(shape)
+        if seconds is None:
+            seconds = self._cost[shape] = self.latency.seconds(*shape)
+        self.device_free = max(self.clock.now, self.device_free) + seconds
+        self.in_flight.append(self.device_free)
+        self.dispatched = k + 1
         return True
 
     def read(self) -> None:
         """The host reads the oldest round in flight (now, at or after its end): its tokens are
         out, and the slots of requests it ended are free."""
-        k, _ = self.in_flight.popleft()
+        k = len(self.round_ends)  # rounds are read in order
+        self.in_flight.popleft()
         self.round_ends.append(self.clock.now)
-        self._retire(k)
-        freed = self._freeing.pop(k, [])
-        for r in freed:
-            self.free_held(r)
+        if self._leaving[0][0] <= k:
+            self._retire(k)
+        freed = self._freeing.pop(k, None)
         if freed:
+            for r in freed:
+                self.free_held(r)
             self._on_free()
 
     def run(self, seconds: float) -> float:
@@ -311,12 +368,13 @@ class _Decoder:
     def _iterate(self) -> None:
         """One pass of the decode loop: what landed joins, the next round is dispatched, and the
         round before it is read (at its end)."""
-        self.join(self.landed)
-        self.landed = []
+        if self.landed:
+            self.join(self.landed)
+            self.landed = []
         previous = self.in_flight[0] if self.in_flight else None
         dispatched = self.dispatch()
         if previous is not None:
-            self.clock.at(previous[1], self._read_and_iterate)
+            self.clock.at(previous, self._read_and_iterate)
         elif dispatched:
             self.clock.at(self.clock.now, self._iterate)
         else:
@@ -432,7 +490,7 @@ class _Prefiller:
 
     def __init__(self, clock: _Clock, latency: PrefillEntry, batches: PrefillBatches, waiting: collections.deque, handoff: _Handoff):
         self.clock = clock
-        self.latency = latency
+        self.batch_seconds = _memo(latency.batch_seconds)
         self.batches = batches
         self.waiting = waiting
         self.handoff = handoff
@@ -444,7 +502,7 @@ class _Prefiller:
         if self.running or self.pending >= policy.PENDING_BATCHES or not self.waiting:
             return
         batch = _take(self.waiting, self.batches, self.batches.max_batch)
-        seconds = _prefill_seconds(self.latency, self.batches, batch)
+        seconds = _prefill_seconds(self.batch_seconds, self.batches, batch)
         self.running = True
         self.busy_until = self.clock.now + seconds
         self.clock.at(self.busy_until, lambda: self._done(batch))
@@ -477,7 +535,7 @@ class _Colocated:
     ):
         self.clock = clock
         self.spec = spec
-        self.prefill = prefill
+        self.batch_seconds, self.chunk_seconds = _memo(prefill.batch_seconds), _memo(prefill.chunk_seconds)
         self.batches = batches
         self.waiting = waiting
         self.decoder = _Decoder(clock, decode, spec.slots, 1, spec.max_seq_len, pages, lambda: None)
@@ -494,7 +552,7 @@ class _Colocated:
         if not policy.colocated_prefills(d.free, len(self.waiting), self.chunking is not None):
             self._step()
         elif d.in_flight:  # the round in flight is read first
-            self.clock.at(d.in_flight[0][1], self._read_and_prefill)
+            self.clock.at(d.in_flight[0], self._read_and_prefill)
         else:
             self._prefill_now()
 
@@ -509,7 +567,7 @@ class _Colocated:
             if not batch:  # another instance took them meanwhile
                 self._step()
                 return
-            seconds = _prefill_seconds(self.prefill, self.batches, batch)
+            seconds = _prefill_seconds(self.batch_seconds, self.batches, batch)
             self.clock.at(d.run(seconds), lambda: self._prefilled(batch))
             return
         if self.chunking is None:
@@ -519,7 +577,7 @@ class _Colocated:
                 return
             self.chunking = (taken[0], 0)
         done = self.chunking[1]
-        seconds = self.prefill.chunk_seconds(self.spec.chunked_prefill, policy.bucket(d.contexts, done))
+        seconds = self.chunk_seconds(self.spec.chunked_prefill, policy.bucket(d.contexts, done))
         self.clock.at(d.run(seconds), self._chunked)
 
     def _prefilled(self, batch: list[_Request]) -> None:
@@ -549,7 +607,7 @@ class _Colocated:
         previous = d.in_flight[0] if d.in_flight else None
         dispatched = d.dispatch()
         if previous is not None:
-            self.clock.at(previous[1], self._read_and_iterate)
+            self.clock.at(previous, self._read_and_iterate)
         elif dispatched or policy.colocated_prefills(d.free, len(self.waiting), self.chunking is not None):
             self.clock.at(self.clock.now, self._iterate)
         else:
@@ -572,6 +630,27 @@ def simulate(
     ``link`` is how KV moves: ``device`` within one serving process (a batch at a time); ``process``
     or ``network`` between processes (a config with a ``cluster:`` section), one request at a time.
     """
+    with _collector_paused():
+        return _replay(placement, profile, requests, max_seq_len, link)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off for a run: its objects (requests, heap entries, records) live
+    until it ends, so the collector's passes over them as they pile up free nothing, and on runs
+    of many requests they took as long as the run's own work."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _replay(
+    placement: Placement, profile: Profile, requests: Sequence[PlannedRequest], max_seq_len: int, link: str
+) -> list[RequestRecord]:
     clock = _Clock()
     placement = placement.resolved(max_seq_len)
     waiting: collections.deque[_Request] = collections.deque()
@@ -602,18 +681,43 @@ def simulate(
     for d in decoders:
         d.requeue = requeue
 
-    def arrive(group: list[_Request]) -> None:
-        waiting.extend(group)
-        for w in workers:
-            w.poke()
-
-    by_time = collections.defaultdict(list)  # requests sent at one instant are queued together
-    for r in sims:
-        by_time[r.planned.arrival].append(r)
-    for when, group in by_time.items():
-        clock.at(when, lambda group=group: arrive(group))
+    _Arrivals(clock, sims, waiting, workers)
     clock.run()
     return [r.record() for r in sims]
+
+
+class _Arrivals:
+    """The requests, by the instant they are sent: those sent at one instant are queued together.
+
+    Only the next instant is on the clock at a time (ahead of whatever else is due then, as if all
+    had been scheduled at the start). Nothing holds the requests once the last has come, so they
+    are freed as soon as the run ends, not left for the cycle collector."""
+
+    def __init__(
+        self,
+        clock: _Clock,
+        requests: list[_Request],
+        waiting: collections.deque,
+        workers: Sequence[_Prefiller | _Colocated],
+    ):
+        self.clock = clock
+        self.waiting = waiting
+        self.workers = workers
+        by_time = collections.defaultdict(list)
+        for r in requests:
+            by_time[r.planned.arrival].append(r)
+        self._due = sorted(by_time.items(), key=lambda item: item[0], reverse=True)  # (instant, requests), next last
+        self._schedule_next()
+
+    def _schedule_next(self) -> None:
+        if self._due:
+            self.clock.at(self._due[-1][0], self._arrive, first=True)
+
+    def _arrive(self) -> None:
+        self.waiting.extend(self._due.pop()[1])
+        self._schedule_next()
+        for w in self.workers:
+            w.poke()
 
 
 def _decoder(clock: _Clock, profile: Profile, spec: DecodeInstance, on_free: Callable[[], None]) -> _Decoder:
