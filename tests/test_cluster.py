@@ -168,7 +168,7 @@ def test_a_prompt_repeated_on_a_one_process_prefill_instance_reuses_its_cached_p
     before = stub.ModelInfo(pb.ModelInfoRequest())
     expected = offline.generate([shared], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
     runs = []
-    for _ in range(2):  # one at a time: both go to the least loaded prefill instance, the first (one process, caching)
+    for _ in range(2):  # one at a time: the first to the least loaded prefill instance, the first (one process, caching); the second after it
         messages = list(stub.Generate(pb.GenerateRequest(token_ids=shared, max_tokens=8, temperature=0.0, ignore_eos=True), timeout=60))
         runs.append(([t for m in messages for t in m.token_ids], messages[-1].usage.cached_tokens))
     assert runs == [(expected, 0), (expected, 32)]
@@ -324,3 +324,46 @@ def test_the_router_policies_pick_the_least_loaded_or_in_turn_and_skip_unhealthy
     assert {turns.acquire("decode", 10, 1, never).name for _ in range(4)} == {"a", "b"}
     turns.instances.clear()
     turns.close()
+
+
+def test_cache_aware_routing_sends_a_prompt_where_its_leading_pages_went_unless_that_instance_is_far_busier():
+    from jds.cluster.registry import Instance, Registry
+    from jds.scheduling.pages import page_keys
+
+    def prefiller(name: str, pages: int) -> Instance:
+        status = ipb.InstanceStatus(role="prefill", max_seq_len=MAX_SEQ_LEN, kv_pages_total=pages, kv_pages_free=pages, prefix_cache_queried_tokens=80)
+        return Instance(name, "prefill", "unused", None, None, healthy=True, status=status)
+
+    never = threading.Event()
+    registry = Registry([], [], 60, "cache_aware", cache_balance=2)
+    a, b, uncached = prefiller("a", 64), prefiller("b", 64), prefiller("uncached", 0)
+    registry.instances += [a, b, uncached]
+    system = list(range(100, 148))  # three full pages of 16 every conversation starts with
+
+    def send(prompt: list[int]) -> str:
+        return registry.acquire("prefill", len(prompt), 1, never, keys=page_keys(prompt, 16)).name
+
+    assert send(system + [1] * 20) == "a"  # nothing sent anywhere yet: the least loaded, the first on ties
+    assert send(system + [2] * 20) == "a"  # the shared pages went to a, one request busier than the idlest
+    assert send([7] * 40) == "b"  # no page of it went anywhere: the least loaded
+    assert send(system + [3] * 20) == "a"  # two busier than the idlest: still within the balance
+    assert send(system + [4] * 20) == "uncached"  # three busier: the least loaded takes it
+    assert len(uncached.prefixes) == 0  # an instance without a prefix cache is remembered as holding nothing
+    assert [i.in_flight for i in (a, b, uncached)] == [3, 1, 1]
+    assert len(a.prefixes) == 3 + 3  # the shared pages once, and the fourth page of each of its three conversations
+
+    small = prefiller("small", 4)
+    small.prefixes.add(page_keys(list(range(200)), 16), small.status.kv_pages_total)
+    assert len(small.prefixes) == 4 and small.prefixes.matched(page_keys(list(range(200)), 16)) == 0  # the oldest went first
+
+    class Restarted:  # answers as a process that started again since the last check: its counters are back at 0
+        def Status(self, request, timeout):
+            return ipb.InstanceStatus(role="prefill", max_seq_len=MAX_SEQ_LEN, kv_pages_total=64)
+
+    a.stub = Restarted()
+    assert registry.check(a) and len(a.prefixes) == 0
+    b.prefixes.add(page_keys(system, 16), 64)
+    registry.mark_down(b, "test")
+    assert len(b.prefixes) == 0  # it may come back as a new process
+    registry.instances.clear()
+    registry.close()

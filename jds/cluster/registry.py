@@ -2,10 +2,15 @@
 
 A health thread asks every instance for its ``Status`` every ``health_seconds``. One that does
 not answer is taken out of rotation at once (also when a call to it fails); it is put back when it
-answers again, e.g. after a restart on the same address. The policy picks among the healthy ones:
-``least_loaded`` (the default) takes the prefill instance with the fewest requests in flight from
-this router and the decode instance with the most room (a free slot, then the fewest KV pages
-committed, counting requests sent there that may not have landed yet); ``round_robin`` takes them in turn, a baseline to compare against.
+answers again, e.g. after a restart on the same address. The policy picks among the healthy ones.
+Decode instances: the one with the most room (a free slot, then the fewest KV pages committed,
+counting requests sent there that may not have landed yet). Prefill instances: ``cache_aware``
+(the default) remembers the page keys of the prompts it sent to each instance and sends a prompt
+where the longest run of its leading pages was sent before, so that instance's prefix cache
+serves it, unless that instance has more than ``cache_balance`` requests in flight beyond the
+least loaded one; with no such run, the least loaded. ``least_loaded`` takes the prefill instance
+with the fewest requests in flight from this router; ``round_robin`` takes instances of both
+roles in turn, a baseline to compare against.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 import grpc
@@ -21,6 +27,7 @@ import grpc
 from jds.api import instances_pb2 as ipb
 from jds.api import instances_pb2_grpc as ipb_grpc
 from jds.scheduling import policy
+from jds.scheduling.pages import PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +50,13 @@ class Instance:
     status: ipb.InstanceStatus | None = None
     in_flight: int = 0  # requests this router has sent here and not yet finished
     in_flight_pages: int = 0  # the pages those requests commit (decode: prompt and max_tokens)
+    prefixes: PrefixIndex = dataclasses.field(default_factory=PrefixIndex)  # prefill: the page keys of prompts sent here
 
 
 class Registry:
-    def __init__(self, prefill: list[str], decode: list[str], health_seconds: float, policy: str = "least_loaded"):
+    def __init__(self, prefill: list[str], decode: list[str], health_seconds: float, policy: str = "cache_aware", cache_balance: int = 4):
         self.policy = policy
+        self.cache_balance = cache_balance
         self._turn = {"prefill": 0, "decode": 0}
         self.instances: list[Instance] = []
         for role, addresses, stub in (("prefill", prefill, ipb_grpc.PrefillInstanceStub), ("decode", decode, ipb_grpc.DecodeInstanceStub)):
@@ -78,6 +87,8 @@ class Registry:
             self.mark_down(instance, f"{err.code().name}: {err.details()}")
             return False
         with self.changed:
+            if instance.status is not None and status.prefix_cache_queried_tokens < instance.status.prefix_cache_queried_tokens:
+                instance.prefixes.clear()  # restarted between two checks: its cache is empty
             instance.status = status
             if not instance.healthy:
                 log.info("%s at %s is serving: in rotation", instance.name, instance.address)
@@ -90,6 +101,7 @@ class Registry:
             if instance.healthy:
                 log.warning("%s at %s stopped answering (%s): out of rotation", instance.name, instance.address, why)
             instance.healthy = False
+            instance.prefixes.clear()  # if it comes back, it may be a new process with an empty cache
             self.changed.notify_all()
 
     def wait_ready(self, timeout: float) -> bool:
@@ -99,18 +111,23 @@ class Registry:
 
     # -- choice -----------------------------------------------------------------------------------
 
-    def acquire(self, role: Role, need: int, timeout: float, cancelled: threading.Event, pages: int = 0) -> Instance | None:
-        """The least-loaded healthy instance of ``role`` that fits ``need`` positions, counted as
-        taken with the ``pages`` the request commits. Busy instances queue requests themselves, so
-        this waits only while none is healthy, up to ``timeout``; None if none came back or
+    def acquire(
+        self, role: Role, need: int, timeout: float, cancelled: threading.Event, pages: int = 0, keys: Sequence[bytes] = ()
+    ) -> Instance | None:  # fmt: skip
+        """The healthy instance of ``role`` the policy picks among those that fit ``need``
+        positions, counted as taken with the ``pages`` the request commits (prefill: the prompt's
+        page ``keys`` are remembered there). Busy instances queue requests themselves, so this
+        waits only while none is healthy, up to ``timeout``; None if none came back or
         ``cancelled`` was set."""
         with self.changed:
             end = None
             while not cancelled.is_set() and not self._stop.is_set():
-                best = self._best(role, need)
+                best = self._best(role, need, keys)
                 if best is not None:
                     best.in_flight += 1
                     best.in_flight_pages += pages
+                    if keys:
+                        best.prefixes.add(keys, best.status.kv_pages_total)
                     return best
                 now = time.monotonic()
                 end = now + timeout if end is None else end
@@ -119,13 +136,15 @@ class Registry:
                 self.changed.wait(min(0.05, end - now))
             return None
 
-    def _best(self, role: Role, need: int) -> Instance | None:
+    def _best(self, role: Role, need: int, keys: Sequence[bytes]) -> Instance | None:
         ready = [i for i in self.of(role) if i.healthy and i.status is not None and i.status.max_seq_len >= need]
         if self.policy == "round_robin" and ready:
             self._turn[role] += 1
             return ready[self._turn[role] % len(ready)]
         if role == "prefill":
-            return min(ready, key=lambda i: i.in_flight, default=None)
+            matched = [i.prefixes.matched(keys) if self.policy == "cache_aware" else 0 for i in ready]
+            chosen = policy.prefill_choice(matched, [i.in_flight for i in ready], self.cache_balance)
+            return None if chosen is None else ready[chosen]
         best = policy.most_room([
             policy.remote_decode_room(
                 s.slots_total, s.slots_free, i.in_flight, s.kv_pages_total, s.kv_pages_committed, i.in_flight_pages

@@ -3,8 +3,9 @@
 ``Router`` has what the front ends use of ``Engine`` (``submit``, ``abort``, the load figures), so
 the gRPC service and the OpenAI API run on it unchanged. Each request gets a driver thread:
 
-1. prefill: the least-loaded healthy prefill instance runs the prompt and offers its KV. If that
-   instance fails or stops answering, the request goes to another one.
+1. prefill: a healthy prefill instance runs the prompt and offers its KV: by default the one the
+   prompt's leading pages were sent to before (its prefix cache may hold them), else the least
+   loaded. If that instance fails or stops answering, the request goes to another one.
 2. the first token streams to the client at once (TTFT), through the router's own ``Sequence``,
    which owns the text, stop strings and limits, exactly as in one process.
 3. decode: the decode instance with the most room pulls the KV and streams tokens. A
@@ -36,6 +37,7 @@ from jds.engine.request import Request
 from jds.engine.running import RunningRequests
 from jds.engine.sequence import RequestStream, Sequence
 from jds.model.loader import LoadedModel
+from jds.scheduling.pages import page_keys
 from jds.scheduling.policy import pages_for
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ class Router:
         self.cluster = cluster
         self.max_waiting = max_waiting
         self.max_seq_len = placement.max_seq_len
-        self.registry = Registry(cluster.prefill, cluster.decode, cluster.health_seconds, cluster.policy)
+        self.registry = Registry(cluster.prefill, cluster.decode, cluster.health_seconds, cluster.policy, cluster.cache_balance)
         self._running = RunningRequests(model, self.max_seq_len, max_waiting)
         self._lock = threading.Lock()  # guards _calls and _waiting
         self._calls: dict[str, grpc.Future | grpc.Call] = {}  # the RPC each request waits on
@@ -202,9 +204,9 @@ class Router:
         """The KV pages ``seq`` commits on an instance of ``role`` (decode: its prompt and max_tokens)."""
         return pages_for(seq.prompt_len + seq.limit, self.placement.page_size) if role == "decode" else 0
 
-    def _acquire(self, seq: Sequence, role: str) -> Instance:
+    def _acquire(self, seq: Sequence, role: str, keys: list[bytes] | tuple = ()) -> Instance:
         need, pages = seq.prompt_len + seq.limit, self._commits(seq, role)
-        instance = self.registry.acquire(role, need, self.cluster.instance_wait_seconds, seq.aborted, pages)
+        instance = self.registry.acquire(role, need, self.cluster.instance_wait_seconds, seq.aborted, pages, keys)
         if instance is None:
             if seq.aborted.is_set() or self._stop.is_set():
                 raise _Outcome("abort")
@@ -214,8 +216,9 @@ class Router:
     def _prefill(self, seq: Sequence) -> tuple[ipb.PrefillResponse, Instance]:
         """Prefill on some healthy instance; one that fails or stops answering hands the request on."""
         request = ipb.PrefillRequest(request_id=seq.request_id, prompt_ids=seq.request.prompt_ids, sampling=sampling_message(seq))
+        keys = page_keys(seq.request.prompt_ids, self.placement.page_size) if self.cluster.policy == "cache_aware" else ()
         while True:
-            instance = self._acquire(seq, "prefill")
+            instance = self._acquire(seq, "prefill", keys)
             try:
                 future = instance.stub.Prefill.future(request)
                 self._track(seq, future)

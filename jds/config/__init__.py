@@ -107,8 +107,13 @@ class ClusterSection(BaseModel):
     lease_seconds: float = Field(default=30.0, gt=0, description="offered KV nobody pulls by then is released")
     pull_timeout_seconds: float = Field(default=30.0, gt=0, description="a KV pull not done by then fails")
     on_pull_failure: Literal["fail", "reprefill"] = Field(default="fail", description="what a failed KV pull does to its request")
-    policy: Literal["least_loaded", "round_robin"] = Field(
-        default="least_loaded", description="how the router picks instances: fewest in flight / most room, or in turn"
+    policy: Literal["cache_aware", "least_loaded", "round_robin"] = Field(
+        default="cache_aware",
+        description="how the router picks a prefill instance: where the prompt's leading pages were sent before, else the least "
+        "loaded / the least loaded / in turn (decode instances: the most room, or in turn)",
+    )
+    cache_balance: int = Field(
+        default=4, ge=0, description="cache_aware sends a prompt elsewhere once its cached instance has this many more requests in flight than the least loaded"
     )
     health_seconds: float = Field(default=0.5, gt=0, description="how often the router checks every instance")
     instance_wait_seconds: float = Field(default=30.0, gt=0, description="a request fails if no instance of a role serves by then")

@@ -113,3 +113,35 @@ class PageAllocator:
         self._evictable.clear()
         self._by_key.clear()
         self._key_of.clear()
+
+
+class PrefixIndex:
+    """A router's guess at which full pages one instance's prefix cache holds: the keys of the
+    prompts it sent there, the ``capacity`` most recently sent kept (the instance evicts its least
+    recently used pages too). A guess: the instance may have evicted sooner, or restarted."""
+
+    def __init__(self) -> None:
+        self._keys: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def matched(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys``, from the first, were sent there."""
+        n = 0
+        for key in keys:
+            if key not in self._keys:
+                break
+            n += 1
+        return n
+
+    def add(self, keys: Sequence[bytes], capacity: int) -> None:
+        """``keys`` were sent there just now; keep at most ``capacity`` keys."""
+        for key in keys:
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+        while len(self._keys) > capacity:
+            self._keys.popitem(last=False)
+
+    def clear(self) -> None:
+        self._keys.clear()

@@ -157,6 +157,21 @@ def most_room(rooms: Sequence) -> int | None:
     return max(range(len(rooms)), key=lambda i: rooms[i], default=None)
 
 
+def prefill_choice(matched: Sequence[int], in_flight: Sequence[int], balance: int) -> int | None:
+    """Which prefill instance a prompt goes to (cache-aware, as SGLang's router): the one thought
+    to hold the longest run of the prompt's leading pages (``matched``), so that it computes the
+    least, unless it has more than ``balance`` requests in flight beyond the least loaded one: a
+    popular prefix must not pile every request onto one instance while another idles. With no
+    match anywhere, the least loaded (the first on ties); None when there is none to choose from."""
+    if not in_flight:
+        return None
+    least = min(range(len(in_flight)), key=lambda i: in_flight[i])
+    best = max(range(len(matched)), key=lambda i: (matched[i], -in_flight[i], -i))
+    if matched[best] == 0 or in_flight[best] - in_flight[least] > balance:
+        return least
+    return best
+
+
 def decode_room(free_slots: int, total_pages: int, committed_pages: int) -> tuple[bool, int]:
     """The room of a decode instance in one process, for routing: whether it has a free slot, then
     the pages its running requests would leave even at their longest (``committed_pages``: the
