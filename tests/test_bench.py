@@ -124,18 +124,25 @@ def test_trace_replay_and_its_errors(tmp_path):
         load_trace(trace, max_seq_len=128)
 
 
-def test_micro_benchmark_reports_ratios_to_measured_limits(tmp_path):
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> tuple[dict, str]:
+    """One micro-benchmark run on the tiny model: its JSON and its markdown."""
     from jds.bench.__main__ import main
     from tests_paths import CONFIGS
 
     # The tiny model with few program shapes: the start-up rows start a server twice.
+    folder = tmp_path_factory.mktemp("micro")
     config = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     config["model"]["max_seq_len"] = 128
     config["placement"] = {"instances": {"devices": [0], "slots": 2, "max_batch": 2}}
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
-    out = tmp_path / "micro"
-    assert main(["micro", "--config", str(tmp_path / "tiny.yaml"), "--batches", "1,4", "--contexts", "64", "--prompts", "40", "--no-peer", "--out", str(out)]) == 0
-    result = json.loads((out / "micro.json").read_text())
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
+    out = folder / "micro"
+    assert main(["micro", "--config", str(folder / "tiny.yaml"), "--batches", "1,4", "--contexts", "64", "--prompts", "40", "--no-peer", "--out", str(out)]) == 0
+    return json.loads((out / "micro.json").read_text()), (out / "micro.md").read_text()
+
+
+def test_micro_benchmark_reports_ratios_to_measured_limits(micro):
+    result, text = micro
     assert result["memory_bandwidth_gb_per_s"] > 0 and result["matmul_gflop_per_s"] > 0
     # Limits sampled before the decode passes and after each (before and after each prompt's prefill).
     assert len(result["memory_bandwidth_samples_gb_per_s"]) == DECODE_PASSES + 1 and len(result["matmul_samples_gflop_per_s"]) == 2
@@ -154,22 +161,30 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(tmp_path):
     for row in result["sampling"]:
         greedy = next(g for g in result["sampling"] if g["batch"] == row["batch"] and g["sampler"] == "greedy")
         assert row["over_greedy"] == pytest.approx(row["seconds"] / greedy["seconds"])
-    assert "against the greedy one" in (out / "micro.md").read_text()
+    assert "against the greedy one" in text
     (prefill,) = result["prefill"]
     # The pages a 40-token prompt fills, three of 16 positions (its 64-position bucket is not moved):
     # K and V, 4 layers, 4 KV heads, head_dim 16, float32.
     expected_kv = 2 * 4 * 4 * 48 * 16 * 4
     assert prefill["handoff_bytes"] == expected_kv and 0 < prefill["of_matmul_peak"]
     assert prefill["handoff_of_prompt_kv"] == pytest.approx(48 / 40)
-    assert "jds / floor" in (out / "micro.md").read_text()
+    assert "jds / floor" in text
     engine = result["engine"]  # one request through the engine against the bare step of its shapes
     assert engine["slots"] > 1 and engine["seconds_per_token"] > 0 and engine["over_bare"] == pytest.approx(engine["seconds_per_token"] / engine["bare_seconds"])
-    assert "Engine decode against the bare step" in (out / "micro.md").read_text()
+    assert "Engine decode against the bare step" in text
     assert set(result["peers"]) == {"transformers", "llama.cpp"} and all(n == "not measured: --no-peer" for n in result["peers"].values())
     assert result["peak_rss_bytes"]["jds"] > result["weight_bytes"]  # the process holds at least the weights
     startup = result["startup"]  # the server started twice, the second time from the compile cache the first filled
     assert startup["programs"] > 0 and startup["cold_seconds"] > 0 and startup["warm_seconds"] > 0
-    assert f"compiling all {startup['programs']} program shapes" in (out / "micro.md").read_text()
+    assert f"compiling all {startup['programs']} program shapes" in text
+
+
+def test_a_restart_loads_every_warm_up_program_from_the_compile_cache(micro):
+    startup = micro[0]["startup"]  # the micro-benchmark's two starts of python -m jds.server, one cache
+    assert startup["warm_programs"] == startup["programs"] > 0
+    assert startup["cache_entries"] >= startup["programs"]  # the first start wrote every program it compiled
+    assert startup["restart_new_entries"] == 0  # the second found every one: nothing new was written
+    assert f"{startup['cache_entries']} entries written by the first start, 0 more by the restart" in micro[1]
 
 
 def test_a_peer_runs_in_its_own_process_and_reports_that_process_peak_memory():

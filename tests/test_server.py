@@ -17,7 +17,6 @@ import urllib.request
 import grpc
 import httpx
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -268,24 +267,6 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
         assert "finished (length): prompt 3, output 100 tokens" in proc.text()  # --log-requests
     finally:
         proc.stop()
-
-
-def test_a_restart_loads_every_warm_up_program_from_the_compile_cache(tmp_path):
-    write_config(tmp_path / "server.yaml")
-    config = yaml.safe_load((tmp_path / "server.yaml").read_text())
-    config["model"]["max_seq_len"] = 64  # few program shapes: the server warms up twice
-    (tmp_path / "server.yaml").write_text(yaml.safe_dump(config))
-    cache = tmp_path / "compiled"
-    compiled = re.compile(r"compiled (\d+) programs in")
-    entries, programs = [], []
-    for run in range(2):
-        proc = ServerProcess(tmp_path / "server.yaml", tmp_path / f"server{run}.log", "--compile-cache", str(cache))
-        assert proc.stop() == 0
-        programs.append(int(compiled.search(proc.text()).group(1)))
-        entries.append(sorted(p.name for p in cache.iterdir()))
-    assert programs[0] == programs[1] > 0
-    assert len(entries[0]) >= programs[0]  # the first start wrote every program it compiled
-    assert entries[1] == entries[0]  # the second found every one: nothing new was written
 
 
 def test_a_placement_that_cannot_fit_is_refused_before_loading():

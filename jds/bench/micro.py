@@ -200,16 +200,27 @@ COMPILED = re.compile(r"compiled (\d+) programs in")
 def server_startup(config_path: Path) -> dict:
     """Seconds from starting ``python -m jds.server`` to SERVING, warm-up compile included: first
     with an empty compile cache (a first start on a machine), then again with the cache it filled
-    (every later start); and how many programs warm-up compiles."""
-    seconds = []
+    (every later start); how many programs each start's warm-up prepared, how many the first
+    wrote into the cache, and how many the restart had to add (none, when the cache covers it)."""
+    seconds, programs, entries = [], [], []
     with tempfile.TemporaryDirectory() as folder:
+        cache = Path(folder) / "compiled"
         for run in ("cold", "warm"):
             begin = time.monotonic()
-            proc = ServerProcess(config_path, Path(folder) / f"{run}.log", "--compile-cache", str(Path(folder) / "compiled"))
+            proc = ServerProcess(config_path, Path(folder) / f"{run}.log", "--compile-cache", str(cache))
             seconds.append(time.monotonic() - begin)
-            text = proc.text()
-            proc.stop()
-    return {"cold_seconds": seconds[0], "warm_seconds": seconds[1], "programs": int(COMPILED.search(text).group(1))}
+            if proc.stop() != 0:
+                raise RuntimeError(f"the {run} server did not stop cleanly: {proc.text()[-2000:]}")
+            programs.append(int(COMPILED.search(proc.text()).group(1)))
+            entries.append({p.name for p in cache.iterdir()})
+    return {
+        "cold_seconds": seconds[0],
+        "warm_seconds": seconds[1],
+        "programs": programs[0],
+        "warm_programs": programs[1],
+        "cache_entries": len(entries[0]),
+        "restart_new_entries": len(entries[1] - entries[0]),
+    }
 
 
 def peak_rss_bytes() -> int:
@@ -495,7 +506,8 @@ def markdown(result: dict) -> str:
             "## Start-up",
             "",
             f"`python -m jds.server` to SERVING, compiling all {s['programs']} program shapes ahead: "
-            f"**{s['cold_seconds']:.1f} s** with an empty compile cache, **{s['warm_seconds']:.1f} s** when restarted with the cache it filled.",
+            f"**{s['cold_seconds']:.1f} s** with an empty compile cache, **{s['warm_seconds']:.1f} s** when restarted with the cache it filled "
+            f"({s['cache_entries']} entries written by the first start, {s['restart_new_entries']} more by the restart).",
         ]
     engine = result.get("engine", {})
     if "note" in engine:
