@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from jds.bench.workloads import SLO, get_workload, load_trace, plan
+from jds.bench.workloads import SLO, Workload, get_workload, load_trace, plan
 
 DEFAULT_CONFIG = "configs/smollm2-135m.yaml"
 
@@ -46,7 +46,7 @@ def _list_of(cast):
 
 
 def _workload_args(parser: argparse.ArgumentParser, requests: int) -> None:
-    parser.add_argument("--workload", default="chatbot", help="chatbot, code or summarization (jds/bench/workloads.yaml)")
+    parser.add_argument("--workload", default="chatbot", help="chatbot, code, summarization or shared-prefix (jds/bench/workloads.yaml)")
     parser.add_argument("--slo", default=None, help="ttft=SECONDS,tpot=SECONDS (default: the workload's)")
     parser.add_argument("--slo-scale", type=_positive(float), default=1.0, help="multiply both SLOs")
     parser.add_argument("--num-requests", type=_positive(int), default=requests, help="requests per simulated (or measured) rate")
@@ -147,6 +147,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prefix_caveat(workload: Workload) -> str:
+    """What a prediction for ``workload`` leaves out, where it matters: the simulator computes
+    every prompt whole, while instances that cache prefixes compute only what they have not seen."""
+    if workload.prefix is None:
+        return ""
+    return (
+        f"\nnote: every prompt of this workload starts with the same {workload.prefix.system}-token system prompt, and each turn repeats "
+        "its conversation so far; the simulator models no prefix cache, so its prefill times (and TTFT) are those of computing "
+        "every prompt whole: an upper bound for instances with enable_prefix_caching on (the default)."
+    )
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from jds.bench.metrics import summarize
     from jds.config import load_config
@@ -162,7 +174,7 @@ def _simulate(args: argparse.Namespace) -> int:
         runs = {len(requests) / max(requests[-1].arrival, 1e-9): requests}
     else:
         runs = {rate: plan(workload, rate, max_seq_len, args.seed, args.num_requests) for rate in args.rates}
-    print(f"{args.config} under {args.trace or args.workload}, SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s")
+    print(f"{args.config} under {args.trace or args.workload}, SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s{'' if args.trace else _prefix_caveat(workload)}")
     print("| rate | requests | attainment | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |\n|---|---|---|---|---|")
     for rate, requests in runs.items():
         m = summarize(simulate(config.placement, profile, requests, max_seq_len, link_of(config)), slo)
@@ -181,7 +193,7 @@ def _search(args: argparse.Namespace) -> int:
     profile, slo = Profile.load(args.profile), _slo(args)
     search = Search(profile, get_workload(args.workload), slo, args.attainment, args.num_requests, args.seed, args.node_size)
     print(f"{args.devices} x {profile.device} ({search.node_size} per node), {profile.model.name}, workload {args.workload}, "
-          f"SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s at {100 * args.attainment:.0f}% attainment")  # fmt: skip
+          f"SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s at {100 * args.attainment:.0f}% attainment{_prefix_caveat(search.workload)}")  # fmt: skip
     scored = search.run(args.devices)
     print(report.table(scored, args.top))
     print("\nThe best prefill and decode shapes at each prefill:decode split:")
@@ -208,7 +220,8 @@ def _validate(args: argparse.Namespace) -> int:
     rows = validate.measure(cases, workload, slo, rates, args.num_requests, args.seed, args.repeats, out)
     command = "python -m jds.plan " + shlex.join(sys.argv[1:])
     meta = {"command": command, "workload": args.workload, "slo": slo.model_dump(), "seed": args.seed, "repeats": args.repeats}
-    print(validate.write(rows, out, f"Planner validation: {args.workload}, SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s", command, meta))
+    title = f"Planner validation: {args.workload}, SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s"
+    print(validate.write(rows, out, title + _prefix_caveat(workload), command, meta))  # the caveat: a paragraph under the heading
     return 0
 
 

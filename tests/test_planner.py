@@ -334,6 +334,17 @@ def test_a_measured_shape_is_predicted_by_its_measurement():
     assert decode.seconds(8, 256) == 0.11 and decode.seconds(8, 512) == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize("workload", ["shared-prefix", "chatbot"])
+def test_a_prediction_for_a_shared_prefix_workload_says_it_computes_every_prompt_whole(capsys, workload):
+    from jds.plan import main
+
+    assert main(["simulate", "--profile", str(GPU_PROFILE), "--config", str(CONFIGS / "llama7b.yaml"), "--workload", workload,
+                 "--rates", "1", "--num-requests", "8"]) == 0  # fmt: skip
+    said = capsys.readouterr().out
+    assert ("models no prefix cache" in said) == (workload == "shared-prefix")
+    assert "1024-token system prompt" in said or workload != "shared-prefix"
+
+
 def test_plan_simulate_replays_a_trace(tmp_path):
     trace = tmp_path / "trace.jsonl"
     trace.write_text("".join(json.dumps({"timestamp": 250 * i, "input_length": 300, "output_length": 40}) + "\n" for i in range(20)))
