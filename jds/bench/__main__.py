@@ -27,7 +27,7 @@ def _slo(text: str | None, default: SLO, scale: float) -> SLO:
 
 
 def _workload_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workload", default="chatbot", help="chatbot, code or summarization (see jds/bench/workloads.yaml)")
+    parser.add_argument("--workload", default="chatbot", help="chatbot, code, summarization or shared-prefix (see jds/bench/workloads.yaml)")
     parser.add_argument("--rates", default="1", help="requests per second, comma-separated")
     parser.add_argument("--search", default=None, metavar="LOW:HIGH", help="bisect for the goodput between two rates instead")
     group = parser.add_mutually_exclusive_group()
