@@ -178,6 +178,15 @@ def test_a_prompt_repeated_on_a_one_process_prefill_instance_reuses_its_cached_p
     )
     assert info.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens == 32
     assert info.prefix_cache_queried_tokens - before.prefix_cache_queried_tokens == 80  # two lookups of 40 positions
+    # prefill0's pool at rest: every page in use is one its cache keeps (the shared prompt's two, and
+    # those of earlier prompts), and each can be taken; the router reports them.
+    (cached, _) = _status(cluster, "prefill")
+    assert cached.kv_pages_total == 8 * MAX_SEQ_LEN // 16 and cached.kv_pages_used >= 2 and cached.kv_pages_free == cached.kv_pages_total
+    info = _wait(
+        lambda: (i := stub.ModelInfo(pb.ModelInfoRequest())).prefill_kv_pages_in_use == cached.kv_pages_used and i,
+        what="the router to report prefill0's pages",
+    )
+    assert info.prefill_kv_pages_total == cached.kv_pages_total
 
 
 def test_cancellation_reaches_the_decode_and_the_prefill_process(cluster, stub):

@@ -66,7 +66,6 @@ PLACEMENTS = {
     "p2-pp2-mb2": _disagg([0, 1], 2, {"devices": [2, 3], "pp": 2, "microbatches": 2}),
     "p4-pp4-mb4": _disagg([0, 1, 2, 3], 4, {"devices": [4, 5, 6, 7], "pp": 4, "microbatches": 4}),
     "p1-pp2tp2-mb2": _disagg([0], 1, {"devices": [1, 2, 3, 4], "pp": 2, "tp": 2, "microbatches": 2}),
-    "p4-tp2": _disagg([0, 1, 2, 3], 4, {"devices": [4, 5], "tp": 2}),
     "p2-pp3-uneven": _disagg([0, 1], 2, {"devices": [2, 3, 4], "pp": 3, "slots": 6}),
     "p2-pp2tp2-explicit-1-3": _disagg([6, 7], 2, {"devices": [0, 1, 2, 3], "pp": 2, "tp": 2, "layers_per_stage": [1, 3]}),
     "two-prefill-two-decode": {
@@ -74,7 +73,6 @@ PLACEMENTS = {
         "prefill": [{"devices": [0, 1], "tp": 2}, {"devices": [2]}],
         "decode": [{"devices": [3, 4], "pp": 2, "slots": 2}, {"devices": [5, 6], "tp": 2, "slots": 2}],
     },
-    "colocated-tp2": {"instances": {"devices": [0, 1], "tp": 2, "slots": 4}},
     "colocated-chunked": {"instances": {"devices": [0], "slots": 4, "chunked_prefill": 16}},
     "two-colocated": {"instances": [{"devices": [0], "slots": 2}, {"devices": [1, 2], "tp": 2, "slots": 2, "chunked_prefill": 32}]},
 }
@@ -265,9 +263,11 @@ def _assert_only_the_prefix_cache_holds_pages(engine: Engine) -> None:
     assert engine.slot_usage()[0] == 0
     pools = [w.pool for w in engine.decode_workers + engine.colocated_workers + engine.prefill_workers if w.pool is not None]
     assert [p.pages.used for p in pools] == [p.pages.cached for p in pools]
+    prefill_pools = [w.pool for w in engine.prefill_workers if w.pool is not None]
+    assert engine.prefill_page_usage() == (sum(p.pages.cached for p in prefill_pools), sum(p.pages.total for p in prefill_pools))
     for p in pools:
         p.drop_cache()
-    assert engine.page_usage()[0] == 0
+    assert engine.page_usage()[0] == 0 and engine.prefill_page_usage()[0] == 0
 
 
 @pytest.mark.parametrize("name", TIGHT)
@@ -314,6 +314,8 @@ def test_a_prefix_hit_gives_the_tokens_of_a_miss_and_reports_its_cached_tokens(t
             outputs[caching] = [first, *rest, second]
             assert engine.prefix_cache_usage()[1] == sum(o.timings.cached_tokens for o in outputs[caching])
             if caching:
+                if name == "disaggregated":  # the prompts' full pages, kept by the prefill instance's cache
+                    assert engine.prefill_page_usage()[0] == len({(tuple(p[: 16 * (k + 1)])) for p in prompts + [turn] for k in range(len(p) // 16)})
                 _assert_only_the_prefix_cache_holds_pages(engine)
         finally:
             engine.shutdown()

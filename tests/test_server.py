@@ -220,6 +220,7 @@ def test_metrics_expose_histograms_gauges_and_counters(server, stub):
         "jds_slots_total 4.0",
         f"jds_kv_pages_total {4 * MAX_SEQ_LEN // 16}.0",
         "jds_kv_pages_used",
+        "jds_prefill_kv_pages_total 0.0",  # a colocated server has no prefill instance
         "jds_prompt_tokens_cached_total",
         "jds_prefix_cache_hit_rate",
         "jds_waiting_requests",

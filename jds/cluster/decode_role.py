@@ -221,6 +221,7 @@ class DecodeService(ipb_grpc.DecodeInstanceServicer):
             role="decode", name=self.name, slots_total=self.pool.size, slots_free=self.pool.free, waiting=self._landing.qsize(),
             running=running, max_seq_len=self.max_seq_len, served=outcomes.get("served", 0), aborted=outcomes.get("aborted", 0),
             kv_pages_total=self.pool.pages.total, kv_pages_free=len(self.pool.pages), kv_pages_committed=self.pool.committed,
+            kv_pages_used=self.pool.pages.used,
         )  # fmt: skip
 
     def shutdown(self) -> None:

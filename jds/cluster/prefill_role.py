@@ -171,11 +171,12 @@ class PrefillService(ipb_grpc.PrefillInstanceServicer):
             running, outcomes = len(self._tickets), dict(self._outcomes)
         pool = self.worker.pool  # None where the instance keeps no prefix cache
         queried, hits = (pool.prefix_queried, pool.prefix_hits) if pool is not None else (0, 0)
-        pages_total, pages_free = (pool.pages.total, len(pool.pages)) if pool is not None else (0, 0)
+        pages_total, pages_free, pages_used = (pool.pages.total, len(pool.pages), pool.pages.used) if pool is not None else (0, 0, 0)
         return ipb.InstanceStatus(
             role="prefill", name=self.name, waiting=len(self._waiting), running=running, kv_offered=self.kv.outstanding,
             max_seq_len=self.max_len, served=outcomes.get("served", 0), aborted=outcomes.get("aborted", 0),
-            kv_pages_total=pages_total, kv_pages_free=pages_free, prefix_cache_queried_tokens=queried, prefix_cache_hit_tokens=hits,
+            kv_pages_total=pages_total, kv_pages_free=pages_free, kv_pages_used=pages_used,
+            prefix_cache_queried_tokens=queried, prefix_cache_hit_tokens=hits,
         )  # fmt: skip
 
     def shutdown(self) -> None:

@@ -170,10 +170,10 @@ class Registry:
         statuses = self._serving("decode")
         return sum(s.slots_total - s.slots_free for s in statuses), sum(s.slots_total for s in statuses)
 
-    def page_usage(self) -> tuple[int, int]:
-        """(KV pages in use, total KV pages) over the decode instances now serving."""
-        statuses = self._serving("decode")
-        return sum(s.kv_pages_total - s.kv_pages_free for s in statuses), sum(s.kv_pages_total for s in statuses)
+    def page_usage(self, role: Role = "decode") -> tuple[int, int]:
+        """(KV pages in use: held or cached, total KV pages) over the instances of ``role`` now serving."""
+        statuses = self._serving(role)
+        return sum(s.kv_pages_used for s in statuses), sum(s.kv_pages_total for s in statuses)
 
     def prefix_cache_usage(self) -> tuple[int, int]:
         """(prompt positions looked up, of those found cached) over the prefill instances' prefix

@@ -120,6 +120,9 @@ class Router:
     def page_usage(self) -> tuple[int, int]:
         return self.registry.page_usage()
 
+    def prefill_page_usage(self) -> tuple[int, int]:
+        return self.registry.page_usage("prefill")
+
     def prefix_cache_usage(self) -> tuple[int, int]:
         return self.registry.prefix_cache_usage()
 

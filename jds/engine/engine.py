@@ -165,6 +165,11 @@ class Engine:
         """(KV pages in use, total KV pages) over every decode-capable instance."""
         return sum(p.pages.used for p in self._pools), sum(p.pages.total for p in self._pools)
 
+    def prefill_page_usage(self) -> tuple[int, int]:
+        """(KV pages in use, total KV pages) over the prefill instances' prefix-cache pools."""
+        pools = [w.pool for w in self.prefill_workers if w.pool is not None]
+        return sum(p.pages.used for p in pools), sum(p.pages.total for p in pools)
+
     def prefix_cache_usage(self) -> tuple[int, int]:
         """(prompt positions looked up in the instances' prefix caches, of those found cached)."""
         pools = self._pools + [w.pool for w in self.prefill_workers if w.pool is not None]

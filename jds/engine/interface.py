@@ -48,7 +48,13 @@ class ServingEngine(Protocol):
         ...
 
     def page_usage(self) -> tuple[int, int]:
-        """(KV pages in use, KV pages in all) over the decode-capable instances."""
+        """(KV pages in use, KV pages in all) over the decode-capable instances; in use: held by a
+        request or kept by the prefix cache."""
+        ...
+
+    def prefill_page_usage(self) -> tuple[int, int]:
+        """(KV pages in use, KV pages in all) over the prefill instances' prefix-cache pools (0, 0
+        without any); between batches only the cache keeps pages there."""
         ...
 
     def prefix_cache_usage(self) -> tuple[int, int]:

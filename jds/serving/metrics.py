@@ -41,8 +41,14 @@ class Metrics:
         self.rejected = Counter("jds_rejected_requests", "Requests refused before running.", ["code"], registry=r)
         Gauge("jds_slots_in_use", "Decode slots holding a request.", registry=r).set_function(lambda: engine.slot_usage()[0])
         Gauge("jds_slots_total", "Decode slots.", registry=r).set_function(lambda: engine.slot_usage()[1])
-        Gauge("jds_kv_pages_used", "KV cache pages holding a request's tokens.", registry=r).set_function(lambda: engine.page_usage()[0])
+        Gauge("jds_kv_pages_used", "KV cache pages held by a request or kept by the prefix cache.", registry=r).set_function(lambda: engine.page_usage()[0])
         Gauge("jds_kv_pages_total", "KV cache pages.", registry=r).set_function(lambda: engine.page_usage()[1])
+        Gauge("jds_prefill_kv_pages_used", "Pages of the prefill instances' prefix-cache pools in use.", registry=r).set_function(
+            lambda: engine.prefill_page_usage()[0]
+        )
+        Gauge("jds_prefill_kv_pages_total", "Pages of the prefill instances' prefix-cache pools.", registry=r).set_function(
+            lambda: engine.prefill_page_usage()[1]
+        )
         Gauge("jds_prefix_cache_hit_rate", "Share of prompt positions looked up that the prefix cache held.", registry=r).set_function(
             lambda: hit_rate(engine.prefix_cache_usage())
         )

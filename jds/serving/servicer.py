@@ -110,6 +110,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         arch = model.arch
         in_use, total = self.engine.slot_usage()
         pages_in_use, pages_total = self.engine.page_usage()
+        prefill_in_use, prefill_total = self.engine.prefill_page_usage()
         queried, hits = self.engine.prefix_cache_usage()
         return pb.ModelInfoResponse(
             model_name=model.name,
@@ -133,6 +134,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             prefix_cache_queried_tokens=queried,
             prefix_cache_hit_tokens=hits,
             prefix_cache_hit_rate=hit_rate((queried, hits)),
+            prefill_kv_pages_total=prefill_total,
+            prefill_kv_pages_in_use=prefill_in_use,
         )
 
 
