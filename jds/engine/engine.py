@@ -157,6 +157,11 @@ class Engine:
     def _pools(self) -> list[KVPool]:
         return [w.pool for w in self.decode_workers + self.colocated_workers]
 
+    @property
+    def _prefill_pools(self) -> list[KVPool]:
+        """The pools of the prefill instances that cache prefixes."""
+        return [w.pool for w in self.prefill_workers if w.pool is not None]
+
     def slot_usage(self) -> tuple[int, int]:
         """(slots in use, total slots) over every decode-capable instance."""
         return sum(p.in_use for p in self._pools), sum(p.size for p in self._pools)
@@ -167,12 +172,12 @@ class Engine:
 
     def prefill_page_usage(self) -> tuple[int, int]:
         """(KV pages in use, total KV pages) over the prefill instances' prefix-cache pools."""
-        pools = [w.pool for w in self.prefill_workers if w.pool is not None]
+        pools = self._prefill_pools
         return sum(p.pages.used for p in pools), sum(p.pages.total for p in pools)
 
     def prefix_cache_usage(self) -> tuple[int, int]:
         """(prompt positions looked up in the instances' prefix caches, of those found cached)."""
-        pools = self._pools + [w.pool for w in self.prefill_workers if w.pool is not None]
+        pools = self._pools + self._prefill_pools
         return sum(p.prefix_queried for p in pools), sum(p.prefix_hits for p in pools)
 
     def drain(self, timeout: float) -> int:
