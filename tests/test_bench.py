@@ -10,6 +10,8 @@ import yaml
 
 from jds.bench.metrics import RequestRecord, attainment, goodput, peak_decoding, search_goodput, summarize
 from jds.bench.micro import DECODE_PASSES, SAMPLERS
+from jds.config.placement import DEFAULT_PAGE_SIZE
+from jds.scheduling import policy
 from jds.bench.workloads import SLO, arrival_times, get_workload, load_trace, load_workloads, plan
 
 
@@ -163,11 +165,11 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(micro):
         assert row["over_greedy"] == pytest.approx(row["seconds"] / greedy["seconds"])
     assert "against the greedy one" in text
     (prefill,) = result["prefill"]
-    # The pages a 40-token prompt fills, three of 16 positions (its 64-position bucket is not moved):
-    # K and V, 4 layers, 4 KV heads, head_dim 16, float32.
-    expected_kv = 2 * 4 * 4 * 48 * 16 * 4
-    assert prefill["handoff_bytes"] == expected_kv and 0 < prefill["of_matmul_peak"]
-    assert prefill["handoff_of_prompt_kv"] == pytest.approx(48 / 40)
+    # The pages a 40-token prompt fills, in the default page size: K and V, 4 layers, 4 KV heads,
+    # head_dim 16, float32.
+    filled = policy.pages_for(40, DEFAULT_PAGE_SIZE) * DEFAULT_PAGE_SIZE
+    assert prefill["handoff_bytes"] == 2 * 4 * 4 * filled * 16 * 4 and 0 < prefill["of_matmul_peak"]
+    assert prefill["handoff_of_prompt_kv"] == pytest.approx(filled / 40)
     assert "jds / floor" in text
     engine = result["engine"]  # one request through the engine against the bare step of its shapes
     assert engine["slots"] > 1 and engine["seconds_per_token"] > 0 and engine["over_bare"] == pytest.approx(engine["seconds_per_token"] / engine["bare_seconds"])

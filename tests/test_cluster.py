@@ -42,7 +42,8 @@ def cluster(tmp_path_factory):
         "mode": "disaggregated",
         # prefill1 and decode1 are tensor-parallel instances over two processes each (jax.distributed)
         "prefill": [{"devices": [0]}, {"devices": [1, 2], "tp": 2, "processes": 2}],
-        "decode": [{"devices": [3], "slots": SLOTS}, {"devices": [4, 5], "tp": 2, "slots": SLOTS, "processes": 2}],
+        # pages of 16: prompts within MAX_SEQ_LEN still fill several, for the prefix cache tests
+        "decode": [{"devices": [3], "slots": SLOTS, "page_size": 16}, {"devices": [4, 5], "tp": 2, "slots": SLOTS, "processes": 2, "page_size": 16}],
     }
     ports = free_ports(6)
     config["cluster"] = {

@@ -244,9 +244,9 @@ LONG_SAMPLED = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.9, top_k=5
 # Eight pages of 16 positions: the six prompts (3 .. 58 tokens) need 1 .. 4 pages to start and up
 # to 7 by their 40th token, so running requests run out of pages and the youngest is preempted.
 TIGHT = {
-    "colocated": {"instances": {"devices": [0], "slots": 4, "kv_pages": 8}},
-    "colocated-chunked": {"instances": {"devices": [0], "slots": 4, "kv_pages": 8, "chunked_prefill": 16}},
-    "disaggregated-pp2": _disagg([0], 1, {"devices": [1, 2], "pp": 2, "kv_pages": 8}),
+    "colocated": {"instances": {"devices": [0], "slots": 4, "kv_pages": 8, "page_size": 16}},
+    "colocated-chunked": {"instances": {"devices": [0], "slots": 4, "kv_pages": 8, "page_size": 16, "chunked_prefill": 16}},
+    "disaggregated-pp2": _disagg([0], 1, {"devices": [1, 2], "pp": 2, "kv_pages": 8, "page_size": 16}),
 }
 
 
@@ -287,10 +287,10 @@ def test_requests_preempted_for_pages_continue_with_the_same_tokens(tiny, long_r
 SHARED = [(13 * j) % 3000 + 5 for j in range(40)]  # a 40-token system prompt: two full pages of 16, and 8 tokens more
 
 
-PREFIX_PLACEMENTS = {
-    "whole-prompts": {"instances": {"devices": [0], "slots": 4}},
-    "chunked": {"instances": {"devices": [0], "slots": 4, "chunked_prefill": 16}},
-    "disaggregated": {"mode": "disaggregated", "prefill": {"devices": [0, 1], "tp": 2}, "decode": {"devices": [2, 3], "pp": 2, "slots": 4}},
+PREFIX_PLACEMENTS = {  # pages of 16, so that these short prompts fill several
+    "whole-prompts": {"instances": {"devices": [0], "slots": 4, "page_size": 16}},
+    "chunked": {"instances": {"devices": [0], "slots": 4, "page_size": 16, "chunked_prefill": 16}},
+    "disaggregated": {"mode": "disaggregated", "prefill": {"devices": [0, 1], "tp": 2}, "decode": {"devices": [2, 3], "pp": 2, "slots": 4, "page_size": 16}},
 }
 
 
@@ -344,7 +344,7 @@ def test_aborts_among_preemptions_leave_no_page_held(tiny):
 
 
 def test_a_request_that_could_not_finish_even_alone_is_refused_naming_max_tokens(tiny):
-    engine = _engine(tiny, {"instances": {"devices": [0], "slots": 2, "kv_pages": 2}})  # 32 positions
+    engine = _engine(tiny, {"instances": {"devices": [0], "slots": 2, "kv_pages": 2, "page_size": 16}})  # 32 positions
     try:
         with pytest.raises(ValueError, match="max_tokens: the prompt's 58 tokens and max_tokens 10 need 68 KV positions"):
             engine.submit(Request("too-long", tuple(PROMPTS[5]), GREEDY, 0))
@@ -400,7 +400,7 @@ def _wait_until(cond, timeout: float = 10.0) -> None:
 
 
 def test_transfer_time_is_recorded_and_logged(tiny, caplog):
-    engine = _engine(tiny, DISAGG)
+    engine = _engine(tiny, {**DISAGG, "decode": {**DISAGG["decode"], "page_size": 16}})  # pages smaller than a bucket
     try:
         with caplog.at_level(logging.DEBUG, logger="jds.requests"):
             out = _run(engine, [PROMPTS[4]])[0]

@@ -68,13 +68,13 @@ def test_an_instances_pages_come_from_kv_pages_or_kv_memory_gb_or_its_rows_and_t
     arch = Architecture(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2)
     one_page = page_bytes(arch, 4, 16)
     assert one_page == 2 * 4 * 2 * 16 * 16 * 4  # K and V, 4 layers, 2 KV heads of 16, 16 positions, float32
-    default = ColocatedInstance(devices=[0], slots=4).resolved(100)
+    default = ColocatedInstance(devices=[0], slots=4, page_size=16).resolved(100)
     assert instance_pages(default, arch, 4, 16) == 4 * 7  # four rows of 100 positions: 7 pages each
     assert instance_pages(ColocatedInstance(devices=[0], kv_pages=5).resolved(100), arch, 4, 16) == 5
     assert instance_pages(ColocatedInstance(devices=[0], kv_memory_gb=1.0).resolved(100), arch, 4, 16) == 2**30 // one_page
     with pytest.raises(ValidationError, match="give kv_pages or kv_memory_gb, not both"):
         ColocatedInstance(devices=[0], kv_pages=5, kv_memory_gb=1.0)
-    small, large = (Placement(instances=[{"devices": [0], "kv_pages": n}]) for n in (10, 1000))
+    small, large = (Placement(instances=[{"devices": [0], "kv_pages": n, "page_size": 16}]) for n in (10, 1000))
     (need_small,), (need_large,) = memory_needs(small, arch, 4, 100), memory_needs(large, arch, 4, 100)
     assert (need_small.kv, need_large.kv) == (10 * one_page, 1000 * one_page)
 
@@ -126,11 +126,11 @@ def test_a_pool_shares_a_cached_prefix_but_never_a_prompts_last_token():
 
 
 def test_without_slots_an_instance_runs_32_rows_over_the_pages_of_8_whole_sequences():
-    from jds.config.placement import ColocatedInstance, DecodeInstance
+    from jds.config.placement import DEFAULT_PAGE_SIZE, ColocatedInstance, DecodeInstance
 
     default = ColocatedInstance(devices=[0]).resolved(2048)
-    assert (default.slots, default.kv_pages, default.max_seq_len) == (32, 8 * 128, 2048)
-    given = DecodeInstance(devices=[0], slots=4, max_seq_len=100).resolved(2048)
+    assert (default.slots, default.kv_pages, default.max_seq_len) == (32, 8 * 2048 // DEFAULT_PAGE_SIZE, 2048)
+    given = DecodeInstance(devices=[0], slots=4, max_seq_len=100, page_size=16).resolved(2048)
     assert (given.slots, given.kv_pages, given.max_seq_len) == (4, 4 * 7, 100)  # slots given: the memory of that many rows, as before pages
     sized = ColocatedInstance(devices=[0], kv_memory_gb=1.0).resolved(2048)
     assert sized.slots == 32 and sized.kv_pages is None  # pages from memory, once the model's page bytes are known

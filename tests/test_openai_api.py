@@ -19,6 +19,7 @@ import pytest
 from jds import LLM, SamplingParams
 from jds.api import generation_pb2 as pb
 from jds.api import generation_pb2_grpc as pb_grpc
+from jds.config.placement import DEFAULT_PAGE_SIZE
 from tiny_server import MAX_SEQ_LEN, SLOTS, aborted_requests, wait_idle
 
 MODEL = "tiny-random"
@@ -60,10 +61,11 @@ def test_models_and_health(server, client):
 
 
 def test_a_repeated_prompt_reports_the_tokens_the_prefix_cache_held(client):
-    prompt = list(range(4100, 4140))  # 40 tokens: two full pages of 16 before its last token
+    held = 2 * DEFAULT_PAGE_SIZE
+    prompt = list(range(4100, 4100 + held + 8))  # two full pages before its last token, and 8 tokens more
     first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, **GREEDY)
     again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, **GREEDY)
-    assert (first.usage.prompt_tokens_details.cached_tokens, again.usage.prompt_tokens_details.cached_tokens) == (0, 32)
+    assert (first.usage.prompt_tokens_details.cached_tokens, again.usage.prompt_tokens_details.cached_tokens) == (0, held)
     assert again.choices[0].text == first.choices[0].text
 
 

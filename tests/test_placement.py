@@ -77,7 +77,7 @@ def test_schema_refusals(placement, message):
         ({"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1, 2], "pp": 2, "layers_per_stage": [1, 2]}}, r"decode\[0\].layers_per_stage: .* sums to 3"),
         ({"instances": {"devices": [0], "max_seq_len": 4096}}, r"max_seq_len: 4096 exceeds the model's max_position_embeddings"),
         ({"instances": {"devices": [0], "slots": 100000, "max_seq_len": 1024}}, r"host memory.*instances\[0\].*lower kv_pages, kv_memory_gb, or slots or max_seq_len"),
-        ({"mode": "disaggregated", "prefill": {"devices": [0], "kv_pages": 31}, "decode": {"devices": [1]}},
+        ({"mode": "disaggregated", "prefill": {"devices": [0], "kv_pages": 31}, "decode": {"devices": [1], "page_size": 16}},
          r"prefill\[0\].kv_pages: its prefix cache's 31 pages of 16 positions hold less than one prompt of max_seq_len \(512\)"),
         ({"mode": "disaggregated", "prefill": {"devices": [0], "kv_memory_gb": 1e-4}, "decode": {"devices": [1], "page_size": 8}},
          r"prefill\[0\].kv_memory_gb: its prefix cache's 6 pages of 8 positions hold less"),
@@ -89,7 +89,7 @@ def test_refusals_against_model_and_machine(placement, message):
 
 
 def test_a_prefill_instances_pool_of_one_longest_prompt_or_none_at_all_is_accepted():
-    _check({"mode": "disaggregated", "prefill": {"devices": [0], "kv_pages": 32}, "decode": {"devices": [1]}})  # 32 x 16 = 512
+    _check({"mode": "disaggregated", "prefill": {"devices": [0], "kv_pages": 32}, "decode": {"devices": [1], "page_size": 16}})  # 32 x 16 = 512
     _check({"mode": "disaggregated", "prefill": {"devices": [0], "kv_pages": 1, "enable_prefix_caching": False}, "decode": {"devices": [1]}})
 
 
@@ -136,7 +136,7 @@ def test_int8_weights_are_counted_at_one_byte_and_the_cache_at_the_activations_w
 def test_memory_needs_count_stage_slices_and_the_prefill_instances_pool():
     def placement(prefill: dict) -> Placement:
         return Placement.model_validate(
-            {"mode": "disaggregated", "prefill": {"devices": [0], **prefill}, "decode": {"devices": [1, 2], "pp": 2, "slots": 4, "max_seq_len": 64}}
+            {"mode": "disaggregated", "prefill": {"devices": [0], **prefill}, "decode": {"devices": [1, 2], "pp": 2, "slots": 4, "max_seq_len": 64, "page_size": 16}}
         )
 
     needs = memory_needs(placement({}), TINY, 4, 512)

@@ -51,11 +51,11 @@ PLACEMENTS = {
     "colocated-chunked": {"instances": {"devices": [0], "slots": 3, "chunked_prefill": 16}},
     # Six pages of 16 positions for four slots: admission waits for pages, and running requests
     # that need a page preempt the youngest, which is prefilled again.
-    "colocated-pages": {"instances": {"devices": [0], "slots": 4, "kv_pages": 6}},
+    "colocated-pages": {"instances": {"devices": [0], "slots": 4, "kv_pages": 6, "page_size": 16}},
     "disaggregated": {
         "mode": "disaggregated",
         "prefill": {"devices": [0], "max_batch": 8},
-        "decode": [{"devices": [1], "slots": 4}, {"devices": [2], "slots": 2}],  # told apart by their row buckets
+        "decode": [{"devices": [1], "slots": 4, "page_size": 16}, {"devices": [2], "slots": 2, "page_size": 16}],  # told apart by their row buckets
     },
 }
 
@@ -166,7 +166,7 @@ def _cluster_config(folder: Path) -> Path:
     config["placement"] = {
         "mode": "disaggregated",
         "prefill": {"devices": [0]},
-        "decode": [{"devices": [1], "slots": 4}, {"devices": [2], "slots": 2}],
+        "decode": [{"devices": [1], "slots": 4, "page_size": 16}, {"devices": [2], "slots": 2, "page_size": 16}],
     }
     ports = free_ports(3)
     config["cluster"] = {"prefill": [f"127.0.0.1:{ports[0]}"], "decode": [f"127.0.0.1:{p}" for p in ports[1:]], "health_seconds": 0.2}

@@ -24,6 +24,7 @@ from jds import LLM, SamplingParams
 from jds.api import generation_pb2 as pb
 from jds.api import generation_pb2_grpc as pb_grpc
 from jds.bench.server_process import ServerProcess
+from jds.config.placement import DEFAULT_PAGE_SIZE
 from tests_paths import CONFIGS, REPO
 from tiny_server import MAX_SEQ_LEN, aborted_requests, wait_idle, write_config
 
@@ -65,7 +66,7 @@ def test_health_reflection_and_model_info(server, stub):
         assert {"jds.v1.Generation", "grpc.health.v1.Health"} <= names
     info = stub.ModelInfo(pb.ModelInfoRequest())
     assert (info.model_name, info.num_layers, info.max_seq_len, info.slots_total) == ("tiny-random", 4, MAX_SEQ_LEN, 4)
-    assert info.kv_pages_total == 4 * MAX_SEQ_LEN // 16 and info.kv_pages_in_use <= info.kv_pages_total  # the default: 4 rows' worth
+    assert info.kv_pages_total == 4 * MAX_SEQ_LEN // DEFAULT_PAGE_SIZE and info.kv_pages_in_use <= info.kv_pages_total  # the default: 4 rows' worth
     assert "colocated" in info.placement and info.dtype == "float32" and info.quantization == "none"
 
 
@@ -196,14 +197,15 @@ def test_overload_gives_resource_exhausted_and_accepted_requests_finish(stub):
 
 
 def test_a_repeated_prompt_reports_the_tokens_the_prefix_cache_held(stub):
-    ids = list(range(4200, 4240))  # 40 tokens: two full pages of 16 before its last token
+    held = 2 * DEFAULT_PAGE_SIZE
+    ids = list(range(4200, 4200 + held + 8))  # two full pages before its last token, and 8 tokens more
     before = stub.ModelInfo(pb.ModelInfoRequest())
     first, again = (_generate(stub, token_ids=ids, max_tokens=3, temperature=0.0, ignore_eos=True) for _ in range(2))
-    assert (first[-1].usage.cached_tokens, again[-1].usage.cached_tokens) == (0, 32)
+    assert (first[-1].usage.cached_tokens, again[-1].usage.cached_tokens) == (0, held)
     assert _tokens(first) == _tokens(again)
-    info = stub.ModelInfo(pb.ModelInfoRequest())  # both prompts were looked up, 40 positions each; 32 were held
-    assert info.prefix_cache_queried_tokens - before.prefix_cache_queried_tokens == 80
-    assert info.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens == 32
+    info = stub.ModelInfo(pb.ModelInfoRequest())  # both prompts were looked up whole; two pages were held
+    assert info.prefix_cache_queried_tokens - before.prefix_cache_queried_tokens == 2 * len(ids)
+    assert info.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens == held
     assert info.prefix_cache_hit_rate == info.prefix_cache_hit_tokens / info.prefix_cache_queried_tokens > 0
 
 
@@ -218,7 +220,7 @@ def test_metrics_expose_histograms_gauges_and_counters(server, stub):
         "jds_e2e_seconds_bucket",
         "jds_slots_in_use",
         "jds_slots_total 4.0",
-        f"jds_kv_pages_total {4 * MAX_SEQ_LEN // 16}.0",
+        f"jds_kv_pages_total {4 * MAX_SEQ_LEN // DEFAULT_PAGE_SIZE}.0",
         "jds_kv_pages_used",
         "jds_prefill_kv_pages_total 0.0",  # a colocated server has no prefill instance
         "jds_prompt_tokens_cached_total",

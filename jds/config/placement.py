@@ -24,7 +24,7 @@ from pydantic import (
 
 DEFAULT_SLOTS = 32  # rows a decode step computes at most, where the config does not say
 DEFAULT_KV_ROWS = 8  # without slots, kv_pages or kv_memory_gb: the pages of this many max_seq_len sequences
-DEFAULT_PAGE_SIZE = 16  # cache positions per KV page (measured in WORKSPACE.md)
+DEFAULT_PAGE_SIZE = 64  # cache positions per KV page (measured in WORKSPACE.md)
 
 
 class _Section(BaseModel):

@@ -7,8 +7,9 @@ Memory follows the tokens a sequence holds, not the longest it might grow to, an
 may list the same page (a shared prompt prefix).
 
 V is laid out ``[layers, pages, kv_heads, page, head_dim]`` and K, transposed, ``[layers, pages,
-kv_heads, head_dim, page]``: a pipeline stage owns a slice of the leading axis, and gathering a
-row's pages yields the per-row layout attention reads. K is stored transposed so that both
+kv_heads, head_dim, page]``: a pipeline stage owns a slice of the leading axis, and a page's
+positions of one layer are one contiguous block, which a decode step gathers whole
+(``gather_pages``) and attends to where it landed. K is stored transposed so that both
 products of attention are plain matrix products (queries ``[groups, head_dim] @ [head_dim,
 seq]``, probabilities ``[groups, seq] @ [seq, head_dim]``): with K as ``[seq, head_dim]`` the
 score product contracts both operands' minor axes, which XLA's CPU backend runs at a third of
@@ -61,6 +62,18 @@ def gather(cache: KVPages, layer: jax.Array, tables: jax.Array) -> tuple[jax.Arr
     kt = cache.k.at[layer, tables].get(mode="clip")  # [B, n, KV, hd, P]
     v = cache.v.at[layer, tables].get(mode="clip")  # [B, n, KV, P, hd]
     return kt.transpose(0, 2, 3, 1, 4).reshape(b, kv, hd, n * p), v.transpose(0, 2, 1, 3, 4).reshape(b, kv, n * p, hd)
+
+
+def gather_pages(cache: KVPages, layer: jax.Array, tables: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The pages ``tables`` ``[B, n]`` lists, of one layer, page by page: K ``[B, n, KV, hd,
+    page]`` and V ``[B, n, KV, page, hd]``. Each page is read as one contiguous row of the pool and
+    lands as one contiguous row, nothing moved within it. An entry past the pool reads the last
+    page, as in ``gather``."""
+    b, n = tables.shape
+    layers, pages = cache.k.shape[:2]
+    kt = cache.k.reshape(layers, pages, -1).at[layer, tables].get(mode="clip")
+    v = cache.v.reshape(layers, pages, -1).at[layer, tables].get(mode="clip")
+    return kt.reshape(b, n, *cache.k.shape[2:]), v.reshape(b, n, *cache.v.shape[2:])
 
 
 def write(cache: KVPages, k_new: jax.Array, v_new: jax.Array, pages: jax.Array, positions: jax.Array, layer_offset: int = 0) -> KVPages:
