@@ -1,5 +1,6 @@
-"""The prompt attention a GPU runs (JAX's fused attention, cuDNN's flash kernel there) gives what
-the CPU form gives, with the same inputs: grouped-query heads, prompts padded to one length."""
+"""Attention in the forms each backend runs gives the same results: for prompts, JAX's fused
+attention (cuDNN's flash kernel on a GPU) and the CPU form; for decode, pages attended one by one
+(a CPU) and laid end to end (other backends)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,30 @@ def test_the_gpu_form_of_prompt_attention_equals_the_cpu_form(monkeypatch):
     for row, n in enumerate(lengths.tolist()):  # positions past a prompt are padding: nobody reads them
         np.testing.assert_allclose(np.asarray(gpu[row, :n]), np.asarray(cpu[row, :n]), atol=1e-5)
     assert not np.allclose(np.asarray(gpu[0]), np.asarray(gpu[1]))  # the rows are not all the same
+
+
+def test_decode_attention_page_by_page_equals_it_over_pages_laid_end_to_end(monkeypatch):
+    """The two forms a decode step may read its pages in (a CPU attends page by page, other
+    backends over the pages laid end to end) give the same output: rows of different lengths, one
+    ending mid-page, table entries past the pool ("no page"), pages scattered over the pool."""
+    from jds.model import kv_cache
+    from jds.model.kv_cache import KVPages
+
+    layers, pages, kv_heads, hd, page, heads, n = 2, 12, 2, 16, 8, 8, 3
+    keys = jax.random.split(jax.random.key(1), 5)
+    cache = KVPages(
+        k=jax.random.normal(keys[0], (layers, pages, kv_heads, hd, page)), v=jax.random.normal(keys[1], (layers, pages, kv_heads, page, hd))
+    )
+    tables = jnp.array([[7, 2, 10], [4, pages, pages], [0, 11, 5]], jnp.int32)  # row 1 holds one page
+    start = jnp.array([24, 5, 17], jnp.int32)  # positions written before the new token
+    cached = (jnp.arange(n * page)[None, :] < start[:, None])[:, None, :]
+    q = jax.random.normal(keys[2], (3, 1, heads, hd))
+    k_new, v_new = (jax.random.normal(key, (3, kv_heads, 1, hd)) for key in keys[3:])
+    layer = jnp.int32(1)
+    end_to_end = llama.attention_with_cache(q, *kv_cache.gather(cache, layer, tables), cached, k_new, v_new)
+    by_page = llama.one_token_attention_over_pages(q, *kv_cache.gather_pages(cache, layer, tables), cached.reshape(3, n, page), k_new, v_new)
+    np.testing.assert_allclose(np.asarray(by_page), np.asarray(end_to_end), atol=1e-5)
+    assert not np.allclose(np.asarray(by_page[0]), np.asarray(by_page[2]))
+    assert llama.decode_reads_pages_whole()  # these tests run on a CPU, which attends page by page
+    monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
+    assert not llama.decode_reads_pages_whole()
