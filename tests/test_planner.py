@@ -77,7 +77,10 @@ def _profile(prefill=PrefillModel(base=1.0, per_token=0, per_square=0), decode=D
 
 
 def _disaggregated(slots: int = 8, max_batch: int = 8) -> Placement:
-    return Placement(mode="disaggregated", prefill=[PrefillInstance(devices=[0], max_batch=max_batch)], decode=[DecodeInstance(devices=[1], slots=slots)])
+    """Pages of 16, so that the short prompts below read context buckets of 32 and 64 and hand
+    over a 20-token prompt's 32 positions."""
+    decode = DecodeInstance(devices=[1], slots=slots, page_size=16)
+    return Placement(mode="disaggregated", prefill=[PrefillInstance(devices=[0], max_batch=max_batch)], decode=[decode])
 
 
 def test_one_request_through_prefill_transfer_and_decode():
