@@ -168,12 +168,11 @@ class Engine:
 
     def page_usage(self) -> tuple[int, int]:
         """(KV pages in use, total KV pages) over every decode-capable instance."""
-        return sum(p.pages.used for p in self._pools), sum(p.pages.total for p in self._pools)
+        return _pages_used_and_total(self._pools)
 
     def prefill_page_usage(self) -> tuple[int, int]:
         """(KV pages in use, total KV pages) over the prefill instances' prefix-cache pools."""
-        pools = self._prefill_pools
-        return sum(p.pages.used for p in pools), sum(p.pages.total for p in pools)
+        return _pages_used_and_total(self._prefill_pools)
 
     def prefix_cache_usage(self) -> tuple[int, int]:
         """(prompt positions looked up in the instances' prefix caches, of those found cached)."""
@@ -193,3 +192,6 @@ class Engine:
         for seq in self._running.all():
             seq.publish("abort")
 
+
+def _pages_used_and_total(pools: list[KVPool]) -> tuple[int, int]:
+    return sum(p.pages.used for p in pools), sum(p.pages.total for p in pools)

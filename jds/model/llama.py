@@ -141,12 +141,12 @@ def one_token_attention_over_pages(
     hd]``, summed over pages, so the gathered pages are used where they landed."""
     b, _, h, hd = q.shape
     n, kv = kt_pages.shape[1:3]
-    qg = jnp.broadcast_to(q.reshape(b, 1, kv, h // kv, hd), (b, n, kv, h // kv, hd))
+    grouped = q.reshape(b, kv, h // kv, hd)  # [B, KV, G, hd]
     scale = hd**-0.5
+    qg = jnp.broadcast_to(grouped[:, None], (b, n, *grouped.shape[1:]))
     old = jnp.einsum("bnkgd,bnkdp->bnkgp", qg, kt_pages, preferred_element_type=jnp.float32) * scale
     old = jnp.where(cached[:, :, None, None, :], old, _MASKED)
-    qf = q.reshape(b, kv, h // kv, hd).astype(jnp.float32)
-    new = jnp.sum(qf * k_new.astype(jnp.float32), axis=-1, keepdims=True) * scale  # [B, KV, G, 1]
+    new = jnp.sum(grouped.astype(jnp.float32) * k_new.astype(jnp.float32), axis=-1, keepdims=True) * scale  # [B, KV, G, 1]
     top = jnp.maximum(old.max(axis=(1, 4)), new[..., 0])  # [B, KV, G]
     p_old, p_new = jnp.exp(old - top[:, None, :, :, None]), jnp.exp(new - top[..., None])
     total = p_old.sum(axis=(1, 4)) + p_new[..., 0]  # [B, KV, G]
