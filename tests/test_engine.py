@@ -20,6 +20,7 @@ from jds.config.placement import Placement
 from jds.engine import prefill as prefill_module
 from jds.engine.engine import Engine
 from jds.engine.request import Request
+from jds.engine.sequence import Sequence
 from jds.model.loader import load_model
 from jds.model.params import MatrixWeight
 from jds.sampling_params import SamplingParams
@@ -518,6 +519,103 @@ def test_a_request_that_breaks_its_batch_fails_alone_and_its_neighbours_get_thei
         assert all(o.finish_reason == "length" for o in outs)
         _wait_until(lambda: engine.slot_usage()[0] == 0)
         assert engine.slot_usage() == (0, 4) and engine.num_running == 0
+    finally:
+        engine.shutdown()
+
+
+class _RaiseOnce:
+    """A method that raises the first time it is called, before doing anything: a host-side fault."""
+
+    def __init__(self, fn):
+        self.fn, self.raised = fn, False
+
+    def __call__(self, *args, **kwargs):
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("injected host fault")
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "placement, where",
+    [(SINGLE, "prompts._insert"), (CHUNKED, "pool.register")],
+    ids=["colocated-batch-insert", "chunked-after-last-chunk"],
+)
+def test_a_fault_while_admitting_prompts_gives_back_their_slots_and_prefills_them_again(tiny, reference, monkeypatch, placement, where):
+    """The fault escapes after slots were taken for the prompts being written and before they
+    joined the decode batch (between the last chunk and joining, for chunked prefill)."""
+    engine = _engine(tiny, placement)
+    try:
+        worker = engine.colocated_workers[0]
+        owner, name = where.split(".")
+        target = getattr(worker, owner)
+        fault = _RaiseOnce(getattr(target, name))
+        monkeypatch.setattr(target, name, fault)
+        assert [o.token_ids for o in _run(engine, PROMPTS)] == reference["greedy"]
+        assert fault.raised
+        _wait_until(lambda: engine.slot_usage()[0] == 0)
+        _assert_only_the_prefix_cache_holds_pages(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_goes_to_an_instance_whose_pages_hold_it_alone(tiny, reference, monkeypatch):
+    """Two colocated instances of different KV sizes: the smaller (two pages of 16) takes only the
+    requests it could finish alone; admitted by the pages of its prompt, a longer one would
+    preempt itself there at its third page, again and again."""
+    small = {"devices": [0], "slots": 2, "kv_pages": 2, "page_size": 16}
+    engine = _engine(tiny, {"instances": [small, {"devices": [1], "slots": 2, "kv_pages": 8, "page_size": 16}]})
+    try:
+        worker, needs = engine.colocated_workers[0], []
+        take = worker._take
+
+        def recorded(*args):
+            seqs = take(*args)
+            needs.extend(s.prompt_len + s.limit for s in seqs)
+            return seqs
+
+        monkeypatch.setattr(worker, "_take", recorded)
+        assert [o.token_ids for o in _run(engine, PROMPTS)] == reference["greedy"]
+        assert all(n <= 2 * 16 for n in needs), needs
+        short, long = (Sequence(Request(f"r{n}", tuple(PROMPTS[n]), GREEDY, 0), None, (), 512) for n in (1, 2))  # 24 and 35 positions
+        assert [w._accepts(short) for w in engine.colocated_workers] == [True, True]
+        assert [w._accepts(long) for w in engine.colocated_workers] == [False, True]
+    finally:
+        engine.shutdown()
+
+
+def test_a_prefilled_request_goes_to_a_decode_instance_whose_pages_hold_it_alone():
+    """In one process, the router of prefilled requests skips a decode instance too small for the
+    request alone, even one with more room just now."""
+    import threading
+    from types import SimpleNamespace
+
+    from jds.engine.kv_pool import KVPool
+
+    cond, stop = threading.Condition(), threading.Event()
+    small, large = (SimpleNamespace(max_seq_len=512, pool=KVPool(4, pages, 16, 512, cond)) for pages in (2, 8))
+    assert large.pool.try_reserve(10, 7 * 16) is not None  # commits 7 of its 8 pages: less room than the small one
+    router = prefill_module.DecodeRouter([small, large], cond, stop)
+    short, long = (Sequence(Request(f"r{n}", tuple(PROMPTS[n]), GREEDY, 0), None, (), 512) for n in (0, 2))  # 13 and 35 positions
+    assert router.reserve(short)[0] is small
+    assert router.reserve(long)[0] is large
+
+
+def test_a_request_that_outgrows_every_page_of_its_instance_fails_instead_of_preempting_itself(tiny, monkeypatch):
+    """Admission refuses such a request (test_a_request_that_could_not_finish_even_alone_is_refused_naming_max_tokens);
+    should one get past it, the decode batch ends it with an error naming max_tokens."""
+    engine = _engine(tiny, {"instances": {"devices": [0], "slots": 2, "kv_pages": 2, "page_size": 16}})
+    try:
+        worker = engine.colocated_workers[0]
+        monkeypatch.setattr(engine._running, "_kv_positions", lambda: None)
+        monkeypatch.setattr(worker, "_accepts", lambda seq: True)
+        out = _run(engine, [PROMPTS[2]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+        assert out.finish_reason == "error" and "max_tokens" in out.error
+        assert worker.batch.preemptions == 0
+        _wait_until(lambda: engine.slot_usage()[0] == 0)
+        assert engine.slot_usage()[0] == 0 and worker.pool.pages.used == worker.pool.pages.cached
+        monkeypatch.undo()
+        assert _run(engine, [PROMPTS[0]])[0].finish_reason == "length"
     finally:
         engine.shutdown()
 

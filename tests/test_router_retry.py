@@ -43,11 +43,14 @@ class _Decode(ipb_grpc.DecodeInstanceServicer):
     """Streams ``DECODED``; the first ``faults`` calls end after two tokens with the error a
     decode process gives when a device fault took the request's KV."""
 
-    def __init__(self, faults: int, replay: list[int] = DECODED):
+    def __init__(self, faults: int, replay: list[int] = DECODED, pages: int = 64, free: int = 4):
         self.faults, self.replay, self.calls = faults, replay, 0
+        self.pages, self.free = pages, free
 
     def Status(self, request, context):
-        return ipb.InstanceStatus(role="decode", name="decode0", slots_total=4, slots_free=4, max_seq_len=512)
+        return ipb.InstanceStatus(
+            role="decode", name="decode0", slots_total=4, slots_free=self.free, max_seq_len=512, kv_pages_total=self.pages
+        )  # fmt: skip
 
     def Decode(self, request, context):
         self.calls += 1
@@ -134,3 +137,32 @@ def test_a_decode_process_reports_kv_a_fault_took_as_aborted():
     assert _error_code("KV pull failed: gone") == grpc.StatusCode.FAILED_PRECONDITION
     assert _error_code("preempted: no KV page free for its next token") == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert _error_code("decode step failed: bad row") == grpc.StatusCode.INTERNAL
+
+
+def test_a_request_goes_to_a_decode_instance_whose_pages_hold_it_and_one_none_holds_is_refused(tiny):
+    """An instance too small to hold a request alone would preempt it for ever: the router sends
+    it where it fits, even to a busier instance, and refuses at once what fits nowhere."""
+    small, large = _Decode(0, pages=2, free=4), _Decode(0, pages=4, free=0)  # the small one looks roomier
+    prefill = _Prefill()
+    servers, addresses = zip(
+        _serve(prefill, ipb_grpc.add_PrefillInstanceServicer_to_server),
+        *(_serve(d, ipb_grpc.add_DecodeInstanceServicer_to_server) for d in (small, large)),
+    )
+    placement = Placement.model_validate({"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": [{"devices": [1]}, {"devices": [2]}]})
+    page = placement.page_size
+    router = Router(tiny, placement, ClusterSection(prefill=[addresses[0]], decode=list(addresses[1:]), health_seconds=0.1))
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    try:
+        assert router.registry.wait_ready(10)
+        long_prompt = tuple(range(1, 2 * page + 20))  # with max_tokens, more than the small instance's 2 pages
+        assert [o.finish_reason for o in router.submit(Request("long", long_prompt, greedy, seed=0))][-1] == "length"
+        assert (small.calls, large.calls) == (0, 1)
+        assert [o.finish_reason for o in router.submit(Request("short", (1, 2, 3), greedy, seed=0))][-1] == "length"
+        assert (small.calls, large.calls) == (1, 1)
+        with pytest.raises(ValueError, match="max_tokens"):
+            router.submit(Request("too-long", tuple(range(1, 4 * page + 1)), greedy, seed=0))
+        assert prefill.calls == 2
+    finally:
+        router.shutdown()
+        for server in servers:
+            server.stop(0)

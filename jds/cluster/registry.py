@@ -115,14 +115,14 @@ class Registry:
         self, role: Role, need: int, timeout: float, cancelled: threading.Event, pages: int = 0, keys: Sequence[bytes] = ()
     ) -> Instance | None:  # fmt: skip
         """The healthy instance of ``role`` the policy picks among those that fit ``need``
-        positions, counted as taken with the ``pages`` the request commits (prefill: the prompt's
+        positions (decode: with at least ``pages`` KV pages), counted as taken with the ``pages`` the request commits (prefill: the prompt's
         page ``keys`` are remembered there). Busy instances queue requests themselves, so this
         waits only while none is healthy, up to ``timeout``; None if none came back or
         ``cancelled`` was set."""
         with self.changed:
             end = None
             while not cancelled.is_set() and not self._stop.is_set():
-                best = self._best(role, need, keys)
+                best = self._best(role, need, keys, pages)
                 if best is not None:
                     best.in_flight += 1
                     best.in_flight_pages += pages
@@ -136,8 +136,10 @@ class Registry:
                 self.changed.wait(min(0.05, end - now))
             return None
 
-    def _best(self, role: Role, need: int, keys: Sequence[bytes]) -> Instance | None:
+    def _best(self, role: Role, need: int, keys: Sequence[bytes], pages: int) -> Instance | None:
         ready = [i for i in self.of(role) if i.healthy and i.status is not None and i.status.max_seq_len >= need]
+        if role == "decode":  # one whose pool could not hold the request alone would preempt it for ever
+            ready = [i for i in ready if i.status.kv_pages_total >= pages]
         if self.policy == "round_robin" and ready:
             self._turn[role] += 1
             return ready[self._turn[role] % len(ready)]
@@ -164,6 +166,12 @@ class Registry:
 
     def _serving(self, role: Role) -> list:
         return [i.status for i in self.of(role) if i.healthy and i.status is not None]
+
+    def largest_decode_pool(self) -> int | None:
+        """The most KV pages a decode instance holds, of those that answered (now or before); None
+        before any has."""
+        totals = [i.status.kv_pages_total for i in self.of("decode") if i.status is not None]
+        return max(totals, default=None)
 
     def slot_usage(self) -> tuple[int, int]:
         """(slots in use, total slots) over the decode instances now serving."""

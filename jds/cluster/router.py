@@ -72,11 +72,16 @@ class Router:
         self.max_waiting = max_waiting
         self.max_seq_len = placement.max_seq_len
         self.registry = Registry(cluster.prefill, cluster.decode, cluster.health_seconds, cluster.policy, cluster.cache_balance)
-        self._running = RunningRequests(model, self.max_seq_len, max_waiting)
+        self._running = RunningRequests(model, self.max_seq_len, max_waiting, self._kv_positions)
         self._lock = threading.Lock()  # guards _calls and _waiting
         self._calls: dict[str, grpc.Future | grpc.Call] = {}  # the RPC each request waits on
         self._waiting = 0  # requests not yet past prefill
         self._stop = threading.Event()
+
+    def _kv_positions(self) -> int | None:
+        """The most KV positions a decode instance holds, as the instances last said."""
+        pages = self.registry.largest_decode_pool()
+        return None if pages is None else pages * self.placement.page_size
 
     # -- the engine's interface -----------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from jds.engine.decode import DecodeBatch
 from jds.engine.kv_pool import KVPool
 from jds.engine.prefill import POLL_SECONDS
 from jds.engine.programs import Pipeline, PrefillProgram
-from jds.engine.prompt_pages import PromptWriter
+from jds.engine.prompt_pages import PromptWriter, Written
 from jds.engine.sequence import Sequence
 from jds.engine.waiting import WaitingQueue
 from jds.scheduling import policy
@@ -58,7 +58,8 @@ class ColocatedWorker:
         return self.prompts.chunk
 
     def _accepts(self, seq: Sequence) -> bool:
-        return seq.prompt_len + seq.limit <= self.max_seq_len
+        need = seq.prompt_len + seq.limit
+        return need <= self.max_seq_len and self.pool.holds(need)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -99,15 +100,44 @@ class ColocatedWorker:
 
     def _admit(self) -> None:
         """Prefill what the pool admits, then decode it here."""
-        self.prompts.admit(self._take(), self.batch.join)
+        seqs = self._take()
+        self._guarded(seqs, lambda join: self.prompts.admit(seqs, join))
 
     def _prefill_chunk(self) -> None:
         """Advance the prompt being chunked by one chunk, taking a new one when none is."""
+        seqs = [] if self.prompts.chunking is None else [self.prompts.chunking.seq]
+        self._guarded(seqs, lambda join: self._next_chunk(seqs, join))
+
+    def _next_chunk(self, seqs: list[Sequence], join: Written) -> None:
         if self.prompts.chunking is None:
-            seqs = self._take(1)
+            seqs += self._take(1)
             if not seqs:
                 return
             self.prompts.start(seqs[0], *self.prompts.reserve(seqs[0]))
             if self.prompts.chunking is None:
                 return
-        self.prompts.next_chunk(self.batch.join)
+        self.prompts.next_chunk(join)
+
+    def _guarded(self, seqs: list[Sequence], write: Callable[[Written], None]) -> None:
+        """Run ``write`` (prefill ``seqs`` into the pool; each one written joins the batch). If it
+        raises, the instance recovers as from any fault, and each of ``seqs`` that holds a slot
+        yet neither joined the batch nor was given up with the chunk in progress gets its slot
+        back and is prefilled again once (or fails): a fault never strands a request or its pages."""
+        joined: set[int] = set()
+
+        def join(seq: Sequence, slot: int) -> None:
+            joined.add(id(seq))
+            self.batch.join(seq, slot)
+
+        try:
+            write(join)
+        except Exception as exc:
+            log.exception("%s failed", self.name)
+            error = f"{self.name} failed: {exc}"
+            if self.prompts.chunking is not None:
+                joined.add(id(self.prompts.chunking.seq))  # ``abandon`` sends it back
+            self._recover(error)
+            self.pool.release_all()  # the batch let go of its own slots: what is left was held by ``seqs``
+            for seq in seqs:
+                if id(seq) not in joined and not seq.done:
+                    self.batch.retry_or_fail(seq, error)

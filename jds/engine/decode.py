@@ -162,6 +162,10 @@ class DecodeBatch:
         for s, seq in sorted(members.items(), key=lambda item: item[1].timings.arrival):
             position = seq.position + (fed.get(s) is seq)
             while self.active.get(s) is seq and not self.pool.grow(s, position + 1):
+                if not self.pool.holds(position + 1):  # no preemption makes room for it: admission should have refused it
+                    self.leave(s)
+                    seq.publish("error", f"max_tokens: position {position} is past the {self.pool.pages.total} KV pages this instance holds")
+                    break
                 self._preempt(policy.preemption_victim({slot: held.timings.arrival for slot, held in self.active.items()}))
         return {s: seq for s, seq in members.items() if self.active.get(s) is seq}
 

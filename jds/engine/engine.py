@@ -70,7 +70,7 @@ class Engine:
         self.max_seq_len = placement.max_seq_len
         self.model = model.without_params()  # every instance holds its own placed copy
         kv_positions = max(p.pages.total * p.page_size for p in self._pools)
-        self._running = RunningRequests(self.model, self.max_seq_len, max_waiting, kv_positions)
+        self._running = RunningRequests(self.model, self.max_seq_len, max_waiting, lambda: kv_positions)
         log.info("placement: %s", placement.describe())
         if warmup:
             self.warmup(progress)

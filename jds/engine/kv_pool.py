@@ -53,6 +53,11 @@ class KVPool:
     def in_use(self) -> int:
         return self.size - len(self._free)
 
+    def holds(self, positions: int) -> bool:
+        """Whether a request of ``positions`` (its prompt and max_tokens) fits here with the pool
+        to itself. One that does not would, once it outgrew the pool, preempt itself for ever."""
+        return positions <= self.pages.total * self.page_size
+
     def admits(self, context_lens: list[int]) -> int:
         """How many of these waiting requests (in queue order) this instance admits now."""
         needs = [policy.admission_pages(n, self.page_size) for n in context_lens]

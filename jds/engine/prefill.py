@@ -45,10 +45,10 @@ class DecodeRouter:
 
     def reserve(self, seq: Sequence) -> tuple[DecodeWorker, int] | None:
         """A slot, with the pages of ``seq``'s context, on the instance with the most room among
-        those long enough for it; None if that one cannot admit it now."""
+        those long enough and large enough for it; None if that one cannot admit it now."""
         need = seq.prompt_len + seq.limit
         with self._cond:
-            fits = [d for d in self.decoders if d.max_seq_len >= need]
+            fits = [d for d in self.decoders if d.max_seq_len >= need and d.pool.holds(need)]
             best = policy.most_room([d.pool.room for d in fits])
             if best is None:
                 return None

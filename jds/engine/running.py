@@ -17,9 +17,11 @@ class QueueFull(RuntimeError):
 
 
 class RunningRequests:
-    def __init__(self, model: LoadedModel, max_seq_len: int, max_waiting: int | None, kv_positions: int | None = None):
-        """``kv_positions``: the most KV positions one request may hold (the largest instance's
-        pages), where known: a request that could not finish even alone there is refused."""
+    def __init__(
+        self, model: LoadedModel, max_seq_len: int, max_waiting: int | None, kv_positions: Callable[[], int | None] = lambda: None
+    ):  # fmt: skip
+        """``kv_positions``: the most KV positions one request may hold now (the largest
+        instance's pages), where known: a request that could not finish even alone there is refused."""
         self._model = model
         self._max_seq_len = max_seq_len
         self._max_waiting = max_waiting
@@ -37,10 +39,11 @@ class RunningRequests:
         validate_prompt(request.prompt_ids, vocab, self._max_seq_len)
         prompt = len(request.prompt_ids)
         need = prompt + min(request.params.max_tokens, self._max_seq_len - prompt)
-        if self._kv_positions is not None and need > self._kv_positions:
+        held = self._kv_positions()
+        if held is not None and need > held:
             raise ValueError(
                 f"max_tokens: the prompt's {prompt} tokens and max_tokens {request.params.max_tokens} need {need} KV positions, "
-                f"more than any instance holds ({self._kv_positions}: its kv_pages x page_size)"
+                f"more than any instance holds ({held}: its kv_pages x page_size)"
             )
         tok = self._model.tokenizer
         eos = () if request.params.ignore_eos or tok is None else tok.eos_ids
