@@ -303,6 +303,7 @@ class _Decoder:
         r.decoder, r.done = None, False
         self.free_held(r)
         self.requeue(r)
+        self.clock.at(self.clock.now, self._on_free)  # once this round is dispatched: handoffs waiting for room look again
 
     def _look_up_extremes(self) -> None:
         """The highest slot in use and the longest member's position at round 0, once members came or went."""
@@ -499,7 +500,7 @@ class _Prefiller:
         self.pending = 0
 
     def poke(self) -> None:
-        if self.running or self.pending >= policy.PENDING_BATCHES or not self.waiting:
+        if self.running or self.pending >= policy.UNSHIPPED_BATCHES or not self.waiting:
             return
         batch = _take(self.waiting, self.batches, self.batches.max_batch)
         seconds = _prefill_seconds(self.batch_seconds, self.batches, batch)

@@ -9,7 +9,7 @@ The rules:
 - prefill takes the longest FCFS prefix of the waiting queue whose padded shape (a power-of-two
   batch of the longest prompt's length bucket) fits the instance's ``max_batch`` and
   ``max_batch_tokens``; the head is never skipped, and a single prompt always fits;
-- a prefill instance stalls while ``PENDING_BATCHES`` of its batches wait for decode room;
+- a prefill instance stalls while ``UNSHIPPED_BATCHES`` of its batches wait for decode room;
 - a request is admitted to a decode or colocated instance when a slot is free and the pages of
   its context and its next token are, less a small reserve (``ADMIT_RESERVE``) kept for the
   running requests to grow into; the queue's head is admitted first;
@@ -31,7 +31,10 @@ import heapq
 from collections.abc import Iterable, Mapping, Sequence
 
 MIN_BUCKET = 16  # the shortest padded prompt length
-PENDING_BATCHES = 2  # prefilled batches whose KV may wait for decode room, per prefill instance
+PENDING_BATCHES = 2  # prefilled batches queued for the transfer thread, per prefill instance
+# Prefilled batches not yet shipped when a prefill instance stops computing: the queue's, the one
+# the transfer thread holds while it waits for decode room, and the one computed that cannot be queued.
+UNSHIPPED_BATCHES = PENDING_BATCHES + 2
 ADMIT_RESERVE = 0.01  # share of an instance's pages admission leaves free for running requests to grow into
 
 
