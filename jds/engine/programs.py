@@ -10,9 +10,11 @@ the stages busy, and WORKSPACE.md says why this is not one SPMD program).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -558,10 +560,16 @@ class Pipeline:
 
 
 def compile_all(jobs: list[Callable[[], None]], progress: bool) -> None:
-    """Run ahead-of-time compile jobs, with a progress bar."""
+    """Run ahead-of-time compile jobs, with a progress bar, as many at a time as there are host
+    cores this process may run on (XLA compiles without holding Python's lock). On 2 CPU cores,
+    where one XLA compile already keeps about 1.5 busy, the default config's 60 programs took
+    82 s against 91 s one at a time; a GPU host's compiles and cores are where it should count
+    more, not measured yet."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    for job in tqdm(jobs, desc="compiling", unit="program", disable=not progress):
-        job()
-    log.info("compiled %d programs in %.1f s", len(jobs), time.perf_counter() - start)
+    workers = len(os.sched_getaffinity(0))
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+        for done in tqdm(concurrent.futures.as_completed([pool.submit(job) for job in jobs]), total=len(jobs), desc="compiling", unit="program", disable=not progress):
+            done.result()  # a failed compile fails the start-up
+    log.info("compiled %d programs in %.1f s on %d threads", len(jobs), time.perf_counter() - start, workers)
