@@ -290,28 +290,36 @@ def _fed_tokens(tokens, feed, from_feed, feed_row):
     return jnp.where(from_feed[:, None], fed[:, None], tokens)
 
 
-def _run_stage(params: Params, cache: KVPages, history, feed, inputs, tokens, from_feed, start, tables, pages, row_offset, feed_row, last_index, rows, steps, *, arch, first, last):
+def _run_stage(params: Params, cache: KVPages, history, feed, inputs, tokens, from_feed, start, tables, pages, row_offset, feed_row, last_index, *, arch, first, last):
     """One stage's layers for one microbatch, reading the cache pages ``tables`` lists. The first stage
     embeds the step's tokens, some taken from ``feed``. The last stage also writes them into its
-    rows of the token ``history`` (what penalties read; the cache's twin), samples, and writes the
-    drawn tokens into ``feed`` (what lets the host dispatch the next step before it reads them)."""
+    rows of the token ``history`` (what penalties read; the cache's twin) and returns the logits
+    of each row's ``last_index`` token, for ``_sample_step``."""
     if first:
         inputs = _fed_tokens(inputs, feed, from_feed, feed_row)
     x = llama.embed(params, inputs) if first else inputs
     x, cache = llama.decoder_layers(params.layers, cache, x, start, tables, pages, arch)
     if not last:
-        return x, cache, history, None
+        return x, cache, history
     tokens = _fed_tokens(tokens, feed, from_feed, feed_row)
     b, t = tokens.shape
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     rows_of = row_offset + jnp.arange(b)[:, None]
     history = history.at[rows_of, positions].set(tokens, mode="drop")
-    seen = min(tables.shape[1] * cache.page_size + t, history.shape[1])  # every position up to the newest token
+    h = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
+    return llama.logits(params, h, arch).astype(jnp.float32), cache, history
+
+
+def _sample_step(logits, history, feed, rows, steps, start, last_index, row_offset, feed_row) -> tuple[Sampled, jax.Array]:
+    """Each row's next token from its logits, penalties reading the row's tokens so far in
+    ``history``, and the drawn tokens written into ``feed`` (what lets the host dispatch the next
+    step before it reads them). A program of its own, one per row count: inside each step
+    program the sampler cost about 1 s of compile on 2 CPU cores for every (rows, context)."""
+    b, seen = logits.shape[0], history.shape[1]
     mine = jax.lax.dynamic_slice(history, (row_offset, 0), (b, seen))
     mine = jnp.where(jnp.arange(seen)[None, :] <= (start + last_index)[:, None], mine, -1)  # not a previous occupant's
-    h = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
-    drawn = sample(llama.logits(params, h, arch), rows, steps, mine)
-    return drawn, cache, history, jax.lax.dynamic_update_slice(feed, drawn.tokens, (feed_row,))
+    drawn = sample(logits, rows, steps, mine)
+    return drawn, jax.lax.dynamic_update_slice(feed, drawn.tokens, (feed_row,))
 
 
 def _write_history(history: jax.Array, slot: jax.Array, ids: jax.Array) -> jax.Array:
@@ -373,12 +381,14 @@ class Stage:
         self.history = self._empty_history() if span.last else None  # each slot's tokens, by position
         self._empty_feed = jax.jit(lambda: jnp.zeros(slots // microbatches, jnp.int32), out_shardings=self.activations)
         self.feeds = [self._empty_feed() for _ in range(microbatches)] if span.last else None
-        last = (self.activations,) * 2 if span.last else (None, None)
         self._run = jax.jit(
             functools.partial(_run_stage, arch=arch, first=span.first, last=span.last),
-            donate_argnums=(1, 2, 3) if span.last else (1,),  # a first stage's feed is the last stage's, copied
-            out_shardings=(self.activations, self.cache_sharding, *last),
+            donate_argnums=(1, 2) if span.last else (1,),
+            out_shardings=(self.activations, self.cache_sharding, self.activations if span.last else None),
         )
+        # The last stage's sampler: it takes the microbatch's feed (a first stage's is a copy of it).
+        self._sample = jax.jit(_sample_step, donate_argnums=2, out_shardings=(self.activations, self.activations))
+        self._sample_rows: set[int] = set()  # row counts whose sampler is compiled
         self._insert = jax.jit(_insert_pieces, donate_argnums=0, static_argnums=3, out_shardings=self.cache_sharding)
         self._write_history = jax.jit(_write_history, donate_argnums=0, out_shardings=self.activations)
 
@@ -388,19 +398,23 @@ class Stage:
         fed = first or last
         return (
             inputs, step.tokens if last else None, step.from_feed if fed else None, step.start, step.tables, step.pages, np.int32(step.row_offset),
-            np.int32(step.feed_row) if fed else None, *((step.last_index, step.rows, step.steps) if last else (None,) * 3),
+            np.int32(step.feed_row) if fed else None, step.last_index if last else None,
         )  # fmt: skip
 
+    def _sample_args(self, step: StepInputs) -> tuple:
+        """What the sampler takes after the logits, the history and the feed."""
+        return step.rows, step.steps, step.start, step.last_index, np.int32(step.row_offset), np.int32(step.feed_row)
+
     def run(self, inputs, step: StepInputs, feed: jax.Array | None = None):
-        """Dispatch this stage's program; ``feed``: for a first stage that is not the last, the
-        last stage's feed of the microbatch, on this stage's devices."""
+        """Dispatch this stage's program (and the last stage's sampler); ``feed``: for a first stage
+        that is not the last, the last stage's feed of the microbatch, on this stage's devices."""
         if self.span.last:
             feed = self.feeds[step.microbatch]
-        args = self._run_args(inputs, step)
-        out, self.cache, self.history, feed = self._run(self.params, self.cache, self.history, feed, *args)
-        if self.span.last:
-            self.feeds[step.microbatch] = feed
-        return out
+        out, self.cache, self.history = self._run(self.params, self.cache, self.history, feed, *self._run_args(inputs, step))
+        if not self.span.last:
+            return out
+        drawn, self.feeds[step.microbatch] = self._sample(out, self.history, feed, *self._sample_args(step))
+        return drawn
 
     def write_history(self, slot: int, ids: np.ndarray) -> None:
         """Set a slot's token history (the last stage's): ``ids`` ``[max_seq_len]``, -1 past its tokens."""
@@ -435,6 +449,17 @@ class Stage:
         args = self._run_args(inputs, step)
         feed = _spec(self._empty_feed()) if self.span.first or self.span.last else None
         return self._run.lower(self.params, self.cache, self.history, feed, *jax.tree.map(_spec, args)).compile()
+
+    def compile_sample(self, batch: int) -> None:
+        """Compile the last stage's sampler for ``batch`` rows, ahead of time (once per row count)."""
+        if batch in self._sample_rows:
+            return
+        vector, tokens = np.zeros(batch, np.int32), np.zeros((batch, 1), np.int32)
+        step = StepInputs(tokens, np.zeros(batch, bool), vector, tokens, tokens, 0, 0, 0, vector, empty_rows(batch), vector)
+        logits = jax.ShapeDtypeStruct((batch, self.arch.vocab_size), jnp.float32, sharding=self.activations)
+        args = jax.tree.map(_spec, self._sample_args(step))
+        self._sample.lower(logits, _spec(self.history), _spec(self._empty_feed()), *args).compile()
+        self._sample_rows.add(batch)
 
     def compile_insert(self, pages: int, starts: Seq[int]) -> jax.stages.Compiled:
         """Compile the insert of ``pages`` pages cut at ``starts``, ahead of time."""
@@ -550,11 +575,13 @@ class Pipeline:
 
     def compile(self, inserts: Seq[int], starts: Seq[int], chunk: int | None = None, steps: bool = True) -> list:
         """Ahead-of-time compile jobs: a decode step of every row bucket (unless not ``steps``: a
-        prefill instance's pool), a prompt chunk, the insert of each of ``inserts`` pages cut at
-        ``starts``."""
+        prefill instance's pool), a prompt chunk, the sampler of each of their row counts, the
+        insert of each of ``inserts`` pages cut at ``starts``."""
         jobs = [functools.partial(st.compile_run, r, 1, c) for st in self.stages for r in self.row_buckets for c in self.contexts if steps]
         if chunk:
             jobs += [functools.partial(st.compile_run, 1, chunk, c) for st in self.stages for c in self.contexts]
+        sampled = sorted(set(self.row_buckets if steps else []) | ({1} if chunk else set()))
+        jobs += [functools.partial(self.stages[-1].compile_sample, r) for r in sampled]
         jobs += [functools.partial(st.compile_insert, n, starts) for st in self.stages for n in inserts]
         return jobs
 
@@ -562,8 +589,8 @@ class Pipeline:
 def compile_all(jobs: list[Callable[[], None]], progress: bool) -> None:
     """Run ahead-of-time compile jobs, with a progress bar, as many at a time as there are host
     cores this process may run on (XLA compiles without holding Python's lock). On 2 CPU cores,
-    where one XLA compile already keeps about 1.5 busy, the default config's 60 programs took
-    82 s against 91 s one at a time; a GPU host's compiles and cores are where it should count
+    where one XLA compile already keeps about 1.5 busy, the default config's 63 programs took
+    53 s against 70 s one at a time; a GPU host's compiles and cores are where it should count
     more, not measured yet."""
     from tqdm.auto import tqdm
 
