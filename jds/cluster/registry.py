@@ -115,10 +115,10 @@ class Registry:
         self, role: Role, need: int, timeout: float, cancelled: threading.Event, pages: int = 0, keys: Sequence[bytes] = ()
     ) -> Instance | None:  # fmt: skip
         """The healthy instance of ``role`` the policy picks among those that fit ``need``
-        positions (decode: with at least ``pages`` KV pages), counted as taken with the ``pages`` the request commits (prefill: the prompt's
-        page ``keys`` are remembered there). Busy instances queue requests themselves, so this
-        waits only while none is healthy, up to ``timeout``; None if none came back or
-        ``cancelled`` was set."""
+        positions (decode: and hold the ``pages`` the request commits), counted as taken with those
+        pages (prefill: the prompt's page ``keys`` are remembered there). Busy instances queue
+        requests themselves, so this waits only while none is healthy, up to ``timeout``; None if
+        none came back or ``cancelled`` was set."""
         with self.changed:
             end = None
             while not cancelled.is_set() and not self._stop.is_set():
