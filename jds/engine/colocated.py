@@ -109,6 +109,8 @@ class ColocatedWorker:
         self._guarded(seqs, lambda join: self._next_chunk(seqs, join))
 
     def _next_chunk(self, seqs: list[Sequence], join: Written) -> None:
+        """The chunk step of ``_prefill_chunk``; a prompt it takes is added to ``seqs``, so that
+        ``_guarded`` knows it should this call fail."""
         if self.prompts.chunking is None:
             seqs += self._take(1)
             if not seqs:

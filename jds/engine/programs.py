@@ -388,7 +388,6 @@ class Stage:
         )
         # The last stage's sampler: it takes the microbatch's feed (a first stage's is a copy of it).
         self._sample = jax.jit(_sample_step, donate_argnums=2, out_shardings=(self.activations, self.activations))
-        self._sample_rows: set[int] = set()  # row counts whose sampler is compiled
         self._insert = jax.jit(_insert_pieces, donate_argnums=0, static_argnums=3, out_shardings=self.cache_sharding)
         self._write_history = jax.jit(_write_history, donate_argnums=0, out_shardings=self.activations)
 
@@ -451,15 +450,12 @@ class Stage:
         return self._run.lower(self.params, self.cache, self.history, feed, *jax.tree.map(_spec, args)).compile()
 
     def compile_sample(self, batch: int) -> None:
-        """Compile the last stage's sampler for ``batch`` rows, ahead of time (once per row count)."""
-        if batch in self._sample_rows:
-            return
+        """Compile the last stage's sampler for ``batch`` rows, ahead of time."""
         vector, tokens = np.zeros(batch, np.int32), np.zeros((batch, 1), np.int32)
         step = StepInputs(tokens, np.zeros(batch, bool), vector, tokens, tokens, 0, 0, 0, vector, empty_rows(batch), vector)
         logits = jax.ShapeDtypeStruct((batch, self.arch.vocab_size), jnp.float32, sharding=self.activations)
         args = jax.tree.map(_spec, self._sample_args(step))
         self._sample.lower(logits, _spec(self.history), _spec(self._empty_feed()), *args).compile()
-        self._sample_rows.add(batch)
 
     def compile_insert(self, pages: int, starts: Seq[int]) -> jax.stages.Compiled:
         """Compile the insert of ``pages`` pages cut at ``starts``, ahead of time."""
