@@ -9,6 +9,9 @@ Activations stay in the parameter dtype; normalisation, softmax and logits are c
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -271,18 +274,50 @@ def prompt_logprobs(params: Params, tokens: jax.Array, lengths: jax.Array, arch:
     return unchunk(chosen), unchunk(ids), unchunk(top)
 
 
+def layer_unroll() -> int:
+    """Layers one iteration of the scan over stacked layers runs (``lax.scan``'s ``unroll``).
+
+    1 on every backend: on a CPU, unrolling over per-layer arrays measured no faster and compiled
+    3-5x slower (WORKSPACE.md). On an H200 a fully unrolled decode step ran 1.4-2x faster but
+    compiled in about 30 s a shape, too slow for the 60-odd shapes a server prepares; partial
+    unrolling is unmeasured there. ``JDS_LAYER_UNROLL`` overrides it, for measuring the forms
+    (``python -m jds.bench layers``).
+    """
+    return int(os.environ.get("JDS_LAYER_UNROLL", "1"))
+
+
+def over_layers(layer_step: Callable, x: jax.Array, layers: LayerParams | Sequence[LayerParams]) -> tuple[jax.Array, Any]:
+    """``x, out = layer_step(x, layer, i)`` for every layer in order: the last ``x`` and each
+    output stacked along a new leading axis.
+
+    Stacked ``LayerParams`` run under ``lax.scan`` (``i`` traced), so compile time stays flat in
+    depth and a pipeline stage is a slice. A sequence of per-layer ``LayerParams`` runs as a
+    Python loop (``i`` a constant), each layer's weights their own buffers, which matrix products
+    read in place: on an H200, reading 32 layers' weights took 4.2 ms this way against 10.6 ms
+    through the scan, which copies each layer's slice first; but the program grows with depth.
+    """
+    if isinstance(layers, LayerParams):
+        count = jax.tree.leaves(layers)[0].shape[0]
+        return jax.lax.scan(lambda x, xs: layer_step(x, *xs), x, (layers, jnp.arange(count)), unroll=layer_unroll())
+    outs = []
+    for i, layer in enumerate(layers):
+        x, out = layer_step(x, layer, i)
+        outs.append(out)
+    return x, jax.tree.map(lambda *each: jnp.stack(each), *outs)
+
+
 def _whole_prompts(params: Params, tokens: jax.Array, lengths: jax.Array, arch: Architecture) -> tuple[jax.Array, jax.Array]:
     """Every layer over whole prompts: the last layer's activations ``[B, T, D]`` and the K/V."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = embed(params, tokens)
 
-    def layer_step(x: jax.Array, layer: LayerParams):
+    def layer_step(x: jax.Array, layer: LayerParams, _):
         q, k, v = _qkv(x, layer, positions, arch)
         x = _finish_layer(x, prompt_attention(q, k, v, lengths), layer, arch)
         return x, (k, v)
 
-    x, (k, v) = jax.lax.scan(layer_step, x, params.layers)
+    x, (k, v) = over_layers(layer_step, x, params.layers)
     return x, jnp.stack([k, v])
 
 
@@ -312,8 +347,7 @@ def decoder_layers(
 
     # The cache is only read inside the layer loop; the new K/V of all layers are written once
     # after it. Writing into the cache inside the loop made XLA copy the whole cache per layer.
-    def layer_step(x: jax.Array, layer_and_index):
-        layer, i = layer_and_index
+    def layer_step(x: jax.Array, layer: LayerParams, i: jax.Array | int):
         q, k, v = _qkv(x, layer, positions, arch)
         if t == 1 and decode_reads_pages_whole():
             by_page = cached.reshape(b, tables.shape[1], cache.page_size)
@@ -323,8 +357,7 @@ def decoder_layers(
         x = _finish_layer(x, attn, layer, arch)
         return x, (k, v)
 
-    layer_ids = jnp.arange(cache.v.shape[0])
-    x, (k_new, v_new) = jax.lax.scan(layer_step, x, (layers, layer_ids))
+    x, (k_new, v_new) = over_layers(layer_step, x, layers)
     return x, kv_cache.write(cache, k_new, v_new, pages, positions)
 
 

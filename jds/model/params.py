@@ -111,6 +111,13 @@ class Params:
     lm_head: Weight | None = axes("embed", "vocab", contract=("embed",))
 
 
+def split_layers(layers: LayerParams) -> tuple[LayerParams, ...]:
+    """Each layer's weights in arrays of their own (copies), the form ``llama.over_layers`` runs
+    as a Python loop."""
+    count = jax.tree.leaves(layers)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count))
+
+
 def float_dtype(tree: Any) -> jnp.dtype:
     """The model's float dtype, that of the first floating-point array in ``tree`` (with int8
     weights, a norm or a scale)."""
