@@ -181,12 +181,72 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(micro):
     assert f"compiling all {startup['programs']} program shapes" in text
 
 
+def test_micro_leaves_out_the_parts_it_is_told_to_skip(tmp_path):
+    from jds.bench.__main__ import main
+    from tests_paths import CONFIGS
+
+    out = tmp_path / "micro"
+    args = ["micro", "--config", str(CONFIGS / "tiny.yaml"), "--batches", "2", "--contexts", "64", "--prompts", "24", "--no-peer"]
+    assert main([*args, "--skip", "startup,int8,sampling,engine", "--out", str(out)]) == 0
+    result, text = json.loads((out / "micro.json").read_text()), (out / "micro.md").read_text()
+    assert [(r["weights"], r["batch"]) for r in result["decode"]] == [("float", 2)] and len(result["prefill"]) == 1
+    assert not {"startup", "engine", "sampling", "int8_weight_bytes"} & set(result)
+    assert "as int8" not in text and "Start-up" not in text and "Engine decode" not in text
+    with pytest.raises(SystemExit, match="unknown.*'warmup'"):
+        main([*args, "--skip", "warmup"])
+
+
 def test_a_restart_loads_every_warm_up_program_from_the_compile_cache(micro):
     startup = micro[0]["startup"]  # the micro-benchmark's two starts of python -m jds.server, one cache
     assert startup["warm_programs"] == startup["programs"] > 0
     assert startup["cache_entries"] >= startup["programs"]  # the first start wrote every program it compiled
     assert startup["restart_new_entries"] == 0  # the second found every one: nothing new was written
     assert f"{startup['cache_entries']} entries written by the first start, 0 more by the restart" in micro[1]
+
+
+def test_the_layer_loop_forms_run_each_in_its_own_process_with_its_flags_set_before_the_backend(tmp_path):
+    from jds.bench.__main__ import main
+    from tests_paths import CONFIGS
+
+    out = tmp_path / "layers"
+    # One form here (the forms' equivalence is tested in test_layer_loop.py): the one whose XLA flag
+    # must reach a process before its backend starts.
+    args = ["layers", "--config", str(CONFIGS / "tiny.yaml"), "--forms", "scan-slice-fusion", "--batches", "1,2"]
+    assert main([*args, "--context", "64", "--prompt", "24", "--out", str(out)]) == 0
+    result, text = json.loads((out / "layers.json").read_text()), (out / "layers.md").read_text()
+    (form,) = result["forms"]
+    assert form["form"] == "scan-slice-fusion" and form["set_before_the_backend_started"] and form["unroll"] == 1
+    assert "--xla_gpu_enable_dynamic_slice_fusion=true" in form["xla_flags"]
+    assert [d["batch"] for d in form["decode"]] == [1, 2]
+    assert all(d["first_call_seconds"] > d["seconds"] > 0 and d["over_floor"] > 0 for d in form["decode"])
+    assert 0 < form["prefill"]["of_matmul_peak"] and form["prefill"]["tokens"] == 24
+    assert "| scan-slice-fusion | 2 |" in text
+    with pytest.raises(SystemExit, match="unknown"):
+        main(["layers", "--forms", "scan,loop", "--out", str(out)])
+
+
+def test_without_a_gguf_the_transformers_peer_builds_the_same_shapes_at_random():
+    from jds.bench.micro import PeerModel, transformers_peer
+    from jds.config import load_config
+    from tests_paths import CONFIGS
+
+    arch = load_config(CONFIGS / "tiny.yaml").model.architecture
+    times = transformers_peer(PeerModel(arch, "auto"), batches=[1, 3], prompts=[8, 24], steps=2)
+    # On a CPU the peer computes in float32 whatever jds' dtype: torch's bfloat16 is slow there too.
+    assert times["note"] == "random weights at the same shapes, float32, on cpu"
+    assert sorted(times["decode"]) == [1, 3] and sorted(times["prefill"]) == [8, 24]
+    assert all(t > 0 for phase in ("decode", "prefill") for t in times[phase].values())
+
+
+def test_the_engine_measurement_keeps_few_slots_and_the_kv_they_fill():
+    from jds.bench.micro import ENGINE_SLOTS, with_few_slots
+    from jds.config.placement import Placement
+
+    colocated = Placement.model_validate({"instances": [{"devices": [0], "slots": 52}, {"devices": [1], "slots": 4, "kv_pages": 7}]})
+    assert [(i["slots"], "kv_pages" in i) for i in with_few_slots(colocated)["instances"]] == [(ENGINE_SLOTS, False), (4, False)]
+    split = Placement.model_validate({"mode": "disaggregated", "prefill": [{"devices": [0]}], "decode": [{"devices": [1], "kv_memory_gb": 60}]})
+    (decode,) = Placement.model_validate(with_few_slots(split)).decode
+    assert decode.slots == ENGINE_SLOTS and decode.kv_memory_gb is None and decode.kv_pages is None
 
 
 def test_a_peer_runs_in_its_own_process_and_reports_that_process_peak_memory():

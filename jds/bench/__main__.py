@@ -3,6 +3,7 @@
 serve    run a workload against a running server at one or more rates
 compare  start a server per config, run the identical workload on each, report side by side
 micro    the model's programs against the machine's measured limits and installed peers
+layers   the forms the layer loop can take, side by side on this machine
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jds.client import Credentials, add_arguments
 
 log = logging.getLogger("jds.bench")
 APIS = ("grpc", "openai")
+MICRO_PARTS = ("startup", "int8", "sampling", "engine")  # what micro --skip may leave out
 
 
 def _slo(text: str | None, default: SLO, scale: float) -> SLO:
@@ -91,13 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     micro.add_argument("--contexts", default="32,256,2048", help="decode cache positions (32: about what the peers read, from a 16-token prompt)")
     micro.add_argument("--prompts", default="128,512", help="prefill prompt lengths")
     micro.add_argument("--no-peer", action="store_true", help="skip the peers (transformers, llama.cpp) even if installed")
+    micro.add_argument("--skip", default="", help=f"comma-separated parts not to measure, of: {', '.join(MICRO_PARTS)}")
     micro.add_argument("--out", default="bench-results")
+    layers = commands.add_parser("layers", help="the layer loop's forms side by side: decode and prefill time, compile")
+    layers.add_argument("--config", default=None, help="deployment YAML (default: configs/smollm2-135m.yaml)")
+    layers.add_argument("--forms", default=None, help="comma-separated names from jds.bench.layer_loops.FORMS (default: all)")
+    layers.add_argument("--batches", default="1,8")
+    layers.add_argument("--context", type=int, default=2048, help="decode cache positions")
+    layers.add_argument("--prompt", type=int, default=2048, help="prefill prompt tokens")
+    layers.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
     out = Path(args.out)
     if args.command == "micro":
         return _micro(args, out)
+    if args.command == "layers":
+        return _layers(args, out)
     try:
         if args.command == "serve":
             sweeps = [sweep(args.server, args, args.label or args.server, args.api, Credentials.from_args(args))]
@@ -146,28 +158,60 @@ def _micro(args: argparse.Namespace, out: Path) -> int:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     from jds.bench import micro
     from jds.config import DEFAULT_CONFIG, load_config
-    from jds.model.loader import load_model
+    from jds.model.loader import load_model, model_architecture
 
     config = load_config(args.config)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     batches, contexts, prompts = ints(args.batches), ints(args.contexts), ints(args.prompts)
     checkpoint = config.model.checkpoint
     gguf = str(config.resolve_path(checkpoint)) if checkpoint and checkpoint.endswith(".gguf") else None
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - set(MICRO_PARTS):
+        raise SystemExit(f"--skip: unknown {sorted(skip - set(MICRO_PARTS))}; choose from {', '.join(MICRO_PARTS)}")
+    # The peers and the servers run in processes of their own before this one touches a device,
+    # so that on an accelerator each has the device's memory to itself.
     log.info("measuring the installed peers")
-    peers = micro.measure_peers(gguf, batches, prompts, wanted=not args.no_peer)
-    log.info("measuring the server's start-up")
-    startup = micro.server_startup(Path(args.config) if args.config else DEFAULT_CONFIG)
+    peer_model = micro.PeerModel(model_architecture(config), config.model.dtype, gguf)
+    peers = micro.measure_peers(peer_model, batches, prompts, wanted=not args.no_peer)
+    startup = None
+    if "startup" not in skip:
+        log.info("measuring the server's start-up")
+        startup = micro.server_startup(Path(args.config) if args.config else DEFAULT_CONFIG)
     model = load_model(config)
     int8 = config.model_copy(update={"model": config.model.model_copy(update={"quantization": "int8"})})
+    int8_model = None if "int8" in skip else load_model(int8, progress=False)
     log.info("measuring jds")
-    result = micro.run(model, load_model(int8, progress=False), batches, contexts, prompts, peers)
-    result["startup"] = startup
-    log.info("measuring the engine's decode")
-    result["engine"] = micro.engine_decode(config, model)
+    result = micro.run(model, int8_model, batches, contexts, prompts, peers, sampling="sampling" not in skip)
+    del int8_model  # the engine below loads its own copy of the model
+    if startup is not None:
+        result["startup"] = startup
+    if "engine" not in skip:
+        log.info("measuring the engine's decode")
+        result["engine"] = micro.engine_decode(config, model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "micro.json").write_text(json.dumps({"command": sys.argv, **result}, indent=1) + "\n")
     text = micro.markdown(result)
     (out / "micro.md").write_text(text)
+    print(text)
+    return 0
+
+
+def _layers(args: argparse.Namespace, out: Path) -> int:
+    import json
+
+    from jds.bench import layer_loops
+    from jds.config import DEFAULT_CONFIG
+
+    forms = list(layer_loops.FORMS) if args.forms is None else args.forms.split(",")
+    unknown = [f for f in forms if f not in layer_loops.FORMS]
+    if unknown:
+        raise SystemExit(f"--forms: unknown {unknown}; choose from {list(layer_loops.FORMS)}")
+    config = Path(args.config) if args.config else DEFAULT_CONFIG
+    result = layer_loops.run(config, forms, [int(b) for b in args.batches.split(",")], args.context, args.prompt)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "layers.json").write_text(json.dumps({"command": sys.argv, **result}, indent=1) + "\n")
+    text = layer_loops.markdown(result)
+    (out / "layers.md").write_text(text)
     print(text)
     return 0
 

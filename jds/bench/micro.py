@@ -4,11 +4,12 @@ All figures come from one run on one machine: the limits (memory bandwidth, matm
 sampled before and between the measurements, and each jds program is reported as a ratio to the
 floor the limits' medians imply.
 Decode is memory-bound, so its floor is (weight bytes + KV bytes read) / bandwidth; prefill is
-compute-bound, so its ceiling is the matmul FLOP/s. The KV handoff is reported as bytes, time and
-a fraction of the prefill time of the same prompt. Installed peers run the same GGUF file at the
-same shapes, each in its own process so that every peak resident memory reported is one model's:
-transformers on torch (float32, dequantised) and llama.cpp through ``llama-cpp-python`` (the
-file's own quantised blocks, the CPU speed reference users know).
+compute-bound, so its ceiling is the FLOP/s of a matrix product in the model's dtype. The KV
+handoff is reported as bytes, time and a fraction of the prefill time of the same prompt.
+Installed peers run the same shapes, each in its own process so that every peak resident memory
+reported is one model's: transformers on torch (the GGUF dequantised, or random weights when
+there is no GGUF; on the GPU when torch sees one) and, given a GGUF, llama.cpp through
+``llama-cpp-python`` (the file's own quantised blocks, the CPU speed reference users know).
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ import numpy as np
 from jds.bench.server_process import ServerProcess
 from jds.bench.timing import timed
 from jds.config import Config
-from jds.config.placement import DEFAULT_PAGE_SIZE, PrefillBatching
+from jds.config.placement import DEFAULT_PAGE_SIZE, DEFAULT_SLOTS, Placement, PrefillBatching
 from jds.config.stages import stage_spans
 from jds.engine.programs import PrefillProgram, empty_rows, page_shardings, place_params
 from jds.engine.request import Request
 from jds.engine.sequence import Sequence
 from jds.mesh.rules import make_mesh
 from jds.model import llama
+from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVPages
 from jds.model.loader import LoadedModel
 from jds.model.params import MatrixWeight
@@ -54,18 +56,26 @@ from jds.scheduling.policy import length_buckets
 from jds.transfer.handoff import StageTarget, send_pages
 
 
-def memory_bandwidth(megabytes: int = 512) -> float:
+def on_accelerator() -> bool:
+    """Whether the limits' samples must be larger: an H200 reads 512 MB in 0.15 ms and multiplies
+    two 2,048-square matrices in 30 us, too short to time against the dispatch around them."""
+    return jax.default_backend() != "cpu"
+
+
+def memory_bandwidth(megabytes: int | None = None) -> float:
     """Bytes per second of reading one large float32 array (a reduction reads each byte once)."""
+    megabytes = megabytes or (4096 if on_accelerator() else 512)
     x = jnp.ones(megabytes * 2**20 // 4, jnp.float32)
     total = jax.jit(jnp.sum)
     seconds = timed(lambda: total(x).block_until_ready())
     return x.nbytes / seconds
 
 
-def matmul_flops(n: int = 2048) -> float:
-    """FLOP/s of an n x n float32 matrix product."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_flops(dtype: jnp.dtype, n: int | None = None) -> float:
+    """FLOP/s of an n x n matrix product in ``dtype`` (the model's: bfloat16 on an accelerator)."""
+    n = n or (8192 if on_accelerator() else 2048)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     mm = jax.jit(jnp.matmul)
     return 2 * n**3 / timed(lambda: mm(a, b).block_until_ready())
 
@@ -248,32 +258,62 @@ def in_own_process(fn: Callable, *args) -> tuple[object, int]:
         return pool.submit(_with_peak_rss, fn, *args).result()
 
 
-def transformers_peer(gguf: str, batches: list[int], prompts: list[int], steps: int = 16) -> dict[str, dict[int, float]]:
-    """Decode step and prefill seconds of the same GGUF through transformers (torch, float32)."""
+@dataclasses.dataclass(frozen=True)
+class PeerModel:
+    """What the peers load: the GGUF file jds serves, or without one (random weights) the same
+    shapes, which transformers builds at random. ``dtype`` is the config's (``auto`` too): the
+    parent resolves nothing, so that it touches no accelerator before the peers' processes run."""
+
+    arch: Architecture
+    dtype: str
+    gguf: str | None = None
+
+
+def transformers_peer(model: PeerModel, batches: list[int], prompts: list[int], steps: int = 16) -> dict:
+    """Decode step and prefill seconds through transformers (torch, SDPA attention): on the GPU when
+    torch sees one, in jds' dtype there, else on every core in float32; the note says which."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    path = Path(gguf)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    out: dict[str, dict[int, float]] = {"decode": {}, "prefill": {}}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if device == "cpu" else getattr(torch, "bfloat16" if model.dtype == "auto" else model.dtype)
+    with torch.device(device):
+        if model.gguf is not None:
+            path = Path(model.gguf)
+            peer = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+            note = f"{dtype}, dequantised from the GGUF, on {device}"
+        else:
+            a = model.arch
+            shapes = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+                                 num_hidden_layers=a.num_layers, num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads,
+                                 head_dim=a.head_dim, rms_norm_eps=a.rms_norm_eps, tie_word_embeddings=a.tie_embeddings,
+                                 max_position_embeddings=a.max_position_embeddings, attn_implementation="sdpa")  # fmt: skip
+            peer = LlamaForCausalLM._from_config(shapes, dtype=dtype)
+            note = f"random weights at the same shapes, {dtype}, on {device}"
+    peer = peer.to(device).eval()
+
+    def blocking(fn: Callable[[], object]) -> Callable[[], None]:
+        return lambda: (fn(), torch.cuda.synchronize() if device == "cuda" else None)
+
+    out: dict = {"note": note.replace("torch.", ""), "decode": {}, "prefill": {}}
     with torch.no_grad():
         for tokens in prompts:
-            ids = torch.full((1, tokens), 100)
-            out["prefill"][tokens] = timed(lambda: model(ids, use_cache=True), repeats=3, warmup=1)
+            ids = torch.full((1, tokens), 100, device=device)
+            out["prefill"][tokens] = timed(blocking(lambda: peer(ids, use_cache=True)), repeats=3, warmup=1)
         for batch in batches:
-            first = model(torch.full((batch, 16), 100), use_cache=True)
+            first = peer(torch.full((batch, 16), 100, device=device), use_cache=True)
             state = {"past": first.past_key_values, "token": first.logits[:, -1:].argmax(-1)}
 
             def step() -> None:
-                result = model(state["token"], past_key_values=state["past"], use_cache=True)
+                result = peer(state["token"], past_key_values=state["past"], use_cache=True)
                 state["past"], state["token"] = result.past_key_values, result.logits[:, -1:].argmax(-1)
 
-            out["decode"][batch] = timed(step, repeats=steps, warmup=2)
+            out["decode"][batch] = timed(blocking(step), repeats=steps, warmup=2)
     return out
 
 
-def llama_cpp_peer(gguf: str, batches: list[int], prompts: list[int], steps: int = 16) -> dict[str, dict[int, float]]:
+def llama_cpp_peer(model: PeerModel, batches: list[int], prompts: list[int], steps: int = 16) -> dict:
     """Batch-1 decode step and prefill seconds of the same GGUF through llama.cpp on every core.
 
     llama.cpp computes with the file's own quantised blocks, so it reads fewer weight bytes per
@@ -281,11 +321,12 @@ def llama_cpp_peer(gguf: str, batches: list[int], prompts: list[int], steps: int
     """
     from llama_cpp import Llama
 
+    gguf = model.gguf
     threads = len(os.sched_getaffinity(0))
     longest = max(prompts)
     llm = Llama(model_path=gguf, n_ctx=max(longest, 16 + 2 * steps), n_batch=longest, n_ubatch=longest,
                 n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
-    out: dict[str, dict[int, float]] = {"decode": {}, "prefill": {}}
+    out: dict = {"note": f"the GGUF's own blocks ({gguf_tensor_types(gguf)})", "decode": {}, "prefill": {}}
     for tokens in prompts:
         ids = [100] * tokens
 
@@ -307,27 +348,46 @@ def gguf_tensor_types(gguf: str) -> str:
     return ", ".join(f"{name} x{n}" for name, n in counts.most_common())
 
 
-# peer name -> (the module it needs, how it is measured, what it computes with)
-PEERS: dict[str, tuple[str, Callable, Callable[[str], str]]] = {
-    "transformers": ("transformers", transformers_peer, lambda gguf: "float32, dequantised from the GGUF"),
-    "llama.cpp": ("llama_cpp", llama_cpp_peer, lambda gguf: f"the GGUF's own blocks ({gguf_tensor_types(gguf)})"),
+# peer name -> (the module it needs, how it is measured, whether it needs the GGUF file)
+PEERS: dict[str, tuple[str, Callable, bool]] = {
+    "transformers": ("transformers", transformers_peer, False),
+    "llama.cpp": ("llama_cpp", llama_cpp_peer, True),
 }
 
 
-def measure_peers(gguf: str | None, batches: list[int], prompts: list[int], wanted: bool) -> dict[str, dict]:
-    """Each peer's times and peak resident memory, or why it was not measured."""
+def measure_peers(model: PeerModel, batches: list[int], prompts: list[int], wanted: bool) -> dict[str, dict]:
+    """Each peer's times and peak resident memory, or why it was not measured. Run it before this
+    process touches an accelerator: each peer's own process then has the device to itself."""
     peers = {}
-    for name, (module, measure, describe) in PEERS.items():
+    for name, (module, measure, needs_gguf) in PEERS.items():
         if not wanted:
             peers[name] = {"note": "not measured: --no-peer"}
-        elif gguf is None:
+        elif needs_gguf and model.gguf is None:
             peers[name] = {"note": "not measured: the checkpoint is not a GGUF file"}
         elif importlib.util.find_spec(module) is None:
             peers[name] = {"note": f"not measured: {module} is not installed"}
         else:
-            times, rss = in_own_process(measure, gguf, batches, prompts)
-            peers[name] = {"note": describe(gguf), "peak_rss_bytes": rss, **times}
+            times, rss = in_own_process(measure, model, batches, prompts)
+            peers[name] = {"peak_rss_bytes": rss, **times}
     return peers
+
+
+# Slots of each decoding instance in the engine measurement, at most: this process already holds
+# the model once, so the KV of every slot a config sizes for a server alone (52 x 4,096 positions
+# of Llama-2-7B on an H200) would not fit beside it. A lone request's steps have the same shapes
+# with fewer slots.
+ENGINE_SLOTS = 8
+
+
+def with_few_slots(placement: Placement) -> dict:
+    """The placement as a mapping, each decoding instance with at most ``ENGINE_SLOTS`` slots and
+    the KV pages those fill."""
+    section = placement.model_dump(exclude_none=True)
+    for instance in section.get("instances" if placement.mode == "colocated" else "decode", []):
+        instance["slots"] = min(instance.get("slots", DEFAULT_SLOTS), ENGINE_SLOTS)
+        instance.pop("kv_pages", None)
+        instance.pop("kv_memory_gb", None)
+    return section
 
 
 def engine_decode(config: Config, model: LoadedModel, prompt: int = 64, tokens: int = 64) -> dict:
@@ -347,7 +407,7 @@ def engine_decode(config: Config, model: LoadedModel, prompt: int = 64, tokens: 
     if max(placement.devices) >= len(jax.devices()):
         return {"note": f"not measured: the placement uses device {max(placement.devices)}, this run has {len(jax.devices())}"}
     params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
-    with LLM(config, progress=False) as llm:
+    with LLM(config, placement=with_few_slots(placement), progress=False) as llm:
         llm.generate([[100] * prompt], params)  # compiles the context buckets this request reads
         out = llm.generate([[100] * prompt], params)[0]
         slots = llm.engine.slot_usage()[1]
@@ -360,18 +420,24 @@ def engine_decode(config: Config, model: LoadedModel, prompt: int = 64, tokens: 
 
 
 def run(
-    model: LoadedModel, int8_model: LoadedModel, batches: list[int], contexts: list[int], prompts: list[int], peers: dict[str, dict]
+    model: LoadedModel,
+    int8_model: LoadedModel | None,
+    batches: list[int],
+    contexts: list[int],
+    prompts: list[int],
+    peers: dict[str, dict],
+    sampling: bool = True,
 ) -> dict:
     """Every measurement of the micro-benchmark, as one JSON-ready dict (``peers`` from ``measure_peers``).
 
-    Decode is measured twice over the grid: with the model's float weights and with the same
-    weights loaded as int8 (``int8_model``, ``model.quantization: int8``), the form to hold against
-    llama.cpp's 8-bit file."""
+    Decode is measured over the grid with the model's float weights and, unless ``int8_model`` is
+    None, with the same weights loaded as int8 (``model.quantization: int8``), the form to hold
+    against llama.cpp's 8-bit file; with ``sampling``, each sampler against greedy."""
     # The limits are sampled before and between the measurements they judge, and each is the
     # median of its samples: on a shared host one sample caught in a fast or slow spell moved
     # every ratio of a run by a third.
-    bandwidths, flops_samples = [memory_bandwidth()], [matmul_flops()]
-    models = {"float": model, "int8": int8_model}
+    bandwidths, flops_samples = [memory_bandwidth()], [matmul_flops(model.dtype)]
+    models = {"float": model} if int8_model is None else {"float": model, "int8": int8_model}
     weights = {(kind, batch): decode_weight_bytes(m, batch) for kind, m in models.items() for batch in batches}
     kv_per_token = model.arch.kv_bytes_per_token(model.dtype.itemsize)
 
@@ -390,10 +456,10 @@ def run(
     bandwidth = statistics.median(bandwidths)
     # Sampling, at the middle cache length: the samplers of a batch interleaved call by call.
     context = contexts[len(contexts) // 2]
-    sampling = []
-    for batch in batches:
+    samplers = []
+    for batch in batches if sampling else []:
         seconds = sampled_steps_seconds(model, batch, context, rounds=5 * DECODE_PASSES)
-        sampling += [
+        samplers += [
             {"batch": batch, "context": context, "sampler": name, "seconds": seconds[name], "over_greedy": seconds[name] / seconds["greedy"]}
             for name in SAMPLERS
         ]
@@ -408,7 +474,7 @@ def run(
     measured = {}
     for tokens in prompts:
         measured[tokens] = prefill_and_handoff(model, tokens, devices)
-        flops_samples.append(matmul_flops())
+        flops_samples.append(matmul_flops(model.dtype))
     flops = statistics.median(flops_samples)
     prefill = []
     for tokens, (seconds, handoff_seconds, handoff_bytes) in measured.items():
@@ -418,20 +484,23 @@ def run(
                         "handoff_gb_per_s": handoff_bytes / handoff_seconds / 1e9, "handoff_of_prefill": handoff_seconds / seconds,
                         "handoff_of_prompt_kv": handoff_bytes / (tokens * model.arch.kv_bytes_per_token(model.dtype.itemsize)),
                         "peers": peer_times("prefill", tokens)})  # fmt: skip
+    int8 = {} if int8_model is None else {
+        "int8_weight_bytes": decode_weight_bytes(int8_model),
+        "int8_held_bytes": sum(x.nbytes for x in jax.tree.leaves(int8_model.params)),
+    }
     return {
         "model": model.name,
         "dtype": str(model.dtype),
         "weight_bytes": decode_weight_bytes(model),
-        "int8_weight_bytes": decode_weight_bytes(models["int8"]),
         "held_bytes": sum(x.nbytes for x in jax.tree.leaves(model.params)),
-        "int8_held_bytes": sum(x.nbytes for x in jax.tree.leaves(int8_model.params)),
+        **int8,
         "devices": [str(d) for d in devices],
         "memory_bandwidth_gb_per_s": bandwidth / 1e9,
         "memory_bandwidth_samples_gb_per_s": [b / 1e9 for b in bandwidths],
         "matmul_gflop_per_s": flops / 1e9,
         "matmul_samples_gflop_per_s": [f / 1e9 for f in flops_samples],
         "decode": decode,
-        "sampling": sampling,
+        **({"sampling": samplers} if sampling else {}),
         "prefill": prefill,
         "handoff": "in-process device_put from device 0 to device 1" if len(devices) > 1 else "same device",
         "peers": {name: p["note"] for name, p in peers.items()},
@@ -446,6 +515,9 @@ def markdown(result: dict) -> str:
     heads = "".join(f" {n} ms | speed vs {n} |" for n in names)
     rules = "---:|---:|" * len(names)
 
+    def as_int8(key: str) -> str:
+        return f" ({result[key] / 1e6:.0f} MB as int8)" if key in result else ""
+
     def peers(row: dict) -> str:
         return "".join(f" {ms(row['peers'][n])} | {row['peers'][n] / row['seconds']:.2f}x |" if n in row["peers"] else " - | - |" for n in names)
 
@@ -455,13 +527,13 @@ def markdown(result: dict) -> str:
         f"Machine limits measured in this run, each the median of samples taken before and between the measurements "
         f"it judges: memory bandwidth **{result['memory_bandwidth_gb_per_s']:.1f} GB/s** "
         f"({', '.join(f'{b:.1f}' for b in result['memory_bandwidth_samples_gb_per_s'])}), "
-        f"float32 matmul **{result['matmul_gflop_per_s']:.0f} GFLOP/s** "
+        f"{result['dtype']} matmul **{result['matmul_gflop_per_s']:.0f} GFLOP/s** "
         f"({', '.join(f'{f:.0f}' for f in result['matmul_samples_gflop_per_s'])}). Weights read per decode step: "
-        f"{result['weight_bytes'] / 1e6:.0f} MB ({result['int8_weight_bytes'] / 1e6:.0f} MB as int8) at batch 1; "
-        f"held in all, both orientations counted where both are kept: {result['held_bytes'] / 1e6:.0f} MB "
-        f"({result['int8_held_bytes'] / 1e6:.0f} MB as int8).",
+        f"{result['weight_bytes'] / 1e6:.0f} MB{as_int8('int8_weight_bytes')} at batch 1; "
+        f"held in all, both orientations counted where both are kept: {result['held_bytes'] / 1e6:.0f} MB"
+        f"{as_int8('int8_held_bytes')}.",
         "",
-        "Peers on the same GGUF file: " + "; ".join(f"{n}: {note}" for n, note in result["peers"].items())
+        "Peers at the same shapes: " + "; ".join(f"{n}: {note}" for n, note in result["peers"].items())
         + ". Speed vs a peer is its time over jds' (above 1: jds is faster).",
         "",
         "Peak resident memory: " + ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in result["peak_rss_bytes"].items()) + ".",
