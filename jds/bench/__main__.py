@@ -9,6 +9,7 @@ layers   the forms the layer loop can take, side by side on this machine
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -150,7 +151,6 @@ def _compare(args: argparse.Namespace, out: Path) -> list[report.Sweep]:
 
 
 def _micro(args: argparse.Namespace, out: Path) -> int:
-    import json
     import os
 
     # Two devices (prefill on one, the handoff to the other) and no more: XLA splits its CPU
@@ -188,17 +188,10 @@ def _micro(args: argparse.Namespace, out: Path) -> int:
     if "engine" not in skip:
         log.info("measuring the engine's decode")
         result["engine"] = micro.engine_decode(config, model)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "micro.json").write_text(json.dumps({"command": sys.argv, **result}, indent=1) + "\n")
-    text = micro.markdown(result)
-    (out / "micro.md").write_text(text)
-    print(text)
-    return 0
+    return _write(out, "micro", result, micro.markdown(result))
 
 
 def _layers(args: argparse.Namespace, out: Path) -> int:
-    import json
-
     from jds.bench import layer_loops
     from jds.config import DEFAULT_CONFIG
 
@@ -208,10 +201,14 @@ def _layers(args: argparse.Namespace, out: Path) -> int:
         raise SystemExit(f"--forms: unknown {unknown}; choose from {list(layer_loops.FORMS)}")
     config = Path(args.config) if args.config else DEFAULT_CONFIG
     result = layer_loops.run(config, forms, [int(b) for b in args.batches.split(",")], args.context, args.prompt)
+    return _write(out, "layers", result, layer_loops.markdown(result))
+
+
+def _write(out: Path, name: str, result: dict, text: str) -> int:
+    """``name``.json (with the command line) and ``name``.md into ``out``; the markdown printed too."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "layers.json").write_text(json.dumps({"command": sys.argv, **result}, indent=1) + "\n")
-    text = layer_loops.markdown(result)
-    (out / "layers.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps({"command": sys.argv, **result}, indent=1) + "\n")
+    (out / f"{name}.md").write_text(text)
     print(text)
     return 0
 

@@ -16,15 +16,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jds.bench import micro
-from jds.bench.timing import timed
 from jds.config import load_config
 from jds.model import llama
 from jds.model.loader import LoadedModel, load_model
@@ -42,32 +39,11 @@ FORMS: dict[str, dict] = {
 }
 
 
-def _first_and_steady(run) -> tuple[float, float]:
-    """Seconds of the first call (its compile included) and the median of the calls after it."""
-    begin = time.perf_counter()
-    run()
-    return time.perf_counter() - begin, timed(run)
-
-
-def decode_timings(model: LoadedModel, batch: int, context: int) -> tuple[float, float]:
-    step = jax.jit(functools.partial(llama.decode_step, arch=model.arch), donate_argnums=1)
-    cache, tables = micro.paged_cache(model, batch, context)
-    state = {"cache": cache}
-    tokens = np.full(batch, 100, np.int32)
-    positions = np.full(batch, context // 2, np.int32)
-
-    def run() -> None:
-        logits, state["cache"] = step(model.params, state["cache"], tokens, positions, tables)
-        logits.block_until_ready()
-
-    return _first_and_steady(run)
-
-
 def prefill_timings(model: LoadedModel, tokens: int) -> tuple[float, float]:
     prefill = jax.jit(functools.partial(llama.prefill, arch=model.arch))
     ids = jnp.full((1, tokens), 100, jnp.int32)
     lengths = jnp.array([tokens], jnp.int32)
-    return _first_and_steady(lambda: jax.block_until_ready(prefill(model.params, ids, lengths)))
+    return micro.first_and_steady(lambda: jax.block_until_ready(prefill(model.params, ids, lengths)))
 
 
 def measure_form(config_path: str, form: str, batches: list[int], context: int, prompt: int) -> dict:
@@ -86,7 +62,7 @@ def measure_form(config_path: str, form: str, batches: list[int], context: int, 
         model = dataclasses.replace(model, params=model.params.replace(layers=split_layers(model.params.layers)))
     decode = []
     for batch in batches:
-        first, seconds = decode_timings(model, batch, context)
+        first, seconds = micro.decode_step_timings(model, batch, context)
         decode.append({"batch": batch, "first_call_seconds": first, "seconds": seconds, "over_floor": seconds / floors[batch]})
     first, seconds = prefill_timings(model, prompt)
     return {

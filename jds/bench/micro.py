@@ -111,6 +111,18 @@ def paged_cache(model: LoadedModel, batch: int, context: int) -> tuple[KVPages, 
 
 def decode_step_seconds(model: LoadedModel, batch: int, context: int) -> float:
     """One jitted decode step of ``batch`` rows over a cache of ``context`` positions (in pages)."""
+    return decode_step_timings(model, batch, context)[1]
+
+
+def first_and_steady(run: Callable[[], None]) -> tuple[float, float]:
+    """Seconds of the first call (its compile included, for a new shape) and the median of the calls after it."""
+    begin = time.perf_counter()
+    run()
+    return time.perf_counter() - begin, timed(run)
+
+
+def decode_step_timings(model: LoadedModel, batch: int, context: int) -> tuple[float, float]:
+    """``first_and_steady`` of ``decode_step_seconds``' step."""
     step = functools.partial(_decode_step, arch=model.arch)
     cache, tables = paged_cache(model, batch, context)
     state = {"cache": cache}
@@ -121,7 +133,7 @@ def decode_step_seconds(model: LoadedModel, batch: int, context: int) -> float:
         logits, state["cache"] = step(model.params, state["cache"], tokens, positions, tables)
         logits.block_until_ready()
 
-    return timed(run)
+    return first_and_steady(run)
 
 
 # How a decode step samples, each timed against greedy at the same batch and cache
