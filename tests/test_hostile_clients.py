@@ -241,7 +241,7 @@ SAMPLING_FIELDS = {
     "stop": (st.lists(_text, max_size=3), st.sampled_from([[""], ["s"] * 17, ["s" * 300], ["\ud800"], 5])),
     "stop_token_ids": (st.lists(st.integers(0, VOCAB - 1), max_size=3), st.sampled_from([[-1], [VOCAB], list(range(9)), [2**40], "1"])),
     "ignore_eos": (st.booleans(), st.sampled_from(["yes", 1])),
-    "n": (st.just(1), st.sampled_from([2, 0])),
+    "n": (st.sampled_from([1, 2]), st.sampled_from([0, -1, 65, "2"])),
     "stream": (st.booleans(), st.sampled_from(["no", 2])),
     "min_p": (st.floats(0, 0.5), st.sampled_from([-0.1, 1.5, "p"])),
     "min_tokens": (st.integers(0, 1), st.sampled_from([-1, MAX_SEQ_LEN, 1.5])),

@@ -107,6 +107,42 @@ def test_seeded_sampling_matches_the_offline_api(client, offline):
     assert answer.choices[0].model_extra["token_ids"] == expected.token_ids
 
 
+def test_n_choices_and_batched_prompts_are_what_the_offline_api_gives_each(client, offline):
+    seeded = {"max_tokens": 8, "temperature": 1.0, "seed": 7}
+    # choice j of a seeded request samples with seed + j
+    expected = [offline.generate("Once upon a time", SamplingParams(**{**seeded, "seed": 7 + j}, ignore_eos=True))[0] for j in range(3)]
+    answer = client.completions.create(model=MODEL, prompt="Once upon a time", n=3, **seeded, extra_body={"ignore_eos": True})
+    assert [(c.index, c.text) for c in answer.choices] == [(j, e.text) for j, e in enumerate(expected)]
+    assert len({e.text for e in expected}) > 1  # the choices differ
+    assert answer.usage.prompt_tokens == len(expected[0].prompt_token_ids)  # the prompt counted once
+    assert answer.usage.completion_tokens == 3 * 8
+
+    prompts = ["The quick brown fox", "Once upon a time"]
+    greedy = offline.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    batch = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=6, **GREEDY)
+    assert [(c.index, c.text) for c in batch.choices] == [(0, greedy[0].text), (1, greedy[0].text), (2, greedy[1].text), (3, greedy[1].text)]
+    assert batch.usage.prompt_tokens == sum(len(g.prompt_token_ids) for g in greedy)
+    ids = [list(g.prompt_token_ids) for g in greedy]  # a batch of token id lists, echoed
+    echoed = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, echo=True, **GREEDY)
+    assert [c.text for c in echoed.choices] == [p + g.text for p, g in zip(prompts, greedy)]
+
+    chunks = list(client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, stream=True, stream_options={"include_usage": True}, **GREEDY))
+    streamed = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in (0, 1)}
+    assert streamed == {0: greedy[0].text, 1: greedy[1].text}
+    assert chunks[-1].usage.completion_tokens == 12 and [c.choices[0].finish_reason for c in chunks if c.choices].count("length") == 2
+
+
+def test_chat_n_choices_whole_and_streamed(client, offline):
+    conversation = [{"role": "user", "content": "Say hi"}]
+    expected = [offline.chat(conversation, SamplingParams(max_tokens=6, temperature=1.0, seed=3 + j, ignore_eos=True))[0] for j in range(2)]
+    whole = client.chat.completions.create(model=MODEL, messages=conversation, n=2, max_tokens=6, temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    assert [(c.index, c.message.content) for c in whole.choices] == [(j, e.text) for j, e in enumerate(expected)]
+    stream = client.chat.completions.create(model=MODEL, messages=conversation, n=2, max_tokens=6, temperature=1.0, seed=3, stream=True, extra_body={"ignore_eos": True})
+    chunks = [c.choices[0] for c in stream]
+    assert [c.index for c in chunks if c.delta.role == "assistant"] == [0, 1]  # each choice opens with the role
+    assert ["".join(c.delta.content or "" for c in chunks if c.index == j) for j in (0, 1)] == [e.text for e in expected]
+
+
 def test_chat_whole_and_streamed_agree_with_the_offline_api(client, offline):
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
     expected = offline.chat(conversation, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
@@ -159,14 +195,16 @@ def test_stop_sequences_cut_the_text_and_finish_with_stop(client):
 COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
 BAD = [
     ({"extra_body": {"best_effort": True}}, "best_effort", "is not a supported field"),
-    ({"n": 2}, "n", "only 1 choice"),
+    ({"n": 0}, "n", "must be at least 1"),
+    ({"n": 33, "prompt": ["a", "b"]}, "n", r"at most 64 choices per request \(prompts x n\); got 2 x 33"),
+    ({"prompt": ["a"] * 65}, "prompt", "at most 64 prompts per request"),
+    ({"prompt": [[1, 2], [1, 49152]]}, "prompt[1]", r"ids must be in \[0, 49152\)"),
     ({"temperature": -1}, "temperature", "must be a finite number >= 0"),
     ({"top_p": 1.5}, "top_p", r"must be in \(0, 1\]"),
     ({"max_tokens": -1}, "max_tokens", "must be an integer >= 0"),
     ({"max_tokens": 1000}, "max_tokens", "1000 is beyond the limit"),
     ({"prompt": [1] * MAX_SEQ_LEN}, "prompt", "the prompt has"),
     ({"prompt": [1, 49152]}, "prompt", r"ids must be in \[0, 49152\)"),
-    ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
     ({"prompt": 7}, "prompt", ""),
     ({"temperature": "hot"}, "temperature", ""),
     ({"presence_penalty": 2.5}, "presence_penalty", r"must be in \[-2, 2\]"),
@@ -234,6 +272,16 @@ def test_overload_is_429_and_accepted_requests_finish(client, stub):
     assert wait_idle(stub).running == 0
 
 
+def test_the_choices_of_a_request_are_admitted_all_or_none(server, client, stub):
+    finished = aborted_requests(server.metrics_url, reason="length")
+    with pytest.raises(openai.RateLimitError) as err:  # 40 choices: more than 4 slots and 8 waiting places
+        client.completions.create(model=MODEL, prompt=[1, 2, 3], n=40, max_tokens=MAX_SEQ_LEN - 3, **GREEDY)
+    assert "server is busy" in err.value.body["message"]
+    info = wait_idle(stub, timeout=2)  # the choices admitted before the refusal were aborted, not left to run
+    assert (info.slots_in_use, info.running) == (0, 0) and aborted_requests(server.metrics_url, reason="length") == finished
+    assert len(client.completions.create(model=MODEL, prompt=[1, 2, 3], n=4, max_tokens=2, **GREEDY).choices) == 4
+
+
 def test_client_disconnect_frees_the_slot_streaming_or_not(server, stub):
     before = aborted_requests(server.metrics_url)
     body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 120, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -249,6 +297,12 @@ def test_client_disconnect_frees_the_slot_streaming_or_not(server, stub):
             http.post("completions", json={**body, "stream": False, "max_tokens": MAX_SEQ_LEN - 3}, timeout=0.2)
         info = wait_idle(stub)
         assert (info.slots_in_use, info.running) == (0, 0) and aborted_requests(server.metrics_url, 10, before + 2) == before + 2
+
+        with http.stream("POST", "completions", json={**body, "n": 2}) as response:  # every choice of a stream is aborted
+            lines = (line for line in response.iter_lines() if line.startswith("data: "))
+            assert json.loads(next(lines)[6:])["choices"]
+        info = wait_idle(stub)
+        assert (info.slots_in_use, info.running) == (0, 0) and aborted_requests(server.metrics_url, 10, before + 4) == before + 4
     assert stub.ModelInfo(pb.ModelInfoRequest()).slots_total == SLOTS
 
 

@@ -37,12 +37,12 @@ def wait_idle(stub, timeout: float = 10) -> pb.ModelInfoResponse:
         time.sleep(0.02)
 
 
-def aborted_requests(metrics_url: str, timeout: float = 0.0, at_least: float = 0.0) -> float:
-    """The server's count of requests that finished as aborted, waited for until it reaches ``at_least``."""
+def aborted_requests(metrics_url: str, timeout: float = 0.0, at_least: float = 0.0, reason: str = "abort") -> float:
+    """The server's count of requests that finished as aborted (or for ``reason``), waited for until it reaches ``at_least``."""
     end = time.monotonic() + timeout
     while True:
         body = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-        match = re.search(r'^jds_requests_total\{finish_reason="abort"\} (\S+)$', body, re.MULTILINE)
+        match = re.search(rf'^jds_requests_total\{{finish_reason="{reason}"\}} (\S+)$', body, re.MULTILINE)
         value = float(match.group(1)) if match else 0.0
         if value >= at_least or time.monotonic() > end:
             return value

@@ -38,12 +38,22 @@ class Refused(Exception):
 
 def admit(engine: ServingEngine, accepting: threading.Event, metrics: Metrics, build: Callable[[], Request]) -> tuple[Request, RequestStream]:
     """Build the request (``build`` runs every check) and submit it, or raise a counted ``Refused``."""
+    return admit_all(engine, accepting, metrics, lambda: [build()])[0]
+
+
+def admit_all(
+    engine: ServingEngine, accepting: threading.Event, metrics: Metrics, build: Callable[[], list[Request]]
+) -> list[tuple[Request, RequestStream]]:
+    """Build requests that stand or fall together (the choices of one API call) and submit them:
+    all of them, or none, with a counted ``Refused`` and the ones already submitted aborted."""
+    admitted: list[tuple[Request, RequestStream]] = []
     try:
         if not accepting.is_set():
             raise Refused("unavailable", "server is shutting down")
         try:
-            request = build()
-            return request, engine.submit(request)
+            for request in build():
+                admitted.append((request, engine.submit(request)))
+            return admitted
         except InvalidRequest as exc:
             raise Refused("invalid", str(exc), exc.field) from None
         except QueueFull as exc:
@@ -53,5 +63,7 @@ def admit(engine: ServingEngine, accepting: threading.Event, metrics: Metrics, b
         except ValueError as exc:  # the engine's own checks (stop ids, a request id already running)
             raise Refused("invalid", str(exc), str(exc).partition(" ")[0].rstrip(":")) from None
     except Refused as refusal:
+        for request, _ in admitted:
+            engine.abort(request.request_id)
         metrics.rejected.labels(GRPC_CODES[refusal.kind]).inc()
         raise

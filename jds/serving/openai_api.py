@@ -11,6 +11,7 @@ time tokens from chunk arrivals. A client that disconnects aborts its request, w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import threading
@@ -28,7 +29,7 @@ from jds.engine.request import Request as EngineRequest
 from jds.engine.request import StreamOutput
 from jds.engine.sequence import RequestStream
 from jds.intake import build_request, check_token_ids, encode_chat, encode_text
-from jds.serving.admission import Refused, admit
+from jds.serving.admission import Refused, admit_all
 from jds.serving.metrics import Metrics
 from jds.serving.openai_logprobs import LogprobShapes
 from jds.serving.openai_schema import ChatCompletionRequest, CompletionRequest
@@ -183,17 +184,25 @@ class OpenAIFrontend:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def _completion_request(self, body: CompletionRequest, request_id: str | None) -> Callable[[], EngineRequest]:
-        def build() -> EngineRequest:
+    def _completion_request(self, body: CompletionRequest, request_id: str | None) -> Callable[[], list[_Choice]]:
+        def build() -> list[_Choice]:
             body.unsupported()
-            prompt = body.single_prompt()
-            ids = encode_text(self.engine, prompt, "prompt") if isinstance(prompt, str) else check_token_ids(self.engine, prompt, "prompt")
-            return build_request(self.engine, ids, "prompt", body.sampling_options(body.max_tokens), request_id, REQUEST_ID_NAMES)
+            prompts = body.prompt_list()
+            choices = []
+            for p, prompt in enumerate(prompts):
+                field = "prompt" if len(prompts) == 1 else f"prompt[{p}]"
+                ids = encode_text(self.engine, prompt, field) if isinstance(prompt, str) else check_token_ids(self.engine, prompt, field)
+                for j in range(body.n):
+                    options = body.sampling_options(body.max_tokens, j)
+                    index = p * body.n + j
+                    request = build_request(self.engine, ids, field, options, _choice_id(request_id, index, body), REQUEST_ID_NAMES)
+                    choices.append(_Choice(index, request, prompt))
+            return choices
 
         return build
 
-    def _chat_request(self, body: ChatCompletionRequest, request_id: str | None) -> Callable[[], EngineRequest]:
-        def build() -> EngineRequest:
+    def _chat_request(self, body: ChatCompletionRequest, request_id: str | None) -> Callable[[], list[_Choice]]:
+        def build() -> list[_Choice]:
             body.unsupported()
             ids = encode_chat(
                 self.engine, body.conversation(), "messages", body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
@@ -203,27 +212,30 @@ class OpenAIFrontend:
             if limit is None:  # as in OpenAI's chat API: until the model stops or the context is full
                 limit = max(1, self.engine.max_seq_len - len(ids))
             names = {"max_tokens": name, "logprobs": "top_logprobs", **REQUEST_ID_NAMES}
-            return build_request(self.engine, ids, "messages", body.sampling_options(limit), request_id, names)
+            return [
+                _Choice(j, build_request(self.engine, ids, "messages", body.sampling_options(limit, j), _choice_id(request_id, j, body), names))
+                for j in range(body.n)
+            ]
 
         return build
 
-    async def _serve(self, http: Request, schema: type[BaseModel], builder: Callable[[Any, str | None], Callable[[], EngineRequest]]):
+    async def _serve(self, http: Request, schema: type[BaseModel], builder: Callable[[Any, str | None], Callable[[], list[_Choice]]]):
         """Read, parse, check and admit a request; the parsing, tokenizing and template rendering
         run on a worker thread, so that other clients and health checks are answered meanwhile.
         An ``X-Request-Id`` header (as vLLM takes it) names the request, and comes back."""
         request_id = http.headers.get("x-request-id")
         try:
             raw = await self._read_body(http)
-            body, request, stream = await self._off_loop(self._admit, raw, schema, builder, request_id)
+            body, choices = await self._off_loop(self._admit, raw, schema, builder, request_id)
         except _Refusal as refusal:
             return refusal.response
         except Refused as refusal:
             return error_response(HTTP_STATUS[refusal.kind], str(refusal), refusal.field)
-        reply = _Reply(request, self.model_name, body, self.shapes)
-        headers = {"x-request-id": request.request_id}
+        reply = _Reply(choices, self.model_name, body, self.shapes)
+        headers = {"x-request-id": request_id or choices[0].request.request_id}
         if body.stream:
-            return StreamingResponse(self._events(request, stream, reply), media_type="text/event-stream", headers=headers)
-        response = await self._whole(request, stream, reply, http)
+            return StreamingResponse(self._events(reply), media_type="text/event-stream", headers=headers)
+        response = await self._whole(reply, http)
         response.headers.update(headers)
         return response
 
@@ -245,9 +257,9 @@ class OpenAIFrontend:
         self.metrics.rejected.labels("INVALID_ARGUMENT").inc()
         return _Refusal(413, f"body: {size} bytes is more than this server accepts ({self.max_request_bytes}; server.max_request_bytes)")
 
-    async def _off_loop(self, admit_body: Callable, *args) -> tuple[Any, EngineRequest, RequestStream]:
+    async def _off_loop(self, admit_body: Callable, *args) -> tuple[Any, list[_Choice]]:
         """Run ``admit_body`` on a worker thread. If this handler is cancelled meanwhile (the client
-        left), a request the thread still admits is aborted at once instead of running unread."""
+        left), requests the thread still admits are aborted at once instead of running unread."""
         work = asyncio.get_running_loop().run_in_executor(None, admit_body, *args)
         try:
             return await asyncio.shield(work)
@@ -257,9 +269,10 @@ class OpenAIFrontend:
 
     def _abort_admitted(self, work: asyncio.Future) -> None:
         if not work.cancelled() and work.exception() is None:
-            self.engine.abort(work.result()[1].request_id)
+            for choice in work.result()[1]:
+                self.engine.abort(choice.request.request_id)
 
-    def _admit(self, raw: bytes, schema: type[BaseModel], builder, request_id: str | None) -> tuple[Any, EngineRequest, RequestStream]:
+    def _admit(self, raw: bytes, schema: type[BaseModel], builder, request_id: str | None) -> tuple[Any, list[_Choice]]:
         try:
             body = parse_body(raw, schema)
         except _Refusal:
@@ -267,139 +280,214 @@ class OpenAIFrontend:
             raise
         if body.model != self.model_name:
             raise _Refusal(404, *self._unknown_model_error(body.model))
-        request, stream = admit(self.engine, self.accepting, self.metrics, builder(body, request_id))
-        return body, request, stream
+        choices = builder(body, request_id)
+        built: list[_Choice] = []
 
-    async def _whole(self, request: EngineRequest, stream: RequestStream, reply: _Reply, http: Request) -> JSONResponse:
-        """Collect the whole answer, aborting the request if the client goes away meanwhile."""
-        watcher = asyncio.create_task(self._abort_on_disconnect(http, request.request_id))
+        def requests() -> list[EngineRequest]:
+            built.extend(choices())
+            return [choice.request for choice in built]
+
+        streams = admit_all(self.engine, self.accepting, self.metrics, requests)
+        for choice, (_, stream) in zip(built, streams):
+            choice.stream = stream
+        return body, built
+
+    async def _whole(self, reply: _Reply, http: Request) -> JSONResponse:
+        """Collect the whole answer, aborting the requests if the client goes away meanwhile, and
+        the other choices as soon as one fails."""
+        watcher = asyncio.create_task(self._abort_on_disconnect(http, reply.choices))
+        messages: dict[int, list[StreamOutput]] = {choice.index: [] for choice in reply.choices}
+        failed = None
         try:
-            messages = [message async for message in stream]
+            async with contextlib.aclosing(_interleaved(reply.choices)) as outputs:
+                async for choice, message in outputs:
+                    messages[choice.index].append(message)
+                    if message.finish_reason == "error" and failed is None:
+                        failed = message
+                        self._abort(reply.choices)
         finally:
             watcher.cancel()
-        last = messages[-1]
-        reply.completion_tokens = sum(len(m.token_ids) for m in messages)
-        self._finished(reply, last)
-        if last.finish_reason == "error":
-            return error_response(503 if last.unavailable else 500, f"generation failed: {last.error}")
+        for choice in reply.choices:
+            choice.completion_tokens = sum(len(m.token_ids) for m in messages[choice.index])
+            self._finished(choice, messages[choice.index][-1])
+        if failed is not None:
+            return error_response(503 if failed.unavailable else 500, f"generation failed: {failed.error}")
         return JSONResponse(reply.whole(messages))
 
-    async def _abort_on_disconnect(self, http: Request, request_id: str) -> None:
+    def _abort(self, choices: list[_Choice]) -> None:
+        for choice in choices:
+            self.engine.abort(choice.request.request_id)
+
+    async def _abort_on_disconnect(self, http: Request, choices: list[_Choice]) -> None:
         while not await http.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-        self.engine.abort(request_id)
+        self._abort(choices)
 
-    async def _events(self, request: EngineRequest, stream: RequestStream, reply: _Reply) -> AsyncIterator[str]:
-        """Server-sent events; if the client disconnects, the server stops iterating here and the
-        ``finally`` aborts the request."""
-        finished = False
+    async def _events(self, reply: _Reply) -> AsyncIterator[str]:
+        """Server-sent events, the choices' chunks interleaved as they come; if the client
+        disconnects, the server stops iterating here and the ``finally`` aborts every choice not
+        finished."""
+        finished: set[int] = set()
         try:
-            first = reply.first_chunk()
-            if first is not None:
-                yield _event(first)
-            async for message in stream:
-                if message.finish_reason == "error":
-                    finished = True
-                    self._finished(reply, message)
-                    yield _event({"error": _error(503 if message.unavailable else 500, f"generation failed: {message.error}")})
-                    break
-                reply.completion_tokens += len(message.token_ids)
-                yield _event(reply.chunk(message))
-                if message.finished:
-                    finished = True
-                    self._finished(reply, message)
-                    if reply.body.include_usage:
-                        yield _event(reply.usage_chunk())
+            for chunk in reply.first_chunks():
+                yield _event(chunk)
+            async with contextlib.aclosing(_interleaved(reply.choices)) as outputs:
+                async for choice, message in outputs:
+                    if message.finish_reason == "error":
+                        finished.add(choice.index)
+                        self._finished(choice, message)
+                        yield _event({"error": _error(503 if message.unavailable else 500, f"generation failed: {message.error}")})
+                        break
+                    choice.completion_tokens += len(message.token_ids)
+                    yield _event(reply.chunk(choice, message))
+                    if message.finished:
+                        finished.add(choice.index)
+                        self._finished(choice, message)
+            if reply.body.include_usage and len(finished) == len(reply.choices):
+                yield _event(reply.usage_chunk())
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # the client went away: nobody reads the rest, so count it here
-                self.engine.abort(request.request_id)
-                self.metrics.finished("abort", reply.prompt_tokens, reply.completion_tokens, None)
+            for choice in reply.choices:
+                if choice.index not in finished:  # the client went away, or a choice failed: nobody reads the rest
+                    self.engine.abort(choice.request.request_id)
+                    self.metrics.finished("abort", choice.prompt_tokens, choice.completion_tokens, None)
 
-    def _finished(self, reply: _Reply, last: StreamOutput) -> None:
-        reply.cached_tokens = last.timings.cached_tokens if last.timings is not None else 0
-        self.metrics.finished(last.finish_reason, reply.prompt_tokens, reply.completion_tokens, last.timings)
+    def _finished(self, choice: _Choice, last: StreamOutput) -> None:
+        choice.cached_tokens = last.timings.cached_tokens if last.timings is not None else 0
+        self.metrics.finished(last.finish_reason, choice.prompt_tokens, choice.completion_tokens, last.timings)
 
 
-class _Reply:
-    """The response of one request under construction: ids, shapes, and its token count."""
+def _choice_id(request_id: str | None, index: int, body) -> str | None:
+    """The engine request id of one choice: the caller's own where the call has one choice, else
+    the caller's with the choice's index appended (None: a fresh id each)."""
+    if request_id is None or body.prompts() * body.n == 1:
+        return request_id
+    return f"{request_id}-{index}"
 
-    def __init__(self, request: EngineRequest, model: str, body, shapes: LogprobShapes):
-        self.chat = isinstance(body, ChatCompletionRequest)
-        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request.request_id}"
-        self.model = model
-        self.body = body
-        self.prompt_ids = request.prompt_ids
-        self.shapes = shapes
-        self.completion_tokens = 0
-        self.cached_tokens = 0  # known at the end
-        self.created = int(time.time())
-        self.echo = not self.chat and body.echo  # completions that repeat the prompt before the completion
-        self._offset = 0  # characters of the choice's text sent so far (completions' text_offset)
-        self._first = True
+
+async def _interleaved(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, StreamOutput]]:
+    """Every choice's outputs as they arrive, each with its choice."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: _Choice) -> None:
+        try:
+            async for message in choice.stream:
+                await queue.put((choice, message))
+        finally:
+            await queue.put((choice, None))
+
+    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    try:
+        for _ in choices:
+            while (item := await queue.get())[1] is not None:
+                yield item
+        for task in tasks:
+            task.result()  # a stream that raised raises here
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+@dataclasses.dataclass(eq=False)
+class _Choice:
+    """One choice of a response: its engine request and stream, and how much of it was sent."""
+
+    index: int
+    request: EngineRequest
+    prompt: str | list[int] | None = None  # a completion's prompt, which echo repeats
+    stream: RequestStream | None = None
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # known at the end
+    offset: int = 0  # characters of the text sent so far (completions' text_offset)
+    first: bool = True
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
+        return len(self.request.prompt_ids)
 
-    def _prompt_text(self) -> str:
-        prompt = self.body.single_prompt()
+
+class _Reply:
+    """The response under construction: ids, shapes, its choices (n per prompt) and their usage."""
+
+    def __init__(self, choices: list[_Choice], model: str, body, shapes: LogprobShapes):
+        self.chat = isinstance(body, ChatCompletionRequest)
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{choices[0].request.request_id}"
+        self.model = model
+        self.body = body
+        self.choices = choices
+        self.shapes = shapes
+        self.created = int(time.time())
+        self.echo = not self.chat and body.echo  # completions that repeat the prompt before the completion
+
+    def _prompt_text(self, choice: _Choice) -> str:
+        prompt = choice.prompt
         return prompt if isinstance(prompt, str) else "".join(self.shapes.text(t) for t in prompt)
 
-    def _choice(self, message: StreamOutput, text: str, token_ids: list[int], logprobs, whole: bool) -> dict[str, Any]:
+    def _choice(self, choice: _Choice, message: StreamOutput, text: str, token_ids: list[int], logprobs, whole: bool) -> dict[str, Any]:
         """One choice: a chat message (or, streamed, a delta), or a completion's text, with the
         log-probabilities of its tokens (and, on the first, of an echoed prompt's) if asked for."""
-        first, self._first = self._first, False
+        first, choice.first = choice.first, False
         if self.chat:
             key, value = ("message", {"role": "assistant", "content": text}) if whole else ("delta", {"content": text})
             shaped = self.shapes.chat(logprobs) if self.body.logprobs else None
-            return {"index": 0, key: value, "logprobs": shaped, "finish_reason": message.finish_reason}
+            return {"index": choice.index, key: value, "logprobs": shaped, "finish_reason": message.finish_reason}
         entries = list(zip(token_ids, logprobs or [None] * len(token_ids)))
         if first and self.echo:
-            text = self._prompt_text() + text
-            entries = list(zip(self.prompt_ids, message.prompt_logprobs or [None] * self.prompt_tokens)) + entries
-        shaped = None if self.body.logprobs is None else self.shapes.completion(entries, self._offset)
-        self._offset += len(text)
-        return {"index": 0, "text": text, "logprobs": shaped, "finish_reason": message.finish_reason}
+            text = self._prompt_text(choice) + text
+            prompt_ids = choice.request.prompt_ids
+            entries = list(zip(prompt_ids, message.prompt_logprobs or [None] * len(prompt_ids))) + entries
+        shaped = None if self.body.logprobs is None else self.shapes.completion(entries, choice.offset)
+        choice.offset += len(text)
+        return {"index": choice.index, "text": text, "logprobs": shaped, "finish_reason": message.finish_reason}
 
     def _envelope(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "system_fingerprint": None}
 
     def usage(self) -> dict[str, Any]:
+        """Each prompt's tokens counted once, however many choices continue it (as OpenAI and
+        vLLM count them); the cached ones those of its first choice."""
+        firsts = self.choices[:: self.body.n]
+        prompt_tokens = sum(c.prompt_tokens for c in firsts)
+        completion_tokens = sum(c.completion_tokens for c in self.choices)
         return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)},
         }
 
-    def whole(self, messages: list[StreamOutput]) -> dict[str, Any]:
+    def whole(self, messages: dict[int, list[StreamOutput]]) -> dict[str, Any]:
+        return {**self._envelope(False), "choices": [self._whole_choice(c, messages[c.index]) for c in self.choices], "usage": self.usage()}
+
+    def _whole_choice(self, choice: _Choice, messages: list[StreamOutput]) -> dict[str, Any]:
         token_ids = [t for m in messages for t in m.token_ids]
         logprobs = [e for m in messages for e in m.logprobs or ()]
         text = "".join(m.text for m in messages)
         prompt_logprobs = next((m.prompt_logprobs for m in messages if m.prompt_logprobs is not None), None)
         last = dataclasses.replace(messages[-1], prompt_logprobs=prompt_logprobs)
-        choice = self._choice(last, text, token_ids, logprobs, True)
+        shaped = self._choice(choice, last, text, token_ids, logprobs, True)
         if self.body.return_token_ids:
-            choice.update(prompt_token_ids=list(self.prompt_ids), token_ids=token_ids)
-        return {**self._envelope(False), "choices": [choice], "usage": self.usage()}
+            shaped.update(prompt_token_ids=list(choice.request.prompt_ids), token_ids=token_ids)
+        return shaped
 
-    def first_chunk(self) -> dict[str, Any] | None:
-        """Chat streams open with the assistant's role, as OpenAI's do."""
+    def first_chunks(self) -> list[dict[str, Any]]:
+        """Chat streams open each choice with the assistant's role, as OpenAI's do."""
         if not self.chat:
-            return None
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return self._chunk(choice)
+            return []
+        return [
+            self._chunk({"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+            for c in self.choices
+        ]
 
-    def chunk(self, message: StreamOutput) -> dict[str, Any]:
-        first = self._first
-        choice = self._choice(message, message.text, message.token_ids, message.logprobs, False)
+    def chunk(self, choice: _Choice, message: StreamOutput) -> dict[str, Any]:
+        first = choice.first
+        shaped = self._choice(choice, message, message.text, message.token_ids, message.logprobs, False)
         if self.body.return_token_ids:
-            choice["token_ids"] = message.token_ids
+            shaped["token_ids"] = message.token_ids
             if first:
-                choice["prompt_token_ids"] = list(self.prompt_ids)
-        return self._chunk(choice)
+                shaped["prompt_token_ids"] = list(choice.request.prompt_ids)
+        return self._chunk(shaped)
 
     def usage_chunk(self) -> dict[str, Any]:
         return {**self._envelope(True), "choices": [], "usage": self.usage()}

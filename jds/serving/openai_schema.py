@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from jds.intake import InvalidRequest
 
 
+MAX_CHOICES = 64  # choices one request may ask for, over all its prompts (prompts x n)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -55,20 +58,34 @@ class _Generation(_Strict):
     skip_special_tokens: bool = True
     return_token_ids: bool = Field(default=False, description="add the prompt's and the output's token ids")
 
+    def prompts(self) -> int:
+        """How many prompts the request carries; each gets ``n`` choices."""
+        return 1
+
     def unsupported(self) -> None:
         """Refuse, naming the field, what is set to a value this server cannot honour."""
-        _refuse_if(self.n != 1, "n", f"only 1 choice per request is supported; got {self.n}")
+        _refuse_if(self.n < 1, "n", f"must be at least 1; got {self.n}")
+        _refuse_if(self.prompts() > MAX_CHOICES, "prompt", f"at most {MAX_CHOICES} prompts per request; got {self.prompts()}")
+        _refuse_if(
+            self.prompts() * self.n > MAX_CHOICES,
+            "n",
+            f"at most {MAX_CHOICES} choices per request (prompts x n); got {self.prompts()} x {self.n}",
+        )
         _refuse_if(bool(self.logit_bias), "logit_bias", "is not supported")
         _refuse_if(self.stream_options is not None and not self.stream, "stream_options", "is only allowed when stream is true")
 
-    def sampling_options(self, max_tokens: int | None) -> dict[str, Any]:
-        """``SamplingParams`` fields that were given; the rest keep their defaults."""
+    def sampling_options(self, max_tokens: int | None, choice: int = 0) -> dict[str, Any]:
+        """``SamplingParams`` fields that were given; the rest keep their defaults. With a ``seed``,
+        choice j of a prompt samples with ``seed + j``: its n choices differ, and each repeats."""
+        seed = self.seed
+        if seed is not None and choice and 0 <= seed < 2**32:  # a seed out of range is refused as given
+            seed = (seed + choice) % 2**32
         options: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
-            "seed": self.seed,
+            "seed": seed,
             "stop": self.stop,
             "stop_token_ids": self.stop_token_ids,
             "min_p": self.min_p,
@@ -116,13 +133,15 @@ class CompletionRequest(_Generation):
             return {}
         return {"logprobs": self.logprobs, **({"prompt_logprobs": self.logprobs} if self.echo else {})}
 
-    def single_prompt(self) -> str | list[int]:
+    def prompt_list(self) -> list[str | list[int]]:
+        """The prompts: one, or a batch (a list of texts or of token id lists)."""
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise InvalidRequest("prompt", f"one prompt per request is supported; got a batch of {len(prompt)}")
-            return prompt[0]
-        return prompt
+            return list(prompt)
+        return [prompt]
+
+    def prompts(self) -> int:
+        return len(self.prompt_list())
 
 
 class TextPart(_Strict):
