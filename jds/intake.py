@@ -111,6 +111,8 @@ def build_request(
     params = sampling_params(options, name)
     if params.stop_token_ids:
         check_token_ids(engine, params.stop_token_ids, name("stop_token_ids"))
+    if params.logit_bias:
+        check_token_ids(engine, [token for token, _ in params.logit_bias], name("logit_bias"))
     return Request(check_request_id(request_id, name("request_id")), prompt_ids, params, params.resolved_seed())
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -17,6 +17,8 @@ MAX_STOP_TOKEN_IDS = 8  # the engine's per-row stop id table; EOS shares it
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # sampling settings become float32 rows on the device
 INT32_MAX = int(np.iinfo(np.int32).max)
 MAX_LOGPROBS = 20  # likeliest alternatives a request may ask log-probabilities for (vLLM's default limit)
+MAX_LOGIT_BIAS = 300  # biased tokens per request: the engine's per-row bias table, sent with every step
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias, [-100, 100]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +35,10 @@ class SamplingParams:
     out of it unless ``skip_special_tokens`` is false (vLLM's names). ``logprobs``: report each
     generated token's log-probability and the ``logprobs`` likeliest tokens at its position;
     ``prompt_logprobs``: the same for every prompt token (the first has none); both under the
-    model's own distribution, before temperature, filters and penalties. ``max_tokens`` 0
+    model's own distribution, before temperature, filters, penalties and ``logit_bias``.
+    ``logit_bias`` (OpenAI's): a mapping from token id to a number in [-100, 100] added to that
+    token's logit before penalties, filters and sampling (-100 bans it, 100 all but forces it);
+    given as a dict or as (id, bias) pairs, kept as pairs sorted by id. ``max_tokens`` 0
     generates nothing (with ``prompt_logprobs``: scores the prompt). With ``seed`` set, the
     request's tokens depend only on the seed, its prompt and its own step count, never on which
     other requests share its batch. Every bad value raises ``ValueError`` naming the field; every
@@ -58,6 +63,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists (and a lone string for ``stop``) as users naturally write them.
@@ -97,6 +103,7 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name, f"must be an integer in [0, {MAX_LOGPROBS}]", value)
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -124,6 +131,21 @@ def is_unicode(text: str) -> bool:
 def _as_tuple(value: object, field: str) -> tuple:
     _check(isinstance(value, Iterable) and not isinstance(value, (str, bytes, dict)), field, "must be a list", value)
     return tuple(value)
+
+
+def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as (id, bias) pairs sorted by id, each checked."""
+    if isinstance(value, Mapping):
+        value = value.items()
+    pairs = _as_tuple(value, "logit_bias")
+    _check(len(pairs) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} tokens, got {len(pairs)}", None)
+    _check(all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs), "logit_bias", "must map token ids to numbers", value)
+    for token, bias in pairs:
+        _check(_is_int(token) and 0 <= token <= INT32_MAX, "logit_bias", "keys must be token ids in [0, 2**31)", token)
+        _check(_is_float32(bias) and abs(bias) <= LOGIT_BIAS_LIMIT, "logit_bias", f"values must be in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]", bias)
+    ids = [token for token, _ in pairs]
+    _check(len(set(ids)) == len(ids), "logit_bias", "names a token twice", None)
+    return tuple(sorted((token, float(bias)) for token, bias in pairs))
 
 
 def _is_int(value: object) -> bool:

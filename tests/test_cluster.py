@@ -150,11 +150,12 @@ def test_outputs_equal_the_single_process_engine_and_every_instance_serves(clust
     assert "".join(m.text for m in messages) == sampled.text
     assert messages[-1].timings.transfer_bytes > 0 and messages[-1].timings.ttft > 0
 
-    # Penalties, log-probabilities and a prompt's scores cross the processes as they are computed in one.
-    shaped = {"max_tokens": 6, "temperature": 0.8, "seed": 3, "repetition_penalty": 1.3, "presence_penalty": 0.5, "min_tokens": 2}
+    # Penalties, a logit bias, log-probabilities and a prompt's scores cross the processes as they are computed in one.
+    shaped = {"max_tokens": 6, "temperature": 0.8, "seed": 3, "repetition_penalty": 1.3, "presence_penalty": 0.5, "min_tokens": 2,
+              "logit_bias": {100: 8.0, 200: -100.0}}  # fmt: skip
     expected = offline.generate([PROMPTS[3]], SamplingParams(**shaped, logprobs=2, prompt_logprobs=2, ignore_eos=True))[0]
     messages = list(stub.Generate(pb.GenerateRequest(token_ids=PROMPTS[3], ignore_eos=True, logprobs=2, prompt_logprobs=2, **shaped), timeout=60))
-    assert [t for m in messages for t in m.token_ids] == expected.token_ids
+    assert [t for m in messages for t in m.token_ids] == expected.token_ids and 100 in expected.token_ids
     reported = [e for m in messages for e in m.logprobs]
     assert [e.logprob for e in reported] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
     assert [list(e.top_ids) for e in reported] == [[t for t, _ in e.top] for e in expected.logprobs]

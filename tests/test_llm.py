@@ -48,6 +48,16 @@ def test_greedy_generation_is_token_identical_to_transformers(smollm2_llm, hf_sm
     assert sum(len(o.token_ids) for o in outputs) >= 4 * NEW_TOKENS
 
 
+def test_logit_bias_matches_transformers_sequence_bias(smollm2_llm, hf_smollm2, hf_smollm2_tokenizer):
+    prompt = "The capital of France is"
+    ids = hf_smollm2_tokenizer(prompt)["input_ids"]
+    plain = _hf_greedy(hf_smollm2, hf_smollm2_tokenizer, ids, 8)
+    bias = {plain[0]: -100.0, plain[2]: -3.5, 1000: 4.0}  # the first token banned, another pushed down, one pushed up
+    ours = smollm2_llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, logit_bias=bias, ignore_eos=True))[0]
+    theirs = _hf_greedy(hf_smollm2, hf_smollm2_tokenizer, ids, 8, sequence_bias={(t,): b for t, b in bias.items()})
+    assert ours.token_ids == theirs and theirs != plain
+
+
 def test_repetition_penalty_and_min_tokens_match_transformers(smollm2_llm, hf_smollm2, hf_smollm2_tokenizer):
     """transformers' own logits processors: the repetition penalty over prompt and output tokens,
     and stop ids held back for the first min_new_tokens."""

@@ -132,6 +132,19 @@ def test_n_choices_and_batched_prompts_are_what_the_offline_api_gives_each(clien
     assert chunks[-1].usage.completion_tokens == 12 and [c.choices[0].finish_reason for c in chunks if c.choices].count("length") == 2
 
 
+def test_logit_bias_forces_and_bans_tokens_as_the_offline_api(client, offline):
+    plain = offline.generate("Once upon a time", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    banned = {str(plain.token_ids[0]): -100}  # the greedy first token, banned
+    expected = offline.generate("Once upon a time", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias={plain.token_ids[0]: -100}))[0]
+    answer = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, logit_bias=banned, **GREEDY)
+    assert answer.choices[0].text == expected.text and plain.token_ids[0] not in expected.token_ids
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, logit_bias={"4242": 100}, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    assert chat.choices[0].model_extra["token_ids"] == [4242] * 4  # a bias of 100 all but forces its token
+
+
 def test_chat_n_choices_whole_and_streamed(client, offline):
     conversation = [{"role": "user", "content": "Say hi"}]
     expected = [offline.chat(conversation, SamplingParams(max_tokens=6, temperature=1.0, seed=3 + j, ignore_eos=True))[0] for j in range(2)]
@@ -214,6 +227,10 @@ BAD = [
     ({"stream_options": {"include_usage": True}}, "stream_options", "is only allowed when stream is true"),
     ({"stop": [""]}, "stop", "must be non-empty strings"),
     ({"extra_body": {"stop_token_ids": [60000]}}, "stop_token_ids", "ids must be in"),
+    ({"logit_bias": {"fox": 1}}, "logit_bias", "keys must be token ids, got 'fox'"),
+    ({"logit_bias": {"7": -101}}, "logit_bias", r"values must be in \[-100, 100\]"),
+    ({"logit_bias": {"49152": 1}}, "logit_bias", r"ids must be in \[0, 49152\)"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "at most 300 tokens"),
 ]
 
 

@@ -109,6 +109,13 @@ def test_stop_ids_are_flagged():
         ({"stop_token_ids": list(range(9))}, "stop_token_ids"),
         ({"stop_token_ids": [2**31]}, "stop_token_ids"),
         ({"stop_token_ids": None}, "stop_token_ids"),
+        ({"logit_bias": {3: 100.5}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {2**31: 1.0}}, "logit_bias"),
+        ({"logit_bias": {3: float("nan")}}, "logit_bias"),
+        ({"logit_bias": {i: 1.0 for i in range(301)}}, "logit_bias"),
+        ({"logit_bias": [(3, 1.0), (3, 2.0)]}, "logit_bias"),
+        ({"logit_bias": 5}, "logit_bias"),
     ],
 )
 def test_sampling_params_name_the_bad_field(kwargs, field):
@@ -210,6 +217,28 @@ def _penalised_reference(logits, history, prompt_len, presence, frequency, repet
         for token in set(output):  # OpenAI: tokens of the output, once and per occurrence
             out[b, token] -= presence[b] + frequency[b] * output.count(token)
     return out
+
+
+def test_logit_bias_moves_only_its_rows_tokens_and_not_the_reported_logprobs():
+    from jds.engine.programs import set_row
+    from jds.engine.request import Request
+    from jds.engine.sequence import Sequence
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(3, 40)).astype(np.float32)
+    top = logits.argmax(axis=-1)
+    low = logits.argmin(axis=-1)
+    rows = empty_rows(3)
+    biases = [{int(top[0]): -100.0}, {int(low[1]): 100.0}, {}]
+    for i, bias in enumerate(biases):
+        set_row(rows, i, Sequence(Request(str(i), (1,), SamplingParams(temperature=0, logprobs=0, logit_bias=bias), 0), None, (), 8))
+    got = sample_jit(logits, rows, np.zeros(3, np.int32))
+    second = np.argsort(logits[0])[-2]
+    np.testing.assert_array_equal(np.asarray(got.tokens), [second, low[1], top[2]])
+    raw = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))  # reported: the model's own
+    np.testing.assert_allclose(np.asarray(got.logprob), raw[np.arange(3), np.asarray(got.tokens)], rtol=1e-5, atol=1e-5)
+    set_row(rows, 0, Sequence(Request("0", (1,), SamplingParams(temperature=0), 0), None, (), 8))  # a slot's next request starts unbiased
+    assert np.asarray(sample_jit(logits, rows, np.zeros(3, np.int32)).tokens)[0] == top[0]
 
 
 def test_penalties_match_their_definitions():

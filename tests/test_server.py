@@ -95,6 +95,9 @@ def test_penalties_and_limits_reach_the_engine_as_offline(stub, offline):
     shaped = {"temperature": 0.8, "seed": 5, "min_p": 0.05, "min_tokens": 3, "presence_penalty": 0.5, "frequency_penalty": 0.25, "repetition_penalty": 1.3}
     expected = offline.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, **shaped))[0]
     assert _tokens(_generate(stub, token_ids=[5, 6, 7, 8], max_tokens=8, **shaped)) == expected.token_ids
+    biased = offline.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, **shaped, logit_bias={300: 9.0}))[0]
+    assert _tokens(_generate(stub, token_ids=[5, 6, 7, 8], max_tokens=8, **shaped, logit_bias={300: 9.0})) == biased.token_ids
+    assert biased.token_ids.count(300) > expected.token_ids.count(300)
 
 
 def test_logprobs_and_prompt_scores_come_with_their_tokens(stub, offline):
@@ -141,6 +144,8 @@ BAD = [
     ({"text": "hi", "stop": [""]}, "stop: must be non-empty strings"),
     ({"text": "hi", "stop_token_ids": [60000]}, r"stop_token_ids: ids must be in \[0, 49152\)"),
     ({"text": "hi", "stop_token_ids": list(range(9))}, "stop_token_ids: at most 8"),
+    ({"text": "hi", "logit_bias": {49152: 1.0}}, r"logit_bias: ids must be in \[0, 49152\)"),
+    ({"text": "hi", "logit_bias": {5: 150.0}}, r"logit_bias: values must be in \[-100, 100\]"),
     ({"messages": [{"role": "robot", "content": "x"}]}, r"messages\[0\].role: must be one of system, user, assistant"),
     ({"text": "hi", "request_id": ""}, "request_id: must not be empty"),
 ]

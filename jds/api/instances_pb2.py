@@ -25,37 +25,41 @@ _sym_db = _symbol_database.Default()
 from jds.api import generation_pb2 as jds_dot_api_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jds/api/instances.proto\x12\x06jds.v1\x1a\x18jds/api/generation.proto\"\xd7\x02\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x10\n\x08stop_ids\x18\x05 \x03(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\r\n\x05min_p\x18\x07 \x01(\x02\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\rH\x02\x88\x01\x01\x42\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x1a\n\nArrayShape\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x03\"~\n\x07KVOffer\x12\x18\n\x10transfer_address\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\x04\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\x12\"\n\x06\x61rrays\x18\x06 \x03(\x0b\x32\x12.jds.v1.ArrayShapeJ\x04\x08\x03\x10\x04\"\\\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\"\n\x08sampling\x18\x03 \x01(\x0b\x32\x10.jds.v1.Sampling\"\x8c\x02\n\x0fPrefillResponse\x12\x18\n\x0b\x66irst_token\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07is_stop\x18\x02 \x01(\x08\x12\x1b\n\x02kv\x18\x03 \x01(\x0b\x32\x0f.jds.v1.KVOffer\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12+\n\rfirst_logprob\x18\x06 \x01(\x0b\x32\x14.jds.v1.TokenLogprob\x12-\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x14.jds.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x08 \x01(\rB\x0e\n\x0c_first_token\"\x1e\n\x0eReleaseRequest\x12\x0c\n\x04uuid\x18\x01 \x01(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x8d\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\x05\x12\"\n\x08sampling\x18\x04 \x01(\x0b\x32\x10.jds.v1.Sampling\x12\x1b\n\x02kv\x18\x05 \x01(\x0b\x32\x0f.jds.v1.KVOffer\"\xa0\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x0f\n\x07stopped\x18\x03 \x01(\x08\x12\x18\n\x10transfer_seconds\x18\x04 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x05 \x01(\x04\x12&\n\x08logprobs\x18\x06 \x03(\x0b\x32\x14.jds.v1.TokenLogprob\"\x17\n\x15InstanceStatusRequest\"\xe9\x02\n\x0eInstanceStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bslots_total\x18\x03 \x01(\r\x12\x12\n\nslots_free\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x12\n\nkv_offered\x18\x07 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x08 \x01(\r\x12\x0e\n\x06served\x18\t \x01(\x04\x12\x0f\n\x07\x61\x62orted\x18\n \x01(\x04\x12\x16\n\x0ekv_pages_total\x18\x0b \x01(\r\x12\x15\n\rkv_pages_free\x18\x0c \x01(\r\x12\x1a\n\x12kv_pages_committed\x18\r \x01(\r\x12#\n\x1bprefix_cache_queried_tokens\x18\x0e \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x0f \x01(\x04\x12\x15\n\rkv_pages_used\x18\x10 \x01(\r2\xca\x01\n\x0fPrefillInstance\x12:\n\x07Prefill\x12\x16.jds.v1.PrefillRequest\x1a\x17.jds.v1.PrefillResponse\x12:\n\x07Release\x12\x16.jds.v1.ReleaseRequest\x1a\x17.jds.v1.ReleaseResponse\x12?\n\x06Status\x12\x1d.jds.v1.InstanceStatusRequest\x1a\x16.jds.v1.InstanceStatus2\x8c\x01\n\x0e\x44\x65\x63odeInstance\x12\x39\n\x06\x44\x65\x63ode\x12\x15.jds.v1.DecodeRequest\x1a\x16.jds.v1.DecodeResponse0\x01\x12?\n\x06Status\x12\x1d.jds.v1.InstanceStatusRequest\x1a\x16.jds.v1.InstanceStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jds/api/instances.proto\x12\x06jds.v1\x1a\x18jds/api/generation.proto\"\xbe\x03\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x10\n\x08stop_ids\x18\x05 \x03(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\r\n\x05min_p\x18\x07 \x01(\x02\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\rH\x02\x88\x01\x01\x12\x33\n\nlogit_bias\x18\x0e \x03(\x0b\x32\x1f.jds.v1.Sampling.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x1a\n\nArrayShape\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x03\"~\n\x07KVOffer\x12\x18\n\x10transfer_address\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\x04\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\x12\"\n\x06\x61rrays\x18\x06 \x03(\x0b\x32\x12.jds.v1.ArrayShapeJ\x04\x08\x03\x10\x04\"\\\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\"\n\x08sampling\x18\x03 \x01(\x0b\x32\x10.jds.v1.Sampling\"\x8c\x02\n\x0fPrefillResponse\x12\x18\n\x0b\x66irst_token\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07is_stop\x18\x02 \x01(\x08\x12\x1b\n\x02kv\x18\x03 \x01(\x0b\x32\x0f.jds.v1.KVOffer\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12+\n\rfirst_logprob\x18\x06 \x01(\x0b\x32\x14.jds.v1.TokenLogprob\x12-\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x14.jds.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x08 \x01(\rB\x0e\n\x0c_first_token\"\x1e\n\x0eReleaseRequest\x12\x0c\n\x04uuid\x18\x01 \x01(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x8d\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\x05\x12\"\n\x08sampling\x18\x04 \x01(\x0b\x32\x10.jds.v1.Sampling\x12\x1b\n\x02kv\x18\x05 \x01(\x0b\x32\x0f.jds.v1.KVOffer\"\xa0\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x0f\n\x07stopped\x18\x03 \x01(\x08\x12\x18\n\x10transfer_seconds\x18\x04 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x05 \x01(\x04\x12&\n\x08logprobs\x18\x06 \x03(\x0b\x32\x14.jds.v1.TokenLogprob\"\x17\n\x15InstanceStatusRequest\"\xe9\x02\n\x0eInstanceStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bslots_total\x18\x03 \x01(\r\x12\x12\n\nslots_free\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x12\n\nkv_offered\x18\x07 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x08 \x01(\r\x12\x0e\n\x06served\x18\t \x01(\x04\x12\x0f\n\x07\x61\x62orted\x18\n \x01(\x04\x12\x16\n\x0ekv_pages_total\x18\x0b \x01(\r\x12\x15\n\rkv_pages_free\x18\x0c \x01(\r\x12\x1a\n\x12kv_pages_committed\x18\r \x01(\r\x12#\n\x1bprefix_cache_queried_tokens\x18\x0e \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x0f \x01(\x04\x12\x15\n\rkv_pages_used\x18\x10 \x01(\r2\xca\x01\n\x0fPrefillInstance\x12:\n\x07Prefill\x12\x16.jds.v1.PrefillRequest\x1a\x17.jds.v1.PrefillResponse\x12:\n\x07Release\x12\x16.jds.v1.ReleaseRequest\x1a\x17.jds.v1.ReleaseResponse\x12?\n\x06Status\x12\x1d.jds.v1.InstanceStatusRequest\x1a\x16.jds.v1.InstanceStatus2\x8c\x01\n\x0e\x44\x65\x63odeInstance\x12\x39\n\x06\x44\x65\x63ode\x12\x15.jds.v1.DecodeRequest\x1a\x16.jds.v1.DecodeResponse0\x01\x12?\n\x06Status\x12\x1d.jds.v1.InstanceStatusRequest\x1a\x16.jds.v1.InstanceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jds.api.instances_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLING_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLING']._serialized_start=62
-  _globals['_SAMPLING']._serialized_end=405
-  _globals['_ARRAYSHAPE']._serialized_start=407
-  _globals['_ARRAYSHAPE']._serialized_end=433
-  _globals['_KVOFFER']._serialized_start=435
-  _globals['_KVOFFER']._serialized_end=561
-  _globals['_PREFILLREQUEST']._serialized_start=563
-  _globals['_PREFILLREQUEST']._serialized_end=655
-  _globals['_PREFILLRESPONSE']._serialized_start=658
-  _globals['_PREFILLRESPONSE']._serialized_end=926
-  _globals['_RELEASEREQUEST']._serialized_start=928
-  _globals['_RELEASEREQUEST']._serialized_end=958
-  _globals['_RELEASERESPONSE']._serialized_start=960
-  _globals['_RELEASERESPONSE']._serialized_end=995
-  _globals['_DECODEREQUEST']._serialized_start=998
-  _globals['_DECODEREQUEST']._serialized_end=1139
-  _globals['_DECODERESPONSE']._serialized_start=1142
-  _globals['_DECODERESPONSE']._serialized_end=1302
-  _globals['_INSTANCESTATUSREQUEST']._serialized_start=1304
-  _globals['_INSTANCESTATUSREQUEST']._serialized_end=1327
-  _globals['_INSTANCESTATUS']._serialized_start=1330
-  _globals['_INSTANCESTATUS']._serialized_end=1691
-  _globals['_PREFILLINSTANCE']._serialized_start=1694
-  _globals['_PREFILLINSTANCE']._serialized_end=1896
-  _globals['_DECODEINSTANCE']._serialized_start=1899
-  _globals['_DECODEINSTANCE']._serialized_end=2039
+  _globals['_SAMPLING']._serialized_end=508
+  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_start=404
+  _globals['_SAMPLING_LOGITBIASENTRY']._serialized_end=452
+  _globals['_ARRAYSHAPE']._serialized_start=510
+  _globals['_ARRAYSHAPE']._serialized_end=536
+  _globals['_KVOFFER']._serialized_start=538
+  _globals['_KVOFFER']._serialized_end=664
+  _globals['_PREFILLREQUEST']._serialized_start=666
+  _globals['_PREFILLREQUEST']._serialized_end=758
+  _globals['_PREFILLRESPONSE']._serialized_start=761
+  _globals['_PREFILLRESPONSE']._serialized_end=1029
+  _globals['_RELEASEREQUEST']._serialized_start=1031
+  _globals['_RELEASEREQUEST']._serialized_end=1061
+  _globals['_RELEASERESPONSE']._serialized_start=1063
+  _globals['_RELEASERESPONSE']._serialized_end=1098
+  _globals['_DECODEREQUEST']._serialized_start=1101
+  _globals['_DECODEREQUEST']._serialized_end=1242
+  _globals['_DECODERESPONSE']._serialized_start=1245
+  _globals['_DECODERESPONSE']._serialized_end=1405
+  _globals['_INSTANCESTATUSREQUEST']._serialized_start=1407
+  _globals['_INSTANCESTATUSREQUEST']._serialized_end=1430
+  _globals['_INSTANCESTATUS']._serialized_start=1433
+  _globals['_INSTANCESTATUS']._serialized_end=1794
+  _globals['_PREFILLINSTANCE']._serialized_start=1797
+  _globals['_PREFILLINSTANCE']._serialized_end=1999
+  _globals['_DECODEINSTANCE']._serialized_start=2002
+  _globals['_DECODEINSTANCE']._serialized_end=2142
 # @@protoc_insertion_point(module_scope)

@@ -15,7 +15,7 @@ def sampling_message(seq: Sequence) -> ipb.Sampling:
     return ipb.Sampling(
         temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=seq.request.seed, stop_ids=seq.stop_ids, max_tokens=seq.limit,
         min_p=p.min_p, min_tokens=p.min_tokens, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-        repetition_penalty=p.repetition_penalty, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
+        repetition_penalty=p.repetition_penalty, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, logit_bias=dict(p.logit_bias),
     )  # fmt: skip
 
 
@@ -27,6 +27,7 @@ def sequence_from(request_id: str, prompt_ids, sampling: ipb.Sampling, max_seq_l
         seed=sampling.seed, ignore_eos=True, min_p=sampling.min_p, min_tokens=min(sampling.min_tokens, sampling.max_tokens),
         presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
         repetition_penalty=given("repetition_penalty", 1.0), logprobs=given("logprobs"), prompt_logprobs=given("prompt_logprobs"),
+        logit_bias=dict(sampling.logit_bias),
     )  # fmt: skip
     request = Request(request_id, tuple(prompt_ids), params, sampling.seed)
     return Sequence(request, None, tuple(sampling.stop_ids), max_seq_len)

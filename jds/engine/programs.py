@@ -33,7 +33,7 @@ from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVPages
 from jds.model.params import Params, float_dtype
 from jds.model.sampling import Sampled, SamplingRows, sample
-from jds.sampling_params import MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
+from jds.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 from jds.scheduling import policy
 from jds.scheduling.policy import PrefillBatches, pow2_at_least, row_buckets
 from jds.transfer.handoff import Pieces, StageTarget, cut, group_sizes, take_groups
@@ -55,6 +55,8 @@ def empty_rows(n: int) -> SamplingRows:
         repetition_penalty=np.ones(n, np.float32),
         prompt_len=np.zeros(n, np.int32),
         logprobs=np.full(n, -1, np.int32),
+        bias_ids=np.full((n, MAX_LOGIT_BIAS), -1, np.int32),
+        bias=np.zeros((n, MAX_LOGIT_BIAS), np.float32),
     )
 
 
@@ -70,6 +72,9 @@ def set_row(rows: SamplingRows, i: int, seq) -> None:
     rows.logprobs[i] = -1 if p.logprobs is None else p.logprobs
     rows.stop_ids[i] = -1
     rows.stop_ids[i, : len(seq.stop_ids)] = seq.stop_ids
+    rows.bias_ids[i], rows.bias[i] = -1, 0.0
+    for j, (token, bias) in enumerate(p.logit_bias):
+        rows.bias_ids[i, j], rows.bias[i, j] = token, bias
 
 
 def clear_row(rows: SamplingRows, i: int) -> None:

@@ -52,6 +52,9 @@ class RunningRequests:
             raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} stop token ids per request (EOS included), got {len(ids)}")
         if any(t >= vocab for t in ids):
             raise ValueError(f"stop_token_ids: ids must be in [0, {vocab}); got {[t for t in ids if t >= vocab][:8]}")
+        biased = [t for t, _ in request.params.logit_bias if t >= vocab]
+        if biased:
+            raise ValueError(f"logit_bias: ids must be in [0, {vocab}); got {biased[:8]}")
         return ids
 
     def admit(self, request: Request, waiting: Callable[[], int], enqueue: Callable[[Sequence], None]) -> Sequence:

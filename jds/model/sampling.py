@@ -9,7 +9,7 @@ Cost, per row: greedy is an argmax; temperature alone is a few passes over the v
 threshold logit by bisection, one pass over the vocabulary per halving, instead of sorting it.
 Each part runs only when some row of the batch needs it.
 Penalties (OpenAI's presence and frequency, vLLM's repetition) read each row's token history and
-also run only when some row asks for them.
+also run only when some row asks for them, as does a logit bias (added first).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class SamplingRows:
     repetition_penalty: jax.Array  # f32 [B]: divides positive (multiplies negative) logits of prompt or output tokens
     prompt_len: jax.Array  # i32 [B]: where the output starts in the row's history
     logprobs: jax.Array  # i32 [B]: -1, or report the chosen token's log-probability and this many likeliest
+    bias_ids: jax.Array  # i32 [B, L]: tokens whose logits ``bias`` shifts, padded with -1
+    bias: jax.Array  # f32 [B, L]
 
 
 
@@ -74,6 +76,7 @@ def sample(logits: jax.Array, rows: SamplingRows, steps: jax.Array, history: jax
     tokens so far (prompt, then output; -1 where there is none), read only for penalties.
     """
     raw = logits = logits.astype(jnp.float32)
+    logits = jax.lax.cond(jnp.any(rows.bias_ids >= 0), lambda: _biased(logits, rows), lambda: logits)
     if history is not None:
         penalised = (rows.presence_penalty != 0) | (rows.frequency_penalty != 0) | (rows.repetition_penalty != 1)
         logits = jax.lax.cond(jnp.any(penalised), lambda: _penalise(logits, rows, history), lambda: logits)
@@ -102,6 +105,13 @@ def first_max(x: jax.Array) -> jax.Array:
     top = x.max(axis=-1, keepdims=True)
     n = x.shape[-1]
     return jnp.min(jnp.where(x == top, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+
+
+def _biased(logits: jax.Array, rows: SamplingRows) -> jax.Array:
+    """Each row's logit bias added to its tokens' logits (OpenAI's ``logit_bias``)."""
+    b, vocab = logits.shape
+    ids = jnp.where(rows.bias_ids >= 0, rows.bias_ids, vocab)  # no token: out of range, dropped
+    return logits.at[jnp.arange(b)[:, None], ids].add(rows.bias, mode="drop")
 
 
 def _penalise(logits: jax.Array, rows: SamplingRows, history: jax.Array) -> jax.Array:

@@ -71,7 +71,6 @@ class _Generation(_Strict):
             "n",
             f"at most {MAX_CHOICES} choices per request (prompts x n); got {self.prompts()} x {self.n}",
         )
-        _refuse_if(bool(self.logit_bias), "logit_bias", "is not supported")
         _refuse_if(self.stream_options is not None and not self.stream, "stream_options", "is only allowed when stream is true")
 
     def sampling_options(self, max_tokens: int | None, choice: int = 0) -> dict[str, Any]:
@@ -94,6 +93,8 @@ class _Generation(_Strict):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
         }
+        if self.logit_bias:
+            options["logit_bias"] = {_token_id(key): bias for key, bias in self.logit_bias.items()}
         options = {k: v for k, v in options.items() if v is not None}
         options.update(
             ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens
@@ -212,6 +213,13 @@ class ChatCompletionRequest(_Generation):
     def conversation(self) -> list[dict[str, str]]:
         """Messages for the chat template; OpenAI's ``developer`` role is the older ``system``."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+def _token_id(key: str) -> int:
+    """A ``logit_bias`` key: JSON object keys are strings, OpenAI's are token ids written out."""
+    if not (key.isascii() and key.isdigit()):
+        raise InvalidRequest("logit_bias", f"keys must be token ids, got {key[:20]!r}")
+    return int(key)
 
 
 def _refuse_if(condition: bool, field: str, detail: str) -> None:

@@ -86,6 +86,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         prompt_ids, field = self._prompt(request)
         options = {name: getattr(request, name) for name in OPTIONAL_SAMPLING if request.HasField(name)}
         options.update(stop=tuple(request.stop), stop_token_ids=tuple(request.stop_token_ids), ignore_eos=request.ignore_eos)
+        options.update(logit_bias=dict(request.logit_bias))
         request_id = request.request_id if request.HasField("request_id") else None
         return build_request(self.engine, prompt_ids, field, options, request_id)
 
