@@ -196,6 +196,19 @@ def test_micro_leaves_out_the_parts_it_is_told_to_skip(tmp_path):
         main([*args, "--skip", "warmup"])
 
 
+def test_a_micro_part_that_fails_leaves_a_note_and_the_other_figures(micro):
+    from jds.bench.micro import attempt, markdown
+
+    def no_server() -> dict:
+        raise RuntimeError("the server exited with 1")
+
+    failed = attempt(no_server)
+    assert failed == {"note": "not measured: RuntimeError: the server exited with 1"}
+    text = markdown({**micro[0], "startup": failed, "engine": failed})
+    assert "Start-up: not measured: RuntimeError: the server exited with 1." in text
+    assert "Engine decode against the bare step: not measured: RuntimeError" in text and "jds / floor" in text
+
+
 def test_a_restart_loads_every_warm_up_program_from_the_compile_cache(micro):
     startup = micro[0]["startup"]  # the micro-benchmark's two starts of python -m jds.server, one cache
     assert startup["warm_programs"] == startup["programs"] > 0
@@ -223,6 +236,20 @@ def test_the_layer_loop_forms_run_each_in_its_own_process_with_its_flags_set_bef
     assert "| scan-slice-fusion | 2 |" in text
     with pytest.raises(SystemExit, match="unknown"):
         main(["layers", "--forms", "scan,loop", "--out", str(out)])
+
+
+def test_a_layer_loop_form_whose_process_dies_is_reported_and_the_others_still_run():
+    from jds.bench import layer_loops
+    from tests_paths import CONFIGS
+
+    forms = {"unknown-flag": {"env": {"XLA_FLAGS": "--xla_no_such_flag=true"}}, "scan": {}}  # XLA aborts over the first
+    seen = []
+    result = layer_loops.run(CONFIGS / "tiny.yaml", forms, [1], 32, 8, done=lambda so_far: seen.append(len(so_far["forms"])))
+    failed, measured = result["forms"]
+    assert failed["form"] == "unknown-flag" and "error" in failed and "decode" not in failed
+    assert measured["form"] == "scan" and measured["decode"][0]["seconds"] > 0 and seen == [1, 2]
+    text = layer_loops.markdown(result)
+    assert "| scan | 1 |" in text and "Not measured: unknown-flag: " in text
 
 
 def test_without_a_gguf_the_transformers_peer_builds_the_same_shapes_at_random():

@@ -176,7 +176,7 @@ def _micro(args: argparse.Namespace, out: Path) -> int:
     startup = None
     if "startup" not in skip:
         log.info("measuring the server's start-up")
-        startup = micro.server_startup(Path(args.config) if args.config else DEFAULT_CONFIG)
+        startup = micro.attempt(lambda: micro.server_startup(Path(args.config) if args.config else DEFAULT_CONFIG))
     model = load_model(config)
     int8 = config.model_copy(update={"model": config.model.model_copy(update={"quantization": "int8"})})
     int8_model = None if "int8" in skip else load_model(int8, progress=False)
@@ -187,7 +187,7 @@ def _micro(args: argparse.Namespace, out: Path) -> int:
         result["startup"] = startup
     if "engine" not in skip:
         log.info("measuring the engine's decode")
-        result["engine"] = micro.engine_decode(config, model)
+        result["engine"] = micro.attempt(lambda: micro.engine_decode(config, model))
     return _write(out, "micro", result, micro.markdown(result))
 
 
@@ -200,16 +200,22 @@ def _layers(args: argparse.Namespace, out: Path) -> int:
     if unknown:
         raise SystemExit(f"--forms: unknown {unknown}; choose from {list(layer_loops.FORMS)}")
     config = Path(args.config) if args.config else DEFAULT_CONFIG
-    result = layer_loops.run(config, forms, [int(b) for b in args.batches.split(",")], args.context, args.prompt)
+    batches = [int(b) for b in args.batches.split(",")]
+
+    def keep(so_far: dict) -> None:  # after each form, so that a run stopped midway keeps what it measured
+        _write(out, "layers", so_far, layer_loops.markdown(so_far), echo=False)
+
+    result = layer_loops.run(config, {f: layer_loops.FORMS[f] for f in forms}, batches, args.context, args.prompt, keep)
     return _write(out, "layers", result, layer_loops.markdown(result))
 
 
-def _write(out: Path, name: str, result: dict, text: str) -> int:
-    """``name``.json (with the command line) and ``name``.md into ``out``; the markdown printed too."""
+def _write(out: Path, name: str, result: dict, text: str, echo: bool = True) -> int:
+    """``name``.json (with the command line) and ``name``.md into ``out``; with ``echo`` the markdown printed too."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"command": sys.argv, **result}, indent=1) + "\n")
     (out / f"{name}.md").write_text(text)
-    print(text)
+    if echo:
+        print(text)
     return 0
 
 

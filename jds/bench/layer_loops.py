@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -46,11 +47,11 @@ def prefill_timings(model: LoadedModel, tokens: int) -> tuple[float, float]:
     return micro.first_and_steady(lambda: jax.block_until_ready(prefill(model.params, ids, lengths)))
 
 
-def measure_form(config_path: str, form: str, batches: list[int], context: int, prompt: int) -> dict:
-    """One form's figures; run it in a fresh process (``micro.in_own_process``)."""
+def measure_form(config_path: str, form: str, spec: dict, batches: list[int], context: int, prompt: int) -> dict:
+    """One form's figures (``spec``: its entry of ``FORMS``); run it in a fresh process
+    (``micro.in_own_process``)."""
     from jax._src import xla_bridge
 
-    spec = FORMS[form]
     started = xla_bridge.backends_are_initialized()
     for name, value in spec.get("env", {}).items():
         os.environ[name] = f"{os.environ.get(name, '')} {value}".strip() if name == "XLA_FLAGS" else value
@@ -79,30 +80,42 @@ def measure_form(config_path: str, form: str, batches: list[int], context: int, 
     }
 
 
-def run(config_path: Path, forms: list[str], batches: list[int], context: int, prompt: int) -> dict:
-    """Every form, each in its own process, one after another."""
-    results = [micro.in_own_process(measure_form, str(config_path), form, batches, context, prompt)[0] for form in forms]
-    return {"config": str(config_path), "context": context, "forms": results}
+def run(
+    config_path: Path, forms: dict[str, dict], batches: list[int], context: int, prompt: int, done: Callable[[dict], None] = lambda _: None
+) -> dict:
+    """Every form, each in its own process, one after another; ``done`` gets the result so far
+    after each. A form whose process fails (XLA ends a process at once over a flag its build does
+    not know) is reported with its error, and the others still run."""
+    result: dict = {"config": str(config_path), "context": context, "forms": []}
+    for form, spec in forms.items():
+        try:
+            measured = micro.in_own_process(measure_form, str(config_path), form, spec, batches, context, prompt)[0]
+        except Exception as exc:  # noqa: BLE001 - any failure of one form is that form's result
+            measured = {"form": form, "error": f"{type(exc).__name__}: {exc}"}
+        result["forms"].append(measured)
+        done(result)
+    return result
 
 
 def markdown(result: dict) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
-    first = result["forms"][0]
-    bandwidths = ", ".join(f"{f['memory_bandwidth_gb_per_s']:.0f}" for f in result["forms"])
-    lines = [
-        f"# Layer-loop forms ({first['backend']}, {result['config']})",
-        "",
-        f"Decode steps over {result['context']} cache positions, against the floor of the bytes they read at each "
-        f"process's measured bandwidth ({bandwidths} GB/s); "
-        f"one prompt of {first['prefill']['tokens']} tokens against the matrix-product rate. The first call compiles.",
-        "",
-        "| form | batch | first call s | ms | / floor |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for form in result["forms"]:
-        lines += [f"| {form['form']} | {d['batch']} | {d['first_call_seconds']:.1f} | {ms(d['seconds'])} | {d['over_floor']:.2f} |" for d in form["decode"]]
-    lines += ["", "| form | prefill first call s | prefill ms | of matmul peak |", "|---|---:|---:|---:|"]
-    for form in result["forms"]:
-        p = form["prefill"]
-        lines.append(f"| {form['form']} | {p['first_call_seconds']:.1f} | {ms(p['seconds'])} | {p['of_matmul_peak']:.0%} |")
+    measured = [f for f in result["forms"] if "error" not in f]
+    lines = [f"# Layer-loop forms ({measured[0]['backend'] if measured else 'none measured'}, {result['config']})", ""]
+    if measured:
+        bandwidths = ", ".join(f"{f['memory_bandwidth_gb_per_s']:.0f}" for f in measured)
+        lines += [
+            f"Decode steps over {result['context']} cache positions, against the floor of the bytes they read at each "
+            f"process's measured bandwidth ({bandwidths} GB/s); "
+            f"one prompt of {measured[0]['prefill']['tokens']} tokens against the matrix-product rate. The first call compiles.",
+            "",
+            "| form | batch | first call s | ms | / floor |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for form in measured:
+            lines += [f"| {form['form']} | {d['batch']} | {d['first_call_seconds']:.1f} | {ms(d['seconds'])} | {d['over_floor']:.2f} |" for d in form["decode"]]
+        lines += ["", "| form | prefill first call s | prefill ms | of matmul peak |", "|---|---:|---:|---:|"]
+        for form in measured:
+            p = form["prefill"]
+            lines.append(f"| {form['form']} | {p['first_call_seconds']:.1f} | {ms(p['seconds'])} | {p['of_matmul_peak']:.0%} |")
+    lines += [f"\nNot measured: {f['form']}: {f['error']}" for f in result["forms"] if "error" in f]
     return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import importlib.util
+import logging
 import multiprocessing
 import os
 import re
@@ -54,6 +55,8 @@ from jds.sampling_params import SamplingParams
 from jds.scheduling import policy
 from jds.scheduling.policy import length_buckets
 from jds.transfer.handoff import StageTarget, send_pages
+
+log = logging.getLogger(__name__)
 
 
 def on_accelerator() -> bool:
@@ -243,6 +246,16 @@ def server_startup(config_path: Path) -> dict:
         "cache_entries": len(entries[0]),
         "restart_new_entries": len(entries[1] - entries[0]),
     }
+
+
+def attempt(fn: Callable[[], dict]) -> dict:
+    """``fn()``, or a note of why it failed: a part of the benchmark that fails (a server that
+    cannot start, an engine out of memory) leaves the other parts' figures standing."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - the failure is that part's result
+        log.exception("a part of the micro-benchmark failed")
+        return {"note": f"not measured: {type(exc).__name__}: {str(exc)[:300]}"}
 
 
 def peak_rss_bytes() -> int:
@@ -583,7 +596,9 @@ def markdown(result: dict) -> str:
             f"{r['handoff_bytes'] / 1e6:.1f} | {r['handoff_of_prompt_kv']:.2f}x | {ms(r['handoff_seconds'])} | {r['handoff_gb_per_s']:.1f} | {r['handoff_of_prefill']:.1%} |{peers(r)}"
         )
     lines += ["", f"Handoff: {result['handoff']}. Peers decode from a 16-token prompt (a short, growing cache)."]
-    if "startup" in result:
+    if "note" in result.get("startup", {}):
+        lines += ["", f"Start-up: {result['startup']['note']}."]
+    elif "startup" in result:
         s = result["startup"]
         lines += [
             "",
