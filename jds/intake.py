@@ -31,10 +31,16 @@ class InvalidRequest(ValueError):
         self.field = field
 
 
-def encode_text(engine: ServingEngine, text: str, field: str) -> tuple[int, ...]:
+def encode_text(engine: ServingEngine, text: str, field: str, add_special: bool = True) -> tuple[int, ...]:
     """Prompt ids of a text, refusing one that is not Unicode or could never fit the context."""
     _check_unicode(text, field)
-    return _encode(engine, _tokenizer(engine, field), text, field, add_special=True)
+    return _encode(engine, _tokenizer(engine, field), text, field, add_special=add_special)
+
+
+def decode_ids(engine: ServingEngine, ids: Sequence[int], field: str) -> str:
+    """The text of token ids, special tokens written out (what ``/detokenize`` answers)."""
+    tokenizer = _tokenizer(engine, field)
+    return tokenizer.decode(check_token_ids(engine, ids, field) if ids else (), skip_special=False)
 
 
 def encode_chat(

@@ -114,8 +114,10 @@ def test_openai_client_over_https_with_a_key_and_401_without(server, tls):
         assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             client.models.list()
-    health_url = server.openai_url.removesuffix("/v1") + "/health"
-    assert httpx.get(health_url, verify=_trust(tls), timeout=10).json() == {"status": "serving"}
+    root = server.openai_url.removesuffix("/v1")
+    assert httpx.get(root + "/health", verify=_trust(tls), timeout=10).json() == {"status": "serving"}
+    assert "jds_requests_total" in httpx.get(root + "/metrics", verify=_trust(tls), timeout=10).text  # open to scrapers, as /health
+    assert httpx.post(root + "/tokenize", json={"prompt": "hi"}, verify=_trust(tls), timeout=10).status_code == 401
 
 
 def test_the_client_command_takes_a_key_and_the_ca(server, tls):
@@ -158,17 +160,18 @@ def test_refused_keys_are_counted_in_the_open_metrics(server, tls, channel):
 def test_keys_guarding_health_cover_the_http_health_check_too():
     app = FastAPI()
     app.get("/health")(lambda: {"status": "serving"})
+    app.get("/metrics")(lambda: "jds_requests_total 0")
     app.get("/v1/models")(lambda: {"data": []})
     refusals = []
     for guard, health_without_key in ((False, 200), (True, 401)):
         keys = ApiKeys(["k"], guard_health=guard, on_refusal=lambda: refusals.append(1))
         client = TestClient(http_key_check(app, keys))
-        assert client.get("/health").status_code == health_without_key
+        assert client.get("/health").status_code == client.get("/metrics").status_code == health_without_key
         assert client.get("/health", headers={"Authorization": "Bearer k"}).status_code == 200
         assert client.get("/v1/models", headers={"Authorization": "bearer k"}).status_code == 200  # the scheme's case is free
         denied = client.get("/v1/models", headers={"Authorization": "Bearer k2"})
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
-    assert len(refusals) == 3
+    assert len(refusals) == 4
 
 
 def test_keys_guarding_health_cover_the_grpc_health_service_too():

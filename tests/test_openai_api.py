@@ -60,6 +60,31 @@ def test_models_and_health(server, client):
     assert health.status_code == 200 and health.json() == {"status": "serving"}
 
 
+def test_tokenize_detokenize_version_and_metrics_as_vllm_serves_them(server, offline):
+    from importlib.metadata import version
+
+    root = server.openai_url.removesuffix("/v1")
+    with httpx.Client(base_url=root, timeout=30) as http:
+        expected = offline.generate("The quick brown fox", SamplingParams(max_tokens=1))[0].prompt_token_ids
+        answer = http.post("/tokenize", json={"model": MODEL, "prompt": "The quick brown fox"}).json()
+        assert answer == {"count": len(expected), "max_model_len": MAX_SEQ_LEN, "tokens": list(expected)}
+        plain = http.post("/tokenize", json={"prompt": "The quick brown fox", "add_special_tokens": False}).json()["tokens"]
+        tokenizer = offline.engine.model.tokenizer
+        assert plain == tokenizer.encode("The quick brown fox", add_special=False)
+        chat = [{"role": "user", "content": "Say hi"}]
+        expected = offline.chat(chat, SamplingParams(max_tokens=1))[0].prompt_token_ids
+        assert http.post("/tokenize", json={"messages": chat}).json()["tokens"] == list(expected)
+        assert http.post("/detokenize", json={"tokens": list(expected)}).json() == {"prompt": tokenizer.decode(expected, skip_special=False)}
+        for path, body, param in [("/tokenize", {"prompt": "a", "messages": chat}, "prompt"), ("/tokenize", {}, "prompt"),
+                                  ("/detokenize", {"tokens": [49152]}, "tokens"), ("/tokenize", {"prompt": "a", "frobnicate": 1}, "frobnicate")]:  # fmt: skip
+            refused = http.post(path, json=body)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+        assert http.post("/tokenize", json={"model": "gpt-4", "prompt": "a"}).status_code == 404
+        assert http.get("/version").json() == {"version": version("jds")}
+        metrics = http.get("/metrics")
+        assert metrics.status_code == 200 and f"\njds_slots_total {SLOTS}.0\n" in metrics.text  # the server's own registry
+
+
 def test_a_repeated_prompt_reports_the_tokens_the_prefix_cache_held(client):
     held = 2 * DEFAULT_PAGE_SIZE
     prompt = list(range(4100, 4100 + held + 8))  # two full pages before its last token, and 8 tokens more

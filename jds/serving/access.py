@@ -22,7 +22,7 @@ import grpc
 from prometheus_client import make_wsgi_app
 
 KEYS_ENV = "JDS_API_KEY"  # one key, or several separated by commas
-OPEN_HTTP_PATHS = ("/health",)
+OPEN_HTTP_PATHS = ("/health", "/metrics")
 OPEN_GRPC_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 

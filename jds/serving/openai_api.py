@@ -17,10 +17,13 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,11 +31,11 @@ from jds.engine.interface import ServingEngine
 from jds.engine.request import Request as EngineRequest
 from jds.engine.request import StreamOutput
 from jds.engine.sequence import RequestStream
-from jds.intake import build_request, check_token_ids, encode_chat, encode_text
+from jds.intake import InvalidRequest, build_request, check_token_ids, decode_ids, encode_chat, encode_text
 from jds.serving.admission import Refused, admit_all
 from jds.serving.metrics import Metrics
 from jds.serving.openai_logprobs import LogprobShapes
-from jds.serving.openai_schema import ChatCompletionRequest, CompletionRequest
+from jds.serving.openai_schema import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, conversation
 
 HTTP_STATUS = {"invalid": 400, "not_found": 404, "busy": 429, "unavailable": 503}
 ERROR_TYPES = {
@@ -150,6 +153,25 @@ class OpenAIFrontend:
                 return self._unknown_model(model_id)
             return JSONResponse(self._model_card())
 
+        @app.get("/metrics")
+        async def metrics() -> Response:  # as vLLM serves them, beside --metrics-port's
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        @app.get("/version")
+        async def version() -> JSONResponse:
+            try:
+                return JSONResponse({"version": package_version("jds")})
+            except PackageNotFoundError:  # run from a source tree that was never installed
+                return JSONResponse({"version": "unknown: jds is not installed"})
+
+        @app.post("/tokenize", openapi_extra=_body_schema(TokenizeRequest))
+        async def tokenize(http: Request):
+            return await self._utility(http, TokenizeRequest, self._tokenize)
+
+        @app.post("/detokenize", openapi_extra=_body_schema(DetokenizeRequest))
+        async def detokenize(http: Request):
+            return await self._utility(http, DetokenizeRequest, lambda body: {"prompt": decode_ids(self.engine, body.tokens, "tokens")})
+
         @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
         async def completions(http: Request):
             return await self._serve(http, CompletionRequest, self._completion_request)
@@ -181,6 +203,37 @@ class OpenAIFrontend:
     def _unknown_model_error(self, name: str) -> tuple[str, str, str]:
         self.metrics.rejected.labels("NOT_FOUND").inc()
         return f"model: {name!r} is not served here; this server serves {self.model_name!r}", "model", "model_not_found"
+
+    # -- tokens -------------------------------------------------------------------------------
+
+    def _tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        """The ids a completion's prompt or a chat's messages become (vLLM's answer's shape)."""
+        body.check()
+        if body.prompt is not None:
+            ids = encode_text(self.engine, body.prompt, "prompt", add_special=body.add_special_tokens)
+        else:
+            ids = encode_chat(
+                self.engine, conversation(body.messages), "messages", body.add_generation_prompt, body.continue_final_message,
+                body.chat_template_kwargs,
+            )  # fmt: skip
+        return {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": list(ids)}
+
+    async def _utility(self, http: Request, schema: type[BaseModel], answer: Callable[[Any], dict[str, Any]]) -> JSONResponse:
+        """A request that runs no model (tokenize, detokenize): parsed and answered on a worker thread."""
+
+        def run() -> dict[str, Any]:
+            body = parse_body(raw, schema)
+            if body.model is not None and body.model != self.model_name:
+                raise _Refusal(404, *self._unknown_model_error(body.model))
+            return answer(body)
+
+        try:
+            raw = await self._read_body(http)
+            return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, run))
+        except _Refusal as refusal:
+            return refusal.response
+        except InvalidRequest as exc:
+            return error_response(400, str(exc), exc.field)
 
     # -- requests -----------------------------------------------------------------------------
 

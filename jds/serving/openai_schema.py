@@ -211,8 +211,12 @@ class ChatCompletionRequest(_Generation):
         return {"logprobs": self.top_logprobs or 0} if self.logprobs else {}
 
     def conversation(self) -> list[dict[str, str]]:
-        """Messages for the chat template; OpenAI's ``developer`` role is the older ``system``."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return conversation(self.messages)
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages for the chat template; OpenAI's ``developer`` role is the older ``system``."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
 def _token_id(key: str) -> int:
@@ -225,3 +229,25 @@ def _token_id(key: str) -> int:
 def _refuse_if(condition: bool, field: str, detail: str) -> None:
     if condition:
         raise InvalidRequest(field, detail)
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's ``POST /tokenize``: a prompt's ids, or a conversation's through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # a prompt's BOS
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        _refuse_if((self.prompt is None) == (self.messages is None), "prompt", "give exactly one of prompt or messages")
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's ``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[int]
