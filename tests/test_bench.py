@@ -190,7 +190,7 @@ def test_micro_leaves_out_the_parts_it_is_told_to_skip(tmp_path):
     assert main([*args, "--skip", "startup,int8,sampling,engine", "--out", str(out)]) == 0
     result, text = json.loads((out / "micro.json").read_text()), (out / "micro.md").read_text()
     assert [(r["weights"], r["batch"]) for r in result["decode"]] == [("float", 2)] and len(result["prefill"]) == 1
-    assert not {"startup", "engine", "sampling", "int8_weight_bytes"} & set(result)
+    assert not {"startup", "engine", "sampling", "int8_weight_bytes", "partial"} & set(result)
     assert "as int8" not in text and "Start-up" not in text and "Engine decode" not in text
     with pytest.raises(SystemExit, match="unknown.*'warmup'"):
         main([*args, "--skip", "warmup"])

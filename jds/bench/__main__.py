@@ -170,24 +170,29 @@ def _micro(args: argparse.Namespace, out: Path) -> int:
         raise SystemExit(f"--skip: unknown {sorted(skip - set(MICRO_PARTS))}; choose from {', '.join(MICRO_PARTS)}")
     # The peers and the servers run in processes of their own before this one touches a device,
     # so that on an accelerator each has the device's memory to itself.
+    done: dict = {"partial": True}
+
+    def keep(**parts) -> None:  # micro.json after each part, so that a run stopped midway keeps what it measured
+        done.update(parts)
+        _write(out, "micro", done, "(partial: see micro.json)\n", echo=False)
+
     log.info("measuring the installed peers")
     peer_model = micro.PeerModel(model_architecture(config), config.model.dtype, gguf)
-    peers = micro.measure_peers(peer_model, batches, prompts, wanted=not args.no_peer)
-    startup = None
+    keep(peers=micro.measure_peers(peer_model, batches, prompts, wanted=not args.no_peer))
     if "startup" not in skip:
         log.info("measuring the server's start-up")
-        startup = micro.attempt(lambda: micro.server_startup(Path(args.config) if args.config else DEFAULT_CONFIG))
+        keep(startup=micro.attempt(lambda: micro.server_startup(Path(args.config) if args.config else DEFAULT_CONFIG)))
     model = load_model(config)
     int8 = config.model_copy(update={"model": config.model.model_copy(update={"quantization": "int8"})})
     int8_model = None if "int8" in skip else load_model(int8, progress=False)
     log.info("measuring jds")
-    result = micro.run(model, int8_model, batches, contexts, prompts, peers, sampling="sampling" not in skip)
+    result = micro.run(model, int8_model, batches, contexts, prompts, done["peers"], sampling="sampling" not in skip)
     del int8_model  # the engine below loads its own copy of the model
-    if startup is not None:
-        result["startup"] = startup
+    keep(**result)
     if "engine" not in skip:
         log.info("measuring the engine's decode")
-        result["engine"] = micro.attempt(lambda: micro.engine_decode(config, model))
+        keep(engine=micro.attempt(lambda: micro.engine_decode(config, model)))
+    result = {k: v for k, v in done.items() if k != "partial"}
     return _write(out, "micro", result, micro.markdown(result))
 
 
