@@ -31,10 +31,11 @@ class InvalidRequest(ValueError):
         self.field = field
 
 
-def encode_text(engine: ServingEngine, text: str, field: str, add_special: bool = True) -> tuple[int, ...]:
-    """Prompt ids of a text, refusing one that is not Unicode or could never fit the context."""
+def encode_text(engine: ServingEngine, text: str, field: str, add_special: bool = True, prompt: bool = True) -> tuple[int, ...]:
+    """Prompt ids of a text, refusing one that is not Unicode or could never fit the context.
+    ``prompt=False`` only counts (``/tokenize``): any length, empty too."""
     _check_unicode(text, field)
-    return _encode(engine, _tokenizer(engine, field), text, field, add_special=add_special)
+    return _encode(engine, _tokenizer(engine, field), text, field, add_special, prompt)
 
 
 def decode_ids(engine: ServingEngine, ids: Sequence[int], field: str) -> str:
@@ -50,9 +51,10 @@ def encode_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     template_kwargs: Mapping[str, Any] | None = None,
+    prompt: bool = True,
 ) -> tuple[int, ...]:
     """Prompt ids of a conversation, through the model's own chat template (its options as
-    ``Tokenizer.apply_chat_template`` takes them)."""
+    ``Tokenizer.apply_chat_template`` takes them); ``prompt`` as ``encode_text`` takes it."""
     tokenizer = _tokenizer(engine, field)
     if not messages:
         raise InvalidRequest(field, "a conversation needs at least one message")
@@ -66,13 +68,14 @@ def encode_chat(
         _check_unicode(m["content"], f"{field}[{i}].content")
     # The rendered conversation holds every message's content, so it is at least their length:
     # one far beyond the context is refused before the template runs (0.4 s for 130,000 messages).
-    _refuse_beyond_context(engine, tokenizer, sum(len(m["content"]) for m in messages), field)
+    if prompt:
+        _refuse_beyond_context(engine, tokenizer, sum(len(m["content"]) for m in messages), field)
     try:
         conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt, continue_final_message, template_kwargs)
     except ValueError as exc:  # the template refuses the conversation (e.g. roles out of order)
         raise InvalidRequest(field, str(exc)) from None
-    return _encode(engine, tokenizer, text, field, add_special=False)  # the template writes any BOS itself
+    return _encode(engine, tokenizer, text, field, False, prompt)  # the template writes any BOS itself
 
 
 def check_token_ids(engine: ServingEngine, ids: Sequence[int], field: str) -> tuple[int, ...]:
@@ -144,8 +147,11 @@ def check_request_id(request_id: str | None, field: str = "request_id") -> str:
     return request_id
 
 
-def _encode(engine: ServingEngine, tokenizer: Tokenizer, text: str, field: str, add_special: bool) -> tuple[int, ...]:
-    """Ids of a text, refusing without encoding it one that could never fit the context."""
+def _encode(engine: ServingEngine, tokenizer: Tokenizer, text: str, field: str, add_special: bool, prompt: bool) -> tuple[int, ...]:
+    """Ids of a text; for a prompt, refusing without encoding it one that could never fit the
+    context, and refusing one of no tokens."""
+    if not prompt:
+        return tuple(tokenizer.encode(text, add_special=add_special))
     _refuse_beyond_context(engine, tokenizer, len(text), field)
     return _non_empty(tuple(tokenizer.encode(text, add_special=add_special)), field)
 

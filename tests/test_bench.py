@@ -263,6 +263,10 @@ def test_without_a_gguf_the_transformers_peer_builds_the_same_shapes_at_random()
     assert times["note"] == "random weights at the same shapes, float32, on cpu"
     assert sorted(times["decode"]) == [1, 3] and sorted(times["prefill"]) == [8, 24]
     assert all(t > 0 for phase in ("decode", "prefill") for t in times[phase].values())
+    big = load_config(CONFIGS / "llama7b-1gpu.yaml").model.architecture  # 6.7B: not run on a CPU
+    assert transformers_peer(PeerModel(big, "auto"), [1], [8]) == {
+        "note": "not measured: torch sees no GPU, and 6.7B parameters would take minutes on the CPU"
+    }
 
 
 def test_the_engine_measurement_keeps_few_slots_and_the_kv_they_fill():

@@ -34,9 +34,15 @@ def test_every_form_of_the_layer_loop_gives_the_same_logits_and_cache(monkeypatc
     params = init_params(ARCH, jax.random.key(0))
     scanned = _prefill_then_decode(params)
     looped = _prefill_then_decode(params.replace(layers=split_layers(params.layers)))
+    # The unroll is read when a program is traced, and JAX keeps traces across jit wrappers of the
+    # same function: drop them, and count that the unrolled programs really were traced anew.
     monkeypatch.setenv("JDS_LAYER_UNROLL", "2")
-    assert llama.layer_unroll() == 2
+    jax.clear_caches()
+    unrolls = []
+    read = llama.layer_unroll
+    monkeypatch.setattr(llama, "layer_unroll", lambda: unrolls.append(read()) or unrolls[-1])
     unrolled = _prefill_then_decode(params)
+    assert unrolls == [2, 2]  # the prefill's loop and the decode step's
     for got in (looped, unrolled):
         for a, b in zip(got, scanned):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

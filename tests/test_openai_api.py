@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import grpc
 import httpx
@@ -75,6 +76,8 @@ def test_tokenize_detokenize_version_and_metrics_as_vllm_serves_them(server, off
         expected = offline.chat(chat, SamplingParams(max_tokens=1))[0].prompt_token_ids
         assert http.post("/tokenize", json={"messages": chat}).json()["tokens"] == list(expected)
         assert http.post("/detokenize", json={"tokens": list(expected)}).json() == {"prompt": tokenizer.decode(expected, skip_special=False)}
+        long = http.post("/tokenize", json={"prompt": "fox " * MAX_SEQ_LEN}).json()  # counted, though no request could hold it
+        assert long["count"] > MAX_SEQ_LEN and http.post("/tokenize", json={"prompt": "", "add_special_tokens": False}).json()["count"] == 0
         for path, body, param in [("/tokenize", {"prompt": "a", "messages": chat}, "prompt"), ("/tokenize", {}, "prompt"),
                                   ("/detokenize", {"tokens": [49152]}, "tokens"), ("/tokenize", {"prompt": "a", "frobnicate": 1}, "frobnicate")]:  # fmt: skip
             refused = http.post(path, json=body)
@@ -315,12 +318,28 @@ def test_overload_is_429_and_accepted_requests_finish(client, stub):
 
 
 def test_the_choices_of_a_request_are_admitted_all_or_none(server, client, stub):
+    with pytest.raises(openai.BadRequestError) as err:  # more choices than may ever wait at once: refused, not retried
+        client.completions.create(model=MODEL, prompt=[1, 2, 3], n=9, max_tokens=2, **GREEDY)
+    assert err.value.body["param"] == "n" and "(server.max_waiting 8)" in err.value.body["message"]
+
+    # 10 long requests: 4 in the slots, 6 of the 8 waiting places taken; then a call of 4 choices,
+    # 2 of which would fit.
     finished = aborted_requests(server.metrics_url, reason="length")
-    with pytest.raises(openai.RateLimitError) as err:  # 40 choices: more than 4 slots and 8 waiting places
-        client.completions.create(model=MODEL, prompt=[1, 2, 3], n=40, max_tokens=MAX_SEQ_LEN - 3, **GREEDY)
+    long = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": MAX_SEQ_LEN - 3, **GREEDY}
+    background = [threading.Thread(target=client.completions.create, kwargs=long) for _ in range(10)]
+    for t in background:
+        t.start()
+    deadline = time.monotonic() + 20
+    while stub.ModelInfo(pb.ModelInfoRequest()).waiting < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(openai.RateLimitError) as err:
+        client.completions.create(**{**long, "n": 4})
     assert "server is busy" in err.value.body["message"]
-    info = wait_idle(stub, timeout=2)  # the choices admitted before the refusal were aborted, not left to run
-    assert (info.slots_in_use, info.running) == (0, 0) and aborted_requests(server.metrics_url, reason="length") == finished
+    for t in background:
+        t.join()
+    wait_idle(stub)
+    # The 10 ran to their length; the 2 choices admitted before the refusal were aborted, not run.
+    assert aborted_requests(server.metrics_url, 10, finished + 10, reason="length") == finished + 10
     assert len(client.completions.create(model=MODEL, prompt=[1, 2, 3], n=4, max_tokens=2, **GREEDY).choices) == 4
 
 

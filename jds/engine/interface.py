@@ -20,6 +20,7 @@ class ServingEngine(Protocol):
     model: LoadedModel  # name, architecture, tokenizer (weights released or never loaded)
     placement: Placement
     max_seq_len: int  # the longest sequence any of its decode instances holds
+    max_waiting: int | None  # requests that may wait for prefill at once (None: no bound)
 
     def validate(self, request: Request) -> tuple[int, ...]:
         """Raise ValueError naming the field if ``request`` cannot run; else its stop ids."""

@@ -7,6 +7,7 @@ codes, and counts it, so both front ends refuse the same requests for the same r
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from typing import Literal
@@ -61,9 +62,17 @@ def admit_all(
         except RuntimeError as exc:  # the engine has shut down
             raise Refused("unavailable", str(exc)) from None
         except ValueError as exc:  # the engine's own checks (stop ids, a request id already running)
-            raise Refused("invalid", str(exc), str(exc).partition(" ")[0].rstrip(":")) from None
-    except Refused as refusal:
+            raise Refused("invalid", str(exc), _field_named(str(exc))) from None
+    except BaseException as exc:
         for request, _ in admitted:
             engine.abort(request.request_id)
-        metrics.rejected.labels(GRPC_CODES[refusal.kind]).inc()
+        if isinstance(exc, Refused):
+            metrics.rejected.labels(GRPC_CODES[exc.kind]).inc()
         raise
+
+
+def _field_named(message: str) -> str | None:
+    """The field an engine check's message starts with (``"stop_token_ids: at most 8 ..."``,
+    ``"request_id 'x' is already running"``), or None when its first word names none."""
+    word = message.partition(" ")[0].rstrip(":")
+    return word if re.fullmatch(r"[a-z][a-z0-9_]*", word) else None

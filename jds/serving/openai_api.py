@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``
-and ``/health``, on the same engine, admission checks and metrics as the gRPC service.
+and ``/health``, on the same engine, admission checks and metrics as the gRPC service; and vLLM's
+``/tokenize``, ``/detokenize``, ``/version`` and ``/metrics``.
 
 Response bodies, streamed chunks (server-sent events ending in ``data: [DONE]``), usage and error
 bodies have the shapes of OpenAI's API, so its clients parse them. Refusals are 400 (with ``param``
@@ -200,8 +201,10 @@ class OpenAIFrontend:
     def _unknown_model(self, name: str) -> JSONResponse:
         return error_response(404, *self._unknown_model_error(name))
 
-    def _unknown_model_error(self, name: str) -> tuple[str, str, str]:
-        self.metrics.rejected.labels("NOT_FOUND").inc()
+    def _unknown_model_error(self, name: str, counted: bool = True) -> tuple[str, str, str]:
+        """The 404's message, field and code; ``counted`` among refused requests (a generation's)."""
+        if counted:
+            self.metrics.rejected.labels("NOT_FOUND").inc()
         return f"model: {name!r} is not served here; this server serves {self.model_name!r}", "model", "model_not_found"
 
     # -- tokens -------------------------------------------------------------------------------
@@ -209,12 +212,12 @@ class OpenAIFrontend:
     def _tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
         """The ids a completion's prompt or a chat's messages become (vLLM's answer's shape)."""
         body.check()
-        if body.prompt is not None:
-            ids = encode_text(self.engine, body.prompt, "prompt", add_special=body.add_special_tokens)
+        if body.prompt is not None:  # counted whatever its length, as vLLM does: clients ask whether a prompt fits
+            ids = encode_text(self.engine, body.prompt, "prompt", add_special=body.add_special_tokens, prompt=False)
         else:
             ids = encode_chat(
                 self.engine, conversation(body.messages), "messages", body.add_generation_prompt, body.continue_final_message,
-                body.chat_template_kwargs,
+                body.chat_template_kwargs, prompt=False,
             )  # fmt: skip
         return {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": list(ids)}
 
@@ -224,7 +227,7 @@ class OpenAIFrontend:
         def run() -> dict[str, Any]:
             body = parse_body(raw, schema)
             if body.model is not None and body.model != self.model_name:
-                raise _Refusal(404, *self._unknown_model_error(body.model))
+                raise _Refusal(404, *self._unknown_model_error(body.model, counted=False))
             return answer(body)
 
         try:
@@ -240,6 +243,7 @@ class OpenAIFrontend:
     def _completion_request(self, body: CompletionRequest, request_id: str | None) -> Callable[[], list[_Choice]]:
         def build() -> list[_Choice]:
             body.unsupported()
+            self._check_queue_room(body)
             prompts = body.prompt_list()
             choices = []
             for p, prompt in enumerate(prompts):
@@ -257,6 +261,7 @@ class OpenAIFrontend:
     def _chat_request(self, body: ChatCompletionRequest, request_id: str | None) -> Callable[[], list[_Choice]]:
         def build() -> list[_Choice]:
             body.unsupported()
+            self._check_queue_room(body)
             ids = encode_chat(
                 self.engine, body.conversation(), "messages", body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
             )
@@ -272,6 +277,14 @@ class OpenAIFrontend:
 
         return build
 
+    def _check_queue_room(self, body) -> None:
+        """Refuse a call with more choices than may wait at once: admitted all or none, it could
+        never be admitted, and a 429 would only make its client retry."""
+        limit, wanted = self.engine.max_waiting, body.prompts() * body.n
+        if limit is not None and wanted > limit:
+            field = "n" if body.n > 1 else "prompt"
+            raise InvalidRequest(field, f"{wanted} choices (prompts x n) are more than this server queues at once (server.max_waiting {limit})")
+
     async def _serve(self, http: Request, schema: type[BaseModel], builder: Callable[[Any, str | None], Callable[[], list[_Choice]]]):
         """Read, parse, check and admit a request; the parsing, tokenizing and template rendering
         run on a worker thread, so that other clients and health checks are answered meanwhile.
@@ -284,7 +297,7 @@ class OpenAIFrontend:
             return refusal.response
         except Refused as refusal:
             return error_response(HTTP_STATUS[refusal.kind], str(refusal), refusal.field)
-        reply = _Reply(choices, self.model_name, body, self.shapes)
+        reply = _Reply(choices, self.model_name, body, self.shapes, request_id)
         headers = {"x-request-id": request_id or choices[0].request.request_id}
         if body.stream:
             return StreamingResponse(self._events(reply), media_type="text/event-stream", headers=headers)
@@ -462,9 +475,9 @@ class _Choice:
 class _Reply:
     """The response under construction: ids, shapes, its choices (n per prompt) and their usage."""
 
-    def __init__(self, choices: list[_Choice], model: str, body, shapes: LogprobShapes):
+    def __init__(self, choices: list[_Choice], model: str, body, shapes: LogprobShapes, request_id: str | None = None):
         self.chat = isinstance(body, ChatCompletionRequest)
-        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{choices[0].request.request_id}"
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id or choices[0].request.request_id}"
         self.model = model
         self.body = body
         self.choices = choices

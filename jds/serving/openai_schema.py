@@ -115,7 +115,7 @@ class _Generation(_Strict):
 
 
 class CompletionRequest(_Generation):
-    """``POST /v1/completions``: one prompt, as text or token ids (a batch of one is accepted)."""
+    """``POST /v1/completions``: a prompt as text or token ids, or a batch of them."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
@@ -221,7 +221,7 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 def _token_id(key: str) -> int:
     """A ``logit_bias`` key: JSON object keys are strings, OpenAI's are token ids written out."""
-    if not (key.isascii() and key.isdigit()):
+    if not (key.isascii() and key.isdigit() and len(key) <= 10):
         raise InvalidRequest("logit_bias", f"keys must be token ids, got {key[:20]!r}")
     return int(key)
 
