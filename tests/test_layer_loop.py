@@ -18,15 +18,17 @@ PAGE = 8
 
 
 def _prefill_then_decode(params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Prefill logits, one decode step's logits and the cache it wrote, for two rows."""
+    """Prefill logits, one decode step's logits and the cache it wrote, for two rows. The programs
+    are traced afresh on every call: JAX keeps a function's traces across jit wrappers of it, and
+    the unroll is read when a program is traced."""
     tokens = jnp.array([[5, 9, 3, 7, 1, 2], [4, 8, 0, 0, 0, 0]], jnp.int32)
     lengths = jnp.array([6, 2], jnp.int32)
-    prompt_logits, _ = jax.jit(llama.prefill, static_argnames="arch")(params, tokens, lengths, arch=ARCH)
+    prompt_logits, _ = jax.jit(lambda *a: llama.prefill(*a, arch=ARCH))(params, tokens, lengths)
     cache = KVPages.zeros(ARCH, 6, PAGE, jnp.float32)
     cache = KVPages(k=jax.random.normal(jax.random.key(3), cache.k.shape), v=jax.random.normal(jax.random.key(4), cache.v.shape))
     tables = jnp.array([[4, 1], [0, 6]], jnp.int32)  # row 1 holds one page; 6 is past the pool
     positions = jnp.array([11, 3], jnp.int32)
-    step_logits, cache = jax.jit(llama.decode_step, static_argnames="arch")(params, cache, jnp.array([2, 3], jnp.int32), positions, tables, arch=ARCH)
+    step_logits, cache = jax.jit(lambda *a: llama.decode_step(*a, arch=ARCH))(params, cache, jnp.array([2, 3], jnp.int32), positions, tables)
     return np.asarray(prompt_logits), np.asarray(step_logits), np.asarray(cache.k)
 
 
@@ -34,10 +36,8 @@ def test_every_form_of_the_layer_loop_gives_the_same_logits_and_cache(monkeypatc
     params = init_params(ARCH, jax.random.key(0))
     scanned = _prefill_then_decode(params)
     looped = _prefill_then_decode(params.replace(layers=split_layers(params.layers)))
-    # The unroll is read when a program is traced, and JAX keeps traces across jit wrappers of the
-    # same function: drop them, and count that the unrolled programs really were traced anew.
+    # Count that the unrolled programs really were traced with the unroll set.
     monkeypatch.setenv("JDS_LAYER_UNROLL", "2")
-    jax.clear_caches()
     unrolls = []
     read = llama.layer_unroll
     monkeypatch.setattr(llama, "layer_unroll", lambda: unrolls.append(read()) or unrolls[-1])
