@@ -111,6 +111,28 @@ def test_placements_match_the_single_device_reference(tiny, reference, name):
         engine.shutdown()
 
 
+@pytest.mark.parametrize("name", ["p2-pp2tp2-explicit-1-3", "colocated-chunked"])
+def test_instances_holding_each_layer_apart_give_the_reference_tokens(tiny, reference, name, monkeypatch):
+    """The per-layer weight form an accelerator may serve with (``llama.layers_apart``): split
+    across pipeline stages and tensor-parallel devices, and through prompt chunks."""
+    monkeypatch.setenv("JDS_LAYER_FORM", "per-layer")
+    engine = _engine(tiny, PLACEMENTS[name])
+    try:
+        workers = engine.decode_workers + engine.colocated_workers
+        held = [stage.params for w in workers for stage in w.batch.pipeline.stages]
+        held += [w.program.params for w in engine.prefill_workers + engine.colocated_workers]
+        counts = [len(p.layers) for p in held if isinstance(p.layers, tuple)]
+        assert len(counts) == len(held)  # every instance holds the split form
+        if name.startswith("p2"):
+            assert counts == [1, 3, 4]  # the two decode stages' layers, and the prefill's
+            wq = jax.tree.leaves(held[0].layers[0].wq)[0]  # no layer axis; split over the stage's tensor-parallel pair
+            assert wq.ndim == 2 and len(wq.sharding.device_set) == 2 and wq.addressable_shards[0].data.size == wq.size // 2
+        assert [o.token_ids for o in _run(engine, PROMPTS)] == reference["greedy"]
+        assert [o.token_ids for o in _run(engine, PROMPTS, SAMPLED, "s")] == reference["sampled"]
+    finally:
+        engine.shutdown()
+
+
 def test_concurrent_requests_give_what_each_gives_alone(tiny):
     engine = _engine(tiny, DISAGG)
     try:

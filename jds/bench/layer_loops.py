@@ -13,7 +13,6 @@ starts, and a process's peak device memory should be one form's.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -26,17 +25,15 @@ from jds.bench import micro
 from jds.config import load_config
 from jds.model import llama
 from jds.model.loader import LoadedModel, load_model
-from jds.model.params import split_layers
 
-# form -> how it differs from the scan jds runs: environment set before the backend starts, or
-# per-layer arrays
+# form -> how it differs from the scan jds runs: environment set before the backend starts
 FORMS: dict[str, dict] = {
     "scan": {},
     # XLA's GPU backend hands a matrix product the slice's offset in the stacked buffer instead of a
     # copy of the slice (a no-op elsewhere)
     "scan-slice-fusion": {"env": {"XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=true"}},
     "scan-unroll-4": {"env": {"JDS_LAYER_UNROLL": "4"}},
-    "per-layer": {"per_layer": True},
+    "per-layer": {"env": {"JDS_LAYER_FORM": "per-layer"}},
 }
 
 
@@ -55,12 +52,10 @@ def measure_form(config_path: str, form: str, spec: dict, batches: list[int], co
     started = xla_bridge.backends_are_initialized()
     for name, value in spec.get("env", {}).items():
         os.environ[name] = f"{os.environ.get(name, '')} {value}".strip() if name == "XLA_FLAGS" else value
-    model = load_model(load_config(config_path), progress=False)
+    model = micro.served(load_model(load_config(config_path), progress=False))
     bandwidth, flops = micro.memory_bandwidth(), micro.matmul_flops(model.dtype)
     kv_per_token = model.arch.kv_bytes_per_token(model.dtype.itemsize)
     floors = {b: (micro.decode_weight_bytes(model, b) + b * context * kv_per_token) / bandwidth for b in batches}
-    if spec.get("per_layer"):  # the stacked arrays are dropped with the model that held them
-        model = dataclasses.replace(model, params=model.params.replace(layers=split_layers(model.params.layers)))
     decode = []
     for batch in batches:
         first, seconds = micro.decode_step_timings(model, batch, context)
@@ -71,6 +66,7 @@ def measure_form(config_path: str, form: str, spec: dict, batches: list[int], co
         "backend": jax.default_backend(),
         "set_before_the_backend_started": not started,
         "unroll": llama.layer_unroll(),
+        "layer_form": "per-layer" if isinstance(model.params.layers, tuple) else "stacked",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "memory_bandwidth_gb_per_s": bandwidth / 1e9,
         "matmul_gflop_per_s": flops / 1e9,

@@ -83,6 +83,12 @@ def matmul_flops(dtype: jnp.dtype, n: int | None = None) -> float:
     return 2 * n**3 / timed(lambda: mm(a, b).block_until_ready())
 
 
+def served(model: LoadedModel) -> LoadedModel:
+    """``model`` with its weights in the form an instance on the first device holds them
+    (``llama.layers_apart``), so the bare programs timed here are the ones it would run."""
+    return dataclasses.replace(model, params=place_params(model.params, jax.devices()[:1]))
+
+
 def decode_weight_bytes(model: LoadedModel, batch: int = 1) -> int:
     """Weight bytes one decode step of ``batch`` rows reads: every weight once, a ``MatrixWeight``
     in the layout products of that many rows read, except an untied input embedding, of which it
@@ -95,7 +101,8 @@ def decode_weight_bytes(model: LoadedModel, batch: int = 1) -> int:
         return w.matrix(batch)[0].nbytes + (0 if w.scale is None else w.scale.nbytes)
 
     head = params.embed if params.lm_head is None else params.lm_head
-    weights = [getattr(params.layers, f.name) for f in dataclasses.fields(params.layers)] + [params.final_norm, head]
+    layers = params.layers if isinstance(params.layers, tuple) else (params.layers,)
+    weights = [getattr(layer, f.name) for layer in layers for f in dataclasses.fields(layer)] + [params.final_norm, head]
     return sum(read(w) for w in weights)
 
 
@@ -525,6 +532,7 @@ def run(
     return {
         "model": model.name,
         "dtype": str(model.dtype),
+        "layer_form": "per-layer" if isinstance(model.params.layers, tuple) else "stacked",
         "weight_bytes": decode_weight_bytes(model),
         "held_bytes": sum(x.nbytes for x in jax.tree.leaves(model.params)),
         **int8,
@@ -556,7 +564,7 @@ def markdown(result: dict) -> str:
         return "".join(f" {ms(row['peers'][n])} | {row['peers'][n] / row['seconds']:.2f}x |" if n in row["peers"] else " - | - |" for n in names)
 
     lines = [
-        f"# Micro-benchmarks: {result['model']} ({result['dtype']})",
+        f"# Micro-benchmarks: {result['model']} ({result['dtype']}, {result['layer_form']} layer weights)",
         "",
         f"Machine limits measured in this run, each the median of samples taken before and between the measurements "
         f"it judges: memory bandwidth **{result['memory_bandwidth_gb_per_s']:.1f} GB/s** "

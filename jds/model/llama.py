@@ -286,6 +286,26 @@ def layer_unroll() -> int:
     return int(os.environ.get("JDS_LAYER_UNROLL", "1"))
 
 
+LAYER_FORMS = ("stacked", "per-layer")
+
+
+def layers_apart() -> bool:
+    """Whether an instance keeps each layer's weights in arrays of their own, which
+    ``over_layers`` runs as a Python loop, rather than stacked under ``lax.scan``.
+
+    No on every backend for now. On a CPU the per-layer arrays ran decode steps 2-3.5x slower over
+    KV pages and compiled 3-4x slower (``docs/results/layer-loops-cpu-2core``). On an H200 they
+    read 32 layers' weights in 4.2 ms against the scan's 10.6 ms, but whole engine steps and their
+    compile times there are unmeasured (``python -m jds.bench layers`` measures both).
+    ``JDS_LAYER_FORM`` (``stacked`` or ``per-layer``) overrides it; it is read when an instance
+    places its weights.
+    """
+    form = os.environ.get("JDS_LAYER_FORM", "stacked")
+    if form not in LAYER_FORMS:
+        raise ValueError(f"JDS_LAYER_FORM: {form!r} is not one of {', '.join(LAYER_FORMS)}")
+    return form == "per-layer"
+
+
 def over_layers(layer_step: Callable, x: jax.Array, layers: LayerParams | Sequence[LayerParams]) -> tuple[jax.Array, Any]:
     """``x, out = layer_step(x, layer, i)`` for every layer in order: the last ``x`` and each
     output stacked along a new leading axis.

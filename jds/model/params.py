@@ -106,7 +106,7 @@ class Params:
     """The whole model. ``lm_head`` is None when the output projection is tied to ``embed``."""
 
     embed: Weight = axes("vocab", "embed", contract=("embed",))
-    layers: LayerParams
+    layers: LayerParams | tuple[LayerParams, ...]  # stacked, or each layer's own (``split_layers``)
     final_norm: jax.Array = axes("embed")
     lm_head: Weight | None = axes("embed", "vocab", contract=("embed",))
 
@@ -137,11 +137,17 @@ def logical_axes(tree: Any) -> Any:
             names = matrix_axes(f.metadata["axes"], f.metadata["contract"])
             specs = {k: None if getattr(value, k) is None else PartitionSpec(*getattr(names, k)) for k in ("out_in", "in_out", "scale")}
             updates[f.name] = MatrixWeight(**specs, out_shape=value.out_shape)
+        elif isinstance(value, tuple):  # per-layer weights: their axes less the leading ``layers``
+            updates[f.name] = tuple(jax.tree.map(lambda s: PartitionSpec(*s[1:]), logical_axes(v), is_leaf=_is_spec) for v in value)
         elif dataclasses.is_dataclass(value):
             updates[f.name] = logical_axes(value)
         elif value is not None:
             updates[f.name] = PartitionSpec(*f.metadata["axes"])
     return tree.replace(**updates)
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, PartitionSpec)
 
 
 def param_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
