@@ -28,11 +28,23 @@ SLOTS = 8
 SHORT, LONG = 256, 1024  # cache positions of the two pipelines
 
 
-@pytest.fixture(scope="module")
-def pipelines():
+def _pipelines() -> dict:
     model = load_model(load_config(CONFIGS / "tiny.yaml"), progress=False)
     devices = jax.devices()[:2]  # a first stage and a last (sampling) one
     return {seq: decode_instance(model, DecodeInstance(devices=[0, 1], pp=2, slots=SLOTS).resolved(seq), devices) for seq in (SHORT, LONG)}
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    return _pipelines()
+
+
+@pytest.fixture(scope="module")
+def apart_pipelines():
+    """Stages holding each layer's weights apart (``llama.layers_apart``), run as a Python loop."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JDS_LAYER_FORM", "per-layer")
+        return _pipelines()
 
 
 def _cache_bytes(stage) -> int:
@@ -54,6 +66,14 @@ def _growth_allowed(pipelines, index: int) -> int:
 def test_a_step_writes_the_cache_in_place(pipelines, stage, rows, tokens, context):
     new = {seq: _new_bytes(p.stages[stage].compile_run(rows, tokens, context)) for seq, p in pipelines.items()}
     assert new[LONG] - new[SHORT] < _growth_allowed(pipelines, stage), new
+
+
+@pytest.mark.parametrize("stage", [0, 1], ids=["first-stage", "last-stage"])
+@pytest.mark.parametrize(("rows", "tokens", "context"), [(SLOTS, 1, 256), (1, 32, 128)], ids=["decode-all-rows", "prompt-chunk"])
+def test_a_step_over_per_layer_weights_writes_the_cache_in_place(apart_pipelines, stage, rows, tokens, context):
+    assert all(isinstance(p.stages[stage].params.layers, tuple) for p in apart_pipelines.values())
+    new = {seq: _new_bytes(p.stages[stage].compile_run(rows, tokens, context)) for seq, p in apart_pipelines.items()}
+    assert new[LONG] - new[SHORT] < _growth_allowed(apart_pipelines, stage), new
 
 
 @pytest.mark.parametrize("stage", [0, 1], ids=["first-stage", "last-stage"])
