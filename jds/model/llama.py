@@ -293,8 +293,8 @@ def layers_apart() -> bool:
     """Whether an instance keeps each layer's weights in arrays of their own, which
     ``over_layers`` runs as a Python loop, rather than stacked under ``lax.scan``.
 
-    No on every backend for now. On a CPU the per-layer arrays ran decode steps 2-3.5x slower over
-    KV pages and compiled 3-4x slower (``docs/results/layer-loops-cpu-2core``). On an H200 they
+    No on every backend for now. On a CPU the per-layer arrays ran decode steps 1.5-2.1x slower
+    over KV pages and compiled 3-4x slower (``docs/results/layer-loops-cpu-2core``). On an H200 they
     read 32 layers' weights in 4.2 ms against the scan's 10.6 ms, but whole engine steps and their
     compile times there are unmeasured (``python -m jds.bench layers`` measures both).
     ``JDS_LAYER_FORM`` (``stacked`` or ``per-layer``) overrides it; it is read when an instance
