@@ -289,6 +289,24 @@ def test_bad_chat_fields_are_400_naming_the_field(client, fields, param, message
     assert err.value.body["param"] == param and err.value.body["message"].startswith(f"{param}: {message}"), err.value.body
 
 
+def test_a_request_id_names_every_choice_within_the_id_limit(client):
+    def create(request_id: str, n: int):
+        return client.completions.with_raw_response.create(
+            model=MODEL, prompt="hi", n=n, max_tokens=1, extra_headers={"x-request-id": request_id}, **GREEDY
+        )
+
+    # 4 choices append '-0' .. '-3' to the id: the header may use all but 2 of the 256 characters
+    with pytest.raises(openai.BadRequestError) as err:
+        create("a" * 255, 4)
+    assert err.value.body["param"] == "x-request-id"
+    assert err.value.body["message"] == "x-request-id: at most 254 characters for a call of 4 choices (each choice's id adds '-N'), got 255"
+    reply = create("b" * 254, 4)
+    assert reply.headers["x-request-id"] == "b" * 254 and len(reply.parse().choices) == 4
+    with pytest.raises(openai.BadRequestError) as err:  # one choice: the id is the engine's as sent
+        create("c" * 257, 1)
+    assert err.value.body["message"] == "x-request-id: at most 256 characters, got 257"
+
+
 def test_unknown_model_is_404_and_raw_garbage_is_400(server, client):
     with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(**{**COMPLETION, "model": "gpt-4"})

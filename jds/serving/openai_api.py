@@ -32,7 +32,7 @@ from jds.engine.interface import ServingEngine
 from jds.engine.request import Request as EngineRequest
 from jds.engine.request import StreamOutput
 from jds.engine.sequence import RequestStream
-from jds.intake import InvalidRequest, build_request, check_token_ids, decode_ids, encode_chat, encode_text
+from jds.intake import MAX_REQUEST_ID_CHARS, InvalidRequest, build_request, check_token_ids, decode_ids, encode_chat, encode_text
 from jds.serving.admission import Refused, admit_all
 from jds.serving.metrics import Metrics
 from jds.serving.openai_logprobs import LogprobShapes
@@ -426,8 +426,12 @@ class OpenAIFrontend:
 def _choice_id(request_id: str | None, index: int, body) -> str | None:
     """The engine request id of one choice: the caller's own where the call has one choice, else
     the caller's with the choice's index appended (None: a fresh id each)."""
-    if request_id is None or body.prompts() * body.n == 1:
+    choices = body.prompts() * body.n
+    if request_id is None or choices == 1:
         return request_id
+    longest = MAX_REQUEST_ID_CHARS - len(f"-{choices - 1}")
+    if len(request_id) > longest:
+        raise InvalidRequest("x-request-id", f"at most {longest} characters for a call of {choices} choices (each choice's id adds '-N'), got {len(request_id)}")
     return f"{request_id}-{index}"
 
 
