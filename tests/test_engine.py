@@ -111,24 +111,29 @@ def test_placements_match_the_single_device_reference(tiny, reference, name):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("name", ["p2-pp2tp2-explicit-1-3", "colocated-chunked"])
-def test_instances_holding_each_layer_apart_give_the_reference_tokens(tiny, reference, name, monkeypatch):
+def test_instances_holding_each_layer_apart_give_the_reference_tokens(reference, monkeypatch):
     """The per-layer weight form an accelerator may serve with (``llama.layers_apart``): split
-    across pipeline stages and tensor-parallel devices, and through prompt chunks."""
+    as loaded, then across pipeline stages of uneven size and tensor-parallel devices. (Prompt
+    chunks over it: test_layer_loop.)"""
     monkeypatch.setenv("JDS_LAYER_FORM", "per-layer")
-    engine = _engine(tiny, PLACEMENTS[name])
+    engine = _engine(load_model(load_config(CONFIGS / "tiny.yaml"), progress=False), PLACEMENTS["p2-pp2tp2-explicit-1-3"])
     try:
-        workers = engine.decode_workers + engine.colocated_workers
-        held = [stage.params for w in workers for stage in w.batch.pipeline.stages]
-        held += [w.program.params for w in engine.prefill_workers + engine.colocated_workers]
-        counts = [len(p.layers) for p in held if isinstance(p.layers, tuple)]
-        assert len(counts) == len(held)  # every instance holds the split form
-        if name.startswith("p2"):
-            assert counts == [1, 3, 4]  # the two decode stages' layers, and the prefill's
-            wq = jax.tree.leaves(held[0].layers[0].wq)[0]  # no layer axis; split over the stage's tensor-parallel pair
-            assert wq.ndim == 2 and len(wq.sharding.device_set) == 2 and wq.addressable_shards[0].data.size == wq.size // 2
+        held = [stage.params for stage in engine.decode_workers[0].batch.pipeline.stages] + [engine.prefill_workers[0].program.params]
+        assert [len(p.layers) if isinstance(p.layers, tuple) else "stacked" for p in held] == [1, 3, 4]  # two stages, and the prefill
+        wq = jax.tree.leaves(held[0].layers[0].wq)[0]  # no layer axis; split over the stage's tensor-parallel pair
+        assert wq.ndim == 2 and len(wq.sharding.device_set) == 2 and wq.addressable_shards[0].data.size == wq.size // 2
         assert [o.token_ids for o in _run(engine, PROMPTS)] == reference["greedy"]
         assert [o.token_ids for o in _run(engine, PROMPTS, SAMPLED, "s")] == reference["sampled"]
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_asking_past_the_sequence_limit_ends_there_with_length(tiny):
+    engine = _engine(tiny, SINGLE)
+    try:
+        (out,) = _run(engine, [[28] * (engine.max_seq_len - 3)], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+        assert out.finish_reason == "length" and len(out.token_ids) == 3
+        assert engine.slot_usage()[0] == 0
     finally:
         engine.shutdown()
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jds.model import llama
+from jds.model import kv_cache, llama
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVPages
 from jds.model.params import init_params, split_layers
@@ -17,10 +17,17 @@ ARCH = Architecture(vocab_size=96, hidden_size=32, intermediate_size=64, num_lay
 PAGE = 8
 
 
-def _prefill_then_decode(params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Prefill logits, one decode step's logits and the cache it wrote, for two rows. The programs
-    are traced afresh on every call: JAX keeps a function's traces across jit wrappers of it, and
-    the unroll is read when a program is traced."""
+def _chunk(params, cache: KVPages, tokens: jax.Array, start: jax.Array, tables: jax.Array) -> tuple[jax.Array, KVPages]:
+    """A prompt chunk's activations (``[B, T]`` new tokens from ``start``) and the cache it wrote."""
+    positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
+    pages = kv_cache.written_pages(tables, positions, PAGE, cache.num_pages)
+    return llama.decoder_layers(params.layers, cache, llama.embed(params, tokens), start, tables, pages, ARCH)
+
+
+def _prefill_then_decode(params) -> tuple[np.ndarray, ...]:
+    """Prefill logits, one decode step's logits, then a 3-token chunk's activations, and the cache
+    they wrote, for two rows. The programs are traced afresh on every call: JAX keeps a function's
+    traces across jit wrappers of it, and the unroll is read when a program is traced."""
     tokens = jnp.array([[5, 9, 3, 7, 1, 2], [4, 8, 0, 0, 0, 0]], jnp.int32)
     lengths = jnp.array([6, 2], jnp.int32)
     prompt_logits, _ = jax.jit(lambda *a: llama.prefill(*a, arch=ARCH))(params, tokens, lengths)
@@ -29,7 +36,9 @@ def _prefill_then_decode(params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     tables = jnp.array([[4, 1], [0, 6]], jnp.int32)  # row 1 holds one page; 6 is past the pool
     positions = jnp.array([11, 3], jnp.int32)
     step_logits, cache = jax.jit(lambda *a: llama.decode_step(*a, arch=ARCH))(params, cache, jnp.array([2, 3], jnp.int32), positions, tables)
-    return np.asarray(prompt_logits), np.asarray(step_logits), np.asarray(cache.k)
+    chunk_tokens = jnp.array([[6, 1, 8], [2, 2, 9]], jnp.int32)
+    chunked, cache = jax.jit(lambda *a: _chunk(*a))(params, cache, chunk_tokens, positions + 1, jnp.array([[4, 1], [0, 2]], jnp.int32))
+    return np.asarray(prompt_logits), np.asarray(step_logits), np.asarray(chunked), np.asarray(cache.k)
 
 
 def test_every_form_of_the_layer_loop_gives_the_same_logits_and_cache(monkeypatch):
@@ -42,11 +51,13 @@ def test_every_form_of_the_layer_loop_gives_the_same_logits_and_cache(monkeypatc
     read = llama.layer_unroll
     monkeypatch.setattr(llama, "layer_unroll", lambda: unrolls.append(read()) or unrolls[-1])
     unrolled = _prefill_then_decode(params)
-    assert unrolls == [2, 2]  # the prefill's loop and the decode step's
+    assert unrolls == [2, 2, 2]  # the prefill's loop, the decode step's and the chunk's
     for got in (looped, unrolled):
         for a, b in zip(got, scanned):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    # The caches compared hold what the step wrote: row 0's position 11 is in its second page.
-    before = np.asarray(jax.random.normal(jax.random.key(3), scanned[2].shape))
-    assert not np.allclose(scanned[2][:, 1, :, :, 11 % PAGE], before[:, 1, :, :, 11 % PAGE])
-    np.testing.assert_array_equal(scanned[2][:, 2], before[:, 2])  # a page no row holds is untouched
+    # The caches compared hold what the step and the chunk wrote: row 0's positions 11-14 are in
+    # its second page.
+    cache, before = scanned[3], np.asarray(jax.random.normal(jax.random.key(3), scanned[3].shape))
+    for position in range(11, 15):
+        assert not np.allclose(cache[:, 1, :, :, position % PAGE], before[:, 1, :, :, position % PAGE])
+    np.testing.assert_array_equal(cache[:, 3], before[:, 3])  # a page no row holds is untouched

@@ -157,13 +157,6 @@ def test_stop_strings_max_tokens_and_token_prompts(smollm2_llm):
     assert by_ids.token_ids == full.token_ids
 
 
-def test_sequence_limit_ends_with_length(smollm2_llm):
-    limit = smollm2_llm.model.max_seq_len
-    prompt = [28] * (limit - 3)
-    out = smollm2_llm.generate(prompt, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
-    assert out.finish_reason == "length" and len(out.token_ids) == 3
-
-
 def test_seeded_sampling_reproduces_regardless_of_batch(smollm2_llm):
     params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     alone = smollm2_llm.generate("Write a poem about the sea", params)[0]

@@ -182,9 +182,9 @@ def _micro(args: argparse.Namespace, out: Path) -> int:
     if "startup" not in skip:
         log.info("measuring the server's start-up")
         keep(startup=micro.attempt(lambda: micro.server_startup(Path(args.config) if args.config else DEFAULT_CONFIG)))
-    model = micro.served(load_model(config))
+    model = load_model(config)
     int8 = config.model_copy(update={"model": config.model.model_copy(update={"quantization": "int8"})})
-    int8_model = None if "int8" in skip else micro.served(load_model(int8, progress=False))
+    int8_model = None if "int8" in skip else load_model(int8, progress=False)
     log.info("measuring jds")
     result = micro.run(model, int8_model, batches, contexts, prompts, done["peers"], sampling="sampling" not in skip)
     del int8_model  # the engine below loads its own copy of the model

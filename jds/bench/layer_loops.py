@@ -52,7 +52,7 @@ def measure_form(config_path: str, form: str, spec: dict, batches: list[int], co
     started = xla_bridge.backends_are_initialized()
     for name, value in spec.get("env", {}).items():
         os.environ[name] = f"{os.environ.get(name, '')} {value}".strip() if name == "XLA_FLAGS" else value
-    model = micro.served(load_model(load_config(config_path), progress=False))
+    model = load_model(load_config(config_path), progress=False)
     bandwidth, flops = micro.memory_bandwidth(), micro.matmul_flops(model.dtype)
     kv_per_token = model.arch.kv_bytes_per_token(model.dtype.itemsize)
     floors = {b: (micro.decode_weight_bytes(model, b) + b * context * kv_per_token) / bandwidth for b in batches}

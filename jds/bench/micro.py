@@ -83,12 +83,6 @@ def matmul_flops(dtype: jnp.dtype, n: int | None = None) -> float:
     return 2 * n**3 / timed(lambda: mm(a, b).block_until_ready())
 
 
-def served(model: LoadedModel) -> LoadedModel:
-    """``model`` with its weights in the form an instance on the first device holds them
-    (``llama.layers_apart``), so the bare programs timed here are the ones it would run."""
-    return dataclasses.replace(model, params=place_params(model.params, jax.devices()[:1]))
-
-
 def decode_weight_bytes(model: LoadedModel, batch: int = 1) -> int:
     """Weight bytes one decode step of ``batch`` rows reads: every weight once, a ``MatrixWeight``
     in the layout products of that many rows read, except an untied input embedding, of which it

@@ -31,7 +31,7 @@ from jds.mesh.stages import stage_params
 from jds.model import kv_cache, llama
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVPages
-from jds.model.params import LayerParams, Params, float_dtype
+from jds.model.params import Params, float_dtype
 from jds.model.sampling import Sampled, SamplingRows, sample
 from jds.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 from jds.scheduling import policy
@@ -90,25 +90,8 @@ def slice_rows(rows: SamplingRows, lo: int, hi: int) -> SamplingRows:
 
 def place_params(params: Params, devices: Seq[jax.Device]) -> Params:
     """The whole model on a tensor-parallel mesh over ``devices``."""
-    return placed(params, make_mesh(devices))
-
-
-def placed(params: Params, mesh: jax.sharding.Mesh) -> Params:
-    """``params`` on ``mesh`` by their logical axes; stacked layers split into each layer's own
-    arrays where ``llama.layers_apart`` says so, one weight at a time, so the device holds at most
-    one weight twice while they are split."""
-    if not (llama.layers_apart() and isinstance(params.layers, LayerParams)):
-        return jax.device_put(params, shardings(params, mesh))
-    count = jax.tree.leaves(params.layers)[0].shape[0]
-    leaves, tree = jax.tree.flatten(params.layers)
-    parts = [_unstack(jax.device_put(a, s), count) for a, s in zip(leaves, tree.flatten_up_to(shardings(params.layers, mesh)))]
-    apart = params.replace(layers=tuple(tree.unflatten([p[i] for p in parts]) for i in range(count)))
-    return jax.device_put(apart, shardings(apart, mesh))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _unstack(stacked: jax.Array, count: int) -> tuple[jax.Array, ...]:
-    return tuple(stacked[i] for i in range(count))
+    mesh = make_mesh(devices)
+    return jax.device_put(params, shardings(params, mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,7 +373,8 @@ class Stage:
         self.arch = arch
         self.span = span
         self.mesh = make_mesh(devices)
-        self.params = placed(stage_params(params, span) if span.num_layers != arch.num_layers else params, self.mesh)
+        sp = stage_params(params, span) if span.num_layers != arch.num_layers else params
+        self.params = jax.device_put(sp, shardings(sp, self.mesh))
         self.cache_sharding = page_shardings(arch, self.mesh)
         self.activations = replicated(self.mesh)
         self.dtype = float_dtype(self.params.layers)  # the activations' (weights may be int8)

@@ -297,8 +297,8 @@ def layers_apart() -> bool:
     over KV pages and compiled 3-4x slower (``docs/results/layer-loops-cpu-2core``). On an H200 they
     read 32 layers' weights in 4.2 ms against the scan's 10.6 ms, but whole engine steps and their
     compile times there are unmeasured (``python -m jds.bench layers`` measures both).
-    ``JDS_LAYER_FORM`` (``stacked`` or ``per-layer``) overrides it; it is read when an instance
-    places its weights.
+    ``JDS_LAYER_FORM`` (``stacked`` or ``per-layer``) overrides it; it is read as a model loads
+    (``matrices.as_served``).
     """
     form = os.environ.get("JDS_LAYER_FORM", "stacked")
     if form not in LAYER_FORMS:

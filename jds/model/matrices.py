@@ -21,7 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jds.model.params import InverseNorm, LayerParams, MatrixWeight, Params
+from jds.model import llama
+from jds.model.params import InverseNorm, LayerParams, MatrixWeight, Params, split_layers
 
 INT8_MAX = 127
 
@@ -109,7 +110,12 @@ def float_matrices(params: Params) -> Params:
 
 
 def as_served(params: Params, quantization: str) -> Params:
-    """Parameters in the form this backend serves them: int8 if asked, both orientations on CPU."""
+    """Parameters in the form this backend serves them: int8 if asked, both orientations on CPU,
+    each layer's weights apart where ``llama.layers_apart`` says so. Split here, as they are
+    loaded, the stacked arrays are dropped before any instance places a copy or a cache: the
+    device holds the weights twice only for this moment."""
     if quantization == "int8":
-        return quantize_params(params, keeps_batched_copies())
-    return float_matrices(params) if keeps_batched_copies() else params
+        params = quantize_params(params, keeps_batched_copies())
+    elif keeps_batched_copies():
+        params = float_matrices(params)
+    return params.replace(layers=split_layers(params.layers)) if llama.layers_apart() else params

@@ -9,6 +9,7 @@ logical names below without touching the model code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -115,7 +116,14 @@ def split_layers(layers: LayerParams) -> tuple[LayerParams, ...]:
     """Each layer's weights in arrays of their own (copies), the form ``llama.over_layers`` runs
     as a Python loop."""
     count = jax.tree.leaves(layers)[0].shape[0]
-    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count))
+    leaves, tree = jax.tree.flatten(layers)
+    parts = [_unstack(a, count) for a in leaves]
+    return tuple(tree.unflatten([p[i] for p in parts]) for i in range(count))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(stacked: jax.Array, count: int) -> tuple[jax.Array, ...]:
+    return tuple(stacked[i] for i in range(count))
 
 
 def float_dtype(tree: Any) -> jnp.dtype:
