@@ -302,9 +302,13 @@ def test_a_request_id_names_every_choice_within_the_id_limit(client):
     assert err.value.body["message"] == "x-request-id: at most 254 characters for a call of 4 choices (each choice's id adds '-N'), got 255"
     reply = create("b" * 254, 4)
     assert reply.headers["x-request-id"] == "b" * 254 and len(reply.parse().choices) == 4
-    with pytest.raises(openai.BadRequestError) as err:  # one choice: the id is the engine's as sent
-        create("c" * 257, 1)
-    assert err.value.body["message"] == "x-request-id: at most 256 characters, got 257"
+    for n in (1, 4):  # the id as sent: its own limit, and never empty
+        with pytest.raises(openai.BadRequestError) as err:
+            create("c" * 257, n)
+        assert err.value.body["message"] == "x-request-id: at most 256 characters, got 257"
+        with pytest.raises(openai.BadRequestError) as err:
+            create("", n)
+        assert err.value.body["message"] == "x-request-id: must not be empty when given"
 
 
 def test_unknown_model_is_404_and_raw_garbage_is_400(server, client):

@@ -26,7 +26,9 @@ from jds.config import load_config
 from jds.model import llama
 from jds.model.loader import LoadedModel, load_model
 
-# form -> how it differs from the scan jds runs: environment set before the backend starts
+# The plain scan, whatever the environment the study was started from says
+PLAIN = {"JDS_LAYER_FORM": "stacked", "JDS_LAYER_UNROLL": "1"}
+# form -> how it differs from the plain scan: environment set before the backend starts
 FORMS: dict[str, dict] = {
     "scan": {},
     # XLA's GPU backend hands a matrix product the slice's offset in the stacked buffer instead of a
@@ -50,7 +52,7 @@ def measure_form(config_path: str, form: str, spec: dict, batches: list[int], co
     from jax._src import xla_bridge
 
     started = xla_bridge.backends_are_initialized()
-    for name, value in spec.get("env", {}).items():
+    for name, value in {**PLAIN, **spec.get("env", {})}.items():
         os.environ[name] = f"{os.environ.get(name, '')} {value}".strip() if name == "XLA_FLAGS" else value
     model = load_model(load_config(config_path), progress=False)
     bandwidth, flops = micro.memory_bandwidth(), micro.matmul_flops(model.dtype)

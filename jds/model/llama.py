@@ -342,7 +342,7 @@ def _whole_prompts(params: Params, tokens: jax.Array, lengths: jax.Array, arch: 
 
 
 def decoder_layers(
-    layers: LayerParams,
+    layers: LayerParams | Sequence[LayerParams],
     cache: KVPages,
     x: jax.Array,
     start: jax.Array,
@@ -380,11 +380,11 @@ def decoder_layers(
     x, (k_new, v_new) = over_layers(layer_step, x, layers)
     # The write happens in place only where XLA sees it follow every layer's read of the cache,
     # but the last layer's new K/V do not depend on its read. So the write is made to depend on
-    # the finished activations: a row whose activations are not finite writes nothing (its output
-    # is lost anyway). Over per-layer weights XLA otherwise copied the cache twice (its CPU
-    # backend drops an optimization barrier before placing copies); the scan's loop already
+    # the finished activations: a token whose activations are not finite writes nothing (its
+    # output is lost anyway). Over per-layer weights XLA otherwise copied the cache twice (its
+    # CPU backend drops an optimization barrier before placing copies); the scan's loop already
     # orders every read first.
-    pages = jnp.where(jnp.isfinite(x).all(axis=(1, 2))[:, None], pages, cache.num_pages)
+    pages = jnp.where(jnp.isfinite(x).all(axis=2), pages, cache.num_pages)
     return x, kv_cache.write(cache, k_new, v_new, pages, positions)
 
 

@@ -111,11 +111,11 @@ def float_matrices(params: Params) -> Params:
 
 def as_served(params: Params, quantization: str) -> Params:
     """Parameters in the form this backend serves them: int8 if asked, both orientations on CPU,
-    each layer's weights apart where ``llama.layers_apart`` says so. Split here, as they are
-    loaded, the stacked arrays are dropped before any instance places a copy or a cache: the
-    device holds the weights twice only for this moment."""
+    each layer's weights apart where ``llama.layers_apart`` says so. Takes ``params`` over: the
+    stacked arrays are deleted as they are split, so a device never holds more than one weight
+    twice, and before any instance places a copy or allocates a cache."""
     if quantization == "int8":
         params = quantize_params(params, keeps_batched_copies())
     elif keeps_batched_copies():
         params = float_matrices(params)
-    return params.replace(layers=split_layers(params.layers)) if llama.layers_apart() else params
+    return params.replace(layers=split_layers(params.layers, release=True)) if llama.layers_apart() else params

@@ -1,7 +1,8 @@
 """Parameter pytrees of the model, each array tagged with logical axis names.
 
 Pure dataclass pytrees (``flax.struct``) rather than NNX modules: the model is a handful of pure
-functions, a pipeline stage is a slice of the stacked ``layers`` along their leading axis, and the
+functions, a pipeline stage is a slice of the stacked ``layers`` along their leading axis (or of
+the tuple of per-layer ones, ``split_layers``), and the
 sharding rules of each phase (prefill tensor parallel, decode pipeline stages) are applied to the
 logical names below without touching the model code.
 """
@@ -89,7 +90,8 @@ class InverseNorm:
 
 @struct.dataclass
 class LayerParams:
-    """All decoder layers, stacked along the leading ``layers`` axis."""
+    """Decoder layers stacked along the leading ``layers`` axis; or, as an element of the tuple
+    ``split_layers`` makes, one layer without that axis."""
 
     attn_norm: jax.Array | InverseNorm = axes("layers", "embed")
     wq: Weight = axes("layers", "embed", "q_heads", "head_dim", contract=("embed",))
@@ -112,12 +114,17 @@ class Params:
     lm_head: Weight | None = axes("embed", "vocab", contract=("embed",))
 
 
-def split_layers(layers: LayerParams) -> tuple[LayerParams, ...]:
+def split_layers(layers: LayerParams, release: bool = False) -> tuple[LayerParams, ...]:
     """Each layer's weights in arrays of their own (copies), the form ``llama.over_layers`` runs
-    as a Python loop."""
+    as a Python loop. ``release``: delete each stacked array once it is split, so that a device
+    holds no more than one weight twice meanwhile (for a caller that owns them all)."""
     count = jax.tree.leaves(layers)[0].shape[0]
     leaves, tree = jax.tree.flatten(layers)
-    parts = [_unstack(a, count) for a in leaves]
+    parts = []
+    for i, a in enumerate(leaves):
+        parts.append(_unstack(a, count))
+        if release and not any(b is a for b in leaves[i + 1 :]):
+            a.delete()
     return tuple(tree.unflatten([p[i] for p in parts]) for i in range(count))
 
 

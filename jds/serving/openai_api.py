@@ -32,7 +32,16 @@ from jds.engine.interface import ServingEngine
 from jds.engine.request import Request as EngineRequest
 from jds.engine.request import StreamOutput
 from jds.engine.sequence import RequestStream
-from jds.intake import MAX_REQUEST_ID_CHARS, InvalidRequest, build_request, check_token_ids, decode_ids, encode_chat, encode_text
+from jds.intake import (
+    MAX_REQUEST_ID_CHARS,
+    InvalidRequest,
+    build_request,
+    check_request_id,
+    check_token_ids,
+    decode_ids,
+    encode_chat,
+    encode_text,
+)
 from jds.serving.admission import Refused, admit_all
 from jds.serving.metrics import Metrics
 from jds.serving.openai_logprobs import LogprobShapes
@@ -429,6 +438,7 @@ def _choice_id(request_id: str | None, index: int, body) -> str | None:
     choices = body.prompts() * body.n
     if request_id is None or choices == 1:
         return request_id
+    check_request_id(request_id, "x-request-id")  # as sent: not empty, not too long for one
     longest = MAX_REQUEST_ID_CHARS - len(f"-{choices - 1}")
     if len(request_id) > longest:
         raise InvalidRequest("x-request-id", f"at most {longest} characters for a call of {choices} choices (each choice's id adds '-N'), got {len(request_id)}")
