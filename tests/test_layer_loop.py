@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jds.model import kv_cache, llama
 from jds.model.architecture import Architecture
@@ -61,3 +62,10 @@ def test_every_form_of_the_layer_loop_gives_the_same_logits_and_cache(monkeypatc
     for position in range(11, 15):
         assert not np.allclose(cache[:, 1, :, :, position % PAGE], before[:, 1, :, :, position % PAGE])
     np.testing.assert_array_equal(cache[:, 3], before[:, 3])  # a page no row holds is untouched
+
+
+@pytest.mark.parametrize(("name", "value"), [("JDS_LAYER_UNROLL", "0"), ("JDS_LAYER_UNROLL", "four"), ("JDS_LAYER_FORM", "unrolled")])
+def test_a_layer_form_setting_that_means_nothing_is_refused_by_name(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"^{name}: '{value}' is not"):
+        llama.layer_unroll() if name == "JDS_LAYER_UNROLL" else llama.layers_apart()

@@ -283,7 +283,10 @@ def layer_unroll() -> int:
     unrolling is unmeasured there. ``JDS_LAYER_UNROLL`` overrides it, for measuring the forms
     (``python -m jds.bench layers``).
     """
-    return int(os.environ.get("JDS_LAYER_UNROLL", "1"))
+    text = os.environ.get("JDS_LAYER_UNROLL", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"JDS_LAYER_UNROLL: {text!r} is not a whole number of layers, at least 1")
+    return int(text)
 
 
 LAYER_FORMS = ("stacked", "per-layer")
