@@ -68,7 +68,7 @@ def measure_form(config_path: str, form: str, spec: dict, batches: list[int], co
         "backend": jax.default_backend(),
         "set_before_the_backend_started": not started,
         "unroll": llama.layer_unroll(),
-        "layer_form": "per-layer" if isinstance(model.params.layers, tuple) else "stacked",
+        "layer_form": micro.layer_form(model),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "memory_bandwidth_gb_per_s": bandwidth / 1e9,
         "matmul_gflop_per_s": flops / 1e9,

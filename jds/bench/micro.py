@@ -83,6 +83,11 @@ def matmul_flops(dtype: jnp.dtype, n: int | None = None) -> float:
     return 2 * n**3 / timed(lambda: mm(a, b).block_until_ready())
 
 
+def layer_form(model: LoadedModel) -> str:
+    """How ``model`` holds its layers' weights (``llama.layers_apart``), for a result to record."""
+    return "per-layer" if isinstance(model.params.layers, tuple) else "stacked"
+
+
 def decode_weight_bytes(model: LoadedModel, batch: int = 1) -> int:
     """Weight bytes one decode step of ``batch`` rows reads: every weight once, a ``MatrixWeight``
     in the layout products of that many rows read, except an untied input embedding, of which it
@@ -526,7 +531,7 @@ def run(
     return {
         "model": model.name,
         "dtype": str(model.dtype),
-        "layer_form": "per-layer" if isinstance(model.params.layers, tuple) else "stacked",
+        "layer_form": layer_form(model),
         "weight_bytes": decode_weight_bytes(model),
         "held_bytes": sum(x.nbytes for x in jax.tree.leaves(model.params)),
         **int8,

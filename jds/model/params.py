@@ -2,9 +2,9 @@
 
 Pure dataclass pytrees (``flax.struct``) rather than NNX modules: the model is a handful of pure
 functions, a pipeline stage is a slice of the stacked ``layers`` along their leading axis (or of
-the tuple of per-layer ones, ``split_layers``), and the
-sharding rules of each phase (prefill tensor parallel, decode pipeline stages) are applied to the
-logical names below without touching the model code.
+the tuple of per-layer ones, ``split_layers``), and the sharding rules of each phase (prefill
+tensor parallel, decode pipeline stages) are applied to the logical names below without touching
+the model code.
 """
 
 from __future__ import annotations
