@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import httpx
@@ -345,15 +346,20 @@ def test_the_choices_of_a_request_are_admitted_all_or_none(server, client, stub)
     assert err.value.body["param"] == "n" and "(server.max_waiting 8)" in err.value.body["message"]
 
     # 10 long requests: 4 in the slots, 6 of the 8 waiting places taken; then a call of 4 choices,
-    # 2 of which would fit.
+    # 2 of which would fit. The slots fill first: 10 sent at once could find 8 still waiting.
     finished = aborted_requests(server.metrics_url, reason="length")
     long = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": MAX_SEQ_LEN - 3, **GREEDY}
     background = [threading.Thread(target=client.completions.create, kwargs=long) for _ in range(10)]
-    for t in background:
-        t.start()
-    deadline = time.monotonic() + 20
-    while stub.ModelInfo(pb.ModelInfoRequest()).waiting < 6 and time.monotonic() < deadline:
-        time.sleep(0.01)
+
+    def start_and_wait(threads: list[threading.Thread], ready: Callable[[pb.ModelInfoResponse], bool]) -> None:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while not ready(stub.ModelInfo(pb.ModelInfoRequest())) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    start_and_wait(background[:SLOTS], lambda info: info.slots_in_use == SLOTS and info.waiting == 0)
+    start_and_wait(background[SLOTS:], lambda info: info.waiting == 10 - SLOTS)
     with pytest.raises(openai.RateLimitError) as err:
         client.completions.create(**{**long, "n": 4})
     assert "server is busy" in err.value.body["message"]
