@@ -48,5 +48,10 @@ def test_decode_attention_page_by_page_equals_it_over_pages_laid_end_to_end(monk
     np.testing.assert_allclose(np.asarray(by_page), np.asarray(end_to_end), atol=1e-5)
     assert not np.allclose(np.asarray(by_page[0]), np.asarray(by_page[2]))
     assert llama.decode_reads_pages_whole()  # these tests run on a CPU, which attends page by page
-    monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv("JDS_DECODE_ATTENTION", "end-to-end")  # unless told otherwise, for measuring both
     assert not llama.decode_reads_pages_whole()
+    monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("JDS_DECODE_ATTENTION")
+    assert not llama.decode_reads_pages_whole()
+    monkeypatch.setenv("JDS_DECODE_ATTENTION", "by-page")
+    assert llama.decode_reads_pages_whole()

@@ -64,8 +64,14 @@ def test_every_form_of_the_layer_loop_gives_the_same_logits_and_cache(monkeypatc
     np.testing.assert_array_equal(cache[:, 3], before[:, 3])  # a page no row holds is untouched
 
 
-@pytest.mark.parametrize(("name", "value"), [("JDS_LAYER_UNROLL", "0"), ("JDS_LAYER_UNROLL", "four"), ("JDS_LAYER_FORM", "unrolled")])
+READERS = {"JDS_LAYER_UNROLL": llama.layer_unroll, "JDS_LAYER_FORM": llama.layers_apart, "JDS_DECODE_ATTENTION": llama.decode_reads_pages_whole}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("JDS_LAYER_UNROLL", "0"), ("JDS_LAYER_UNROLL", "four"), ("JDS_LAYER_FORM", "unrolled"), ("JDS_DECODE_ATTENTION", "paged")],
+)
 def test_a_layer_form_setting_that_means_nothing_is_refused_by_name(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=f"^{name}: '{value}' is not"):
-        llama.layer_unroll() if name == "JDS_LAYER_UNROLL" else llama.layers_apart()
+        READERS[name]()

@@ -26,8 +26,9 @@ from jds.config import load_config
 from jds.model import llama
 from jds.model.loader import LoadedModel, load_model
 
-# The plain scan, whatever the environment the study was started from says
-PLAIN = {"JDS_LAYER_FORM": "stacked", "JDS_LAYER_UNROLL": "1"}
+# The plain scan with the backend's own decode attention, whatever the environment the study was
+# started from says (None: unset)
+PLAIN: dict[str, str | None] = {"JDS_LAYER_FORM": "stacked", "JDS_LAYER_UNROLL": "1", "JDS_DECODE_ATTENTION": None}
 # form -> how it differs from the plain scan: environment set before the backend starts
 FORMS: dict[str, dict] = {
     "scan": {},
@@ -36,6 +37,8 @@ FORMS: dict[str, dict] = {
     "scan-slice-fusion": {"env": {"XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=true"}},
     "scan-unroll-4": {"env": {"JDS_LAYER_UNROLL": "4"}},
     "per-layer": {"env": {"JDS_LAYER_FORM": "per-layer"}},
+    # Decode attention read page by page where the pages landed, as on a CPU (the CPU's own choice)
+    "attention-by-page": {"env": {"JDS_DECODE_ATTENTION": "by-page"}},
 }
 
 
@@ -53,7 +56,10 @@ def measure_form(config_path: str, form: str, spec: dict, batches: list[int], co
 
     started = xla_bridge.backends_are_initialized()
     for name, value in {**PLAIN, **spec.get("env", {})}.items():
-        os.environ[name] = f"{os.environ.get(name, '')} {value}".strip() if name == "XLA_FLAGS" else value
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = f"{os.environ.get(name, '')} {value}".strip() if name == "XLA_FLAGS" else value
     model = load_model(load_config(config_path), progress=False)
     bandwidth, flops = micro.memory_bandwidth(), micro.matmul_flops(model.dtype)
     kv_per_token = model.arch.kv_bytes_per_token(model.dtype.itemsize)
@@ -69,6 +75,7 @@ def measure_form(config_path: str, form: str, spec: dict, batches: list[int], co
         "set_before_the_backend_started": not started,
         "unroll": llama.layer_unroll(),
         "layer_form": micro.layer_form(model),
+        "decode_attention": micro.decode_attention(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "memory_bandwidth_gb_per_s": bandwidth / 1e9,
         "matmul_gflop_per_s": flops / 1e9,

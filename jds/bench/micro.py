@@ -88,6 +88,12 @@ def layer_form(model: LoadedModel) -> str:
     return "per-layer" if isinstance(model.params.layers, tuple) else "stacked"
 
 
+def decode_attention() -> str:
+    """How decode steps traced now read their rows' KV pages (``llama.decode_reads_pages_whole``),
+    for a result to record."""
+    return "by-page" if llama.decode_reads_pages_whole() else "end-to-end"
+
+
 def decode_weight_bytes(model: LoadedModel, batch: int = 1) -> int:
     """Weight bytes one decode step of ``batch`` rows reads: every weight once, a ``MatrixWeight``
     in the layout products of that many rows read, except an untied input embedding, of which it
@@ -532,6 +538,7 @@ def run(
         "model": model.name,
         "dtype": str(model.dtype),
         "layer_form": layer_form(model),
+        "decode_attention": decode_attention(),
         "weight_bytes": decode_weight_bytes(model),
         "held_bytes": sum(x.nbytes for x in jax.tree.leaves(model.params)),
         **int8,
@@ -563,7 +570,8 @@ def markdown(result: dict) -> str:
         return "".join(f" {ms(row['peers'][n])} | {row['peers'][n] / row['seconds']:.2f}x |" if n in row["peers"] else " - | - |" for n in names)
 
     lines = [
-        f"# Micro-benchmarks: {result['model']} ({result['dtype']}, {result['layer_form']} layer weights)",
+        f"# Micro-benchmarks: {result['model']} ({result['dtype']}, {result['layer_form']} layer weights, "
+        f"decode attention {result['decode_attention']})",
         "",
         f"Machine limits measured in this run, each the median of samples taken before and between the measurements "
         f"it judges: memory bandwidth **{result['memory_bandwidth_gb_per_s']:.1f} GB/s** "

@@ -121,6 +121,9 @@ def _one_token_attention(
     return out.reshape(b, 1, h, hd).astype(q.dtype)
 
 
+DECODE_ATTENTION_FORMS = ("by-page", "end-to-end")
+
+
 def decode_reads_pages_whole() -> bool:
     """Whether a decode step attends page by page (``one_token_attention_over_pages``) rather than
     over each row's pages laid end to end (``gather``, then ``attention_with_cache``). On XLA's CPU
@@ -130,8 +133,15 @@ def decode_reads_pages_whole() -> bool:
     against 209, batch 8 over 2,048 183 against 296, batch 32 over 2,048 634 against 930 (pages of
     16 end to end, the earlier default). Page by page wants long pages: with pages of 16, batch 32
     over 2,048 took 1,904 ms. Other backends keep the end-to-end form until a measurement there
-    says otherwise."""
-    return jax.default_backend() == "cpu"
+    says otherwise: ``JDS_DECODE_ATTENTION`` (``by-page`` or ``end-to-end``) overrides the choice,
+    for measuring both (``python -m jds.bench layers``). It is read as a step is traced.
+    """
+    form = os.environ.get("JDS_DECODE_ATTENTION")
+    if form is None:
+        return jax.default_backend() == "cpu"
+    if form not in DECODE_ATTENTION_FORMS:
+        raise ValueError(f"JDS_DECODE_ATTENTION: {form!r} is not one of {', '.join(DECODE_ATTENTION_FORMS)}")
+    return form == "by-page"
 
 
 def one_token_attention_over_pages(
