@@ -141,8 +141,10 @@ def test_outputs_equal_the_single_process_engine_and_every_instance_serves(clust
     for t in threads:
         t.join()
     assert [got[i] for i in range(len(PROMPTS))] == [e.token_ids for e in expected]
-    assert all(s.served > 0 for s in _status(cluster, "decode"))  # least loaded: both instances took requests
-    assert all(s.served > 0 for s in _status(cluster, "prefill"))  # the two-process instances too
+    # Least loaded: both instances of each role took requests (a stream's last message reaches the
+    # client just before its server counts it)
+    _wait_status(cluster, "decode", lambda s: all(i.served > 0 for i in s), "every decode instance to serve")
+    _wait_status(cluster, "prefill", lambda s: all(i.served > 0 for i in s), "every prefill instance to serve")
 
     sampled = offline.generate("Once upon a time", SamplingParams(max_tokens=10, temperature=0.8, seed=7, ignore_eos=True))[0]
     messages = list(stub.Generate(pb.GenerateRequest(text="Once upon a time", max_tokens=10, temperature=0.8, seed=7, ignore_eos=True), timeout=60))
@@ -203,7 +205,7 @@ def test_cancellation_reaches_the_decode_and_the_prefill_process(cluster, stub):
     before = _total(_status(cluster, "prefill"), "aborted")
     long_prompt = list(range(100, 200))  # a length bucket not compiled yet: prefill is still busy when the cancel comes
     call = stub.Generate(pb.GenerateRequest(token_ids=long_prompt, max_tokens=8, temperature=0), timeout=60)
-    time.sleep(0.3)
+    _wait_status(cluster, "prefill", lambda s: _total(s, "running") == 1, "the prefill call to reach an instance")
     call.cancel()
     statuses = _wait_status(cluster, "prefill", lambda s: _total(s, "aborted") == before + 1, "prefill abort")
     assert _total(statuses, "running") == 0
@@ -275,7 +277,7 @@ def test_a_killed_decode_process_fails_only_its_requests_and_serves_again_after_
         t.start()
     for t in threads:
         t.join()
-    assert _status(cluster, "decode")[0].served >= 1  # the restarted instance is in rotation again
+    _wait_status(cluster, "decode", lambda s: s[0].served >= 1, "the restarted instance to serve")  # in rotation again
 
 
 def test_a_killed_prefill_process_hands_its_requests_to_the_other(cluster, stub, offline):

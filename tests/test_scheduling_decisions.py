@@ -170,7 +170,7 @@ def _cluster_config(folder: Path) -> Path:
     }
     ports = free_ports(3)
     config["cluster"] = {"prefill": [f"127.0.0.1:{ports[0]}"], "decode": [f"127.0.0.1:{p}" for p in ports[1:]], "health_seconds": 0.2}
-    config["server"] = {"max_waiting": 16}
+    config["server"] = {"max_waiting": 16, "compile_cache": None}  # the run's shared cache, never the home directory's
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

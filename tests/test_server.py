@@ -164,7 +164,7 @@ def test_bad_input_is_refused_naming_the_field_and_the_server_goes_on(stub, fiel
 
 def test_cancel_and_deadline_free_the_slot_and_count_as_aborted(server, stub):
     before = aborted_requests(server.metrics_url)
-    long = {"token_ids": [1, 2, 3], "max_tokens": 120, "temperature": 0, "ignore_eos": True}
+    long = {"token_ids": [1, 2, 3], "max_tokens": MAX_SEQ_LEN - 3, "temperature": 0, "ignore_eos": True}  # outlasts the test's reads
     call = stub.Generate(pb.GenerateRequest(**long), timeout=60)
     assert next(call).token_ids and next(call).token_ids
     assert stub.ModelInfo(pb.ModelInfoRequest()).slots_in_use == 1
@@ -173,7 +173,7 @@ def test_cancel_and_deadline_free_the_slot_and_count_as_aborted(server, stub):
     assert (info.slots_in_use, info.running) == (0, 0)
 
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.Generate(pb.GenerateRequest(**{**long, "max_tokens": MAX_SEQ_LEN - 3}), timeout=0.2))
+        list(stub.Generate(pb.GenerateRequest(**long), timeout=0.2))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     info = wait_idle(stub)
     assert (info.slots_in_use, info.running) == (0, 0)
@@ -254,25 +254,26 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
     try:
         with grpc.insecure_channel(proc.address) as channel:
             stub = pb_grpc.GenerationStub(channel)
-            call = stub.Generate(pb.GenerateRequest(token_ids=[1, 2, 3], max_tokens=100, temperature=0, ignore_eos=True), timeout=120)
+            # The longest request, so that it is still running when the late requests come
+            call = stub.Generate(pb.GenerateRequest(token_ids=[1, 2, 3], max_tokens=MAX_SEQ_LEN - 3, temperature=0, ignore_eos=True), timeout=120)
             first = next(call)
             status = open(f"/proc/{proc.proc.pid}/status").read()
             assert re.search(r"Cpus_allowed_list:\s*0\n", status), status
             proc.proc.send_signal(signal.SIGTERM)
-            health = proc.openai_url.removesuffix("/v1") + "/health"
-            while httpx.get(health, timeout=10).status_code == 200:  # until the drain begins
-                time.sleep(0.01)
-            with pytest.raises(grpc.RpcError) as err:
-                _generate(stub, text="late", max_tokens=2)
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            late = httpx.post(f"{proc.openai_url}/completions", json={"model": "tiny-random", "prompt": "late"}, timeout=10)
-            assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
+            with httpx.Client(timeout=10) as http:
+                while http.get(proc.openai_url.removesuffix("/v1") + "/health").status_code == 200:  # until the drain begins
+                    time.sleep(0.01)
+                with pytest.raises(grpc.RpcError) as err:
+                    _generate(stub, text="late", max_tokens=2)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                late = http.post(f"{proc.openai_url}/completions", json={"model": "tiny-random", "prompt": "late"})
+                assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
             rest = list(call)
             assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH  # finished, not aborted
-            assert len(first.token_ids) + len(_tokens(rest)) == 100
+            assert len(first.token_ids) + len(_tokens(rest)) == MAX_SEQ_LEN - 3
         assert proc.proc.wait(60) == 0
         assert "draining" in proc.text() and "stopped" in proc.text()
-        assert "finished (length): prompt 3, output 100 tokens" in proc.text()  # --log-requests
+        assert f"finished (length): prompt 3, output {MAX_SEQ_LEN - 3} tokens" in proc.text()  # --log-requests
     finally:
         proc.stop()
 

@@ -15,9 +15,10 @@ from tests_paths import CONFIGS
 
 MAX_SEQ_LEN = 512  # the longest request (about 0.7 s) outlasts the deadlines and disconnects the tests give it
 SLOTS = 4
+MAX_WAITING = 8  # requests (choices) waiting for prefill at once; more are refused as busy
 
 
-def write_config(path, max_waiting: int = 8, cpus: list[int] | None = None, **server) -> None:
+def write_config(path, max_waiting: int = MAX_WAITING, cpus: list[int] | None = None, **server) -> None:
     """The tiny server's config; ``server`` adds keys of the config's ``server`` section."""
     tiny = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     tiny["model"]["max_seq_len"] = MAX_SEQ_LEN
