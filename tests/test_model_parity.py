@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -30,6 +31,12 @@ SMOLLM2_BOUND = 1e-3
 # them by many units and the top token almost everywhere.
 INT8_BOUND = 2.0
 INT8_AGREEMENT = 0.95
+# bfloat16 weights, activations and cache (what an accelerator serves in) against transformers in
+# float32: SmolLM2's logits moved by up to 1.38 here and the top token agreed at every checked
+# position. A product that lost precision beyond bfloat16 (an 8-bit accumulation, say) or a wrong
+# layout moves them by many units.
+BF16_BOUND = 2.0
+BF16_AGREEMENT = 0.95
 
 prefill_jit = jax.jit(llama.prefill, static_argnums=3)
 decode_jit = jax.jit(llama.decode_step, static_argnums=5)
@@ -152,10 +159,16 @@ def test_smollm2_gguf_matches_transformers(smollm2_gguf, hf_smollm2, hf_smollm2_
     _check_prefill_and_decode(hf_smollm2, arch, as_served(params, "none"), prompts, SMOLLM2_BOUND)
 
 
-def test_smollm2_int8_weights_stay_near_transformers(smollm2_gguf, hf_smollm2, hf_smollm2_tokenizer):
-    arch, params = load_gguf(smollm2_gguf, progress=False)
+@pytest.mark.parametrize(
+    ("dtype", "quantization", "bound", "agreement"),
+    [(np.float32, "int8", INT8_BOUND, INT8_AGREEMENT), (jnp.bfloat16, "none", BF16_BOUND, BF16_AGREEMENT)],
+    ids=["int8-weights", "bfloat16"],
+)
+def test_smollm2_stays_near_transformers_in_float32(smollm2_gguf, hf_smollm2, hf_smollm2_tokenizer, dtype, quantization, bound, agreement):
+    arch, params = load_gguf(smollm2_gguf, progress=False, dtype=dtype)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(dtype)}
     texts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Hello! How are you today? I"]
     prompts = [hf_smollm2_tokenizer(t)["input_ids"] for t in texts]
-    worst, agree = _check_prefill_and_decode(hf_smollm2, arch, as_served(params, "int8"), prompts, INT8_BOUND)
-    print(f"int8 against transformers: largest logit difference {worst:.3f}, top token agrees at {agree:.0%} of positions")
-    assert agree >= INT8_AGREEMENT
+    worst, agree = _check_prefill_and_decode(hf_smollm2, arch, as_served(params, quantization), prompts, bound)
+    print(f"{quantization} {np.dtype(dtype)} against transformers in float32: largest logit difference {worst:.3f}, top token agrees at {agree:.0%} of positions")
+    assert agree >= agreement
