@@ -30,15 +30,15 @@ from jds.model.loader import LoadedModel, load_model
 # started from says (None: unset)
 PLAIN: dict[str, str | None] = {"JDS_LAYER_FORM": "stacked", "JDS_LAYER_UNROLL": "1", "JDS_DECODE_ATTENTION": None}
 # form -> how it differs from the plain scan: environment set before the backend starts
-FORMS: dict[str, dict] = {
+FORMS: dict[str, dict] = {  # in the order a run short of time should measure them
     "scan": {},
+    "per-layer": {"env": {"JDS_LAYER_FORM": "per-layer"}},
+    # Decode attention read page by page where the pages landed, as on a CPU (the CPU's own choice)
+    "attention-by-page": {"env": {"JDS_DECODE_ATTENTION": "by-page"}},
     # XLA's GPU backend hands a matrix product the slice's offset in the stacked buffer instead of a
     # copy of the slice (a no-op elsewhere)
     "scan-slice-fusion": {"env": {"XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=true"}},
     "scan-unroll-4": {"env": {"JDS_LAYER_UNROLL": "4"}},
-    "per-layer": {"env": {"JDS_LAYER_FORM": "per-layer"}},
-    # Decode attention read page by page where the pages landed, as on a CPU (the CPU's own choice)
-    "attention-by-page": {"env": {"JDS_DECODE_ATTENTION": "by-page"}},
 }
 
 
