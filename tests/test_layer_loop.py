@@ -9,10 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jds.config import load_config
 from jds.model import kv_cache, llama
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVPages
+from jds.model.loader import load_model
 from jds.model.params import init_params, split_layers
+from tests_paths import CONFIGS
 
 ARCH = Architecture(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2)
 PAGE = 8
@@ -75,3 +78,5 @@ def test_a_layer_form_setting_that_means_nothing_is_refused_by_name(monkeypatch,
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=f"^{name}: '{value}' is not"):
         READERS[name]()
+    with pytest.raises(ValueError, match=f"^{name}: '{value}' is not"):  # as a server starts, before it traces a program
+        load_model(load_config(CONFIGS / "tiny.yaml"), weights=False)

@@ -136,12 +136,24 @@ def decode_reads_pages_whole() -> bool:
     says otherwise: ``JDS_DECODE_ATTENTION`` (``by-page`` or ``end-to-end``) overrides the choice,
     for measuring both (``python -m jds.bench layers``). It is read as a step is traced.
     """
+    form = _decode_attention_setting()
+    return jax.default_backend() == "cpu" if form is None else form == "by-page"
+
+
+def _decode_attention_setting() -> str | None:
     form = os.environ.get("JDS_DECODE_ATTENTION")
-    if form is None:
-        return jax.default_backend() == "cpu"
-    if form not in DECODE_ATTENTION_FORMS:
+    if form is not None and form not in DECODE_ATTENTION_FORMS:
         raise ValueError(f"JDS_DECODE_ATTENTION: {form!r} is not one of {', '.join(DECODE_ATTENTION_FORMS)}")
-    return form == "by-page"
+    return form
+
+
+def check_form_settings() -> None:
+    """Refuse a ``JDS_LAYER_UNROLL``, ``JDS_LAYER_FORM`` or ``JDS_DECODE_ATTENTION`` that means
+    nothing, naming it: they are read as programs are traced, and a start should stop over one,
+    not its first request. Starts no backend (a router process loads no model)."""
+    layer_unroll()
+    layers_apart()
+    _decode_attention_setting()
 
 
 def one_token_attention_over_pages(

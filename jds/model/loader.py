@@ -15,6 +15,7 @@ from jds.config import Config
 from jds.config.fit import check_placement
 from jds.config.placement import Placement
 from jds.model.architecture import Architecture
+from jds.model.llama import check_form_settings
 from jds.model.matrices import as_served, held_weight_itemsize
 from jds.model.params import Params, init_params
 from jds.model.tokenizer import Tokenizer
@@ -140,6 +141,7 @@ def load_model(config: Config, progress: bool = True, weights: bool = True) -> L
     process, which runs no model, needs nothing more)."""
     section = config.model
     dtype = resolve_dtype(section.dtype)
+    check_form_settings()
     if dtype == jnp.float32:
         # float32 means float32 on every backend: a GPU otherwise runs float32 products as TF32
         # (10-bit mantissas), and greedy tokens drift from transformers'. bfloat16 products are
