@@ -38,6 +38,8 @@ INT8_AGREEMENT = 0.95
 BF16_BOUND = 2.0
 BF16_AGREEMENT = 0.95
 
+SMOLLM2_TEXTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Hello! How are you today? I"]
+
 prefill_jit = jax.jit(llama.prefill, static_argnums=3)
 decode_jit = jax.jit(llama.decode_step, static_argnums=5)
 CHUNK = 5
@@ -154,8 +156,7 @@ def test_smollm2_gguf_matches_transformers(smollm2_gguf, hf_smollm2, hf_smollm2_
     arch, params = load_gguf(smollm2_gguf, progress=False)
     assert (arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads) == (30, 576, 9, 3)
     assert arch.tie_embeddings and arch.rope_theta == 100000.0
-    texts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Hello! How are you today? I"]
-    prompts = [hf_smollm2_tokenizer(t)["input_ids"] for t in texts]
+    prompts = [hf_smollm2_tokenizer(t)["input_ids"] for t in SMOLLM2_TEXTS]
     _check_prefill_and_decode(hf_smollm2, arch, as_served(params, "none"), prompts, SMOLLM2_BOUND)
 
 
@@ -167,8 +168,7 @@ def test_smollm2_gguf_matches_transformers(smollm2_gguf, hf_smollm2, hf_smollm2_
 def test_smollm2_stays_near_transformers_in_float32(smollm2_gguf, hf_smollm2, hf_smollm2_tokenizer, dtype, quantization, bound, agreement):
     arch, params = load_gguf(smollm2_gguf, progress=False, dtype=dtype)
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(dtype)}
-    texts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Hello! How are you today? I"]
-    prompts = [hf_smollm2_tokenizer(t)["input_ids"] for t in texts]
+    prompts = [hf_smollm2_tokenizer(t)["input_ids"] for t in SMOLLM2_TEXTS]
     worst, agree = _check_prefill_and_decode(hf_smollm2, arch, as_served(params, quantization), prompts, bound)
     print(f"{quantization} {np.dtype(dtype)} against transformers in float32: largest logit difference {worst:.3f}, top token agrees at {agree:.0%} of positions")
     assert agree >= agreement
