@@ -4,34 +4,72 @@ attention (cuDNN's flash kernel on a GPU) and the CPU form; for decode, pages at
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jds.model import llama
+from jds.model import flash, kv_cache, llama
+from jds.model.kv_cache import KVPages
 
 
-def test_the_gpu_form_of_prompt_attention_equals_the_cpu_form(monkeypatch):
+def test_fused_prompt_attention_equals_the_cpu_form():
+    """``flash.prompt_attention`` names its kernel: cuDNN's on a GPU, here JAX's XLA form of the
+    same call, which shares its masking (causal, padded by length) and layout."""
     b, t, heads, kv_heads, hd = 3, 24, 8, 2, 16
     q, k, v = (jax.random.normal(key, shape) for key, shape in zip(
         jax.random.split(jax.random.key(0), 3), [(b, t, heads, hd), (b, kv_heads, t, hd), (b, kv_heads, t, hd)]
     ))  # fmt: skip
     lengths = jnp.array([24, 7, 1], jnp.int32)
     cpu = llama.prompt_attention(q, k, v, lengths)
-    monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")  # on a CPU, JAX's fused attention runs its XLA form
-    gpu = llama.prompt_attention(q, k, v, lengths)
+    fused = flash.prompt_attention(q, k, v, lengths, "xla")
     for row, n in enumerate(lengths.tolist()):  # positions past a prompt are padding: nobody reads them
-        np.testing.assert_allclose(np.asarray(gpu[row, :n]), np.asarray(cpu[row, :n]), atol=1e-5)
-    assert not np.allclose(np.asarray(gpu[0]), np.asarray(gpu[1]))  # the rows are not all the same
+        np.testing.assert_allclose(np.asarray(fused[row, :n]), np.asarray(cpu[row, :n]), atol=1e-5)
+    assert not np.allclose(np.asarray(fused[0]), np.asarray(fused[1]))  # the rows are not all the same
+
+
+def test_a_fused_chunk_attends_as_the_cpu_form():
+    """A prompt chunk written into its gathered pages and attended in one fused call sees what
+    the CPU form's two-part softmax sees: each row's positions before its start, and the chunk
+    causally. Rows start mid-page and at 0; pages are scattered over the pool; one table entry is
+    past the pool; a chunk's last tokens fall past what the context holds for one row."""
+    layers, pages, kv_heads, hd, page, heads, n, t = 2, 12, 2, 16, 8, 8, 3, 5
+    keys = jax.random.split(jax.random.key(2), 5)
+    cache = KVPages(
+        k=jax.random.normal(keys[0], (layers, pages, kv_heads, hd, page)), v=jax.random.normal(keys[1], (layers, pages, kv_heads, page, hd))
+    )
+    tables = jnp.array([[7, 2, 10], [4, 3, pages], [0, 11, 5]], jnp.int32)
+    start = jnp.array([13, 0, 19], jnp.int32)
+    cached = (jnp.arange(n * page)[None, :] < start[:, None])[:, None, :]
+    q = jax.random.normal(keys[2], (3, t, heads, hd))
+    k_new, v_new = (jax.random.normal(key, (3, kv_heads, t, hd)) for key in keys[3:])
+    layer = jnp.int32(1)
+    cpu = llama.attention_with_cache(q, *kv_cache.gather(cache, layer, tables), cached, k_new, v_new)
+    fused = flash.chunk_attention(q, *kv_cache.gather_tokens(cache, layer, tables), k_new, v_new, start, "xla")
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(cpu), atol=1e-5)
+    assert not np.allclose(np.asarray(fused[:, 0]), np.asarray(fused[:, 1]))
+
+
+def test_the_fused_kernel_serves_only_where_the_backend_compiles_it(monkeypatch, caplog):
+    """A CPU never asks for it; a GPU backend without cuDNN (here, a CPU said to be one) is
+    refused it by the probe and keeps the XLA form, saying why; a kernel the backend compiles
+    (here JAX's XLA form standing in for cuDNN's) is named, for any dtype it takes."""
+    shape = ("chunk", jnp.bfloat16, 8, 2, 64)
+    assert flash.implementation(*shape) is None
+    monkeypatch.setattr(flash.jax, "default_backend", lambda: "gpu")
+    with caplog.at_level(logging.WARNING, logger="jds.model.flash"):
+        assert flash.implementation(*shape) is None
+    assert "chunk attention stays in XLA's form" in caplog.text
+    monkeypatch.setattr(flash, "KERNEL", "xla")
+    assert flash.implementation(*shape) == "xla"
+    assert flash.implementation("prompt", jnp.float32, 4, 2, 8) == "xla"
 
 
 def test_decode_attention_page_by_page_equals_it_over_pages_laid_end_to_end(monkeypatch):
     """The two forms a decode step may read its pages in (a CPU attends page by page, other
     backends over the pages laid end to end) give the same output: rows of different lengths, one
     ending mid-page, table entries past the pool ("no page"), pages scattered over the pool."""
-    from jds.model import kv_cache
-    from jds.model.kv_cache import KVPages
-
     layers, pages, kv_heads, hd, page, heads, n = 2, 12, 2, 16, 8, 8, 3
     keys = jax.random.split(jax.random.key(1), 5)
     cache = KVPages(

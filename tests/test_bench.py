@@ -153,8 +153,8 @@ def test_micro_benchmark_reports_ratios_to_measured_limits(micro):
         ("float", 1, 64), ("float", 4, 64), ("int8", 1, 64), ("int8", 4, 64)
     ]
     # The forms the steps were measured in, named where a reader starts: a CPU's own.
-    assert (result["layer_form"], result["decode_attention"]) == ("stacked", "by-page")
-    assert text.startswith("# Micro-benchmarks: tiny-random (float32, stacked layer weights, decode attention by-page)")
+    assert (result["layer_form"], result["decode_attention"], result["prompt_attention"]) == ("stacked", "by-page", "xla")
+    assert text.startswith("# Micro-benchmarks: tiny-random (float32, stacked layer weights, decode attention by-page, prompt attention xla)")
     float_bytes, int8_bytes = result["weight_bytes"], result["int8_weight_bytes"]
     assert int8_bytes < float_bytes / 3  # int8 values and their float32 scales against float32 weights
     # On a CPU, layer weights are held in both orientations and a step reads one.
@@ -238,7 +238,7 @@ def test_the_layer_loop_forms_run_each_in_its_own_process_with_its_flags_set_bef
     assert "Not measured: unknown-flag: " in text
     # The flag went into the environment of a process whose backend had not started yet.
     assert form["form"] == "scan-slice-fusion" and form["set_before_the_backend_started"] and form["unroll"] == 1
-    assert (form["layer_form"], form["decode_attention"]) == ("stacked", "by-page")  # the plain scan, as a CPU attends
+    assert (form["layer_form"], form["decode_attention"], form["prompt_attention"]) == ("stacked", "by-page", "xla")  # as a CPU runs
     assert "--xla_gpu_enable_dynamic_slice_fusion=true" in form["xla_flags"]
     assert [d["batch"] for d in form["decode"]] == [1, 2]
     assert all(d["first_call_seconds"] > d["seconds"] > 0 and d["over_floor"] > 0 for d in form["decode"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jds.config import load_config
-from jds.model import kv_cache, llama
+from jds.model import flash, kv_cache, llama
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVPages
 from jds.model.loader import load_model
@@ -65,6 +65,27 @@ def test_every_form_of_the_layer_loop_gives_the_same_logits_and_cache(monkeypatc
     for position in range(11, 15):
         assert not np.allclose(cache[:, 1, :, :, position % PAGE], before[:, 1, :, :, position % PAGE])
     np.testing.assert_array_equal(cache[:, 3], before[:, 3])  # a page no row holds is untouched
+
+
+def test_prompts_and_chunks_through_the_fused_forms_give_the_same_logits_and_cache(monkeypatch):
+    """Where the backend compiles a fused attention kernel (a GPU with cuDNN), prompts and prompt
+    chunks run through ``flash``'s forms; here JAX's XLA form of the same call stands in for the
+    kernel, so the routing, the chunk's write into its gathered pages and its mask are checked
+    against the CPU forms over a whole model."""
+    params = init_params(ARCH, jax.random.key(0))
+    cpu = _prefill_then_decode(params)
+    monkeypatch.setattr(flash.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(flash, "KERNEL", "xla")
+    for kind in flash.KINDS:  # probe first, so the calls counted below are the layers' own
+        assert flash.implementation(kind, jnp.float32, ARCH.num_heads, ARCH.num_kv_heads, ARCH.head_dim) == "xla"
+    calls = []
+    for name in ("prompt_attention", "chunk_attention"):
+        form = getattr(flash, name)
+        monkeypatch.setattr(flash, name, lambda *a, _form=form, _name=name, **kw: calls.append(_name) or _form(*a, **kw))
+    fused = _prefill_then_decode(params)
+    assert calls == ["prompt_attention", "chunk_attention"]  # traced once each: the layers run under a scan
+    for a, b in zip(fused, cpu):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 READERS = {"JDS_LAYER_UNROLL": llama.layer_unroll, "JDS_LAYER_FORM": llama.layers_apart, "JDS_DECODE_ATTENTION": llama.decode_reads_pages_whole}

@@ -76,6 +76,7 @@ def measure_form(config_path: str, form: str, spec: dict, batches: list[int], co
         "unroll": llama.layer_unroll(),
         "layer_form": micro.layer_form(model),
         "decode_attention": micro.decode_attention(),
+        "prompt_attention": micro.prompt_attention(model),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "memory_bandwidth_gb_per_s": bandwidth / 1e9,
         "matmul_gflop_per_s": flops / 1e9,
@@ -118,9 +119,11 @@ def markdown(result: dict) -> str:
         ]
         for form in measured:
             lines += [f"| {form['form']} | {d['batch']} | {d['first_call_seconds']:.1f} | {ms(d['seconds'])} | {d['over_floor']:.2f} |" for d in form["decode"]]
-        lines += ["", "| form | prefill first call s | prefill ms | of matmul peak |", "|---|---:|---:|---:|"]
+        lines += ["", "| form | prompt attention | prefill first call s | prefill ms | of matmul peak |", "|---|---|---:|---:|---:|"]
         for form in measured:
             p = form["prefill"]
-            lines.append(f"| {form['form']} | {p['first_call_seconds']:.1f} | {ms(p['seconds'])} | {p['of_matmul_peak']:.0%} |")
+            lines.append(
+                f"| {form['form']} | {form['prompt_attention']} | {p['first_call_seconds']:.1f} | {ms(p['seconds'])} | {p['of_matmul_peak']:.0%} |"
+            )
     lines += [f"\nNot measured: {f['form']}: {f['error']}" for f in result["forms"] if "error" in f]
     return "\n".join(lines) + "\n"

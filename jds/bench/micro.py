@@ -44,7 +44,7 @@ from jds.engine.programs import PrefillProgram, empty_rows, page_shardings, plac
 from jds.engine.request import Request
 from jds.engine.sequence import Sequence
 from jds.mesh.rules import make_mesh
-from jds.model import llama
+from jds.model import flash, llama
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVPages
 from jds.model.loader import LoadedModel
@@ -92,6 +92,13 @@ def decode_attention() -> str:
     """How decode steps traced now read their rows' KV pages (``llama.decode_reads_pages_whole``),
     for a result to record."""
     return "by-page" if llama.decode_reads_pages_whole() else "end-to-end"
+
+
+def prompt_attention(model: LoadedModel) -> str:
+    """The kernel prompts and prompt chunks attend through (``flash.implementation``): cuDNN's
+    fused one where the backend compiles it, else XLA's form; for a result to record."""
+    arch = model.arch
+    return flash.implementation("prompt", model.dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim) or "xla"
 
 
 def decode_weight_bytes(model: LoadedModel, batch: int = 1) -> int:
@@ -539,6 +546,7 @@ def run(
         "dtype": str(model.dtype),
         "layer_form": layer_form(model),
         "decode_attention": decode_attention(),
+        "prompt_attention": prompt_attention(model),
         "weight_bytes": decode_weight_bytes(model),
         "held_bytes": sum(x.nbytes for x in jax.tree.leaves(model.params)),
         **int8,
@@ -571,7 +579,7 @@ def markdown(result: dict) -> str:
 
     lines = [
         f"# Micro-benchmarks: {result['model']} ({result['dtype']}, {result['layer_form']} layer weights, "
-        f"decode attention {result['decode_attention']})",
+        f"decode attention {result['decode_attention']}, prompt attention {result['prompt_attention']})",
         "",
         f"Machine limits measured in this run, each the median of samples taken before and between the measurements "
         f"it judges: memory bandwidth **{result['memory_bandwidth_gb_per_s']:.1f} GB/s** "

@@ -65,6 +65,18 @@ def gather(cache: KVPages, layer: jax.Array, tables: jax.Array) -> tuple[jax.Arr
     return kt.transpose(0, 2, 3, 1, 4).reshape(b, kv, hd, n * p), v.transpose(0, 2, 1, 3, 4).reshape(b, kv, n * p, hd)
 
 
+def gather_tokens(cache: KVPages, layer: jax.Array, tables: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The pages ``tables`` ``[B, n]`` lists, of one layer, laid end to end position-major: K and
+    V both ``[B, n * page, KV, hd]``, the layout fused attention takes (``flash.chunk_attention``).
+    One gather each, reordered as it lands; an entry past the pool reads the last page, as in
+    ``gather``."""
+    b, n = tables.shape
+    _, _, kv, hd, p = cache.k.shape
+    kt = cache.k.at[layer, tables].get(mode="clip")  # [B, n, KV, hd, P]
+    v = cache.v.at[layer, tables].get(mode="clip")  # [B, n, KV, P, hd]
+    return kt.transpose(0, 1, 4, 2, 3).reshape(b, n * p, kv, hd), v.transpose(0, 1, 3, 2, 4).reshape(b, n * p, kv, hd)
+
+
 def gather_pages(cache: KVPages, layer: jax.Array, tables: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The pages ``tables`` ``[B, n]`` lists, of one layer, page by page: K ``[B, n, KV, hd,
     page]`` and V ``[B, n, KV, page, hd]``. Each page is read as one contiguous row of the pool and
