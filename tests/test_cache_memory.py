@@ -15,12 +15,16 @@ use only; the GPU itself must be measured.)
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.extend.core
 import pytest
 
 from jds.config import load_config
 from jds.config.placement import DecodeInstance
 from jds.engine.builders import decode_instance
+from jds.model import kv_cache
 from jds.model.loader import load_model
 from tests_paths import CONFIGS
 
@@ -81,3 +85,47 @@ def test_a_step_over_per_layer_weights_writes_the_cache_in_place(apart_pipelines
 def test_an_insert_writes_the_cache_in_place(pipelines, stage, pages):
     new = {seq: _new_bytes(p.stages[stage].compile_insert(pages, (0, 2))) for seq, p in pipelines.items()}
     assert new[LONG] - new[SHORT] < _growth_allowed(pipelines, stage), new
+
+
+def _indexing(jaxpr: jax.extend.core.Jaxpr, size: int) -> list[tuple[str, tuple, tuple]]:
+    """Every gather from and scatter into an array of ``size`` elements (the pool, whatever shape
+    it is viewed in) in ``jaxpr`` and the programs it calls (a scan's body, a nested jit): the
+    primitive, the operand axes its index vector addresses, in order, and those it batches over."""
+    found = []
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if (name == "gather" or name.startswith("scatter")) and math.prod(eqn.invars[0].aval.shape) == size:
+            numbers = eqn.params["dimension_numbers"]
+            indexed = numbers.start_index_map if name == "gather" else numbers.scatter_dims_to_operand_dims
+            found.append((name, tuple(indexed), tuple(numbers.operand_batching_dims)))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _indexing(sub.jaxpr, size)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _indexing(sub, size)
+    return found
+
+
+@pytest.mark.parametrize("form", ["stacked", "per-layer"])
+def test_every_program_indexes_the_pool_by_its_leading_axes_in_order(pipelines, apart_pipelines, form):
+    """XLA's GPU compiler brings every gather and scatter to one form before it emits them: the
+    axes the index vector addresses first, in order, the others after. For an index on a later
+    axis of the pool (the offset within a page, or the page axis with the layer axis left whole)
+    that is a transposed copy of the whole pool, which made a 64-slot cache fail every step on an
+    H200. XLA's CPU backend leaves such a scatter in place, so the memory tests above cannot see
+    it there; this checks the form itself, in every program that reads or writes the pool: each
+    index addresses the pool's leading axes in order (layer, page, ...), and nothing batches."""
+    for stage in (pipelines if form == "stacked" else apart_pipelines)[SHORT].stages:
+        programs = {
+            "decode-all-rows": (stage.trace_run(SLOTS, 1, 256), {"gather", "scatter"}),
+            "decode-one-row": (stage.trace_run(1, 1, 16), {"gather", "scatter"}),
+            "prompt-chunk": (stage.trace_run(1, 32, 128), {"gather", "scatter"}),
+            "insert": (stage.trace_insert(32, (0, 2)), {"scatter"}),
+            "handoff-take": (jax.jit(kv_cache.take).trace(stage.cache, jax.ShapeDtypeStruct((8,), "int32")), {"gather"}),
+        }
+        for program, (traced, kinds) in programs.items():
+            found = _indexing(traced.jaxpr.jaxpr, stage.cache.k.size)
+            assert {name for name, _, _ in found} == kinds, (program, found)
+            for name, indexed, batched in found:
+                assert indexed == tuple(range(len(indexed))) and not batched, (program, name, indexed, batched)

@@ -443,6 +443,10 @@ class Stage:
 
     def compile_run(self, batch: int, length: int, context: int) -> jax.stages.Compiled:
         """Compile this stage for ``batch`` rows of ``length`` new tokens reading ``context`` positions, ahead of time."""
+        return self.trace_run(batch, length, context).lower().compile()
+
+    def trace_run(self, batch: int, length: int, context: int) -> jax.stages.Traced:
+        """This stage's program for that shape, traced from abstract inputs: what ``compile_run`` compiles."""
         if self.span.first:
             inputs = jax.ShapeDtypeStruct((batch, length), jnp.int32)
         else:
@@ -452,7 +456,7 @@ class Stage:
         step = StepInputs(tokens, np.zeros(batch, bool), vector, tables, tokens, 0, 0, 0, vector, empty_rows(batch), vector)
         args = self._run_args(inputs, step)
         feed = _spec(self._empty_feed()) if self.span.first or self.span.last else None
-        return self._run.lower(self.params, self.cache, self.history, feed, *jax.tree.map(_spec, args)).compile()
+        return self._run.trace(self.params, self.cache, self.history, feed, *jax.tree.map(_spec, args))
 
     def compile_sample(self, batch: int) -> None:
         """Compile the last stage's sampler for ``batch`` rows, ahead of time."""
@@ -464,6 +468,10 @@ class Stage:
 
     def compile_insert(self, pages: int, starts: Seq[int]) -> jax.stages.Compiled:
         """Compile the insert of ``pages`` pages cut at ``starts``, ahead of time."""
+        return self.trace_insert(pages, starts).lower().compile()
+
+    def trace_insert(self, pages: int, starts: Seq[int]) -> jax.stages.Traced:
+        """That insert, traced from abstract inputs: what ``compile_insert`` compiles."""
         bounds = [*starts, self.arch.num_layers]
         mine = [(a, b) for a, b in zip(bounds, bounds[1:]) if self.span.start <= a < self.span.stop]
         k, v = self.cache.k, self.cache.v
@@ -475,7 +483,7 @@ class Stage:
             for a, b in mine
         )
         offsets = tuple(a - self.span.start for a, _ in mine)
-        return self._insert.lower(self.cache, pieces, jax.ShapeDtypeStruct((pages,), jnp.int32), offsets).compile()
+        return self._insert.trace(self.cache, pieces, jax.ShapeDtypeStruct((pages,), jnp.int32), offsets)
 
 
 class Pipeline:

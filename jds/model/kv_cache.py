@@ -92,13 +92,26 @@ def gather_pages(cache: KVPages, layer: jax.Array, tables: jax.Array) -> tuple[j
 def write(cache: KVPages, k_new: jax.Array, v_new: jax.Array, pages: jax.Array, positions: jax.Array, layer_offset: int = 0) -> KVPages:
     """Write new K/V ``[layers, B, KV, T, hd]`` of row b's token t at ``positions[b, t]`` of page
     ``pages[b, t]`` (``[B, T]``; ``num_pages``: dropped), for layers ``layer_offset`` onwards.
-    Jit it with the cache donated so the write happens in place."""
-    layers = slice(layer_offset, layer_offset + k_new.shape[0])
-    offsets = positions % cache.page_size
-    # The indexed views are [B, T, layers, KV, hd] for both K and V.
+    Jit it with the cache donated so the write happens in place.
+
+    Every value is addressed by the pool's axes from the first on, in order (layer, page, KV head,
+    then V's offset with its head dim as the window, K's head dim and offset), so the scatters are
+    already in the form XLA's GPU compiler brings every scatter to: it moves a scatter's indexed
+    axes in front of the others, and for an index on a later axis (the offset within a page) that
+    is a transposed copy of the whole pool, which is how a 64-slot cache failed every step on an
+    H200. K's values are one scatter index each, its offset being its minor axis. On a CPU,
+    against the offset indexed alone: 0.84 ms against 0.58 for a SmolLM2-shaped step's write of 8
+    rows, 22 against 8 ms for a chunk of 256 tokens."""
+    n, _, kv_heads, _, hd = k_new.shape
+    layer = layer_offset + jnp.arange(n, dtype=jnp.int32)[:, None, None, None]  # [n, 1, 1, 1]
+    page, offset = pages[None, :, :, None], (positions % cache.page_size)[None, :, :, None]  # [1, B, T, 1]
+    head, dim = jnp.arange(kv_heads, dtype=jnp.int32), jnp.arange(hd, dtype=jnp.int32)
+    # Both updates are [n, B, T, KV, hd]: V's indices broadcast to its first four axes, K's to all five.
+    k = k_new.transpose(0, 1, 3, 2, 4).astype(cache.k.dtype)
+    v = v_new.transpose(0, 1, 3, 2, 4).astype(cache.v.dtype)
     return KVPages(
-        k=cache.k.at[layers, pages, :, :, offsets].set(k_new.transpose(1, 3, 0, 2, 4).astype(cache.k.dtype), mode="drop"),
-        v=cache.v.at[layers, pages, :, offsets].set(v_new.transpose(1, 3, 0, 2, 4).astype(cache.v.dtype), mode="drop"),
+        k=cache.k.at[layer[..., None], page[..., None], head[:, None], dim, offset[..., None]].set(k, mode="drop"),
+        v=cache.v.at[layer, page, head, offset].set(v, mode="drop"),
     )
 
 
@@ -115,18 +128,21 @@ def as_pages(kv: jax.Array, page_size: int) -> KVPages:
 
 
 def take(pages: KVPages, ids: jax.Array) -> KVPages:
-    """Pages ``ids`` of ``pages``, in that order (what a transfer moves)."""
-    return KVPages(k=pages.k[:, ids], v=pages.v[:, ids])
+    """Pages ``ids`` of ``pages``, in that order (what a transfer moves). Indexed by (layer, page),
+    the leading axes in order, as ``write`` explains: indexing the page axis alone makes XLA's GPU
+    compiler transpose the pages first."""
+    layers = jnp.arange(pages.k.shape[0], dtype=jnp.int32)[:, None]
+    return KVPages(k=pages.k[layers, ids[None, :]], v=pages.v[layers, ids[None, :]])
 
 
 def put(cache: KVPages, update: KVPages, ids: jax.Array, layer_offset: int = 0) -> KVPages:
     """Write the pages of ``update`` over pages ``ids`` of ``cache`` (``num_pages``: dropped), for
     ``update``'s layers from ``layer_offset`` on. Jit it with the cache donated so the write
-    happens in place."""
-    layers = slice(layer_offset, layer_offset + update.k.shape[0])
+    happens in place; indexed by (layer, page), as ``take``."""
+    layers = layer_offset + jnp.arange(update.k.shape[0], dtype=jnp.int32)[:, None]
     return KVPages(
-        k=cache.k.at[layers, ids].set(update.k.astype(cache.k.dtype), mode="drop"),
-        v=cache.v.at[layers, ids].set(update.v.astype(cache.v.dtype), mode="drop"),
+        k=cache.k.at[layers, ids[None, :]].set(update.k.astype(cache.k.dtype), mode="drop"),
+        v=cache.v.at[layers, ids[None, :]].set(update.v.astype(cache.v.dtype), mode="drop"),
     )
 
 
