@@ -112,8 +112,8 @@ def test_every_program_indexes_the_pool_by_its_leading_axes_in_order(pipelines, 
     """XLA's GPU compiler brings every gather and scatter to one form before it emits them: the
     axes the index vector addresses first, in order, the others after. For an index on a later
     axis of the pool (the offset within a page, or the page axis with the layer axis left whole)
-    that is a transposed copy of the whole pool, which made a 64-slot cache fail every step on an
-    H200. XLA's CPU backend leaves such a scatter in place, so the memory tests above cannot see
+    that is a transposed copy of the whole pool, the likeliest cause of the one that made a
+    64-slot cache fail every step on an H200. XLA's CPU backend leaves such a scatter in place, so the memory tests above cannot see
     it there; this checks the form itself, in every program that reads or writes the pool: each
     index addresses the pool's leading axes in order (layer, page, ...), and nothing batches."""
     for stage in (pipelines if form == "stacked" else apart_pipelines)[SHORT].stages:
