@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jds.config import Config, ConfigError, load_config
+from jds.config.fit import claim_device_memory
 from jds.config.placement import Placement
 from jds.engine.engine import Engine
 from jds.engine.request import Request, RequestOutput
@@ -36,6 +37,7 @@ class LLM:
         warmup: bool = False,
         progress: bool = True,
     ):
+        claim_device_memory()
         self.config = config if isinstance(config, Config) else load_config(config)
         if placement is not None and not isinstance(placement, Placement):
             try:

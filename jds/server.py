@@ -23,6 +23,7 @@ import threading
 from concurrent import futures
 
 from jds.config import Config, ConfigError, load_config
+from jds.config.fit import claim_device_memory
 
 log = logging.getLogger("jds.server")
 
@@ -89,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-requests", action="store_true", help="one log line per finished request, with its timings")
     parser.add_argument("--api-key", action="append", default=[], help="a key clients must send (repeatable; also server.api_keys, $JDS_API_KEY)")
     args = parser.parse_args(argv)
-    # A server owns its accelerators: JAX takes 75% of a GPU's memory unless told otherwise, and
-    # the fit check reads JAX's own limit. 90% (vLLM's gpu_memory_utilization default) leaves the
-    # rest to the CUDA runtime and cuDNN's workspaces. No effect on CPU.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    claim_device_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     if args.log_requests:
         logging.getLogger("jds.requests").setLevel(logging.DEBUG)

@@ -19,6 +19,17 @@ from jds.model.architecture import Architecture
 from jds.scheduling.policy import PENDING_BATCHES
 
 HOST_MEMORY_FRACTION = 0.8  # leave room for the runtime, compiled programs and activations
+# Of an accelerator's memory, what a process serving on it lets JAX take (JAX's own default is
+# 75%): vLLM's gpu_memory_utilization default, the rest left to the CUDA runtime and cuDNN.
+DEVICE_MEMORY_FRACTION = "0.9"
+
+
+def claim_device_memory() -> None:
+    """Let JAX take ``DEVICE_MEMORY_FRACTION`` of each accelerator, unless
+    ``XLA_PYTHON_CLIENT_MEM_FRACTION`` says otherwise: a serving process owns its accelerators,
+    and the fit check reads JAX's limit. Takes effect only before JAX starts its backends; no
+    effect on a CPU."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", DEVICE_MEMORY_FRACTION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,5 +199,7 @@ def check_placement(
             if limit is not None and need.per_device > limit:
                 raise ConfigError(
                     f"{need.where}: {_gib(need.weights)} weights + {_gib(need.kv)} KV + {_gib(need.transient)} transient per device exceed device {d}'s "
-                    f"{_gib(limit)} (lower kv_pages, kv_memory_gb, or slots or max_seq_len, or raise tp/pp)"
+                    f"{_gib(limit)}, the part JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION: "
+                    f"{os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', 'unset, 0.75')}); lower kv_pages, kv_memory_gb, or slots "
+                    "or max_seq_len, or raise tp/pp"
                 )
