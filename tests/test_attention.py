@@ -1,6 +1,7 @@
-"""Attention in the forms each backend runs gives the same results: for prompts, JAX's fused
-attention (cuDNN's flash kernel on a GPU) and the CPU form; for decode, pages attended one by one
-(a CPU) and laid end to end (other backends)."""
+"""Attention in the forms each backend runs gives the same results: for prompts and prompt
+chunks, JAX's fused attention (cuDNN's flash kernel on a GPU) and the CPU forms; for decode, pages
+attended one by one (a CPU), laid end to end (other backends), and read in place by the Pallas
+kernel (run here by Pallas's interpreter)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jds.model import flash, kv_cache, llama
+from jds.model import flash, kv_cache, llama, paged_decode
 from jds.model.kv_cache import KVPages
 
 
@@ -66,30 +67,33 @@ def test_the_fused_kernel_serves_only_where_the_backend_compiles_it(monkeypatch,
     assert flash.implementation("prompt", jnp.float32, 4, 2, 8) == "xla"
 
 
-def test_decode_attention_page_by_page_equals_it_over_pages_laid_end_to_end(monkeypatch):
-    """The two forms a decode step may read its pages in (a CPU attends page by page, other
-    backends over the pages laid end to end) give the same output: rows of different lengths, one
-    ending mid-page, table entries past the pool ("no page"), pages scattered over the pool."""
+def test_the_decode_attention_forms_give_the_same_output(monkeypatch):
+    """The three forms a decode step may read its pages in (a CPU attends page by page, other
+    backends over the pages laid end to end, or through the Pallas kernel that reads them in
+    place) give the same output: rows of different lengths, one ending mid-page, one with nothing
+    cached, table entries past the pool ("no page"), pages scattered over the pool."""
     layers, pages, kv_heads, hd, page, heads, n = 2, 12, 2, 16, 8, 8, 3
     keys = jax.random.split(jax.random.key(1), 5)
     cache = KVPages(
         k=jax.random.normal(keys[0], (layers, pages, kv_heads, hd, page)), v=jax.random.normal(keys[1], (layers, pages, kv_heads, page, hd))
     )
-    tables = jnp.array([[7, 2, 10], [4, pages, pages], [0, 11, 5]], jnp.int32)  # row 1 holds one page
-    start = jnp.array([24, 5, 17], jnp.int32)  # positions written before the new token
+    tables = jnp.array([[7, 2, 10], [4, pages, pages], [0, 11, 5], [3, pages, pages]], jnp.int32)  # rows 1 and 3 hold one page
+    start = jnp.array([24, 5, 17, 0], jnp.int32)  # positions written before the new token
     cached = (jnp.arange(n * page)[None, :] < start[:, None])[:, None, :]
-    q = jax.random.normal(keys[2], (3, 1, heads, hd))
-    k_new, v_new = (jax.random.normal(key, (3, kv_heads, 1, hd)) for key in keys[3:])
+    q = jax.random.normal(keys[2], (4, 1, heads, hd))
+    k_new, v_new = (jax.random.normal(key, (4, kv_heads, 1, hd)) for key in keys[3:])
     layer = jnp.int32(1)
     end_to_end = llama.attention_with_cache(q, *kv_cache.gather(cache, layer, tables), cached, k_new, v_new)
-    by_page = llama.one_token_attention_over_pages(q, *kv_cache.gather_pages(cache, layer, tables), cached.reshape(3, n, page), k_new, v_new)
+    by_page = llama.one_token_attention_over_pages(q, *kv_cache.gather_pages(cache, layer, tables), cached.reshape(4, n, page), k_new, v_new)
     np.testing.assert_allclose(np.asarray(by_page), np.asarray(end_to_end), atol=1e-5)
     assert not np.allclose(np.asarray(by_page[0]), np.asarray(by_page[2]))
-    assert llama.decode_reads_pages_whole()  # these tests run on a CPU, which attends page by page
-    monkeypatch.setenv("JDS_DECODE_ATTENTION", "end-to-end")  # unless told otherwise, for measuring both
-    assert not llama.decode_reads_pages_whole()
+    kernel = paged_decode.one_token_attention(q, cache.k, cache.v, layer, tables, start, k_new, v_new)  # Pallas, interpreted
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(end_to_end), atol=1e-5)
+    assert llama.decode_attention_form() == "by-page"  # these tests run on a CPU, which attends page by page
+    monkeypatch.setenv("JDS_DECODE_ATTENTION", "end-to-end")  # unless told otherwise, for measuring the forms
+    assert llama.decode_attention_form() == "end-to-end"
     monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
     monkeypatch.delenv("JDS_DECODE_ATTENTION")
-    assert not llama.decode_reads_pages_whole()
-    monkeypatch.setenv("JDS_DECODE_ATTENTION", "by-page")
-    assert llama.decode_reads_pages_whole()
+    assert llama.decode_attention_form() == "end-to-end"
+    monkeypatch.setenv("JDS_DECODE_ATTENTION", "kernel")
+    assert llama.decode_attention_form() == "kernel"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jds.config import load_config
-from jds.model import flash, kv_cache, llama
+from jds.model import flash, kv_cache, llama, paged_decode
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVPages
 from jds.model.loader import load_model
@@ -88,7 +88,26 @@ def test_prompts_and_chunks_through_the_fused_forms_give_the_same_logits_and_cac
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-READERS = {"JDS_LAYER_UNROLL": llama.layer_unroll, "JDS_LAYER_FORM": llama.layers_apart, "JDS_DECODE_ATTENTION": llama.decode_reads_pages_whole}
+def test_decode_steps_through_the_pallas_kernel_give_the_same_logits_and_cache(monkeypatch):
+    """``JDS_DECODE_ATTENTION=kernel`` routes decode steps (not prompts or chunks) through
+    ``paged_decode``, which reads the pool itself with the layer as an input: under the scan (the
+    layer traced) and over per-layer weights (a constant). Here Pallas's interpreter runs it."""
+    params = init_params(ARCH, jax.random.key(0))
+    cpu = _prefill_then_decode(params)
+    monkeypatch.setenv("JDS_DECODE_ATTENTION", "kernel")
+    calls = []
+    form = paged_decode.one_token_attention
+    monkeypatch.setattr(paged_decode, "one_token_attention", lambda *a: calls.append(a[3]) or form(*a))
+    scanned = _prefill_then_decode(params)
+    assert len(calls) == 1 and isinstance(calls[0], jax.core.Tracer)  # the scan's layer index
+    looped = _prefill_then_decode(params.replace(layers=split_layers(params.layers)))
+    assert calls[1:] == list(range(ARCH.num_layers))
+    for got in (scanned, looped):
+        for a, b in zip(got, cpu):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+READERS = {"JDS_LAYER_UNROLL": llama.layer_unroll, "JDS_LAYER_FORM": llama.layers_apart, "JDS_DECODE_ATTENTION": llama.decode_attention_form}
 
 
 @pytest.mark.parametrize(

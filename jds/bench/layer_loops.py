@@ -33,6 +33,9 @@ PLAIN: dict[str, str | None] = {"JDS_LAYER_FORM": "stacked", "JDS_LAYER_UNROLL":
 FORMS: dict[str, dict] = {  # in the order a run short of time should measure them
     "scan": {},
     "per-layer": {"env": {"JDS_LAYER_FORM": "per-layer"}},
+    # Decode attention by a Pallas kernel reading the pages where they lie in the pool (on a CPU,
+    # through Pallas's interpreter: slow, for checking only)
+    "attention-kernel": {"env": {"JDS_DECODE_ATTENTION": "kernel"}},
     # Decode attention read page by page where the pages landed, as on a CPU (the CPU's own choice)
     "attention-by-page": {"env": {"JDS_DECODE_ATTENTION": "by-page"}},
     # XLA's GPU backend hands a matrix product the slice's offset in the stacked buffer instead of a

@@ -89,9 +89,9 @@ def layer_form(model: LoadedModel) -> str:
 
 
 def decode_attention() -> str:
-    """How decode steps traced now read their rows' KV pages (``llama.decode_reads_pages_whole``),
+    """How decode steps traced now read their rows' KV pages (``llama.decode_attention_form``),
     for a result to record."""
-    return "by-page" if llama.decode_reads_pages_whole() else "end-to-end"
+    return llama.decode_attention_form()
 
 
 def prompt_attention(model: LoadedModel) -> str:

@@ -55,7 +55,7 @@ class KVPages:
 def gather(cache: KVPages, layer: jax.Array, tables: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The pages ``tables`` ``[B, n]`` lists for each row, of one layer, laid end to end: K
     ``[B, KV, hd, n * page]`` and V ``[B, KV, n * page, hd]`` (what prompt chunks attend to, and
-    decode steps where ``llama.decode_reads_pages_whole`` says no). Only those pages are read (one
+    decode steps where ``llama.decode_attention_form`` says ``end-to-end``). Only those pages are read (one
     gather from the whole pool, never a copy of a layer). An entry past the pool (no page) reads
     the last page: positions the caller masks."""
     b, n = tables.shape

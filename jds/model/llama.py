@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jds.model import flash, kv_cache
+from jds.model import flash, kv_cache, paged_decode
 from jds.model.architecture import Architecture
 from jds.model.kv_cache import KVPages
 from jds.model.params import InverseNorm, LayerParams, MatrixWeight, Params, Weight
@@ -119,23 +119,30 @@ def _one_token_attention(
     return out.reshape(b, 1, h, hd).astype(q.dtype)
 
 
-DECODE_ATTENTION_FORMS = ("by-page", "end-to-end")
+DECODE_ATTENTION_FORMS = ("by-page", "end-to-end", "kernel")
 
 
-def decode_reads_pages_whole() -> bool:
-    """Whether a decode step attends page by page (``one_token_attention_over_pages``) rather than
-    over each row's pages laid end to end (``gather``, then ``attention_with_cache``). On XLA's CPU
-    backend page by page is faster: the end-to-end layout moves K's pages between its head and
-    position axes, which XLA's CPU gather does element by element. With pages of 64 positions, a
-    SmolLM2 float32 step at batch 8 over 256 positions took 61 ms against 77, batch 32 over 256 161
-    against 209, batch 8 over 2,048 183 against 296, batch 32 over 2,048 634 against 930 (pages of
-    16 end to end, the earlier default). Page by page wants long pages: with pages of 16, batch 32
-    over 2,048 took 1,904 ms. Other backends keep the end-to-end form until a measurement there
-    says otherwise: ``JDS_DECODE_ATTENTION`` (``by-page`` or ``end-to-end``) overrides the choice,
-    for measuring both (``python -m jds.bench layers``). It is read as a step is traced.
+def decode_attention_form() -> str:
+    """How a decode step reads its rows' KV pages, one of ``DECODE_ATTENTION_FORMS``: page by page
+    (``by-page``: ``gather_pages``, then ``one_token_attention_over_pages``), over each row's pages
+    laid end to end (``end-to-end``: ``gather``, then ``attention_with_cache``), or by a Pallas
+    kernel reading the pages where they lie (``kernel``: ``paged_decode``).
+
+    On XLA's CPU backend page by page is faster than end to end: the end-to-end layout moves K's
+    pages between its head and position axes, which XLA's CPU gather does element by element. With
+    pages of 64 positions, a SmolLM2 float32 step at batch 8 over 256 positions took 61 ms against
+    77, batch 32 over 256 161 against 209, batch 8 over 2,048 183 against 296, batch 32 over 2,048
+    634 against 930 (pages of 16 end to end, the earlier default). Page by page wants long pages:
+    with pages of 16, batch 32 over 2,048 took 1,904 ms. Other backends keep the end-to-end form
+    until a measurement there says otherwise; the kernel, which spares the two copies both XLA
+    forms make of every page they read, is unmeasured on a GPU. ``JDS_DECODE_ATTENTION`` overrides
+    the choice, for measuring the forms (``python -m jds.bench layers``). It is read as a step is
+    traced.
     """
     form = _decode_attention_setting()
-    return jax.default_backend() == "cpu" if form is None else form == "by-page"
+    if form is None:
+        return "by-page" if jax.default_backend() == "cpu" else "end-to-end"
+    return form
 
 
 def _decode_attention_setting() -> str | None:
@@ -392,9 +399,12 @@ def decoder_layers(
     # after it. Writing into the cache inside the loop made XLA copy the whole cache per layer.
     def layer_step(x: jax.Array, layer: LayerParams, i: jax.Array | int):
         q, k, v = _qkv(x, layer, positions, arch)
-        if t == 1 and decode_reads_pages_whole():
+        form = decode_attention_form() if t == 1 else None
+        if form == "by-page":
             by_page = cached.reshape(b, tables.shape[1], cache.page_size)
             attn = one_token_attention_over_pages(q, *kv_cache.gather_pages(cache, i, tables), by_page, k, v)
+        elif form == "kernel":
+            attn = paged_decode.one_token_attention(q, cache.k, cache.v, i, tables, start, k, v)
         elif t > 1 and (kernel := flash.implementation("chunk", q.dtype, q.shape[2], k.shape[1], q.shape[3])):
             attn = flash.chunk_attention(q, *kv_cache.gather_tokens(cache, i, tables), k, v, start, kernel)
         else:
