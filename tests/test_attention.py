@@ -15,16 +15,20 @@ from jds.model import flash, kv_cache, llama, paged_decode
 from jds.model.kv_cache import KVPages
 
 
+def _normal(seed: int, *shapes: tuple[int, ...]) -> list[jax.Array]:
+    """Standard normal arrays of ``shapes`` (drawn by NumPy: JAX compiles a sampler per shape)."""
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(shape, np.float32)) for shape in shapes]
+
+
 def test_fused_prompt_attention_equals_the_cpu_form():
     """``flash.prompt_attention`` names its kernel: cuDNN's on a GPU, here JAX's XLA form of the
     same call, which shares its masking (causal, padded by length) and layout."""
     b, t, heads, kv_heads, hd = 3, 24, 8, 2, 16
-    q, k, v = (jax.random.normal(key, shape) for key, shape in zip(
-        jax.random.split(jax.random.key(0), 3), [(b, t, heads, hd), (b, kv_heads, t, hd), (b, kv_heads, t, hd)]
-    ))  # fmt: skip
+    q, k, v = _normal(0, (b, t, heads, hd), (b, kv_heads, t, hd), (b, kv_heads, t, hd))
     lengths = jnp.array([24, 7, 1], jnp.int32)
-    cpu = llama.prompt_attention(q, k, v, lengths)
-    fused = flash.prompt_attention(q, k, v, lengths, "xla")
+    cpu = jax.jit(llama.prompt_attention)(q, k, v, lengths)  # jitted: op by op, each op compiles apart
+    fused = jax.jit(flash.prompt_attention, static_argnums=4)(q, k, v, lengths, "xla")
     for row, n in enumerate(lengths.tolist()):  # positions past a prompt are padding: nobody reads them
         np.testing.assert_allclose(np.asarray(fused[row, :n]), np.asarray(cpu[row, :n]), atol=1e-5)
     assert not np.allclose(np.asarray(fused[0]), np.asarray(fused[1]))  # the rows are not all the same
@@ -36,18 +40,16 @@ def test_a_fused_chunk_attends_as_the_cpu_form():
     causally. Rows start mid-page and at 0; pages are scattered over the pool; one table entry is
     past the pool; a chunk's last tokens fall past what the context holds for one row."""
     layers, pages, kv_heads, hd, page, heads, n, t = 2, 12, 2, 16, 8, 8, 3, 5
-    keys = jax.random.split(jax.random.key(2), 5)
-    cache = KVPages(
-        k=jax.random.normal(keys[0], (layers, pages, kv_heads, hd, page)), v=jax.random.normal(keys[1], (layers, pages, kv_heads, page, hd))
+    k, v, q, k_new, v_new = _normal(
+        2, (layers, pages, kv_heads, hd, page), (layers, pages, kv_heads, page, hd), (3, t, heads, hd), (3, kv_heads, t, hd), (3, kv_heads, t, hd)
     )
+    cache = KVPages(k=k, v=v)
     tables = jnp.array([[7, 2, 10], [4, 3, pages], [0, 11, 5]], jnp.int32)
     start = jnp.array([13, 0, 19], jnp.int32)
     cached = (jnp.arange(n * page)[None, :] < start[:, None])[:, None, :]
-    q = jax.random.normal(keys[2], (3, t, heads, hd))
-    k_new, v_new = (jax.random.normal(key, (3, kv_heads, t, hd)) for key in keys[3:])
     layer = jnp.int32(1)
-    cpu = llama.attention_with_cache(q, *kv_cache.gather(cache, layer, tables), cached, k_new, v_new)
-    fused = flash.chunk_attention(q, *kv_cache.gather_tokens(cache, layer, tables), k_new, v_new, start, "xla")
+    cpu = jax.jit(lambda: llama.attention_with_cache(q, *kv_cache.gather(cache, layer, tables), cached, k_new, v_new))()
+    fused = jax.jit(lambda: flash.chunk_attention(q, *kv_cache.gather_tokens(cache, layer, tables), k_new, v_new, start, "xla"))()
     np.testing.assert_allclose(np.asarray(fused), np.asarray(cpu), atol=1e-5)
     assert not np.allclose(np.asarray(fused[:, 0]), np.asarray(fused[:, 1]))
 
@@ -73,21 +75,21 @@ def test_the_decode_attention_forms_give_the_same_output(monkeypatch):
     place) give the same output: rows of different lengths, one ending mid-page, one with nothing
     cached, table entries past the pool ("no page"), pages scattered over the pool."""
     layers, pages, kv_heads, hd, page, heads, n = 2, 12, 2, 16, 8, 8, 3
-    keys = jax.random.split(jax.random.key(1), 5)
-    cache = KVPages(
-        k=jax.random.normal(keys[0], (layers, pages, kv_heads, hd, page)), v=jax.random.normal(keys[1], (layers, pages, kv_heads, page, hd))
+    k, v, q, k_new, v_new = _normal(
+        1, (layers, pages, kv_heads, hd, page), (layers, pages, kv_heads, page, hd), (4, 1, heads, hd), (4, kv_heads, 1, hd), (4, kv_heads, 1, hd)
     )
+    cache = KVPages(k=k, v=v)
     tables = jnp.array([[7, 2, 10], [4, pages, pages], [0, 11, 5], [3, pages, pages]], jnp.int32)  # rows 1 and 3 hold one page
     start = jnp.array([24, 5, 17, 0], jnp.int32)  # positions written before the new token
     cached = (jnp.arange(n * page)[None, :] < start[:, None])[:, None, :]
-    q = jax.random.normal(keys[2], (4, 1, heads, hd))
-    k_new, v_new = (jax.random.normal(key, (4, kv_heads, 1, hd)) for key in keys[3:])
     layer = jnp.int32(1)
-    end_to_end = llama.attention_with_cache(q, *kv_cache.gather(cache, layer, tables), cached, k_new, v_new)
-    by_page = llama.one_token_attention_over_pages(q, *kv_cache.gather_pages(cache, layer, tables), cached.reshape(4, n, page), k_new, v_new)
+    end_to_end = jax.jit(lambda: llama.attention_with_cache(q, *kv_cache.gather(cache, layer, tables), cached, k_new, v_new))()
+    by_page = jax.jit(
+        lambda: llama.one_token_attention_over_pages(q, *kv_cache.gather_pages(cache, layer, tables), cached.reshape(4, n, page), k_new, v_new)
+    )()
     np.testing.assert_allclose(np.asarray(by_page), np.asarray(end_to_end), atol=1e-5)
     assert not np.allclose(np.asarray(by_page[0]), np.asarray(by_page[2]))
-    kernel = paged_decode.one_token_attention(q, cache.k, cache.v, layer, tables, start, k_new, v_new)  # Pallas, interpreted
+    kernel = jax.jit(paged_decode.one_token_attention)(q, cache.k, cache.v, layer, tables, start, k_new, v_new)  # Pallas, interpreted
     np.testing.assert_allclose(np.asarray(kernel), np.asarray(end_to_end), atol=1e-5)
     assert llama.decode_attention_form() == "by-page"  # these tests run on a CPU, which attends page by page
     monkeypatch.setenv("JDS_DECODE_ATTENTION", "end-to-end")  # unless told otherwise, for measuring the forms

@@ -21,6 +21,11 @@ ARCH = Architecture(vocab_size=96, hidden_size=32, intermediate_size=64, num_lay
 PAGE = 8
 
 
+def _params():
+    """Random weights for ``ARCH``, drawn in one program rather than a compile per shape."""
+    return jax.jit(init_params, static_argnums=0)(ARCH, jax.random.key(0))
+
+
 def _chunk(params, cache: KVPages, tokens: jax.Array, start: jax.Array, tables: jax.Array) -> tuple[jax.Array, KVPages]:
     """A prompt chunk's activations (``[B, T]`` new tokens from ``start``) and the cache it wrote."""
     positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
@@ -36,7 +41,8 @@ def _prefill_then_decode(params) -> tuple[np.ndarray, ...]:
     lengths = jnp.array([6, 2], jnp.int32)
     prompt_logits, _ = jax.jit(lambda *a: llama.prefill(*a, arch=ARCH))(params, tokens, lengths)
     cache = KVPages.zeros(ARCH, 6, PAGE, jnp.float32)
-    cache = KVPages(k=jax.random.normal(jax.random.key(3), cache.k.shape), v=jax.random.normal(jax.random.key(4), cache.v.shape))
+    rng = np.random.default_rng(3)  # NumPy: JAX compiles a sampler per shape
+    cache = KVPages(k=jnp.asarray(rng.standard_normal(cache.k.shape, np.float32)), v=jnp.asarray(rng.standard_normal(cache.v.shape, np.float32)))
     tables = jnp.array([[4, 1], [0, 6]], jnp.int32)  # row 1 holds one page; 6 is past the pool
     positions = jnp.array([11, 3], jnp.int32)
     step_logits, cache = jax.jit(lambda *a: llama.decode_step(*a, arch=ARCH))(params, cache, jnp.array([2, 3], jnp.int32), positions, tables)
@@ -46,7 +52,7 @@ def _prefill_then_decode(params) -> tuple[np.ndarray, ...]:
 
 
 def test_every_form_of_the_layer_loop_gives_the_same_logits_and_cache(monkeypatch):
-    params = init_params(ARCH, jax.random.key(0))
+    params = _params()
     scanned = _prefill_then_decode(params)
     looped = _prefill_then_decode(params.replace(layers=split_layers(params.layers)))
     # Count that the unrolled programs really were traced with the unroll set.
@@ -61,7 +67,7 @@ def test_every_form_of_the_layer_loop_gives_the_same_logits_and_cache(monkeypatc
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     # The caches compared hold what the step and the chunk wrote: row 0's positions 11-14 are in
     # its second page.
-    cache, before = scanned[3], np.asarray(jax.random.normal(jax.random.key(3), scanned[3].shape))
+    cache, before = scanned[3], np.random.default_rng(3).standard_normal(scanned[3].shape, np.float32)
     for position in range(11, 15):
         assert not np.allclose(cache[:, 1, :, :, position % PAGE], before[:, 1, :, :, position % PAGE])
     np.testing.assert_array_equal(cache[:, 3], before[:, 3])  # a page no row holds is untouched
@@ -72,7 +78,7 @@ def test_prompts_and_chunks_through_the_fused_forms_give_the_same_logits_and_cac
     chunks run through ``flash``'s forms; here JAX's XLA form of the same call stands in for the
     kernel, so the routing, the chunk's write into its gathered pages and its mask are checked
     against the CPU forms over a whole model."""
-    params = init_params(ARCH, jax.random.key(0))
+    params = _params()
     cpu = _prefill_then_decode(params)
     monkeypatch.setattr(flash.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(flash, "KERNEL", "xla")
@@ -92,7 +98,7 @@ def test_decode_steps_through_the_pallas_kernel_give_the_same_logits_and_cache(m
     """``JDS_DECODE_ATTENTION=kernel`` routes decode steps (not prompts or chunks) through
     ``paged_decode``, which reads the pool itself with the layer as an input: under the scan (the
     layer traced) and over per-layer weights (a constant). Here Pallas's interpreter runs it."""
-    params = init_params(ARCH, jax.random.key(0))
+    params = _params()
     cpu = _prefill_then_decode(params)
     monkeypatch.setenv("JDS_DECODE_ATTENTION", "kernel")
     calls = []
