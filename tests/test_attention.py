@@ -10,6 +10,8 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from jax import export
 
 from jds.model import flash, kv_cache, llama, paged_decode
 from jds.model.kv_cache import KVPages
@@ -99,3 +101,30 @@ def test_the_decode_attention_forms_give_the_same_output(monkeypatch):
     assert llama.decode_attention_form() == "end-to-end"
     monkeypatch.setenv("JDS_DECODE_ATTENTION", "kernel")
     assert llama.decode_attention_form() == "kernel"
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "slots"), [(32, 32, 52), (32, 8, 8), (40, 2, 3)], ids=["llama7b-52-slots", "gqa", "twenty-groups"])
+def test_the_paged_kernel_lowers_for_a_gpu_through_triton(heads, kv_heads, slots):
+    """Pallas lowers a kernel to Triton as its program is lowered, so a CPU can run that step for
+    a GPU target (``jax.export``): Triton's lowering, not Pallas's Mosaic GPU default (which would
+    stage the whole pool in shared memory); tiles of a power of two of elements, queries padded
+    to what a Triton product takes; the pool read where it lies at the 7B config's size (56 GB of
+    K), a grouped-query model's, and one whose KV heads have twenty query heads each (padded to
+    32). What Triton then compiles for the device is for a GPU run to show."""
+    layers, hd, page, n = 32, 128, 64, 64
+    pages = slots * n
+    specs = (
+        jax.ShapeDtypeStruct((slots, heads, hd), jnp.bfloat16),
+        jax.ShapeDtypeStruct((layers, pages, kv_heads, hd, page), jnp.bfloat16),
+        jax.ShapeDtypeStruct((layers, pages, kv_heads, page, hd), jnp.bfloat16),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((slots, n), jnp.int32),
+        jax.ShapeDtypeStruct((slots,), jnp.int32),
+    )
+    kernel = jax.jit(lambda *a: paged_decode.attention_over_pool(*a, interpret=False))
+    target = "__gpu$xla.gpu.triton"
+    exported = export.export(kernel, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(*specs)
+    text = exported.mlir_module()
+    assert text.count(f"@{target}") == 1 and 'name = "jds_paged_decode"' in text
+    groups = 1 << (heads // kv_heads - 1).bit_length()
+    assert f"tensor<{slots}x{kv_heads}x{max(paged_decode.MIN_ROWS, groups)}x{hd}xbf16>" in text  # the padded queries

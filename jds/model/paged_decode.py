@@ -23,10 +23,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pallas_triton
 
 _MASKED = -1e30  # a logit no position reaches; finite, so an empty split's sums stay zero
 TARGET_PROGRAMS = 256  # rows x KV heads x splits to aim for: about two waves on an H100/H200's 132 SMs
 MIN_ROWS = 16  # the fewest query rows a Triton matrix product takes: a KV head's query heads are padded up to it
+# (Pallas's Triton lowering also wants every tile a power of two of elements: page size and head dim too)
 
 
 def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, pages_per_split: int, page_size: int):
@@ -73,7 +75,7 @@ def attention_over_pool(
     n = tables.shape[1]
     kv, page_size = k_pool.shape[2], k_pool.shape[4]
     groups = h // kv
-    padded = max(MIN_ROWS, groups)
+    padded = max(MIN_ROWS, 1 << (groups - 1).bit_length())  # Triton's tiles hold a power of two of elements
     grouped = jnp.pad(q.reshape(b, kv, groups, hd), ((0, 0), (0, 0), (0, padded - groups), (0, 0)))
     splits = splits_for(b, kv, n)
     per_split = -(-n // splits)
@@ -101,6 +103,9 @@ def attention_over_pool(
             jax.ShapeDtypeStruct((splits, b, kv, padded), jnp.float32),
         ],
         interpret=interpret,
+        # Triton's lowering, named: Pallas's default on a GPU is Mosaic GPU, which stages every
+        # block in shared memory, and a block here is the whole pool
+        compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=2),
         name="jds_paged_decode",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), lengths.reshape(b, 1).astype(jnp.int32), tables, grouped, k_pool, v_pool)
     return o[..., :groups, :], m[..., :groups], l[..., :groups]
