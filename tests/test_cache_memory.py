@@ -108,15 +108,25 @@ def _indexing(jaxpr: jax.extend.core.Jaxpr, size: int) -> list[tuple[str, tuple,
 
 
 @pytest.mark.parametrize("form", ["stacked", "per-layer"])
-def test_every_program_indexes_the_pool_by_its_leading_axes_in_order(pipelines, apart_pipelines, form):
+def test_every_program_indexes_the_pool_by_its_leading_axes_in_order(pipelines, apart_pipelines, form, monkeypatch):
     """XLA's GPU compiler brings every gather and scatter to one form before it emits them: the
     axes the index vector addresses first, in order, the others after. For an index on a later
     axis of the pool (the offset within a page, or the page axis with the layer axis left whole)
     that is a transposed copy of the whole pool, the likeliest cause of the one that made a
     64-slot cache fail every step on an H200. XLA's CPU backend leaves such a scatter in place, so the memory tests above cannot see
-    it there; this checks the form itself, in every program that reads or writes the pool: each
-    index addresses the pool's leading axes in order (layer, page, ...), and nothing batches."""
-    for stage in (pipelines if form == "stacked" else apart_pipelines)[SHORT].stages:
+    it there; this checks the form itself, in every program that reads or writes the pool, traced
+    as for a GPU (a CPU keeps a write of its own, ``kv_cache.write``): each index addresses the
+    pool's leading axes in order (layer, page, ...), and nothing batches."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    jax.clear_caches()  # a program's trace is kept without the backend in its key
+    try:
+        _check_indexing((pipelines if form == "stacked" else apart_pipelines)[SHORT].stages)
+    finally:
+        jax.clear_caches()  # not to leave GPU-form traces to later CPU calls
+
+
+def _check_indexing(stages) -> None:
+    for stage in stages:
         programs = {
             "decode-all-rows": (stage.trace_run(SLOTS, 1, 256), {"gather", "scatter"}),
             "decode-one-row": (stage.trace_run(1, 1, 16), {"gather", "scatter"}),

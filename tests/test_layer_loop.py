@@ -77,7 +77,8 @@ def test_prompts_and_chunks_through_the_fused_forms_give_the_same_logits_and_cac
     """Where the backend compiles a fused attention kernel (a GPU with cuDNN), prompts and prompt
     chunks run through ``flash``'s forms; here JAX's XLA form of the same call stands in for the
     kernel, so the routing, the chunk's write into its gathered pages and its mask are checked
-    against the CPU forms over a whole model."""
+    against the CPU forms over a whole model. The backend said to be a GPU, the cache is written
+    in its form too (``kv_cache.write``: every index on the pool's leading axes), and compared."""
     params = _params()
     cpu = _prefill_then_decode(params)
     monkeypatch.setattr(flash.jax, "default_backend", lambda: "gpu")
