@@ -60,8 +60,7 @@ def gather(cache: KVPages, layer: jax.Array, tables: jax.Array) -> tuple[jax.Arr
     the last page: positions the caller masks."""
     b, n = tables.shape
     _, _, kv, hd, p = cache.k.shape
-    kt = cache.k.at[layer, tables].get(mode="clip")  # [B, n, KV, hd, P]
-    v = cache.v.at[layer, tables].get(mode="clip")  # [B, n, KV, P, hd]
+    kt, v = _listed_pages(cache, layer, tables)
     return kt.transpose(0, 2, 3, 1, 4).reshape(b, kv, hd, n * p), v.transpose(0, 2, 1, 3, 4).reshape(b, kv, n * p, hd)
 
 
@@ -72,9 +71,14 @@ def gather_tokens(cache: KVPages, layer: jax.Array, tables: jax.Array) -> tuple[
     ``gather``."""
     b, n = tables.shape
     _, _, kv, hd, p = cache.k.shape
-    kt = cache.k.at[layer, tables].get(mode="clip")  # [B, n, KV, hd, P]
-    v = cache.v.at[layer, tables].get(mode="clip")  # [B, n, KV, P, hd]
+    kt, v = _listed_pages(cache, layer, tables)
     return kt.transpose(0, 1, 4, 2, 3).reshape(b, n * p, kv, hd), v.transpose(0, 1, 3, 2, 4).reshape(b, n * p, kv, hd)
+
+
+def _listed_pages(cache: KVPages, layer: jax.Array, tables: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """K ``[B, n, KV, hd, P]`` and V ``[B, n, KV, P, hd]`` of the pages ``tables`` lists, one layer;
+    an entry past the pool reads the last page."""
+    return cache.k.at[layer, tables].get(mode="clip"), cache.v.at[layer, tables].get(mode="clip")
 
 
 def gather_pages(cache: KVPages, layer: jax.Array, tables: jax.Array) -> tuple[jax.Array, jax.Array]:
