@@ -10,6 +10,7 @@ caller's own vocabulary (a gRPC client reads ``max_tokens`` where an OpenAI chat
 
 from __future__ import annotations
 
+import operator
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from jds.engine.request import Request
 from jds.model.tokenizer import Tokenizer
 from jds.sampling_params import SamplingParams, is_unicode
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # OpenAI's developer is the older system (what templates know)
 MAX_REQUEST_ID_CHARS = 256
 
 
@@ -71,7 +72,7 @@ def encode_chat(
     if prompt:
         _refuse_beyond_context(engine, tokenizer, sum(len(m["content"]) for m in messages), field)
     try:
-        conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
+        conversation = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt, continue_final_message, template_kwargs)
     except ValueError as exc:  # the template refuses the conversation (e.g. roles out of order)
         raise InvalidRequest(field, str(exc)) from None
@@ -79,13 +80,31 @@ def encode_chat(
 
 
 def check_token_ids(engine: ServingEngine, ids: Sequence[int], field: str) -> tuple[int, ...]:
+    """The ids as Python ints (NumPy's integers are taken too: tokenizers and arrays hand them out),
+    each in the vocabulary."""
     vocab = engine.model.arch.vocab_size
-    bad = [t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab)]
+    whole = [_integer(t) for t in ids]
+    bad = [t for t, w in zip(ids, whole) if w is None or not 0 <= w < vocab]
     if bad:
-        raise InvalidRequest(field, f"ids must be in [0, {vocab}); got {bad[:8]}")
+        raise InvalidRequest(field, f"ids must be in [0, {vocab}); got {[_plain(t) for t in bad[:8]]}")
     if not ids:
         raise InvalidRequest(field, "is empty")
-    return tuple(ids)
+    return tuple(whole)
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as an int if it is an integer of any kind but a bool, else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _plain(value: object) -> object:
+    """A NumPy scalar as the Python value it holds, so a message shows ``7``, not ``np.int64(7)``."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", None) == 0 else value
 
 
 def build_request(

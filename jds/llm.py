@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from jds.config import Config, ConfigError, load_config
 from jds.config.fit import claim_device_memory
 from jds.config.placement import Placement
 from jds.engine.engine import Engine
 from jds.engine.request import Request, RequestOutput
-from jds.intake import check_token_ids, encode_chat, encode_text
+from jds.intake import InvalidRequest, check_token_ids, encode_chat, encode_text
 from jds.model.loader import LoadedModel, check_config, load_model
 from jds.model.tokenizer import Tokenizer
 from jds.sampling_params import SamplingParams
@@ -70,10 +72,11 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """One output per prompt, in order. One SamplingParams for all, or one per prompt."""
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and _is_token(prompts[0])):
-            prompts = [prompts]
-        return self._run([self._encode(p) for p in prompts], sampling_params)
+        """One output per prompt, in order. One SamplingParams for all, or one per prompt. A bad
+        prompt of several is named by its place (``prompts[3]: ...``); none runs until all pass."""
+        batch = _prompt_list(prompts)
+        fields = _fields("prompt", "prompts", len(batch))
+        return self._run([self._encode(p, f) for p, f in zip(batch, fields)], sampling_params, fields)
 
     def chat(
         self,
@@ -81,33 +84,67 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        return self._run([encode_chat(self.engine, c) for c in conversations], sampling_params)
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        fields = _fields("messages", "messages", len(conversations))
+        return self._run([encode_chat(self.engine, c, f) for c, f in zip(conversations, fields)], sampling_params, fields)
 
-    def _encode(self, prompt: Prompt) -> tuple[int, ...]:
+    def _encode(self, prompt: Prompt, field: str) -> tuple[int, ...]:
         """The same checks as the servers' (``jds.intake``); a too-long prompt is refused by the engine."""
         if isinstance(prompt, str):
-            return encode_text(self.engine, prompt, "prompt")
-        return check_token_ids(self.engine, tuple(prompt), "prompt")
+            return encode_text(self.engine, prompt, field)
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence | np.ndarray):
+            raise InvalidRequest(field, f"must be a string or a list of token ids; got {type(prompt).__name__}")
+        return check_token_ids(self.engine, tuple(prompt), field)
 
     def _run(
-        self, prompt_ids: list[tuple[int, ...]], sampling_params: SamplingParams | Sequence[SamplingParams] | None
+        self, prompt_ids: list[tuple[int, ...]], sampling_params: SamplingParams | Sequence[SamplingParams] | None, fields: list[str]
     ) -> list[RequestOutput]:
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompt_ids)
-        if len(sampling_params) != len(prompt_ids):
-            raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompt_ids)} prompts")
-        requests = [
-            Request(f"offline-{next(self._ids)}", ids, params, params.resolved_seed())
-            for ids, params in zip(prompt_ids, sampling_params)
-        ]
-        for r in requests:
-            self.engine.validate(r)  # refuse a bad request before any of them starts
+        params = _params_list(sampling_params, len(prompt_ids))
+        requests = [Request(f"offline-{next(self._ids)}", ids, p, p.resolved_seed()) for ids, p in zip(prompt_ids, params)]
+        for r, field in zip(requests, fields):
+            try:
+                self.engine.validate(r)  # refuse a bad request before any of them starts
+            except ValueError as exc:
+                if len(requests) == 1:
+                    raise
+                raise InvalidRequest(field, str(exc)) from None
         streams = [self.engine.submit(r) for r in requests]
         return [s.result() for s in streams]
 
 
+def _prompt_list(prompts: object) -> list:
+    """The prompts of a call: one prompt (a string, or token ids) or a list of them."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, np.ndarray):
+        if prompts.ndim not in (1, 2):
+            raise InvalidRequest("prompts", f"an array of token ids has 1 dimension (a prompt) or 2 (prompts); got {prompts.ndim}")
+        return [prompts] if prompts.ndim == 1 else list(prompts)
+    if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence):
+        raise InvalidRequest("prompts", f"must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
+    return [prompts] if prompts and _is_token(prompts[0]) else list(prompts)
+
+
+def _fields(one: str, many: str, n: int) -> list[str]:
+    """How errors name each of ``n`` inputs: by the field's name alone, or by their place among several."""
+    return [one] if n == 1 else [f"{many}[{i}]" for i in range(n)]
+
+
+def _params_list(sampling_params: object, n: int) -> list[SamplingParams]:
+    """One ``SamplingParams`` per prompt: the default, one shared, or the list given."""
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    if not isinstance(sampling_params, Sequence) or isinstance(sampling_params, str):
+        raise TypeError(f"sampling_params: must be a SamplingParams or a list of them, one per prompt; got {type(sampling_params).__name__}")
+    for i, p in enumerate(sampling_params):
+        if not isinstance(p, SamplingParams):
+            raise TypeError(f"sampling_params[{i}]: must be a SamplingParams; got {type(p).__name__}")
+    if len(sampling_params) != n:
+        raise ValueError(f"sampling_params: got {len(sampling_params)} SamplingParams for {n} prompts")
+    return list(sampling_params)
+
+
 def _is_token(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)

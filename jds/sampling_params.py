@@ -39,19 +39,20 @@ class SamplingParams:
     ``logit_bias`` (OpenAI's): a mapping from token id to a number in [-100, 100] added to that
     token's logit before penalties, filters and sampling (-100 bans it, 100 all but forces it);
     given as a dict or as (id, bias) pairs, kept as pairs sorted by id. ``max_tokens`` 0
-    generates nothing (with ``prompt_logprobs``: scores the prompt). With ``seed`` set, the
+    generates nothing (with ``prompt_logprobs``: scores the prompt); None generates until the
+    context is full (vLLM's meaning). With ``seed`` set, the
     request's tokens depend only on the seed, its prompt and its own step count, never on which
     other requests share its batch. Every bad value raises ``ValueError`` naming the field; every
     accepted value fits the device rows it is written into (a ``top_k`` beyond any vocabulary is
     kept as the largest int32, which means the same: no filter).
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # a string, a list of them, or None: none
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_p: float = 0.0
@@ -66,11 +67,16 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
-        # Accept lists (and a lone string for ``stop``) as users naturally write them.
+        # Accept what users naturally write: NumPy scalars, lists, a lone stop string, None for no stops.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, np.generic):
+                object.__setattr__(self, field.name, value.item())
         stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple(self.stop, "stop")
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 0, "max_tokens", "must be an integer >= 0", self.max_tokens)
+        max_tokens = self.max_tokens
+        _check(max_tokens is None or (_is_int(max_tokens) and max_tokens >= 0), "max_tokens", "must be an integer >= 0", max_tokens)
         _check(_is_float32(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0", self.temperature)
         _check(_is_float32(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0", self.top_k)
@@ -92,7 +98,7 @@ class SamplingParams:
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean", self.ignore_eos)
         _check(_is_float32(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]", self.min_p)
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens, "min_tokens", "must be an integer >= 0", self.min_tokens)
-        _check(self.min_tokens <= self.max_tokens, "min_tokens", f"must be at most max_tokens ({self.max_tokens})", self.min_tokens)
+        _check(self.min_tokens <= self.token_limit(INT32_MAX), "min_tokens", f"must be at most max_tokens ({self.max_tokens})", self.min_tokens)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_float32(value) and -2 <= value <= 2, name, "must be in [-2, 2]", value)
@@ -104,6 +110,10 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name, f"must be an integer in [0, {MAX_LOGPROBS}]", value)
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+
+    def token_limit(self, room: int) -> int:
+        """How many tokens the request may generate where ``room`` positions follow its prompt."""
+        return room if self.max_tokens is None else min(self.max_tokens, room)
 
     @property
     def greedy(self) -> bool:
@@ -129,8 +139,10 @@ def is_unicode(text: str) -> bool:
 
 
 def _as_tuple(value: object, field: str) -> tuple:
+    if value is None:
+        return ()
     _check(isinstance(value, Iterable) and not isinstance(value, (str, bytes, dict)), field, "must be a list", value)
-    return tuple(value)
+    return tuple(v.item() if isinstance(v, np.generic) else v for v in value)
 
 
 def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
@@ -140,6 +152,7 @@ def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
     pairs = _as_tuple(value, "logit_bias")
     _check(len(pairs) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} tokens, got {len(pairs)}", None)
     _check(all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs), "logit_bias", "must map token ids to numbers", value)
+    pairs = tuple(_as_tuple(p, "logit_bias") for p in pairs)  # NumPy ids and numbers as Python's
     for token, bias in pairs:
         _check(_is_int(token) and 0 <= token <= INT32_MAX, "logit_bias", "keys must be token ids in [0, 2**31)", token)
         _check(_is_float32(bias) and abs(bias) <= LOGIT_BIAS_LIMIT, "logit_bias", f"values must be in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]", bias)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -202,6 +203,46 @@ def test_bad_conversations_are_refused_naming_the_message(smollm2_llm):
         smollm2_llm.chat([{"role": "robot", "content": "x"}])
 
 
+def test_one_bad_prompt_of_several_is_named_by_its_place_and_none_runs(smollm2_llm):
+    params = SamplingParams(max_tokens=2, temperature=0)
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: ids must be in \[0, 49152\); got \[999999\]"):
+        smollm2_llm.generate(["fine", [1, 999999], "fine"], params)
+    with pytest.raises(ValueError, match=r"^prompts\[2\]: .*max_seq_len"):
+        smollm2_llm.generate(["fine", "fine", [5] * 4096], params)
+    with pytest.raises(ValueError, match=r"^messages\[1\]\[0\]\.role: must be one of"):
+        smollm2_llm.chat([[{"role": "user", "content": "hi"}], [{"role": "robot", "content": "x"}]], params)
+    # Bytes are a sequence of small ints: taken as token ids they would run a prompt nobody wrote.
+    with pytest.raises(ValueError, match="^prompts: must be a string, a list of token ids"):
+        smollm2_llm.generate(b"hello", params)
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: must be a string or a list of token ids; got bytes"):
+        smollm2_llm.generate(["fine", b"hello"], params)
+    with pytest.raises(TypeError, match="^sampling_params: must be a SamplingParams"):
+        smollm2_llm.generate(["fine"], {"max_tokens": 3})
+    with pytest.raises(TypeError, match=r"^sampling_params\[1\]: must be a SamplingParams"):
+        smollm2_llm.generate(["fine", "fine"], [params, None])
+    assert smollm2_llm.engine.num_waiting == 0 and smollm2_llm.engine.num_running == 0
+
+
+def test_numpy_ids_and_settings_and_vllm_nones_are_taken(smollm2_llm):
+    params = SamplingParams(max_tokens=3, temperature=0)
+    ids = smollm2_llm.tokenizer.encode("The capital of France is")
+    expected = smollm2_llm.generate(ids, params)[0].token_ids
+    assert smollm2_llm.generate(np.array(ids), params)[0].token_ids == expected
+    assert smollm2_llm.generate([[np.int64(t) for t in ids]], params)[0].token_ids == expected
+    assert [o.token_ids for o in smollm2_llm.generate(np.array([ids, ids]), params)] == [expected, expected]
+    numpy_params = SamplingParams(max_tokens=np.int64(3), temperature=np.float32(0), stop_token_ids=np.array([7]), logit_bias={np.int64(5): np.float32(-1)})
+    assert (numpy_params.max_tokens, numpy_params.stop_token_ids, numpy_params.logit_bias) == (3, (7,), ((5, -1.0),))
+    assert type(numpy_params.temperature) is float
+    nones = SamplingParams(max_tokens=None, temperature=0, stop=None, stop_token_ids=None, ignore_eos=True)
+    assert (nones.stop, nones.stop_token_ids) == ((), ())
+
+
+def test_the_developer_role_is_the_system_role(smollm2_llm):
+    params = SamplingParams(max_tokens=1, temperature=0)
+    system, developer = (smollm2_llm.chat([{"role": role, "content": "Answer briefly."}, {"role": "user", "content": "Hi"}], params)[0] for role in ("system", "developer"))
+    assert developer.prompt_token_ids == system.prompt_token_ids
+
+
 def test_a_top_k_beyond_any_vocabulary_means_no_filter(smollm2_llm):
     huge = SamplingParams(max_tokens=6, temperature=0.8, top_k=2**40, seed=5, ignore_eos=True)
     assert huge.top_k == 2**31 - 1
@@ -217,6 +258,9 @@ def test_random_weights_config_generates_from_token_ids(caplog, monkeypatch):
         assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
         assert any("RANDOM" in r.message for r in caplog.records)
         outs = llm.generate([[1, 2, 3], "hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        # max_tokens None (vLLM's): until the context is full
+        until_full = llm.generate([1] * (llm.engine.max_seq_len - 3), SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert (len(until_full.token_ids), until_full.finish_reason) == (3, "length")
     assert [len(o.token_ids) for o in outs] == [5, 5]
     assert all(0 <= t < 49152 for o in outs for t in o.token_ids)
 

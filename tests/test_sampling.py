@@ -108,7 +108,7 @@ def test_stop_ids_are_flagged():
         ({"stop": 7}, "stop"),
         ({"stop_token_ids": list(range(9))}, "stop_token_ids"),
         ({"stop_token_ids": [2**31]}, "stop_token_ids"),
-        ({"stop_token_ids": None}, "stop_token_ids"),
+        ({"stop_token_ids": "5"}, "stop_token_ids"),
         ({"logit_bias": {3: 100.5}}, "logit_bias"),
         ({"logit_bias": {-1: 1.0}}, "logit_bias"),
         ({"logit_bias": {2**31: 1.0}}, "logit_bias"),
@@ -126,6 +126,9 @@ def test_sampling_params_name_the_bad_field(kwargs, field):
 def test_sampling_params_accept_natural_forms():
     p = SamplingParams(stop="###", stop_token_ids=[5, 6])
     assert p.stop == ("###",) and p.stop_token_ids == (5, 6)
+    none = SamplingParams(stop=None, stop_token_ids=None, max_tokens=None, logit_bias=None)  # vLLM's "not given"
+    assert (none.stop, none.stop_token_ids, none.logit_bias, none.token_limit(40)) == ((), (), (), 40)
+    assert SamplingParams(max_tokens=10).token_limit(40) == 10
     assert SamplingParams(seed=3).resolved_seed() == 3
 
 

@@ -146,7 +146,7 @@ BAD = [
     ({"text": "hi", "stop_token_ids": list(range(9))}, "stop_token_ids: at most 8"),
     ({"text": "hi", "logit_bias": {49152: 1.0}}, r"logit_bias: ids must be in \[0, 49152\)"),
     ({"text": "hi", "logit_bias": {5: 150.0}}, r"logit_bias: values must be in \[-100, 100\]"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, r"messages\[0\].role: must be one of system, user, assistant"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, r"messages\[0\].role: must be one of system, developer, user, assistant"),
     ({"text": "hi", "request_id": ""}, "request_id: must not be empty"),
 ]
 

@@ -38,7 +38,7 @@ class RunningRequests:
             raise ValueError(f"seed: must be in [0, 2**32), got {request.seed}")
         validate_prompt(request.prompt_ids, vocab, self._max_seq_len)
         prompt = len(request.prompt_ids)
-        need = prompt + min(request.params.max_tokens, self._max_seq_len - prompt)
+        need = prompt + request.params.token_limit(self._max_seq_len - prompt)
         held = self._kv_positions()
         if held is not None and need > held:
             raise ValueError(

@@ -36,7 +36,7 @@ class Sequence:
         self._sent_prompt_logprobs = False
         self.text = ""
         self.position = len(request.prompt_ids)  # where the newest token sits once it is fed back
-        self.limit = min(request.params.max_tokens, max_seq_len - len(request.prompt_ids))
+        self.limit = request.params.token_limit(max_seq_len - len(request.prompt_ids))
         self.timings = RequestTimings(arrival=time.perf_counter())
         self.aborted = threading.Event()
         self.recomputed = False  # a device fault already sent it back to prefill once

@@ -215,8 +215,8 @@ class ChatCompletionRequest(_Generation):
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages for the chat template; OpenAI's ``developer`` role is the older ``system``."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    """Messages as ``intake.encode_chat`` takes them, text parts joined."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
 
 
 def _token_id(key: str) -> int:
