@@ -25,8 +25,8 @@ LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias, [-100, 100]
 class SamplingParams:
     """How one request samples and when it stops.
 
-    ``temperature == 0`` is greedy. ``top_k == 0``, ``top_p == 1`` and ``min_p == 0`` disable
-    those filters. ``presence_penalty`` and ``frequency_penalty`` (OpenAI's: subtracted from the
+    ``temperature == 0`` is greedy. ``top_k == 0`` (or -1, as older vLLM wrote it), ``top_p == 1``
+    and ``min_p == 0`` disable those filters. ``presence_penalty`` and ``frequency_penalty`` (OpenAI's: subtracted from the
     logit of every token the output holds, once or per occurrence) and ``repetition_penalty``
     (vLLM's and transformers': positive logits of tokens in the prompt or output divided by it,
     negative ones multiplied) are off at 0, 0 and 1. ``min_tokens``: stop ids (EOS included) and
@@ -79,12 +79,12 @@ class SamplingParams:
         _check(max_tokens is None or (_is_int(max_tokens) and max_tokens >= 0), "max_tokens", "must be an integer >= 0", max_tokens)
         _check(_is_float32(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0", self.temperature)
         _check(_is_float32(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
-        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0", self.top_k)
-        object.__setattr__(self, "top_k", min(self.top_k, INT32_MAX))
+        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "must be an integer >= 0, or -1 (no filter)", self.top_k)
+        object.__setattr__(self, "top_k", min(self.top_k, INT32_MAX) if self.top_k != -1 else 0)
         _check(
-            self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32),
+            self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**63),
             "seed",
-            "must be an integer in [0, 2**32)",
+            "must be an integer in [-2**63, 2**63)",
             self.seed,
         )
         _check(len(stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", None)
@@ -125,8 +125,9 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def resolved_seed(self) -> int:
-        """The seed to sample with: the given one, or a fresh random one per request."""
-        return self.seed if self.seed is not None else secrets.randbelow(2**32)
+        """The seed to sample with, 32 bits (the sampler's key): the given one folded (mod 2**32,
+        so seeds 2**32 apart sample alike), or a fresh random one per request."""
+        return self.seed % 2**32 if self.seed is not None else secrets.randbelow(2**32)
 
 
 def is_unicode(text: str) -> bool:

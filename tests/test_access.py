@@ -118,6 +118,12 @@ def test_openai_client_over_https_with_a_key_and_401_without(server, tls):
     assert httpx.get(root + "/health", verify=_trust(tls), timeout=10).json() == {"status": "serving"}
     assert "jds_requests_total" in httpx.get(root + "/metrics", verify=_trust(tls), timeout=10).text  # open to scrapers, as /health
     assert httpx.post(root + "/tokenize", json={"prompt": "hi"}, verify=_trust(tls), timeout=10).status_code == 401
+    # a browser's CORS preflight carries no key (the page's code sets it on the request itself)
+    preflight = httpx.options(
+        server.openai_url + "/chat/completions", verify=_trust(tls), timeout=10,
+        headers={"origin": "https://example.org", "access-control-request-method": "POST", "access-control-request-headers": "authorization"},
+    )  # fmt: skip
+    assert preflight.status_code == 200 and "authorization" in preflight.headers["access-control-allow-headers"].lower()
 
 
 def test_the_client_command_takes_a_key_and_the_ca(server, tls):

@@ -312,6 +312,43 @@ def test_a_request_id_names_every_choice_within_the_id_limit(client):
         assert err.value.body["message"] == "x-request-id: must not be empty when given"
 
 
+def test_a_reused_request_id_runs_beside_the_one_still_running(server, client, stub):
+    """Proxies, tracing and a client's retry reuse X-Request-Id: the second call is served, not refused."""
+    url, headers = server.openai_url + "/completions", {"x-request-id": "reused"}
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 400, "stream": True, "temperature": 0, "ignore_eos": True}
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as first:
+        assert next(first.iter_lines()).startswith("data: ")  # the first is running
+        second = httpx.post(url, json={**body, "stream": False, "max_tokens": 2}, headers=headers, timeout=60)
+        assert second.status_code == 200 and second.headers["x-request-id"] == "reused"
+        assert second.json()["id"] == "cmpl-reused" and second.json()["usage"]["completion_tokens"] == 2
+    assert wait_idle(stub).running == 0
+
+
+def test_vllm_values_for_top_k_and_seed_are_taken(client):
+    """Older vLLM clients send top_k -1 for no filter; vLLM takes any 64-bit seed (folded here to 32 bits)."""
+    sample = lambda **options: client.completions.create(  # noqa: E731
+        model=MODEL, prompt=[1, 2, 3], max_tokens=6, temperature=1.0, extra_body={"ignore_eos": True, **options}
+    ).choices[0].text
+    assert sample(top_k=-1, seed=5) == sample(top_k=0, seed=5)
+    assert sample(seed=-1) == sample(seed=2**32 - 1) == sample(seed=2**64 - 1 - 2**63)
+    with pytest.raises(openai.BadRequestError) as err:
+        sample(seed=2**63)
+    assert err.value.body["param"] == "seed"
+
+
+def test_a_405_says_what_is_allowed_and_browsers_may_call(server):
+    url = server.openai_url + "/completions"
+    wrong = httpx.get(url, timeout=10)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["type"] == "invalid_request_error"
+    preflight = httpx.options(
+        url, headers={"origin": "https://example.org", "access-control-request-method": "POST", "access-control-request-headers": "authorization"},
+        timeout=10,
+    )  # fmt: skip
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] in ("*", "https://example.org")
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+
+
 def test_unknown_model_is_404_and_raw_garbage_is_400(server, client):
     with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(**{**COMPLETION, "model": "gpt-4"})
@@ -485,6 +522,33 @@ def test_chat_template_options_render_as_transformers_does(client, hf_smollm2_to
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=conversation, max_tokens=2, extra_body={"continue_final_message": True})
     assert err.value.body["param"] == "continue_final_message"
+    # given inside chat_template_kwargs, the two flags override (as vLLM takes them)
+    kwargs = {"chat_template_kwargs": {"add_generation_prompt": False}, "ignore_eos": True, "return_token_ids": True}
+    inside = client.chat.completions.create(model=MODEL, messages=conversation, max_tokens=2, temperature=0, extra_body=kwargs)
+    assert inside.choices[0].model_extra["prompt_token_ids"] == closed.choices[0].model_extra["prompt_token_ids"]
+
+
+def test_a_history_saved_from_openai_replies_is_taken(client, offline):
+    """OpenAI's assistant messages carry refusal, tool_calls, function_call and audio, null when
+    unused, and a content that may be null: a conversation saved from its replies is valid input."""
+    saved = {"role": "assistant", "content": "Hello!", "refusal": None, "tool_calls": None, "function_call": None, "audio": None}
+    history = [{"role": "user", "content": "Hi"}, saved, {"role": "user", "content": "Again"}]
+    plain = [{"role": m["role"], "content": m["content"]} for m in history]
+    expected = offline.chat(plain, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
+    answer = client.chat.completions.create(model=MODEL, messages=history, max_tokens=3, **GREEDY)
+    assert answer.choices[0].message.content == expected.text
+    empty = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "Again"}]
+    assert client.chat.completions.create(model=MODEL, messages=empty, max_tokens=1, **GREEDY).choices[0].finish_reason == "length"
+    called = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[history[0], called, history[2]], max_tokens=1)
+    assert err.value.body["param"] == "messages[1].tool_calls"
+    with pytest.raises(openai.BadRequestError) as err:  # only an assistant's content may be null
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": None}], max_tokens=1)
+    assert err.value.body["param"] == "messages[0].content"
+    with pytest.raises(openai.BadRequestError) as err:  # a schema with it is refused as a whole, not for its schema
+        client.chat.completions.create(model=MODEL, messages=plain, max_tokens=1, response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    assert (err.value.body["param"], err.value.body["message"]) == ("response_format", "response_format: only type 'text' is supported")
 
 
 def test_completion_logprobs_and_echo_score_the_prompt_as_the_offline_api(client, offline):
@@ -495,7 +559,9 @@ def test_completion_logprobs_and_echo_score_the_prompt_as_the_offline_api(client
     assert len(shaped.tokens) == len(ids) + 3 and shaped.token_logprobs[0] is None and shaped.top_logprobs[0] is None
     want = [e.logprob for e in expected.prompt_logprobs[1:]] + [e.logprob for e in expected.logprobs]
     assert shaped.token_logprobs[1:] == pytest.approx(want, abs=1e-6)
-    assert all(len(top) <= 2 for top in shaped.top_logprobs[1:]) and shaped.text_offset[0] == 0
+    # each position's own token first, then the 2 likeliest (OpenAI's legacy "up to logprobs+1")
+    assert all(2 <= len(top) <= 3 and next(iter(top)) == token for top, token in zip(shaped.top_logprobs[1:], shaped.tokens[1:]))
+    assert shaped.text_offset[0] == 0
     assert shaped.text_offset == sorted(shaped.text_offset) and answer.choices[0].text.endswith(expected.text)
 
     # lm-evaluation-harness's local-completions scores a continuation exactly so
@@ -507,6 +573,15 @@ def test_completion_logprobs_and_echo_score_the_prompt_as_the_offline_api(client
     nothing = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, logprobs=0, echo=True)
     assert nothing.choices[0].finish_reason == "length" and nothing.usage.completion_tokens == 0
     assert len(nothing.choices[0].logprobs.tokens) == len(ids)
+
+
+def test_an_echoed_prompt_of_ids_reads_as_its_text(client, offline):
+    """Ids are decoded together: a character split over two tokens comes back whole."""
+    text = "I \u2764\ufe0f \U0001f355 caf\u00e9"
+    ids = offline.tokenizer.encode(text, add_special=False)
+    assert any("\ufffd" in offline.tokenizer.decode([t]) for t in ids)  # some character spans several tokens
+    answer = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, echo=True, **GREEDY)
+    assert answer.choices[0].text.startswith(text)
 
 
 def test_chat_logprobs_whole_and_streamed(client, offline):

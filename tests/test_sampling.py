@@ -93,8 +93,9 @@ def test_stop_ids_are_flagged():
         ({"temperature": -0.1}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
-        ({"top_k": -1}, "top_k"),
-        ({"seed": -5}, "seed"),
+        ({"top_k": -2}, "top_k"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-3]}, "stop_token_ids"),
         ({"max_tokens": True}, "max_tokens"),
@@ -129,6 +130,8 @@ def test_sampling_params_accept_natural_forms():
     none = SamplingParams(stop=None, stop_token_ids=None, max_tokens=None, logit_bias=None)  # vLLM's "not given"
     assert (none.stop, none.stop_token_ids, none.logit_bias, none.token_limit(40)) == ((), (), (), 40)
     assert SamplingParams(max_tokens=10).token_limit(40) == 10
+    assert SamplingParams(top_k=-1).top_k == 0  # older vLLM's "no filter"
+    assert [SamplingParams(seed=s).resolved_seed() for s in (-1, 2**32 + 3, 2**63 - 1)] == [2**32 - 1, 3, 2**32 - 1]
     assert SamplingParams(seed=3).resolved_seed() == 3
 
 

@@ -140,7 +140,7 @@ BAD = [
     ({"text": "hi", "temperature": -0.5}, "temperature: must be a finite number >= 0"),
     ({"text": "hi", "top_p": 0.0}, r"top_p: must be in \(0, 1\]"),
     ({"text": "hi", "top_p": 1.5}, r"top_p: must be in \(0, 1\]"),
-    ({"text": "hi", "top_k": -1}, "top_k: must be an integer >= 0"),
+    ({"text": "hi", "top_k": -2}, "top_k: must be an integer >= 0, or -1"),
     ({"text": "hi", "stop": [""]}, "stop: must be non-empty strings"),
     ({"text": "hi", "stop_token_ids": [60000]}, r"stop_token_ids: ids must be in \[0, 49152\)"),
     ({"text": "hi", "stop_token_ids": list(range(9))}, "stop_token_ids: at most 8"),

@@ -16,6 +16,10 @@ class QueueFull(RuntimeError):
     """More requests wait for prefill than the engine was told to hold; try again later."""
 
 
+class DuplicateRequestId(ValueError):
+    """A request named like one still running: ids name one request each, for ``abort``."""
+
+
 class RunningRequests:
     def __init__(
         self, model: LoadedModel, max_seq_len: int, max_waiting: int | None, kv_positions: Callable[[], int | None] = lambda: None
@@ -65,7 +69,7 @@ class RunningRequests:
         seq.on_finish = self.forget
         with self._lock:
             if request.request_id in self._by_id:
-                raise ValueError(f"request_id {request.request_id!r} is already running")
+                raise DuplicateRequestId(f"request_id {request.request_id!r} is already running")
             if self._max_waiting is not None and waiting() >= self._max_waiting:
                 raise QueueFull(f"{waiting()} requests are already waiting (limit {self._max_waiting})")
             self._by_id[request.request_id] = seq

@@ -96,7 +96,8 @@ def http_key_check(app, keys: ApiKeys):
     ).encode()
 
     async def guarded(scope, receive, send):
-        if scope["type"] != "http" or (not keys.guard_health and scope["path"] in OPEN_HTTP_PATHS):
+        # A browser's CORS preflight (OPTIONS) never carries the key; it runs nothing, so it passes.
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or (not keys.guard_health and scope["path"] in OPEN_HTTP_PATHS):
             return await app(scope, receive, send)
         headers = dict(scope["headers"])
         authorization = headers.get(b"authorization", b"").decode("latin-1")

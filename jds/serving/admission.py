@@ -7,14 +7,16 @@ codes, and counts it, so both front ends refuse the same requests for the same r
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Literal
 
 from jds.engine.interface import ServingEngine
 from jds.engine.request import Request
-from jds.engine.running import QueueFull
+from jds.engine.running import DuplicateRequestId, QueueFull
 from jds.engine.sequence import RequestStream
 from jds.intake import InvalidRequest
 from jds.serving.metrics import Metrics
@@ -43,17 +45,29 @@ def admit(engine: ServingEngine, accepting: threading.Event, metrics: Metrics, b
 
 
 def admit_all(
-    engine: ServingEngine, accepting: threading.Event, metrics: Metrics, build: Callable[[], list[Request]]
+    engine: ServingEngine, accepting: threading.Event, metrics: Metrics, build: Callable[[], list[Request]], unique_ids: bool = False
 ) -> list[tuple[Request, RequestStream]]:
     """Build requests that stand or fall together (the choices of one API call) and submit them:
-    all of them, or none, with a counted ``Refused`` and the ones already submitted aborted."""
+    all of them, or none, with a counted ``Refused`` and the ones already submitted aborted.
+
+    ``unique_ids``: the ids come from a header that proxies, tracing and a client's retry reuse,
+    not from a field the caller chose to make unique; one already running is then submitted
+    under the id with a suffix of its own rather than refused (the requests returned carry the
+    ids they run under)."""
     admitted: list[tuple[Request, RequestStream]] = []
     try:
         if not accepting.is_set():
             raise Refused("unavailable", "server is shutting down")
         try:
             for request in build():
-                admitted.append((request, engine.submit(request)))
+                try:
+                    stream = engine.submit(request)
+                except DuplicateRequestId:
+                    if not unique_ids:
+                        raise
+                    request = dataclasses.replace(request, request_id=f"{request.request_id}-{uuid.uuid4().hex[:8]}")
+                    stream = engine.submit(request)
+                admitted.append((request, stream))
             return admitted
         except InvalidRequest as exc:
             raise Refused("invalid", str(exc), exc.field) from None

@@ -17,12 +17,13 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -52,6 +53,7 @@ ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
@@ -62,8 +64,10 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 REQUEST_ID_NAMES = {"request_id": "x-request-id"}  # the header an HTTP client names its request with
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": _error(status, message, param, code)}, status_code=status)
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:  # fmt: skip
+    return JSONResponse({"error": _error(status, message, param, code)}, status_code=status, headers=headers)
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -135,14 +139,19 @@ class OpenAIFrontend:
         self.max_request_bytes = max_request_bytes
         self.model_name = engine.model.name
         self.shapes = LogprobShapes(engine.model.tokenizer)
+        self.created = int(time.time())  # the model card's: when this server began serving the model
         self.app = self._build_app()
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="jds: OpenAI-compatible API", docs_url=None, redoc_url=None)
+        # Any origin may call it from a browser, as vLLM's server allows by default: no cookies
+        # are involved (an API key travels in a header the page's own code sets).
+        app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=["x-request-id"])
 
         @app.exception_handler(StarletteHTTPException)
         async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-            return error_response(exc.status_code, str(exc.detail))  # an unknown path or method, in OpenAI's shape
+            # an unknown path or method, in OpenAI's shape; a 405 keeps its Allow header
+            return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
         @app.exception_handler(Exception)
         async def server_error(_: Request, exc: Exception) -> JSONResponse:  # uvicorn logs the exception
@@ -159,8 +168,8 @@ class OpenAIFrontend:
 
         @app.get("/v1/models/{model_id:path}")
         async def model(model_id: str) -> JSONResponse:
-            if model_id != self.model_name:
-                return self._unknown_model(model_id)
+            if model_id != self.model_name:  # a lookup, not a refused generation: not counted
+                return error_response(404, *self._unknown_model_error(model_id, counted=False))
             return JSONResponse(self._model_card())
 
         @app.get("/metrics")
@@ -200,15 +209,12 @@ class OpenAIFrontend:
         return {
             "id": self.model_name,
             "object": "model",
-            "created": 0,
+            "created": self.created,
             "owned_by": "jds",
             "max_model_len": engine.max_seq_len,
             "vocab_size": engine.model.arch.vocab_size,
             "devices": len(engine.placement.devices),
         }
-
-    def _unknown_model(self, name: str) -> JSONResponse:
-        return error_response(404, *self._unknown_model_error(name))
 
     def _unknown_model_error(self, name: str, counted: bool = True) -> tuple[str, str, str]:
         """The 404's message, field and code; ``counted`` among refused requests (a generation's)."""
@@ -362,9 +368,9 @@ class OpenAIFrontend:
             built.extend(choices())
             return [choice.request for choice in built]
 
-        streams = admit_all(self.engine, self.accepting, self.metrics, requests)
-        for choice, (_, stream) in zip(built, streams):
-            choice.stream = stream
+        streams = admit_all(self.engine, self.accepting, self.metrics, requests, unique_ids=request_id is not None)
+        for choice, (request, stream) in zip(built, streams):
+            choice.request, choice.stream = request, stream
         return body, built
 
     async def _whole(self, reply: _Reply, http: Request) -> JSONResponse:
@@ -501,7 +507,7 @@ class _Reply:
 
     def _prompt_text(self, choice: _Choice) -> str:
         prompt = choice.prompt
-        return prompt if isinstance(prompt, str) else "".join(self.shapes.text(t) for t in prompt)
+        return prompt if isinstance(prompt, str) else self.shapes.decode(prompt)
 
     def _choice(self, choice: _Choice, message: StreamOutput, text: str, token_ids: list[int], logprobs, whole: bool) -> dict[str, Any]:
         """One choice: a chat message (or, streamed, a delta), or a completion's text, with the

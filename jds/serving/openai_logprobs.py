@@ -25,15 +25,25 @@ class LogprobShapes:
             return f"token_id:{token}"
         return self._tokenizer.decode([token], skip_special=False)
 
+    def decode(self, tokens: list[int]) -> str:
+        """The text of several tokens decoded together (so a character split between two of them
+        is whole), special tokens included: how an echoed prompt of ids reads."""
+        if self._tokenizer is None:
+            return "".join(self.text(t) for t in tokens)
+        return self._tokenizer.decode(tokens, skip_special=False)
+
     def completion(self, entries: list[tuple[int, TokenLogprob | None]], offset: int = 0) -> dict[str, Any]:
         """Completions' ``logprobs``: one position per ``(token, entry)`` (a prompt's first token
-        has no entry), ``text_offset`` counted from ``offset`` in the choice's text."""
+        has no entry), ``text_offset`` counted from ``offset`` in the choice's text. Each
+        position's ``top_logprobs`` holds its own token first, then the likeliest (OpenAI's legacy
+        API: "up to logprobs+1 elements"), as vLLM's does."""
         shaped: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token, entry in entries:
             text = self.text(token)
             shaped["tokens"].append(text)
             shaped["token_logprobs"].append(None if entry is None else entry.logprob)
-            shaped["top_logprobs"].append(None if entry is None else {self.text(t): lp for t, lp in entry.top})
+            top = None if entry is None else {text: entry.logprob, **{self.text(t): lp for t, lp in entry.top if t != token}}
+            shaped["top_logprobs"].append(top)
             shaped["text_offset"].append(offset)
             offset += len(text)
         return shaped

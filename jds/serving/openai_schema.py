@@ -77,8 +77,8 @@ class _Generation(_Strict):
         """``SamplingParams`` fields that were given; the rest keep their defaults. With a ``seed``,
         choice j of a prompt samples with ``seed + j``: its n choices differ, and each repeats."""
         seed = self.seed
-        if seed is not None and choice and 0 <= seed < 2**32:  # a seed out of range is refused as given
-            seed = (seed + choice) % 2**32
+        if seed is not None and choice and -(2**63) <= seed < 2**63:  # a seed out of range is refused as given
+            seed = (seed + choice) % 2**32  # what the request's own seed folds to, plus the choice
         options: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": self.temperature,
@@ -152,19 +152,54 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: str
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    # What OpenAI's own assistant messages carry, so a history saved from its replies is taken as
+    # it is: a refusal's text is not part of the conversation; a past tool call is refused
+    # (``ChatTemplated.check_messages``), since no tool calling is served.
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
 
-    def text(self) -> str:
-        """The message as one string; text parts are joined by newlines."""
+    def text(self) -> str | None:
+        """The message as one string; text parts are joined by newlines. An assistant's message
+        may have no content (OpenAI's null); any other's is refused as not a string."""
+        if self.content is None:
+            return "" if self.role == "assistant" else None
         return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(BaseModel):
+    """Its other fields (a JSON schema) are not read: any type but text is refused whole."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
 
 
-class ChatCompletionRequest(_Generation):
+class ChatTemplated(_Strict):
+    """A request rendered by the chat template (a chat completion, or ``/tokenize`` of messages)."""
+
+    messages: list[ChatMessage] | None = None
+    # vLLM's extensions
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check_messages(self) -> None:
+        """Refuse what a conversation holds that cannot be served, and take the template's two
+        flags from ``chat_template_kwargs`` where given there (they override, as in vLLM)."""
+        for i, m in enumerate(self.messages or ()):
+            for field in ("tool_calls", "function_call", "audio"):
+                _refuse_if(bool(getattr(m, field)), f"messages[{i}].{field}", "tool calls and audio are not supported")
+        for flag in ("add_generation_prompt", "continue_final_message"):
+            if flag in (self.chat_template_kwargs or {}):
+                value = self.chat_template_kwargs.pop(flag)
+                _refuse_if(not isinstance(value, bool), f"chat_template_kwargs.{flag}", f"must be a boolean; got {value!r}")
+                setattr(self, flag, value)
+
+
+class ChatCompletionRequest(_Generation, ChatTemplated):
     """``POST /v1/chat/completions``: a conversation rendered by the model's chat template."""
 
     messages: list[ChatMessage]
@@ -175,13 +210,10 @@ class ChatCompletionRequest(_Generation):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    # vLLM's extensions
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
+        self.check_messages()
         _refuse_if(self.top_logprobs is not None and not self.logprobs, "top_logprobs", "needs logprobs: true")
         _refuse_if(bool(self.tools), "tools", "tool calling is not supported")
         _refuse_if(self.tool_choice not in (None, "none"), "tool_choice", "tool calling is not supported")
@@ -214,7 +246,7 @@ class ChatCompletionRequest(_Generation):
         return conversation(self.messages)
 
 
-def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str | None]]:
     """Messages as ``intake.encode_chat`` takes them, text parts joined."""
     return [{"role": m.role, "content": m.text()} for m in messages]
 
@@ -231,19 +263,16 @@ def _refuse_if(condition: bool, field: str, detail: str) -> None:
         raise InvalidRequest(field, detail)
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(ChatTemplated):
     """vLLM's ``POST /tokenize``: a prompt's ids, or a conversation's through the chat template."""
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # a prompt's BOS
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
 
     def check(self) -> None:
         _refuse_if((self.prompt is None) == (self.messages is None), "prompt", "give exactly one of prompt or messages")
+        self.check_messages()
 
 
 class DetokenizeRequest(_Strict):
