@@ -11,12 +11,17 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from jds.engine.request import RequestOutput
+    from jds.engine.request import CompletionOutput, RequestOutput
     from jds.llm import LLM
     from jds.sampling_params import SamplingParams
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
-_HOMES = {"LLM": "jds.llm", "RequestOutput": "jds.engine.request", "SamplingParams": "jds.sampling_params"}
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+_HOMES = {
+    "LLM": "jds.llm",
+    "CompletionOutput": "jds.engine.request",
+    "RequestOutput": "jds.engine.request",
+    "SamplingParams": "jds.sampling_params",
+}
 
 
 def __getattr__(name: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Mapping, Sequence
@@ -13,7 +14,7 @@ from jds.config import Config, ConfigError, load_config
 from jds.config.fit import claim_device_memory
 from jds.config.placement import Placement
 from jds.engine.engine import Engine
-from jds.engine.request import Request, RequestOutput
+from jds.engine.request import CompletionOutput, Request, RequestOutput
 from jds.intake import InvalidRequest, check_token_ids, encode_chat, encode_text
 from jds.model.loader import LoadedModel, check_config, load_model
 from jds.model.tokenizer import Tokenizer
@@ -99,17 +100,34 @@ class LLM:
     def _run(
         self, prompt_ids: list[tuple[int, ...]], sampling_params: SamplingParams | Sequence[SamplingParams] | None, fields: list[str]
     ) -> list[RequestOutput]:
+        """Each prompt's ``n`` samples run as requests of their own, gathered into one output."""
         params = _params_list(sampling_params, len(prompt_ids))
-        requests = [Request(f"offline-{next(self._ids)}", ids, p, p.resolved_seed()) for ids, p in zip(prompt_ids, params)]
-        for r, field in zip(requests, fields):
+        samples = [[self._request(ids, p, j) for j in range(p.n)] for ids, p in zip(prompt_ids, params)]
+        for requests, field in zip(samples, fields):
             try:
-                self.engine.validate(r)  # refuse a bad request before any of them starts
+                self.engine.validate(requests[0])  # refuse a bad request before any of them starts
             except ValueError as exc:
-                if len(requests) == 1:
+                if len(samples) == 1:
                     raise
                 raise InvalidRequest(field, str(exc)) from None
-        streams = [self.engine.submit(r) for r in requests]
-        return [s.result() for s in streams]
+        streams = [[self.engine.submit(r) for r in requests] for requests in samples]
+        return [_gathered([s.result() for s in group]) for group in streams]
+
+    def _request(self, ids: tuple[int, ...], params: SamplingParams, sample: int) -> Request:
+        """Sample ``sample`` of a prompt: with a seed, drawn with ``seed + sample`` (as the OpenAI API's choices)."""
+        seed = params.resolved_seed()
+        if params.seed is not None:
+            seed = (seed + sample) % 2**32
+        return Request(f"offline-{next(self._ids)}", ids, dataclasses.replace(params, n=1), seed)
+
+
+def _gathered(results: list[RequestOutput]) -> RequestOutput:
+    """A prompt's samples as one output: the first's fields, every sample in ``outputs``."""
+    first = results[0]
+    if len(results) == 1:
+        return first
+    outputs = [CompletionOutput(j, r.text, r.token_ids, r.finish_reason, r.logprobs, r.error) for j, r in enumerate(results)]
+    return dataclasses.replace(first, outputs=outputs)
 
 
 def _prompt_list(prompts: object) -> list:

@@ -25,7 +25,8 @@ LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias, [-100, 100]
 class SamplingParams:
     """How one request samples and when it stops.
 
-    ``temperature == 0`` is greedy. ``top_k == 0`` (or -1, as older vLLM wrote it), ``top_p == 1``
+    ``n``: samples of the prompt (``jds.LLM`` runs each as a request of its own; with a ``seed``,
+    sample j draws with ``seed + j``). ``temperature == 0`` is greedy. ``top_k == 0`` (or -1, as older vLLM wrote it), ``top_p == 1``
     and ``min_p == 0`` disable those filters. ``presence_penalty`` and ``frequency_penalty`` (OpenAI's: subtracted from the
     logit of every token the output holds, once or per occurrence) and ``repetition_penalty``
     (vLLM's and transformers': positive logits of tokens in the prompt or output divided by it,
@@ -65,6 +66,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    n: int = 1
 
     def __post_init__(self) -> None:
         # Accept what users naturally write: NumPy scalars, lists, a lone stop string, None for no stops.
@@ -75,6 +77,7 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple(self.stop, "stop")
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
+        _check(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1", self.n)
         max_tokens = self.max_tokens
         _check(max_tokens is None or (_is_int(max_tokens) and max_tokens >= 0), "max_tokens", "must be an integer >= 0", max_tokens)
         _check(_is_float32(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0", self.temperature)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -235,6 +236,22 @@ def test_numpy_ids_and_settings_and_vllm_nones_are_taken(smollm2_llm):
     assert type(numpy_params.temperature) is float
     nones = SamplingParams(max_tokens=None, temperature=0, stop=None, stop_token_ids=None, ignore_eos=True)
     assert (nones.stop, nones.stop_token_ids) == ((), ())
+
+
+def test_n_samples_of_a_prompt_come_back_as_vllm_lists_them(smollm2_llm):
+    seeded = SamplingParams(max_tokens=6, temperature=1.0, seed=11, n=3, ignore_eos=True)
+    out = smollm2_llm.generate(["Tell me a story", "Hi"], [seeded, SamplingParams(max_tokens=2, temperature=0)])
+    assert [len(o.outputs) for o in out] == [3, 1]
+    story = out[0]
+    assert [o.index for o in story.outputs] == [0, 1, 2] and story.token_ids == story.outputs[0].token_ids and story.finished
+    # sample j draws with seed + j: each is the single sample of that seed, and they differ
+    for j, sample in enumerate(story.outputs):
+        alone = smollm2_llm.generate("Tell me a story", dataclasses.replace(seeded, n=1, seed=11 + j))[0]
+        assert (sample.token_ids, sample.text) == (alone.token_ids, alone.text)
+    assert len({tuple(o.token_ids) for o in story.outputs}) > 1
+    assert out[1].outputs[0].text == out[1].text
+    with pytest.raises(ValueError, match="SamplingParams.n must be an integer >= 1"):
+        SamplingParams(n=0)
 
 
 def test_the_developer_role_is_the_system_role(smollm2_llm):

@@ -92,8 +92,23 @@ class StreamOutput:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompletionOutput:
+    """One sample of a prompt (vLLM's name): what ``RequestOutput.outputs`` lists, one per ``n``."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RequestOutput:
-    """A finished request: the generated ids (a stop token included), their text, and why it ended."""
+    """A finished request: the generated ids (a stop token included), their text, and why it ended.
+
+    ``outputs`` lists every sample of the prompt as vLLM's ``RequestOutput`` does (``jds.LLM``
+    with ``SamplingParams(n=...)``); the fields above it are the first sample's."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -104,6 +119,16 @@ class RequestOutput:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    outputs: list[CompletionOutput] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            first = CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.logprobs, self.error)
+            object.__setattr__(self, "outputs", [first])
+
+    @property
+    def finished(self) -> bool:
+        return True
 
 
 def validate_prompt(prompt_ids: tuple[int, ...], vocab_size: int, max_seq_len: int) -> None:

@@ -40,6 +40,8 @@ class RunningRequests:
             raise ValueError(f"request_id: must be a non-empty string, got {request.request_id!r}")
         if not 0 <= request.seed < 2**32:
             raise ValueError(f"seed: must be in [0, 2**32), got {request.seed}")
+        if request.params.n != 1:  # the front ends run each of n samples as a request of its own
+            raise ValueError(f"n: an engine request is one sample; got n={request.params.n}")
         validate_prompt(request.prompt_ids, vocab, self._max_seq_len)
         prompt = len(request.prompt_ids)
         need = prompt + request.params.token_limit(self._max_seq_len - prompt)
