@@ -285,6 +285,17 @@ def test_sentencepiece_gguf_byte_fallback_and_specials(tiny_llama) -> None:
     assert ours.decode(ours.encode("héllo ✓ 🙂")) == "héllo ✓ 🙂"
 
 
+def test_token_bytes_join_to_the_text_where_tokens_split_characters(smollm: Tokenizer, tiny_llama) -> None:
+    """OpenAI's log-probability ``bytes``: a token's own, so split characters can be joined again."""
+    text = "Hi 🙂! 日本語 café"
+    ids = smollm.encode(text + "<|im_end|>", add_special=False)
+    assert any("\ufffd" in smollm.decode([token]) for token in ids)
+    assert b"".join(smollm.token_bytes(t) for t in ids).decode() == text + "<|im_end|>"
+    ours, _ = tiny_llama  # SentencePiece: "▁" is a space, byte-fallback pieces are their byte
+    ids = ours.encode("héllo ✓ 🙂", add_special=False)
+    assert b"".join(ours.token_bytes(t) for t in ids).decode() == " héllo ✓ 🙂"
+
+
 def test_sentencepiece_gguf_without_space_prefix(tmp_path: Path) -> None:
     """transformers ignores add_space_prefix=False (it always prefixes), so these ids are hand-computed:
     "hi" is "h" + byte-fallback "i" with no leading "▁h" merge."""

@@ -78,9 +78,9 @@ class Tokenizer:
         self._bos_prefix = [bos_id] if add_bos and bos_id is not None else []
         self._chat_template = chat_template
         self._eos_ids = _stop_ids(backend, eos_id, extra_eos_ids, chat_template)
-        self._special_ids = frozenset(
-            index for index, token in backend.get_added_tokens_decoder().items() if token.special
-        )
+        added = backend.get_added_tokens_decoder()
+        self._special_ids = frozenset(index for index, token in added.items() if token.special)
+        self._added_ids = frozenset(added)
         self._chars_per_token = _chars_per_token(backend)
 
     @classmethod
@@ -193,6 +193,23 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes ``token`` stands for, which decoding it alone loses where it ends inside
+        a character (that decodes to U+FFFD): what OpenAI's log-probabilities report as ``bytes``,
+        so that a client can join split characters again."""
+        piece = self._backend.id_to_token(token)
+        if piece is None:
+            return b""
+        if token in self._added_ids:  # spelled as they read
+            return piece.encode()
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece's byte fallback
+            return bytes([int(piece[3:5], 16)])
+        if isinstance(self._backend.decoder, decoders.ByteLevel):
+            table = _unicode_to_bytes()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return piece.replace(SPIECE_SPACE, " ").encode()
 
     def apply_chat_template(
         self,
@@ -422,6 +439,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     others = (byte for byte in range(256) if byte not in table)
     table.update({byte: chr(256 + offset) for offset, byte in enumerate(others)})
     return table
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_bytes() -> dict[str, int]:
+    return {char: byte for byte, char in _bytes_to_unicode().items()}
 
 
 _GGUF_BACKENDS: dict[str, Callable[[Mapping[str, Any]], Backend]] = {

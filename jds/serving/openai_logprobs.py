@@ -2,8 +2,8 @@
 ``token_logprobs``, ``top_logprobs``, ``text_offset``) and the chat API's ``content`` entries.
 
 A token is shown as the text it decodes to on its own, special tokens included (a token that
-ends inside a UTF-8 character decodes to U+FFFD, as vLLM shows it); a model served without a
-tokenizer shows ``token_id:N``, vLLM's form for that.
+ends inside a UTF-8 character decodes to U+FFFD, as vLLM shows it), with the bytes it stands for
+in chat's ``bytes``; a model served without a tokenizer shows ``token_id:N``, vLLM's form for that.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ class LogprobShapes:
     def __init__(self, tokenizer: Tokenizer | None):
         self._tokenizer = tokenizer
         self.text = lru_cache(maxsize=65536)(self._text)
+        self._bytes = lru_cache(maxsize=65536)(self._token_bytes)
 
     def _text(self, token: int) -> str:
         if self._tokenizer is None:
@@ -52,6 +53,11 @@ class LogprobShapes:
         """Chat's ``logprobs``: ``content``, one entry per generated token."""
         return {"content": [{**self._token(entry.token, entry.logprob), "top_logprobs": [self._token(t, lp) for t, lp in entry.top]} for entry in entries]}
 
+    def _token_bytes(self, token: int) -> list[int]:
+        if self._tokenizer is None:
+            return list(self.text(token).encode())
+        return list(self._tokenizer.token_bytes(token))
+
     def _token(self, token: int, logprob: float) -> dict[str, Any]:
-        text = self.text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        """A chat entry: ``bytes`` are the token's own, so a character split over tokens joins again."""
+        return {"token": self.text(token), "logprob": logprob, "bytes": self._bytes(token)}
