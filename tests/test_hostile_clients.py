@@ -71,7 +71,7 @@ def _post_raw(http: httpx.Client, path: str, content: bytes) -> httpx.Response:
         (b"[" * 100_000 + b"]" * 100_000, "body: is nested too deeply"),
         (b'{"model": "tiny-random", "prompt": "x", "temperature": Infinity}', "body: is not valid JSON: Infinity is not a JSON value"),
         (b'{"model": "tiny-random", "prompt": "x", "top_p": NaN}', "body: is not valid JSON: NaN is not a JSON value"),
-        (b'"just a string"', "body: Input should be a valid dictionary"),
+        (b'"just a string"', 'body: must be a JSON object; got a string ("just a string")'),
     ],
     ids=["utf8", "truncated", "nested", "infinity", "nan", "not-an-object"],
 )
@@ -102,6 +102,8 @@ HTTP_BAD = [
     ("completions", {"prompt": "x", "stop": ["ok", "\ud800"]}, "stop[1]", "is not valid Unicode"),
     ("completions", {"prompt": "x", "temperature": 1e39}, "temperature", "must be a finite number >= 0"),
     ("completions", {"prompt": "x", "top_k": 1e20}, "top_k", "Input should be a valid integer"),
+    ("completions", {"prompt": [1, 2, "a"]}, "prompt", "must be a string, a list of token ids, a list of strings or a list of lists of token ids"),
+    ("chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "must be a string or a list of text parts"),
     ("completions", {"prompt": "x", "seed": 2**64}, "seed", "must be an integer in [-2**63, 2**63)"),
     ("completions", {"prompt": "x", "stop_token_ids": [2**40]}, "stop_token_ids", "must be token ids >= 0"),
     ("completions", {"prompt": "x", "max_tokens": 2**70}, "max_tokens", "is beyond the limit"),

@@ -96,6 +96,44 @@ def _field_path(loc: tuple) -> str:
     return path or "body"
 
 
+_FORMS = {
+    "str": "a string",
+    "list[str]": "a list of strings",
+    "list[int]": "a list of token ids",
+    "list[list[int]]": "a list of lists of token ids",
+    "list[TextPart]": "a list of text parts",
+}
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str]:
+    """The field and message of pydantic's first error. A field of several forms (``prompt``: a
+    string, ids, or lists of either) fails once per form: the form of the value's own JSON type
+    speaks for it where there is one, else the message lists what the field takes."""
+    first = errors[0]
+    loc = tuple(first["loc"])
+    tag = next((i for i, part in enumerate(loc) if part in _FORMS), None)
+    if tag is not None:
+        prefix = loc[:tag]
+        forms = list(dict.fromkeys(e["loc"][tag] for e in errors if tuple(e["loc"][:tag]) == prefix and len(e["loc"]) > tag))
+        value = next((e["input"] for e in errors if tuple(e["loc"]) == (*prefix, forms[0])), None)
+        kind = "list" if isinstance(value, list) else "str" if isinstance(value, str) else None
+        fitting = [f for f in forms if f.partition("[")[0] == kind]
+        if len(fitting) == 1:
+            first = next(e for e in errors if tuple(e["loc"][: tag + 1]) == (*prefix, fitting[0]))
+        elif len(forms) > 1:
+            names = [_FORMS[f] for f in forms]
+            return _field_path(prefix), f"must be {', '.join(names[:-1])} or {names[-1]}; got {_json_kind(value)}"
+    field = _field_path(tuple(first["loc"]))
+    return field, "is not a supported field" if first["type"] == "extra_forbidden" else first["msg"]
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, for a message: its type and, cut short, the value."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number", type(None): "null"}
+    text = json.dumps(value)
+    return f"{names.get(type(value), type(value).__name__)} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
 def _not_json(constant: str) -> None:
     raise ValueError(f"{constant} is not a JSON value")
 
@@ -118,12 +156,12 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
         raise _Refusal(400, f"body: is not valid JSON: {exc}") from None
     except RecursionError:
         raise _Refusal(400, "body: is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise _Refusal(400, f"body: must be a JSON object; got {_json_kind(data)}")
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = _field_path(tuple(first["loc"]))
-        message = "is not a supported field" if first["type"] == "extra_forbidden" else first["msg"]
+        field, message = _validation_message(exc.errors())
         raise _Refusal(400, f"{field}: {message}", None if field == "body" else field) from None
     except RecursionError:
         raise _Refusal(400, "body: is nested too deeply") from None
