@@ -59,24 +59,39 @@ def encode_chat(
     tokenizer = _tokenizer(engine, field)
     if not messages:
         raise InvalidRequest(field, "a conversation needs at least one message")
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise InvalidRequest(f"{field}[{i}]", f"must be a mapping with a role and a content; got {type(m).__name__}")
-        if m.get("role") not in ROLES:
-            raise InvalidRequest(f"{field}[{i}].role", f"must be one of {', '.join(ROLES)}; got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
-            raise InvalidRequest(f"{field}[{i}].content", f"must be a string; got {type(m.get('content')).__name__}")
-        _check_unicode(m["content"], f"{field}[{i}].content")
+    conversation = [_message(m, f"{field}[{i}]") for i, m in enumerate(messages)]
     # The rendered conversation holds every message's content, so it is at least their length:
     # one far beyond the context is refused before the template runs (0.4 s for 130,000 messages).
     if prompt:
-        _refuse_beyond_context(engine, tokenizer, sum(len(m["content"]) for m in messages), field)
+        _refuse_beyond_context(engine, tokenizer, sum(len(m["content"]) for m in conversation), field)
     try:
-        conversation = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt, continue_final_message, template_kwargs)
     except ValueError as exc:  # the template refuses the conversation (e.g. roles out of order)
         raise InvalidRequest(field, str(exc)) from None
     return _encode(engine, tokenizer, text, field, False, prompt)  # the template writes any BOS itself
+
+
+def _message(m: object, field: str) -> dict[str, str]:
+    """One message as the chat template takes it. What OpenAI's own replies carry is taken as a
+    saved history holds it: an assistant's null content (its reply was a tool call or a refusal)
+    is empty, and ``tool_calls``, ``function_call`` and ``audio`` are refused unless empty, since
+    no tool calling is served."""
+    if not isinstance(m, Mapping):
+        raise InvalidRequest(field, f"must be a mapping with a role and a content; got {type(m).__name__}")
+    role = m.get("role")
+    if role not in ROLES:
+        raise InvalidRequest(f"{field}.role", f"must be one of {', '.join(ROLES)}; got {role!r}")
+    for key in ("tool_calls", "function_call", "audio"):
+        if m.get(key):
+            raise InvalidRequest(f"{field}.{key}", "tool calls and audio are not supported")
+    content = m.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    if not isinstance(content, str):
+        got = "null" if content is None else type(content).__name__
+        raise InvalidRequest(f"{field}.content", f"must be a string (only an assistant's may be null); got {got}")
+    _check_unicode(content, f"{field}.content")
+    return {"role": "system" if role == "developer" else role, "content": content}
 
 
 def check_token_ids(engine: ServingEngine, ids: Sequence[int], field: str) -> tuple[int, ...]:

@@ -132,7 +132,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     from jds.api import generation_pb2
     from jds.engine.engine import Engine
     from jds.model.loader import check_config, load_model
-    from jds.serving.access import ApiKeys, GrpcKeyCheck, grpc_credentials, http_key_check, serve_metrics
+    from jds.serving.access import ApiKeys, GrpcKeyCheck, browser_access, grpc_credentials, http_key_check, serve_metrics
     from jds.serving.metrics import Metrics
     from jds.serving.servicer import GenerationServicer, register
 
@@ -197,7 +197,8 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         from jds.serving.openai_api import OpenAIFrontend
 
         app = OpenAIFrontend(engine, metrics, accepting, settings.max_request_bytes).app
-        http = HttpServer(http_key_check(app, keys) if keys.enabled else app, host, http_port, tls)
+        app = http_key_check(app, keys) if keys.enabled else app
+        http = HttpServer(browser_access(app, settings.cors_origins) if settings.cors_origins else app, host, http_port, tls)
         log.info("OpenAI-compatible API on %s://%s:%d/v1", scheme, host, http.port)
     if keys.enabled:
         log.info("API keys required (%s)", "every endpoint" if keys.guard_health else "health checks and metrics open")

@@ -254,10 +254,25 @@ def test_n_samples_of_a_prompt_come_back_as_vllm_lists_them(smollm2_llm):
         SamplingParams(n=0)
 
 
-def test_the_developer_role_is_the_system_role(smollm2_llm):
+def test_chat_takes_openai_shaped_histories(smollm2_llm):
     params = SamplingParams(max_tokens=1, temperature=0)
     system, developer = (smollm2_llm.chat([{"role": role, "content": "Answer briefly."}, {"role": "user", "content": "Hi"}], params)[0] for role in ("system", "developer"))
     assert developer.prompt_token_ids == system.prompt_token_ids
+    # an assistant's reply saved from OpenAI: null content and fields, as the HTTP API takes it
+    saved = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "refusal": "no", "tool_calls": None}, {"role": "user", "content": "Again"}]
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "Again"}]
+    assert smollm2_llm.chat(saved, params)[0].prompt_token_ids == smollm2_llm.chat(plain, params)[0].prompt_token_ids
+    with pytest.raises(ValueError, match=r"^messages\[1\]\.tool_calls: tool calls and audio are not supported"):
+        smollm2_llm.chat([saved[0], {**saved[1], "tool_calls": [{"id": "c"}]}, saved[2]], params)
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content: must be a string \(only an assistant's may be null\); got null"):
+        smollm2_llm.chat([{"role": "user", "content": None}], params)
+
+
+def test_the_engine_runs_one_sample_a_request(smollm2_llm):
+    from jds.engine.request import Request
+
+    with pytest.raises(ValueError, match="^n: an engine request is one sample"):
+        smollm2_llm.engine.validate(Request("r", (1, 2), SamplingParams(n=2), 0))
 
 
 def test_a_top_k_beyond_any_vocabulary_means_no_filter(smollm2_llm):

@@ -347,6 +347,9 @@ def test_a_405_says_what_is_allowed_and_browsers_may_call(server):
     )  # fmt: skip
     assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] in ("*", "https://example.org")
     assert "POST" in preflight.headers["access-control-allow-methods"]
+    answer = httpx.post(url, json={**COMPLETION, "max_tokens": 1}, headers={"origin": "https://example.org", "x-request-id": "cors"}, timeout=60)
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] in ("*", "https://example.org")
+    assert "x-request-id" in answer.headers["access-control-expose-headers"].lower()  # a page may read the id back
 
 
 def test_unknown_model_is_404_and_raw_garbage_is_400(server, client):
@@ -580,8 +583,9 @@ def test_an_echoed_prompt_of_ids_reads_as_its_text(client, offline):
     text = "I \u2764\ufe0f \U0001f355 caf\u00e9"
     ids = offline.tokenizer.encode(text, add_special=False)
     assert any("\ufffd" in offline.tokenizer.decode([t]) for t in ids)  # some character spans several tokens
-    answer = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, echo=True, **GREEDY)
+    answer = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, echo=True, logprobs=0, **GREEDY)
     assert answer.choices[0].text.startswith(text)
+    assert answer.choices[0].logprobs.text_offset[len(ids)] == len(text)  # the generated token starts where the prompt's text ends
 
 
 def test_chat_logprobs_whole_and_streamed(client, offline):

@@ -90,6 +90,10 @@ class ServerSection(BaseModel):
         default_factory=list, description="clients must send one (Bearer); also --api-key and $JDS_API_KEY; empty: open"
     )
     keys_guard_health: bool = Field(default=False, description="health checks, reflection and metrics need a key too")
+    cors_origins: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="origins whose web pages may call the HTTP API (CORS; vLLM's --allowed-origins default); empty: none",
+    )
     tls: TLSSection | None = Field(default=None, description="serve gRPC, HTTP and metrics over TLS")
 
 

@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
 
+    @cached_property
+    def _byte_level(self) -> bool:
+        return _spells_bytes(self._backend)  # read from the serialized pipeline (60 ms): when first asked
+
     def token_bytes(self, token: int) -> bytes:
         """The UTF-8 bytes ``token`` stands for, which decoding it alone loses where it ends inside
         a character (that decodes to U+FFFD): what OpenAI's log-probabilities report as ``bytes``,
@@ -205,7 +209,7 @@ class Tokenizer:
             return piece.encode()
         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece's byte fallback
             return bytes([int(piece[3:5], 16)])
-        if isinstance(self._backend.decoder, decoders.ByteLevel):
+        if self._byte_level:
             table = _unicode_to_bytes()
             if all(c in table for c in piece):
                 return bytes(table[c] for c in piece)
@@ -439,6 +443,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     others = (byte for byte in range(256) if byte not in table)
     table.update({byte: chr(256 + offset) for offset, byte in enumerate(others)})
     return table
+
+
+def _spells_bytes(backend: Backend) -> bool:
+    """Whether the vocabulary spells tokens in GPT-2's byte alphabet: its decoder is ByteLevel,
+    alone or within a sequence of decoders."""
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(part.get("type") == "ByteLevel" for part in parts)
 
 
 @lru_cache(maxsize=1)

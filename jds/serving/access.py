@@ -20,6 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from prometheus_client import make_wsgi_app
+from starlette.middleware.cors import CORSMiddleware
 
 KEYS_ENV = "JDS_API_KEY"  # one key, or several separated by commas
 OPEN_HTTP_PATHS = ("/health", "/metrics")
@@ -96,8 +97,7 @@ def http_key_check(app, keys: ApiKeys):
     ).encode()
 
     async def guarded(scope, receive, send):
-        # A browser's CORS preflight (OPTIONS) never carries the key; it runs nothing, so it passes.
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or (not keys.guard_health and scope["path"] in OPEN_HTTP_PATHS):
+        if scope["type"] != "http" or (not keys.guard_health and scope["path"] in OPEN_HTTP_PATHS):
             return await app(scope, receive, send)
         headers = dict(scope["headers"])
         authorization = headers.get(b"authorization", b"").decode("latin-1")
@@ -113,6 +113,13 @@ def http_key_check(app, keys: ApiKeys):
         await send({"type": "http.response.body", "body": body})
 
     return guarded
+
+
+def browser_access(app, origins: list[str]):
+    """ASGI middleware answering browsers' CORS checks for ``origins`` (``["*"]``: any), outside
+    the key check: a preflight carries no key, and a refusal must carry the CORS headers for a
+    page to read it. No cookies are involved (a key travels in a header the page's code sets)."""
+    return CORSMiddleware(app, allow_origins=origins, allow_methods=["*"], allow_headers=["*"], expose_headers=["x-request-id"])
 
 
 # -- TLS ---------------------------------------------------------------------------------------

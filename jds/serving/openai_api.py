@@ -23,7 +23,6 @@ from importlib.metadata import version as package_version
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -96,6 +95,7 @@ def _field_path(loc: tuple) -> str:
     return path or "body"
 
 
+_SEVERAL_FORMS = ("prompt", "stop", "content")  # the fields whose forms _FORMS names
 _FORMS = {
     "str": "a string",
     "list[str]": "a list of strings",
@@ -111,10 +111,12 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str]:
     speaks for it where there is one, else the message lists what the field takes."""
     first = errors[0]
     loc = tuple(first["loc"])
-    tag = next((i for i, part in enumerate(loc) if part in _FORMS), None)
+    tag = next((i for i, part in enumerate(loc) if part in _FORMS and i > 0 and loc[i - 1] in _SEVERAL_FORMS), None)
+    forms = []
     if tag is not None:
         prefix = loc[:tag]
         forms = list(dict.fromkeys(e["loc"][tag] for e in errors if tuple(e["loc"][:tag]) == prefix and len(e["loc"]) > tag))
+    if forms and all(f in _FORMS for f in forms):
         value = next((e["input"] for e in errors if tuple(e["loc"]) == (*prefix, forms[0])), None)
         kind = "list" if isinstance(value, list) else "str" if isinstance(value, str) else None
         fitting = [f for f in forms if f.partition("[")[0] == kind]
@@ -182,9 +184,6 @@ class OpenAIFrontend:
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="jds: OpenAI-compatible API", docs_url=None, redoc_url=None)
-        # Any origin may call it from a browser, as vLLM's server allows by default: no cookies
-        # are involved (an API key travels in a header the page's own code sets).
-        app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=["x-request-id"])
 
         @app.exception_handler(StarletteHTTPException)
         async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -555,12 +554,16 @@ class _Reply:
             key, value = ("message", {"role": "assistant", "content": text}) if whole else ("delta", {"content": text})
             shaped = self.shapes.chat(logprobs) if self.body.logprobs else None
             return {"index": choice.index, key: value, "logprobs": shaped, "finish_reason": message.finish_reason}
-        entries = list(zip(token_ids, logprobs or [None] * len(token_ids)))
+        parts = [(list(zip(token_ids, logprobs or [None] * len(token_ids))), text)]
         if first and self.echo:
-            text = self._prompt_text(choice) + text
             prompt_ids = choice.request.prompt_ids
-            entries = list(zip(prompt_ids, message.prompt_logprobs or [None] * len(prompt_ids))) + entries
-        shaped = None if self.body.logprobs is None else self.shapes.completion(entries, choice.offset)
+            parts.insert(0, (list(zip(prompt_ids, message.prompt_logprobs or [None] * len(prompt_ids))), self._prompt_text(choice)))
+        shaped = None
+        if self.body.logprobs is not None:  # each part's offsets from where its text starts
+            starts = [choice.offset, choice.offset + len(parts[0][1])]
+            pieces = [self.shapes.completion(entries, start) for (entries, _), start in zip(parts, starts)]
+            shaped = {key: [v for piece in pieces for v in piece[key]] for key in pieces[0]}
+        text = "".join(part_text for _, part_text in parts)
         choice.offset += len(text)
         return {"index": choice.index, "text": text, "logprobs": shaped, "finish_reason": message.finish_reason}
 

@@ -43,7 +43,9 @@ class LogprobShapes:
             text = self.text(token)
             shaped["tokens"].append(text)
             shaped["token_logprobs"].append(None if entry is None else entry.logprob)
-            top = None if entry is None else {text: entry.logprob, **{self.text(t): lp for t, lp in entry.top if t != token}}
+            top = None if entry is None else {text: entry.logprob}
+            for t, lp in entry.top if entry is not None else ():
+                top.setdefault(self.text(t), lp)  # two tokens may read alike (U+FFFD): the first keeps its value
             shaped["top_logprobs"].append(top)
             shaped["text_offset"].append(offset)
             offset += len(text)

@@ -155,19 +155,18 @@ class ChatMessage(_Strict):
     content: str | list[TextPart] | None = None
     name: str | None = None
     # What OpenAI's own assistant messages carry, so a history saved from its replies is taken as
-    # it is: a refusal's text is not part of the conversation; a past tool call is refused
-    # (``ChatTemplated.check_messages``), since no tool calling is served.
+    # it is (``intake.encode_chat`` decides what each may hold); a refusal's text is not part of
+    # the conversation.
     refusal: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     function_call: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
 
     def text(self) -> str | None:
-        """The message as one string; text parts are joined by newlines. An assistant's message
-        may have no content (OpenAI's null); any other's is refused as not a string."""
-        if self.content is None:
-            return "" if self.role == "assistant" else None
-        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+        """The message as one string (None: OpenAI's null); text parts are joined by newlines."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
 
 
 class ResponseFormat(BaseModel):
@@ -186,12 +185,9 @@ class ChatTemplated(_Strict):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def check_messages(self) -> None:
-        """Refuse what a conversation holds that cannot be served, and take the template's two
-        flags from ``chat_template_kwargs`` where given there (they override, as in vLLM)."""
-        for i, m in enumerate(self.messages or ()):
-            for field in ("tool_calls", "function_call", "audio"):
-                _refuse_if(bool(getattr(m, field)), f"messages[{i}].{field}", "tool calls and audio are not supported")
+    def template_flags(self) -> None:
+        """Take the template's two flags from ``chat_template_kwargs`` where given there (they
+        override the fields, as in vLLM)."""
         for flag in ("add_generation_prompt", "continue_final_message"):
             if flag in (self.chat_template_kwargs or {}):
                 value = self.chat_template_kwargs.pop(flag)
@@ -213,7 +209,7 @@ class ChatCompletionRequest(_Generation, ChatTemplated):
 
     def unsupported(self) -> None:
         super().unsupported()
-        self.check_messages()
+        self.template_flags()
         _refuse_if(self.top_logprobs is not None and not self.logprobs, "top_logprobs", "needs logprobs: true")
         _refuse_if(bool(self.tools), "tools", "tool calling is not supported")
         _refuse_if(self.tool_choice not in (None, "none"), "tool_choice", "tool calling is not supported")
@@ -246,9 +242,9 @@ class ChatCompletionRequest(_Generation, ChatTemplated):
         return conversation(self.messages)
 
 
-def conversation(messages: list[ChatMessage]) -> list[dict[str, str | None]]:
+def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages as ``intake.encode_chat`` takes them, text parts joined."""
-    return [{"role": m.role, "content": m.text()} for m in messages]
+    return [{"role": m.role, "content": m.text(), "tool_calls": m.tool_calls, "function_call": m.function_call, "audio": m.audio} for m in messages]
 
 
 def _token_id(key: str) -> int:
@@ -272,7 +268,7 @@ class TokenizeRequest(ChatTemplated):
 
     def check(self) -> None:
         _refuse_if((self.prompt is None) == (self.messages is None), "prompt", "give exactly one of prompt or messages")
-        self.check_messages()
+        self.template_flags()
 
 
 class DetokenizeRequest(_Strict):
