@@ -53,7 +53,7 @@ def offline(server):
 
 def test_models_and_health(server, client):
     (card,) = client.models.list().data
-    assert card.id == MODEL and card.object == "model"
+    assert card.id == MODEL and card.object == "model" and card.created > 1_700_000_000  # when serving began
     assert (card.max_model_len, card.vocab_size) == (MAX_SEQ_LEN, 49152)
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
@@ -331,6 +331,8 @@ def test_vllm_values_for_top_k_and_seed_are_taken(client):
     ).choices[0].text
     assert sample(top_k=-1, seed=5) == sample(top_k=0, seed=5)
     assert sample(seed=-1) == sample(seed=2**32 - 1) == sample(seed=2**64 - 1 - 2**63)
+    two = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=6, temperature=1.0, n=2, seed=-1, extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(two.choices, key=lambda c: c.index)] == [sample(seed=-1), sample(seed=0)]  # choice j: seed + j
     with pytest.raises(openai.BadRequestError) as err:
         sample(seed=2**63)
     assert err.value.body["param"] == "seed"
