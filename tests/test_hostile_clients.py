@@ -106,7 +106,7 @@ HTTP_BAD = [
     ("chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "must be a string or a list of text parts"),
     ("chat/completions", {"tool_choice": 5}, "tool_choice", "Input should be a valid string"),
     ("completions", {"prompt": "x", "logit_bias": {"str": [], "foo": "y"}}, "logit_bias", "Input should be a valid number"),
-    ("completions", {"prompt": "x", "stop": [1]}, "stop[0]", "Input should be a valid string"),
+    ("completions", {"prompt": "x", "stop": [1]}, "stop", "at [0], Input should be a valid string"),
     ("chat/completions", {"chat_template_kwargs": {"add_generation_prompt": "no"}}, "chat_template_kwargs.add_generation_prompt", "must be a boolean"),
     ("completions", {"prompt": "x", "seed": 2**64}, "seed", "must be an integer in [-2**63, 2**63)"),
     ("completions", {"prompt": "x", "stop_token_ids": [2**40]}, "stop_token_ids", "must be token ids >= 0"),

@@ -120,9 +120,12 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str]:
         value = next((e["input"] for e in errors if tuple(e["loc"]) == (*prefix, forms[0])), None)
         kind = "list" if isinstance(value, list) else "str" if isinstance(value, str) else None
         fitting = [f for f in forms if f.partition("[")[0] == kind]
-        if len(fitting) == 1:
-            first = next(e for e in errors if tuple(e["loc"][: tag + 1]) == (*prefix, fitting[0]))
-        elif len(forms) > 1:
+        if len(fitting) == 1:  # named by the field, with where inside it the value went wrong
+            inner = next(e for e in errors if tuple(e["loc"][: tag + 1]) == (*prefix, fitting[0]))
+            field = _field_path(prefix)
+            where = _field_path((field, *inner["loc"][tag + 1 :])).removeprefix(field)
+            return field, f"at {where}, {inner['msg']}" if where else inner["msg"]
+        if len(forms) > 1:
             names = [_FORMS[f] for f in forms]
             return _field_path(prefix), f"must be {', '.join(names[:-1])} or {names[-1]}; got {_json_kind(value)}"
     field = _field_path(tuple(first["loc"]))
