@@ -115,10 +115,7 @@ class LLM:
 
     def _request(self, ids: tuple[int, ...], params: SamplingParams, sample: int) -> Request:
         """Sample ``sample`` of a prompt: with a seed, drawn with ``seed + sample`` (as the OpenAI API's choices)."""
-        seed = params.resolved_seed()
-        if params.seed is not None:
-            seed = (seed + sample) % 2**32
-        return Request(f"offline-{next(self._ids)}", ids, dataclasses.replace(params, n=1), seed)
+        return Request(f"offline-{next(self._ids)}", ids, dataclasses.replace(params, n=1), params.resolved_seed(sample))
 
 
 def _gathered(results: list[RequestOutput]) -> RequestOutput:

@@ -26,8 +26,9 @@ class SamplingParams:
     """How one request samples and when it stops.
 
     ``n``: samples of the prompt (``jds.LLM`` runs each as a request of its own; with a ``seed``,
-    sample j draws with ``seed + j``). ``temperature == 0`` is greedy. ``top_k == 0`` (or -1, as older vLLM wrote it), ``top_p == 1``
-    and ``min_p == 0`` disable those filters. ``presence_penalty`` and ``frequency_penalty`` (OpenAI's: subtracted from the
+    sample j draws with ``seed + j``). ``temperature == 0`` is greedy. ``top_k == 0`` (or -1, as
+    older vLLM wrote it), ``top_p == 1`` and ``min_p == 0`` disable those filters.
+    ``presence_penalty`` and ``frequency_penalty`` (OpenAI's: subtracted from the
     logit of every token the output holds, once or per occurrence) and ``repetition_penalty``
     (vLLM's and transformers': positive logits of tokens in the prompt or output divided by it,
     negative ones multiplied) are off at 0, 0 and 1. ``min_tokens``: stop ids (EOS included) and
@@ -127,10 +128,10 @@ class SamplingParams:
         """Whether sampling reads the request's token history (any penalty is on)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
-    def resolved_seed(self) -> int:
-        """The seed to sample with, 32 bits (the sampler's key): the given one folded (mod 2**32,
-        so seeds 2**32 apart sample alike), or a fresh random one per request."""
-        return self.seed % 2**32 if self.seed is not None else secrets.randbelow(2**32)
+    def resolved_seed(self, sample: int = 0) -> int:
+        """The seed sample ``sample`` draws with, 32 bits (the sampler's key): the given one plus
+        the sample, folded (mod 2**32, so seeds 2**32 apart sample alike), or a fresh random one."""
+        return (self.seed + sample) % 2**32 if self.seed is not None else secrets.randbelow(2**32)
 
 
 def is_unicode(text: str) -> bool:

@@ -133,6 +133,7 @@ def test_sampling_params_accept_natural_forms():
     assert SamplingParams(top_k=-1).top_k == 0  # older vLLM's "no filter"
     assert [SamplingParams(seed=s).resolved_seed() for s in (-1, 2**32 + 3, 2**63 - 1)] == [2**32 - 1, 3, 2**32 - 1]
     assert SamplingParams(seed=3).resolved_seed() == 3
+    assert SamplingParams(seed=2**32 - 1).resolved_seed(2) == 1  # sample j: seed + j, folded
 
 
 def test_min_p_keeps_tokens_at_least_that_fraction_of_the_likeliest():

@@ -48,7 +48,7 @@ class RunningRequests:
         held = self._kv_positions()
         if held is not None and need > held:
             raise ValueError(
-                f"max_tokens: the prompt's {prompt} tokens and max_tokens {request.params.max_tokens or need - prompt} need {need} KV positions, "
+                f"max_tokens: the prompt's {prompt} tokens and max_tokens {request.params.max_tokens} need {need} KV positions, "
                 f"more than any instance holds ({held}: its kv_pages x page_size)"
             )
         tok = self._model.tokenizer
