@@ -19,4 +19,4 @@ serve: $(STAMP)
 	$(PY) -m jds.server --config configs/smollm2-135m.yaml --http-port 8000
 
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2 --dist loadfile tests
