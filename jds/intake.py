@@ -84,14 +84,32 @@ def _message(m: object, field: str) -> dict[str, str]:
     for key in ("tool_calls", "function_call", "audio"):
         if m.get(key):
             raise InvalidRequest(f"{field}.{key}", "tool calls and audio are not supported")
-    content = m.get("content")
+    return {"role": "system" if role == "developer" else role, "content": _content(m.get("content"), role, f"{field}.content")}
+
+
+def _content(content: object, role: str, field: str) -> str:
+    """A message's text: a string, or OpenAI's list of content parts, whose text parts are joined
+    by newlines (images and audio are refused: the models served read text only)."""
     if content is None and role == "assistant":
-        content = ""
+        return ""
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping):
+                raise InvalidRequest(f"{field}[{j}]", f"must be a content part (a mapping with a type); got {type(part).__name__}")
+            if part.get("type") != "text":
+                raise InvalidRequest(f"{field}[{j}].type", f"only text parts are supported; got {str(part.get('type'))[:40]!r}")
+            if not isinstance(part.get("text"), str):
+                got = "nothing" if part.get("text") is None else type(part["text"]).__name__
+                raise InvalidRequest(f"{field}[{j}].text", f"a text part's text must be a string; got {got}")
+            _check_unicode(part["text"], f"{field}[{j}].text")
+            texts.append(part["text"])
+        return "\n".join(texts)
     if not isinstance(content, str):
         got = "null" if content is None else type(content).__name__
-        raise InvalidRequest(f"{field}.content", f"must be a string (only an assistant's may be null); got {got}")
-    _check_unicode(content, f"{field}.content")
-    return {"role": "system" if role == "developer" else role, "content": content}
+        raise InvalidRequest(field, f"must be a string or a list of text parts (only an assistant's may be null); got {got}")
+    _check_unicode(content, field)
+    return content
 
 
 def check_token_ids(engine: ServingEngine, ids: Sequence[int], field: str) -> tuple[int, ...]:

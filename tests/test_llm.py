@@ -264,8 +264,18 @@ def test_chat_takes_openai_shaped_histories(smollm2_llm):
     assert smollm2_llm.chat(saved, params)[0].prompt_token_ids == smollm2_llm.chat(plain, params)[0].prompt_token_ids
     with pytest.raises(ValueError, match=r"^messages\[1\]\.tool_calls: tool calls and audio are not supported"):
         smollm2_llm.chat([saved[0], {**saved[1], "tool_calls": [{"id": "c"}]}, saved[2]], params)
-    with pytest.raises(ValueError, match=r"^messages\[0\]\.content: must be a string \(only an assistant's may be null\); got null"):
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content: must be a string or a list of text parts \(only an assistant's may be null\); got null"):
         smollm2_llm.chat([{"role": "user", "content": None}], params)
+    # OpenAI's content parts: text parts are joined by newlines; other parts are refused by place
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
+    assert smollm2_llm.chat(parts, params)[0].prompt_token_ids == smollm2_llm.chat([{"role": "user", "content": "Hi\nthere"}], params)[0].prompt_token_ids
+    image = {"type": "image_url", "image_url": {"url": "data:,"}}
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[1\]\.type: only text parts are supported; got 'image_url'"):
+        smollm2_llm.chat([{"role": "user", "content": [parts[0]["content"][0], image]}], params)
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[0\]\.text: a text part's text must be a string; got int"):
+        smollm2_llm.chat([{"role": "user", "content": [{"type": "text", "text": 5}]}], params)
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[0\]: must be a content part"):
+        smollm2_llm.chat([{"role": "user", "content": ["Hi"]}], params)
 
 
 def test_the_engine_runs_one_sample_a_request(smollm2_llm):

@@ -274,7 +274,8 @@ def test_bad_completion_fields_are_400_naming_the_field(client, fields, param, m
 
 CHAT_BAD = [
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "must be one of"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content", "at [0].type, Input should be 'text'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[0].type", "only text parts are supported; got 'image_url'"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "txt": "x"}]}]}, "messages[0].content[0].text", "a text part's text must be a string; got nothing"),
     ({"messages": [{"role": "user", "content": "x", "tool_call_id": "1"}]}, "messages[0].tool_call_id", "is not a supported field"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling is not supported"),
     ({"response_format": {"type": "json_object"}}, "response_format", "only type 'text'"),

@@ -83,7 +83,7 @@ class _Refusal(Exception):
 
 def _field_path(loc: tuple) -> str:
     """``("messages", 0, "content")`` → ``messages[0].content``; pydantic's union-member tags
-    (``list[int]``, ``TextPart``) are not fields and are left out."""
+    (``list[int]``, ``ContentPart``) are not fields and are left out."""
     path = ""
     for part in loc:
         if isinstance(part, int):
@@ -101,7 +101,7 @@ _FORMS = {
     "list[str]": "a list of strings",
     "list[int]": "a list of token ids",
     "list[list[int]]": "a list of lists of token ids",
-    "list[TextPart]": "a list of text parts",
+    "list[ContentPart]": "a list of text parts",
 }
 
 

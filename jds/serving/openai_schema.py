@@ -12,7 +12,7 @@ OpenAI's fields we accept the extensions of vLLM that clients and benchmarking t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -145,14 +145,18 @@ class CompletionRequest(_Generation):
         return len(self.prompt_list())
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
+class ContentPart(BaseModel):
+    """One part of a message's content. Any type parses, so that ``intake`` refuses an image or
+    audio part as unsupported rather than pydantic as a malformed text part."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(_Strict):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     # What OpenAI's own assistant messages carry, so a history saved from its replies is taken as
     # it is (``intake.encode_chat`` decides what each may hold); a refusal's text is not part of
@@ -161,12 +165,6 @@ class ChatMessage(_Strict):
     tool_calls: list[dict[str, Any]] | None = None
     function_call: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
-
-    def text(self) -> str | None:
-        """The message as one string (None: OpenAI's null); text parts are joined by newlines."""
-        if self.content is None or isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text for part in self.content)
 
 
 class ResponseFormat(BaseModel):
@@ -243,8 +241,17 @@ class ChatCompletionRequest(_Generation, ChatTemplated):
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as ``intake.encode_chat`` takes them, text parts joined."""
-    return [{"role": m.role, "content": m.text(), "tool_calls": m.tool_calls, "function_call": m.function_call, "audio": m.audio} for m in messages]
+    """Messages as ``intake.encode_chat`` takes them (it checks and joins the content parts)."""
+    return [
+        {
+            "role": m.role,
+            "content": [part.model_dump() for part in m.content] if isinstance(m.content, list) else m.content,
+            "tool_calls": m.tool_calls,
+            "function_call": m.function_call,
+            "audio": m.audio,
+        }
+        for m in messages
+    ]
 
 
 def _token_id(key: str) -> int:
