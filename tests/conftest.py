@@ -83,3 +83,29 @@ def tiny_server(tmp_path_factory):
     proc = ServerProcess(folder / "server.yaml", folder / "server.log", "--http-port", "0")
     yield proc
     assert proc.stop() == 0
+
+
+# The front-end test files drive ``tiny_server`` through these names; a file that starts a server
+# of its own (keys and TLS, a cluster) defines ``server``, ``stub`` or ``offline`` itself.
+@pytest.fixture(scope="session")
+def server(tiny_server):
+    return tiny_server
+
+
+@pytest.fixture(scope="session")
+def stub(server):
+    import grpc
+
+    from jds.api import generation_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        yield generation_pb2_grpc.GenerationStub(channel)
+
+
+@pytest.fixture(scope="session")
+def offline(server):
+    """The server's model in this process: what its tokens are checked against."""
+    from jds import LLM
+
+    with LLM(server.log_path.parent / "server.yaml", progress=False) as llm:
+        yield llm

@@ -30,11 +30,6 @@ QUICK = {"model": MODEL, "max_tokens": 2, "temperature": 0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_server):
-    return tiny_server
-
-
-@pytest.fixture(scope="module")
 def http(server):
     with httpx.Client(base_url=server.openai_url + "/", timeout=60) as client:
         yield client

@@ -13,14 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 
-import grpc
 import httpx
 import openai
 import pytest
 
-from jds import LLM, SamplingParams
+from jds import SamplingParams
 from jds.api import generation_pb2 as pb
-from jds.api import generation_pb2_grpc as pb_grpc
 from jds.config.placement import DEFAULT_PAGE_SIZE
 from tiny_server import MAX_SEQ_LEN, SLOTS, aborted_requests, wait_idle
 
@@ -29,26 +27,9 @@ GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_server):
-    return tiny_server
-
-
-@pytest.fixture(scope="module")
 def client(server):
     with openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.GenerationStub(channel)
-
-
-@pytest.fixture(scope="module")
-def offline(server):
-    with LLM(server.log_path.parent / "server.yaml", progress=False) as llm:
-        yield llm
 
 
 def test_models_and_health(server, client):

@@ -20,31 +20,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from jds import LLM, SamplingParams
+from jds import SamplingParams
 from jds.api import generation_pb2 as pb
 from jds.api import generation_pb2_grpc as pb_grpc
 from jds.bench.server_process import ServerProcess
 from jds.config.placement import DEFAULT_PAGE_SIZE
 from tests_paths import CONFIGS, REPO
 from tiny_server import MAX_SEQ_LEN, aborted_requests, wait_idle, write_config
-
-@pytest.fixture(scope="module")
-def server(tiny_server):
-    return tiny_server
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.GenerationStub(channel)
-
-
-@pytest.fixture(scope="module")
-def offline(server):
-    folder = server.log_path.parent
-    with LLM(folder / "server.yaml", progress=False) as llm:
-        yield llm
-
 
 def _generate(stub, **fields) -> list[pb.GenerateResponse]:
     return list(stub.Generate(pb.GenerateRequest(**fields), timeout=60))
