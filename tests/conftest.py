@@ -92,7 +92,7 @@ def server(tiny_server):
     return tiny_server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stub(server):
     import grpc
 

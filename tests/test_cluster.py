@@ -21,7 +21,6 @@ import yaml
 
 from jds import LLM, SamplingParams
 from jds.api import generation_pb2 as pb
-from jds.api import generation_pb2_grpc as pb_grpc
 from jds.api import instances_pb2 as ipb
 from jds.api import instances_pb2_grpc as ipb_grpc
 from jds.bench.server_process import ServerProcess
@@ -71,9 +70,8 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stub(cluster):
-    with grpc.insecure_channel(cluster.address) as channel:
-        yield pb_grpc.GenerationStub(channel)
+def server(cluster):  # the router, for conftest's ``stub``
+    return cluster
 
 
 @pytest.fixture(scope="module")
