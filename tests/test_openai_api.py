@@ -20,6 +20,7 @@ import pytest
 from jds import SamplingParams
 from jds.api import generation_pb2 as pb
 from jds.config.placement import DEFAULT_PAGE_SIZE
+from jds.engine.request import Request
 from tiny_server import MAX_SEQ_LEN, SLOTS, aborted_requests, wait_idle
 
 MODEL = "tiny-random"
@@ -304,6 +305,28 @@ def test_a_reused_request_id_runs_beside_the_one_still_running(server, client, s
         assert second.status_code == 200 and second.headers["x-request-id"] == "reused"
         assert second.json()["id"] == "cmpl-reused" and second.json()["usage"]["completion_tokens"] == 2
     assert wait_idle(stub).running == 0
+
+
+def test_a_reused_request_id_runs_under_an_id_within_the_limit():
+    from jds.engine.running import DuplicateRequestId
+    from jds.intake import MAX_REQUEST_ID_CHARS
+    from jds.serving.admission import admit_all
+
+    class Engine:  # one request already runs under the longest id
+        running = {"r" * MAX_REQUEST_ID_CHARS}
+
+        def submit(self, request):
+            if request.request_id in self.running:
+                raise DuplicateRequestId(request.request_id)
+            self.running.add(request.request_id)
+            return None
+
+    accepting = threading.Event()
+    accepting.set()
+    request = Request("r" * MAX_REQUEST_ID_CHARS, (1, 2), SamplingParams(), 0)
+    [(admitted, _)] = admit_all(Engine(), accepting, None, lambda: [request], unique_ids=True)
+    assert admitted.request_id != request.request_id and len(admitted.request_id) == MAX_REQUEST_ID_CHARS
+    assert admitted.request_id.startswith("r" * 200)
 
 
 def test_vllm_values_for_top_k_and_seed_are_taken(client):

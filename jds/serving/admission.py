@@ -18,7 +18,7 @@ from jds.engine.interface import ServingEngine
 from jds.engine.request import Request
 from jds.engine.running import DuplicateRequestId, QueueFull
 from jds.engine.sequence import RequestStream
-from jds.intake import InvalidRequest
+from jds.intake import MAX_REQUEST_ID_CHARS, InvalidRequest
 from jds.serving.metrics import Metrics
 
 RefusalKind = Literal["invalid", "not_found", "busy", "unavailable"]
@@ -65,7 +65,8 @@ def admit_all(
                 except DuplicateRequestId:
                     if not unique_ids:
                         raise
-                    request = dataclasses.replace(request, request_id=f"{request.request_id}-{uuid.uuid4().hex[:8]}")
+                    unique = f"{request.request_id[: MAX_REQUEST_ID_CHARS - 9]}-{uuid.uuid4().hex[:8]}"  # within the id limit
+                    request = dataclasses.replace(request, request_id=unique)
                     stream = engine.submit(request)
                 admitted.append((request, stream))
             return admitted
