@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jds.cluster.registry import CHANNEL_OPTIONS
 from jds.config import Config, ConfigError, load_config
+from jds.server import port
 
 log = logging.getLogger("jds.launch")
 
@@ -123,9 +124,9 @@ def wait_serving(address: str, child: Child, timeout: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jds.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="deployment YAML with a disaggregated placement and a cluster: section")
-    parser.add_argument("--port", type=int, default=None, help="the router's gRPC port (default: server.port)")
-    parser.add_argument("--http-port", type=int, default=None, help="the router's OpenAI-compatible HTTP port")
-    parser.add_argument("--metrics-port", type=int, default=None, help="the router's Prometheus port")
+    parser.add_argument("--port", type=port, default=None, help="the router's gRPC port (default: server.port)")
+    parser.add_argument("--http-port", type=port, default=None, help="the router's OpenAI-compatible HTTP port")
+    parser.add_argument("--metrics-port", type=port, default=None, help="the router's Prometheus port")
     parser.add_argument("--no-warmup", action="store_true", help="instances skip compiling ahead")
     parser.add_argument("--compile-cache", default=None, help="the instances' directory of compiled programs (default: server.compile_cache); 'none' compiles afresh")
     parser.add_argument("--log-requests", action="store_true", help="the router logs one line per finished request")

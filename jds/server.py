@@ -18,11 +18,13 @@ import argparse
 import logging
 import os
 import signal
+import socket
+import ssl
 import sys
 import threading
 from concurrent import futures
 
-from jds.config import Config, ConfigError, load_config
+from jds.config import Config, ConfigError, api_key_problem, load_config
 from jds.config.fit import claim_device_memory
 
 log = logging.getLogger("jds.server")
@@ -52,11 +54,35 @@ def _join_instance(config: Config, name: str, processes: int, process: int) -> N
     lockstep.initialize(coordinator, processes, process)
 
 
-def _give_cpu_devices(needed: int) -> None:
+MAX_VIRTUAL_DEVICES = 1024  # far beyond any accelerator host; XLA would spend minutes making more
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port (0 lets the system pick one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0-65535; 0 picks a free one)")
+    return value
+
+
+def api_key(text: str) -> str:
+    """An argparse type: a usable API key."""
+    problem = api_key_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _give_cpu_devices(needed: int, key: str) -> None:
     """Make sure a CPU-only JAX has ``needed`` virtual devices.
 
     Must run before JAX is imported; on accelerators the flag is ignored.
     """
+    if needed > MAX_VIRTUAL_DEVICES:
+        raise ConfigError(f"{key}: device {needed - 1} is beyond any machine's (at most {MAX_VIRTUAL_DEVICES} devices)")
     flags = os.environ.get("XLA_FLAGS", "")
     if needed > 1 and "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={needed}".strip()
@@ -82,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instance", type=int, default=0, help="with --role prefill or decode: which instance of the placement")
     parser.add_argument("--process", type=int, default=0, help="with --role prefill or decode: which process of a multi-process instance (0 serves)")
     parser.add_argument("--host", default=None, help="address to listen on (default: server.host, 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="gRPC port (default: server.port, 50051; 0 picks one)")
-    parser.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible API over HTTP here (default: server.http_port, off; 0 picks one)")
-    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: server.metrics_port)")
+    parser.add_argument("--port", type=port, default=None, help="gRPC port (default: server.port, 50051; 0 picks one)")
+    parser.add_argument("--http-port", type=port, default=None, help="also serve the OpenAI-compatible API over HTTP here (default: server.http_port, off; 0 picks one)")
+    parser.add_argument("--metrics-port", type=port, default=None, help="Prometheus port (default: server.metrics_port)")
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling ahead (first requests compile)")
     parser.add_argument("--compile-cache", default=None, help="directory of compiled programs kept across restarts (default: server.compile_cache); 'none' compiles afresh")
     parser.add_argument("--log-requests", action="store_true", help="one log line per finished request, with its timings")
-    parser.add_argument("--api-key", action="append", default=[], help="a key clients must send (repeatable; also server.api_keys, $JDS_API_KEY)")
+    parser.add_argument("--api-key", type=api_key, action="append", default=[], help="a key clients must send (repeatable; also server.api_keys, $JDS_API_KEY)")
     args = parser.parse_args(argv)
     claim_device_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -101,19 +127,64 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 <= args.process < spec.processes:
                 raise ConfigError(f"--process {args.process}: placement.{args.role}[{args.instance}] spans {spec.processes} process(es)")
             _pin_cpus(spec.process_share(spec.cpus, args.process), f"placement.{args.role}[{args.instance}].cpus")
-            _give_cpu_devices(len(spec.process_share(spec.devices, args.process)))
+            _give_cpu_devices(len(spec.process_share(spec.devices, args.process)), f"placement.{args.role}[{args.instance}].devices")
             if spec.processes > 1:
                 _join_instance(config, f"{args.role}{args.instance}", spec.processes, args.process)
             _use_compile_cache(config, args)
             return _serve_instance(config, args, address)
+        if args.role == "router" and (config.placement.mode != "disaggregated" or not config.cluster.prefill or not config.cluster.decode):
+            raise ConfigError("--role router: needs placement.mode disaggregated and the instances' addresses in cluster.prefill and cluster.decode")
         if args.role == "all":
             _pin_cpus(config.placement.cpus, "placement.cpus")
-            _give_cpu_devices(max(config.placement.devices) + 1)
+            _give_cpu_devices(max(config.placement.devices) + 1, "placement devices")
+        _check_listening(config, args)
         _use_compile_cache(config, args)
         return _serve(config, args)
     except (ConfigError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before serving: nothing to drain
+        log.error("interrupted while starting")
+        return 130
+
+
+def _check_listening(config: Config, args: argparse.Namespace) -> None:
+    """Before any weight is read: every port this server will listen on is free and distinct, and
+    the TLS certificate and key load and belong together, so a second ``make serve`` or a swapped
+    key is a one-line error now rather than a traceback after minutes of loading and compiling."""
+    settings = config.server
+    host = args.host or settings.host
+    ports = {
+        f"--port {args.port}" if args.port is not None else f"server.port {settings.port}": settings.port if args.port is None else args.port,
+        f"--http-port {args.http_port}" if args.http_port is not None else f"server.http_port {settings.http_port}": (
+            settings.http_port if args.http_port is None else args.http_port
+        ),
+        f"--metrics-port {args.metrics_port}" if args.metrics_port is not None else f"server.metrics_port {settings.metrics_port}": (
+            settings.metrics_port if args.metrics_port is None else args.metrics_port
+        ),
+    }
+    taken: dict[int, str] = {}
+    for name, number in ports.items():
+        if not number:  # off, or any free port
+            continue
+        if number in taken:
+            raise ConfigError(f"{name}: is also {taken[number]}; each listener needs its own port")
+        taken[number] = name
+        try:
+            with socket.create_server((host, number), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+                pass
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).split(" (while attempting", 1)[0]
+            raise ConfigError(f"{name}: cannot listen on {host}:{number} ({reason})") from None
+    if settings.tls is not None:
+        cert, key = config.resolve_path(settings.tls.cert), config.resolve_path(settings.tls.key)
+        for field, path in (("server.tls.cert", cert), ("server.tls.key", key)):
+            if not path.is_file():
+                raise ConfigError(f"{field}: {path} is not a file")
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"server.tls: the key {key} does not load with the certificate {cert} ({exc.reason or exc})") from None
 
 
 def _use_compile_cache(config: Config, args: argparse.Namespace) -> None:
@@ -182,9 +253,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     names = (generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     address = f"{host}:{port}"
-    bound = server.add_insecure_port(address) if tls is None else server.add_secure_port(address, grpc_credentials(*tls))
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = _bind(server, address, None if tls is None else grpc_credentials(*tls))
     scheme = "http" if tls is None else "https"
     if metrics_port is not None:
         metrics_server = serve_metrics(metrics.registry, host, metrics_port, keys, tls)
@@ -227,8 +296,10 @@ def _serve_instance(config: Config, args: argparse.Namespace, address: str) -> i
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+    import jax
+
     from jds.api import instances_pb2_grpc as ipb_grpc
-    from jds.model.loader import load_model
+    from jds.model.loader import check_config, load_model
     from jds.transfer.remote import KVTransfer
 
     cluster = config.cluster
@@ -236,6 +307,12 @@ def _serve_instance(config: Config, args: argparse.Namespace, address: str) -> i
     host, _, port = address.rpartition(":")
     if args.port is not None:
         port = args.port
+    # the whole placement's shapes, and this process's devices' memory (they are numbered from 0 here)
+    mine = getattr(config.placement, args.role)[args.instance]
+    devices: list = [None] * (max(config.placement.devices) + 1)
+    for number, device in zip(mine.process_share(mine.devices, args.process), jax.local_devices()):
+        devices[number] = device
+    check_config(config, devices=devices)
     model = load_model(config)
     placement = config.placement.resolved(model.max_seq_len)
     spec = getattr(placement, args.role)[args.instance]
@@ -269,9 +346,7 @@ def _serve_instance(config: Config, args: argparse.Namespace, address: str) -> i
     add(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = _bind(server, f"{host}:{port}", None)
     stop = _stop_on_signals()
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -283,6 +358,18 @@ def _serve_instance(config: Config, args: argparse.Namespace, address: str) -> i
     service.shutdown()
     log.info("stopped")
     return 0
+
+
+def _bind(server, address: str, credentials) -> int:
+    """The port ``server`` listens on at ``address``; grpcio reports a failure by raising or by
+    returning 0, depending on its version."""
+    try:
+        bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    return bound
 
 
 def _stop_on_signals() -> threading.Event:

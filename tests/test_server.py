@@ -17,6 +17,7 @@ import urllib.request
 import grpc
 import httpx
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -267,6 +268,48 @@ def test_a_placement_that_cannot_fit_is_refused_before_loading():
     )  # fmt: skip
     assert out.returncode == 1
     assert "placement needs" in out.stderr and "GiB is usable" in out.stderr and "lower kv_pages, kv_memory_gb, or slots or max_seq_len" in out.stderr
+
+
+def _start_refused(config, *args: str) -> str:
+    """A server start that must fail at once: its one-line error (no traceback, no weight read)."""
+    out = subprocess.run([sys.executable, "-m", "jds.server", "--config", str(config), *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode in (1, 2) and "Traceback" not in out.stderr and "parameters" not in out.stderr, out.stderr
+    return out.stderr
+
+
+def test_a_server_that_cannot_listen_is_refused_before_loading(tmp_path):
+    import socket
+
+    import trustme
+
+    tiny = CONFIGS / "tiny.yaml"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = taken.getsockname()[1]
+        assert f"--port {busy}: cannot listen on 127.0.0.1:{busy} (Address already in use)" in _start_refused(tiny, "--port", str(busy))
+        assert f"--metrics-port {busy}: cannot listen" in _start_refused(tiny, "--port", "0", "--metrics-port", str(busy))
+    assert "--metrics-port 8123: is also --http-port 8123" in _start_refused(tiny, "--port", "0", "--http-port", "8123", "--metrics-port", "8123")
+    assert "argument --port: 70000 is not a port" in _start_refused(tiny, "--port", "70000")
+    assert "argument --api-key: an API key must not be empty" in _start_refused(tiny, "--api-key", "")
+    assert "--role router: needs placement.mode disaggregated" in _start_refused(tiny, "--role", "router", "--port", "0")
+    # a key that is not the certificate's
+    authority = trustme.CA()
+    authority.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    authority.issue_cert("127.0.0.1").private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    write_config(tmp_path / "tls.yaml", tls={"cert": "cert.pem", "key": "key.pem"})
+    assert "server.tls: the key" in _start_refused(tmp_path / "tls.yaml", "--port", "0", "--metrics-port", "0")
+    # YAML's rules: a key given twice, a boolean for a number
+    (tmp_path / "twice.yaml").write_text(tiny.read_text() + "\nserver: {port: 1}\nserver: {http_port: 2}\n")
+    assert "key 'server' is given twice" in _start_refused(tmp_path / "twice.yaml")
+    write_config(tmp_path / "bool.yaml", port=True)
+    assert "server.port: Input should be a valid integer" in _start_refused(tmp_path / "bool.yaml")
+
+
+def test_a_role_process_checks_the_placement_before_loading(tmp_path):
+    config = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    config["placement"] = {"mode": "disaggregated", "prefill": {"devices": [0, 1, 2], "tp": 3}, "decode": {"devices": [3]}}
+    config["cluster"] = {"prefill": ["127.0.0.1:1"], "decode": ["127.0.0.1:2"]}
+    (tmp_path / "tp3.yaml").write_text(yaml.safe_dump(config))
+    assert "placement.prefill[0].tp: 3 does not divide the model's num_heads" in _start_refused(tmp_path / "tp3.yaml", "--role", "prefill")
 
 
 @pytest.mark.parametrize("proto", ["generation", "instances"])

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator, model_validator
 
 from jds.config.placement import Placement
 from jds.model.architecture import Architecture
@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class ModelSection(BaseModel):
     """Which weights, tokenizer and numeric type to serve."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str = Field(default="model", min_length=1)
     checkpoint: str | None = Field(
@@ -62,7 +62,7 @@ class ModelSection(BaseModel):
 class TLSSection(BaseModel):
     """A certificate and its private key (PEM files), for every port the server listens on."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     cert: str = Field(min_length=1, description="PEM certificate (chain) the server presents")
     key: str = Field(min_length=1, description="PEM private key of that certificate")
@@ -71,20 +71,20 @@ class TLSSection(BaseModel):
 class ServerSection(BaseModel):
     """How ``python -m jds.server`` listens; command-line flags override these."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535, description="0 picks a free port")
     http_port: int | None = Field(default=None, ge=0, le=65535, description="OpenAI-compatible HTTP API; null disables")
     metrics_port: int | None = Field(default=9090, ge=0, le=65535, description="Prometheus /metrics; null disables")
     max_waiting: PositiveInt = Field(default=256, description="requests waiting for prefill; more get RESOURCE_EXHAUSTED")
-    drain_seconds: float = Field(default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    drain_seconds: float = Field(default=30.0, ge=0, allow_inf_nan=False, description="on SIGTERM, how long in-flight requests may finish")
     warmup: bool = Field(default=True, description="compile every program shape before reporting SERVING")
     compile_cache: str | None = Field(
         default="~/.cache/jds/compiled", description="directory of compiled programs kept across restarts; null compiles afresh"
     )
     max_request_bytes: PositiveInt = Field(
-        default=4 * 1024 * 1024, description="largest request body (HTTP: 413 beyond it) or message (gRPC: RESOURCE_EXHAUSTED)"
+        default=4 * 1024 * 1024, le=2**31 - 1, description="largest request body (HTTP: 413 beyond it) or message (gRPC: RESOURCE_EXHAUSTED)"
     )
     api_keys: list[str] = Field(
         default_factory=list, description="clients must send one (Bearer); also --api-key and $JDS_API_KEY; empty: open"
@@ -96,12 +96,42 @@ class ServerSection(BaseModel):
     )
     tls: TLSSection | None = Field(default=None, description="serve gRPC, HTTP and metrics over TLS")
 
+    @field_validator("api_keys")
+    @classmethod
+    def _usable_keys(cls, keys: list[str]) -> list[str]:
+        for i, key in enumerate(keys):
+            problem = api_key_problem(key)
+            if problem:
+                raise ValueError(f"[{i}] {problem}")
+        return keys
+
+    @model_validator(mode="after")
+    def _own_ports(self) -> ServerSection:
+        ports = {"port": self.port, "http_port": self.http_port, "metrics_port": self.metrics_port}
+        given = [(name, number) for name, number in ports.items() if number]  # null: off; 0: any free port
+        for i, (name, number) in enumerate(given):
+            for other, same in given[:i]:
+                if same == number:
+                    raise ValueError(f"{name} is {number}, as is {other}; each listener needs its own port")
+        return self
+
+
+def api_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be an API key, or None. An empty key would leave the server open (a
+    ``--api-key "$KEY"`` with KEY unset), and one with surrounding spaces could never match:
+    clients' keys are read stripped."""
+    if not key:
+        return "an API key must not be empty"
+    if key != key.strip():
+        return "an API key must not start or end with whitespace"
+    return None
+
 
 class ClusterSection(BaseModel):
     """Roles as separate processes (``--role router|prefill|decode``, or ``python -m jds.launch``):
     where each instance of the placement listens, and how KV moves between them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     prefill: list[str] = Field(default_factory=list, description="host:port of each placement.prefill instance, in order")
     decode: list[str] = Field(default_factory=list, description="host:port of each placement.decode instance, in order")
@@ -127,7 +157,7 @@ class ClusterSection(BaseModel):
 class Config(BaseModel):
     """A whole deployment file."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     model: ModelSection
     placement: Placement = Field(default_factory=Placement)
@@ -166,13 +196,31 @@ def parse_config(data: object, base_dir: Path = Path("."), source: str = "<dict>
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML as the spec has it: a key given twice in one mapping is an error, not a silent
+    overwrite (``server:`` twice would drop the first section's settings)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | os.PathLike | None = None) -> Config:
     """Read and validate a YAML config; ``None`` means the default SmolLM2 config."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
     return parse_config(data, path.resolve().parent, str(path))

@@ -153,6 +153,7 @@ def check_placement(
 ) -> None:
     """Raise ConfigError naming the key if the placement cannot run this model on these devices."""
     resolved = placement.resolved(max_seq_len)
+    given = dict(placement.named_instances())
     for where, inst in resolved.named_instances():
         key = f"placement.{where}"
         missing = [d for d in inst.devices if d >= len(devices)]
@@ -168,9 +169,8 @@ def check_placement(
                 raise ConfigError(f"{key}.{'pp' if inst.layers_per_stage is None else 'layers_per_stage'}: {exc}") from None
         if isinstance(inst, (DecodeInstance, ColocatedInstance)):
             if inst.max_seq_len > arch.max_position_embeddings:
-                raise ConfigError(
-                    f"{key}.max_seq_len: {inst.max_seq_len} exceeds the model's max_position_embeddings ({arch.max_position_embeddings})"
-                )
+                named = f"{key}.max_seq_len" if given[where].max_seq_len is not None else "model.max_seq_len"  # the key the value came from
+                raise ConfigError(f"{named}: {inst.max_seq_len} exceeds the model's max_position_embeddings ({arch.max_position_embeddings})")
         if isinstance(inst, PrefillInstance) and inst.prefix_caching:
             pages, longest, size = instance_pages(inst, arch, itemsize, placement.page_size), resolved.max_seq_len, placement.page_size
             if pages * size < longest:
@@ -182,7 +182,7 @@ def check_placement(
         if isinstance(inst, ColocatedInstance) and inst.chunked_prefill and inst.chunked_prefill > inst.max_seq_len:
             raise ConfigError(f"{key}.chunked_prefill: {inst.chunked_prefill} is longer than max_seq_len")
     needs = memory_needs(placement, arch, itemsize, max_seq_len, weight_itemsize)
-    if all(d.platform == "cpu" for d in devices):
+    if all(d.platform == "cpu" for d in devices if d is not None):
         total = sum(n.per_device * len(n.devices) for n in needs)
         budget = int(_host_memory() * HOST_MEMORY_FRACTION)
         if total > budget:
@@ -195,6 +195,8 @@ def check_placement(
         return
     for need in needs:
         for d in need.devices:
+            if devices[d] is None:  # another process's
+                continue
             limit = _device_limit(devices[d])
             if limit is not None and need.per_device > limit:
                 raise ConfigError(

@@ -28,7 +28,8 @@ DEFAULT_PAGE_SIZE = 64  # cache positions per KV page (measured in WORKSPACE.md)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML's ``true`` is not a count of 1, nor "8" a number
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class _Process(_Section):

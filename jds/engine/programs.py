@@ -605,7 +605,10 @@ def compile_all(jobs: list[Callable[[], None]], progress: bool) -> None:
 
     start = time.perf_counter()
     workers = len(os.sched_getaffinity(0))
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile")
+    try:
         for done in tqdm(concurrent.futures.as_completed([pool.submit(job) for job in jobs]), total=len(jobs), desc="compiling", unit="program", disable=not progress):
             done.result()  # a failed compile fails the start-up
+    finally:  # on a failure or Ctrl-C, the queued compiles are dropped rather than waited for
+        pool.shutdown(wait=True, cancel_futures=True)
     log.info("compiled %d programs in %.1f s on %d threads", len(jobs), time.perf_counter() - start, workers)

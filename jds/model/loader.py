@@ -86,13 +86,15 @@ def resolve_max_seq_len(config: Config, arch: Architecture) -> int:
     return config.model.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, arch.max_position_embeddings)
 
 
-def check_config(config: Config, placement: Placement | None = None) -> None:
+def check_config(config: Config, placement: Placement | None = None, devices: list | None = None) -> None:
     """``check_placement`` from the config and checkpoint metadata alone, before any weight is read,
-    so a placement that cannot fit is refused instead of being killed halfway through loading."""
+    so a placement that cannot fit is refused instead of being killed halfway through loading.
+    ``devices`` (default: all of JAX's) by the placement's device numbers; None where this process
+    does not hold that device (a role process holds only its instance's)."""
     arch = model_architecture(config)
     itemsize = resolve_dtype(config.model.dtype).itemsize
     check_placement(
-        placement or config.placement, arch, itemsize, resolve_max_seq_len(config, arch), jax.devices(),
+        placement or config.placement, arch, itemsize, resolve_max_seq_len(config, arch), jax.devices() if devices is None else devices,
         held_weight_itemsize(config.model.quantization, itemsize),
     )
 

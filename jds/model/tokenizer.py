@@ -113,7 +113,11 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        backend = Backend.from_file(str(_existing_file(path)))
+        file = str(_existing_file(path))
+        try:
+            backend = Backend.from_file(file)
+        except Exception as exc:  # the tokenizers library raises a bare Exception for a file it cannot read
+            raise ValueError(f"{path} is not a tokenizer.json ({exc})") from None
         config = _read_json(path.with_name("tokenizer_config.json"))
         bos_id = _token_id(backend, config.get("bos_token"))
         add_bos = config.get("add_bos_token")
