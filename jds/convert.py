@@ -34,7 +34,7 @@ def convert(source_format: str, src: Path, dst: Path, dtype: str = "float32", pr
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jds.convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jds.convert", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--from", dest="source_format", choices=["gguf", "hf"], required=True)
     parser.add_argument("src", type=Path, help="GGUF file or Hugging Face checkpoint directory")
     parser.add_argument("--to", dest="dst", type=Path, required=True, help="new directory for the jds checkpoint")

@@ -12,7 +12,7 @@ from jds.sampling_params import SamplingParams
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jds.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jds.generate", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("prompts", nargs="+", help="one or more prompts, generated together")
     parser.add_argument("--config", default=None, help="deployment YAML (default: configs/smollm2-135m.yaml)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")

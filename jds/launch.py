@@ -122,7 +122,7 @@ def wait_serving(address: str, child: Child, timeout: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jds.launch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jds.launch", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--config", required=True, help="deployment YAML with a disaggregated placement and a cluster: section")
     parser.add_argument("--port", type=port, default=None, help="the router's gRPC port (default: server.port)")
     parser.add_argument("--http-port", type=port, default=None, help="the router's OpenAI-compatible HTTP port")

@@ -102,7 +102,7 @@ def _pin_cpus(cpus: list[int] | None, key: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jds.server", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jds.server", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--config", default=None, help="deployment YAML (default: configs/smollm2-135m.yaml)")
     parser.add_argument("--role", choices=("all", "router", "prefill", "decode"), default="all", help="what this process serves (default all)")
     parser.add_argument("--instance", type=int, default=0, help="with --role prefill or decode: which instance of the placement")
