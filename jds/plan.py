@@ -16,45 +16,24 @@ import shlex
 import sys
 from pathlib import Path
 
-from jds.bench.workloads import SLO, Workload, get_workload, load_trace, plan
-
-DEFAULT_CONFIG = "configs/smollm2-135m.yaml"
-
-
-def _positive(cast):
-    """An argparse type: a positive number, so a bad option is refused with its name, not a traceback."""
-
-    def parse(text: str):
-        value = cast(text)
-        if value <= 0:
-            raise ValueError(text)
-        return value
-
-    parse.__name__ = f"positive {cast.__name__}"
-    return parse
-
-
-def _list_of(cast):
-    """An argparse type: comma-separated positive numbers."""
-    one = _positive(cast)
-
-    def parse(text: str) -> list:
-        return [one(x) for x in text.split(",")]
-
-    parse.__name__ = f"comma-separated positive {cast.__name__}s"
-    return parse
+from jds.bench.options import add_workload_args, chosen_slo, config_at, fraction, positive, positive_list, writable
+from jds.bench.workloads import Workload, get_workload, load_trace, load_workloads, plan
+from jds.config import DEFAULT_CONFIG
+from jds.planner.profile import Profile
 
 
 def _workload_args(parser: argparse.ArgumentParser, requests: int) -> None:
-    parser.add_argument("--workload", default="chatbot", help="chatbot, code, summarization or shared-prefix (jds/bench/workloads.yaml)")
-    parser.add_argument("--slo", default=None, help="ttft=SECONDS,tpot=SECONDS (default: the workload's)")
-    parser.add_argument("--slo-scale", type=_positive(float), default=1.0, help="multiply both SLOs")
-    parser.add_argument("--num-requests", type=_positive(int), default=requests, help="requests per simulated (or measured) rate")
+    add_workload_args(parser)
+    parser.add_argument("--num-requests", type=positive(int), default=requests, help="requests per simulated (or measured) rate")
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _slo(args: argparse.Namespace) -> SLO:
-    return (SLO.parse(args.slo) if args.slo else get_workload(args.workload).slo).scaled(args.slo_scale)
+def _profile_at(path: str, flag: str) -> Profile:
+    """The profile at ``path``, a bad one refused naming ``flag``."""
+    try:
+        return Profile.load(path)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,46 +41,46 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("profile", help="measure this machine and fit the latency models")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="the model to profile (its model section)")
-    p.add_argument("--out", default="profile.json")
-    p.add_argument("--cores-per-device", type=_positive(int), default=1, help="on a CPU machine: cores that make one device")
-    p.add_argument("--max-tokens", type=_positive(int), default=2048, help="largest padded prefill batch (batch x length) to time")
-    p.add_argument("--slots", type=_list_of(int), default="1,4,8,16", help="decode batch sizes to time")
-    p.add_argument("--contexts", type=_list_of(int), default="16,32,64,128,256,512,1024", help="decode context lengths to time")
-    p.add_argument("--repeats", type=_positive(int), default=2)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="the model to profile (its model section; default: %(default)s)")
+    p.add_argument("--out", default="profile.json", help="the profile to write (default: %(default)s)")
+    p.add_argument("--cores-per-device", type=positive(int), default=1, help="on a CPU machine: cores that make one device")
+    p.add_argument("--max-tokens", type=positive(int), default=2048, help="largest padded prefill batch (batch x length) to time")
+    p.add_argument("--slots", type=positive_list(int), default="1,4,8,16", help="decode batch sizes to time")
+    p.add_argument("--contexts", type=positive_list(int), default="16,32,64,128,256,512,1024", help="decode context lengths to time")
+    p.add_argument("--repeats", type=positive(int), default=2)
     p.add_argument("--source", default=None, help="what to record as the profile's source")
 
     c = commands.add_parser("calibrate", help="measure a real server's overhead over the profile's programs")
     c.add_argument("--profile", required=True, help="updated in place (or written to --out)")
     c.add_argument("--config", required=True, help="the server to measure: a placement of the profile's device kind")
     c.add_argument("--out", default=None)
-    c.add_argument("--workload", default="code", help="the load to calibrate with: chatbot, code or summarization")
-    c.add_argument("--rate", type=_positive(float), default=None, help="requests per second (default 0.6), best near the knee")
-    c.add_argument("--num-requests", type=_positive(int), default=None, help="default 48")
+    c.add_argument("--workload", default="code", choices=list(load_workloads()), help="the load to calibrate with (default: %(default)s)")
+    c.add_argument("--rate", type=positive(float), default=None, help="requests per second (default 0.6), best near the knee")
+    c.add_argument("--num-requests", type=positive(int), default=None, help="default 48")
     c.add_argument("--seed", type=int, default=None, help="default 1, unlike validate's, so that validation sees other requests")
 
     s = commands.add_parser("simulate", help="predict a config under a workload")
     s.add_argument("--profile", required=True)
-    s.add_argument("--config", default=DEFAULT_CONFIG)
-    s.add_argument("--rates", type=_list_of(float), default="1", help="requests per second, comma-separated")
+    s.add_argument("--config", default=DEFAULT_CONFIG, help="the config to simulate (default: %(default)s)")
+    s.add_argument("--rates", type=positive_list(float), default="1", help="requests per second, comma-separated")
     s.add_argument("--trace", default=None, help="replay JSONL {timestamp ms, input_length, output_length} instead of --rates")
     _workload_args(s, 200)
 
     q = commands.add_parser("search", help="rank placements of N devices by goodput and write the best")
     q.add_argument("--profile", required=True)
-    q.add_argument("--devices", type=_positive(int), required=True)
-    q.add_argument("--node-size", type=_positive(int), default=None, help="devices per node (default: the profile's)")
-    q.add_argument("--attainment", type=_positive(float), default=0.9)
-    q.add_argument("--config", default=DEFAULT_CONFIG, help="base config: the model and server sections of the written config")
+    q.add_argument("--devices", type=positive(int), required=True)
+    q.add_argument("--node-size", type=positive(int), default=None, help="devices per node (default: the profile's)")
+    q.add_argument("--attainment", type=fraction, default=0.9, help="SLO attainment target, in (0, 1]")
+    q.add_argument("--config", default=DEFAULT_CONFIG, help="base config: the model and server sections of the written config (default: %(default)s)")
     q.add_argument("--out", default=None, help="write the winner here as a config")
-    q.add_argument("--top", type=_positive(int), default=15, help="rows of the ranked table")
+    q.add_argument("--top", type=positive(int), default=15, help="rows of the ranked table")
     _workload_args(q, 200)
 
     v = commands.add_parser("validate", help="simulated vs measured attainment on the same requests")
     v.add_argument("--case", action="append", required=True, metavar="CONFIG=PROFILE", help="a config and the profile of its devices; repeatable")
-    v.add_argument("--rates", type=_list_of(float), required=True)
-    v.add_argument("--out", default="plan-validation")
-    v.add_argument("--repeats", type=_positive(int), default=5, help="measured runs of every point, the cases taking turns")
+    v.add_argument("--rates", type=positive_list(float), required=True)
+    v.add_argument("--out", default="plan-validation", help="folder for results.json, results.md and the plot")
+    v.add_argument("--repeats", type=positive(int), default=5, help="measured runs of every point, the cases taking turns")
     _workload_args(v, 40)
 
     args = parser.parse_args(argv)
@@ -109,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"profile": _profile, "calibrate": _calibrate, "simulate": _simulate, "search": _search, "validate": _validate}[args.command](args)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 1
 
 
@@ -117,6 +96,8 @@ def _profile(args: argparse.Namespace) -> int:
     from jds.planner.latency import relative_errors
     from jds.planner.profiler import Grid, profile
 
+    config_at(args.config, "--config")
+    writable(args.out, "--out")
     grid = Grid(args.max_tokens, tuple(args.slots), tuple(args.contexts), args.repeats)
     source = args.source or f"measured on {platform.node()} with python -m jds.plan {shlex.join(sys.argv[1:])}"
     result = profile(args.config, args.cores_per_device, grid, source)
@@ -136,13 +117,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     import tempfile
 
     from jds.planner.calibrate import calibrate
-    from jds.planner.profile import Profile
 
-    profile = Profile.load(args.profile)
+    profile = _profile_at(args.profile, "--profile")
+    config_at(args.config, "--config")
+    out = writable(args.out or args.profile, "--out" if args.out else "--profile")
     with tempfile.TemporaryDirectory() as logs:
         given = {k: v for k, v in (("rate", args.rate), ("num_requests", args.num_requests), ("seed", args.seed)) if v is not None}
         serving = calibrate(Path(args.config), profile, get_workload(args.workload), Path(logs), **given)
-    profile.model_copy(update={"serving": serving}).save(args.out or args.profile)
+    profile.model_copy(update={"serving": serving}).save(out)
     print(f"in a server of {args.config}: prefill x{serving.prefill:.3f}, decode x{serving.decode:.3f} the profile's times")
     return 0
 
@@ -161,12 +143,10 @@ def _prefix_caveat(workload: Workload) -> str:
 
 def _simulate(args: argparse.Namespace) -> int:
     from jds.bench.metrics import summarize
-    from jds.config import load_config
-    from jds.planner.profile import Profile
     from jds.planner.simulator import simulate
     from jds.planner.validate import link_of
 
-    config, profile, slo = load_config(args.config), Profile.load(args.profile), _slo(args)
+    config, profile, slo = config_at(args.config, "--config"), _profile_at(args.profile, "--profile"), chosen_slo(args)
     workload = get_workload(args.workload)
     max_seq_len = config.model.max_seq_len or profile.model.max_seq_len
     if args.trace:
@@ -187,10 +167,12 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from jds.planner import report
-    from jds.planner.profile import Profile
     from jds.planner.search import Search
 
-    profile, slo = Profile.load(args.profile), _slo(args)
+    profile, slo = _profile_at(args.profile, "--profile"), chosen_slo(args)
+    config_at(args.config, "--config")  # the written config's base, read after the search
+    if args.out:
+        writable(args.out, "--out")
     search = Search(profile, get_workload(args.workload), slo, args.attainment, args.num_requests, args.seed, args.node_size)
     print(f"{args.devices} x {profile.device} ({search.node_size} per node), {profile.model.name}, workload {args.workload}, "
           f"SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s at {100 * args.attainment:.0f}% attainment{_prefix_caveat(search.workload)}")  # fmt: skip
@@ -210,12 +192,14 @@ def _validate(args: argparse.Namespace) -> int:
     from jds.planner import validate
 
     cases = []
-    for text in args.case:
+    for text in args.case:  # every case read before the first server starts
         config, sep, profile = text.partition("=")
         if not sep:
             raise ValueError(f"--case: expected CONFIG=PROFILE, got {text!r}")
+        config_at(config, f"--case {text}")
+        _profile_at(profile, f"--case {text}:")
         cases.append(validate.Case(Path(config), Path(profile)))
-    workload, slo, rates, out = get_workload(args.workload), _slo(args), args.rates, Path(args.out)
+    workload, slo, rates, out = get_workload(args.workload), chosen_slo(args), args.rates, writable(args.out, "--out", folder=True)
     out.mkdir(parents=True, exist_ok=True)
     rows = validate.measure(cases, workload, slo, rates, args.num_requests, args.seed, args.repeats, out)
     command = "python -m jds.plan " + shlex.join(sys.argv[1:])

@@ -195,8 +195,6 @@ def test_micro_leaves_out_the_parts_it_is_told_to_skip(tmp_path):
     assert [(r["weights"], r["batch"]) for r in result["decode"]] == [("float", 2)] and len(result["prefill"]) == 1
     assert not {"startup", "engine", "sampling", "int8_weight_bytes", "partial"} & set(result)
     assert "as int8" not in text and "Start-up" not in text and "Engine decode" not in text
-    with pytest.raises(SystemExit, match="unknown.*'warmup'"):
-        main([*args, "--skip", "warmup"])
 
 
 def test_a_micro_part_that_fails_leaves_a_note_and_the_other_figures(micro):
@@ -244,8 +242,6 @@ def test_the_layer_loop_forms_run_each_in_its_own_process_with_its_flags_set_bef
     assert all(d["first_call_seconds"] > d["seconds"] > 0 and d["over_floor"] > 0 for d in form["decode"])
     assert 0 < form["prefill"]["of_matmul_peak"] and form["prefill"]["tokens"] == 24
     assert "| scan-slice-fusion | 2 |" in text
-    with pytest.raises(SystemExit, match="unknown"):
-        main(["layers", "--forms", "scan,loop", "--out", str(out)])
 
 
 def test_without_a_gguf_the_transformers_peer_builds_the_same_shapes_at_random():
@@ -322,3 +318,143 @@ def test_peak_decoding_counts_the_requests_between_first_token_and_end_at_the_bu
     assert peak_decoding([record(0, 2), record(1, 3), record(2.5, 4), record(5, 6)]) == 2
     assert peak_decoding([record(0, 1), record(1, 2)]) == 1  # one ends as the next begins
     assert peak_decoding([]) == 0
+
+
+# -- the command line: every value checked before a server is reached or started --------------------
+
+
+def _refusal(capsys, argv: list[str]) -> tuple[int, str]:
+    """Run ``python -m jds.bench`` in process: its exit status (argparse's too) and what it wrote to stderr."""
+    from jds.bench.__main__ import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["serve", "--num-requests", "0"], "--num-requests"),
+        (["serve", "--num-requests", "-1"], "--num-requests"),
+        (["serve", "--duration", "0"], "--duration"),
+        (["serve", "--search", "1"], "--search"),
+        (["serve", "--search", "0:1"], "--search"),
+        (["serve", "--search", "2:1"], "--search"),
+        (["serve", "--rates", "0"], "--rates"),
+        (["serve", "--rates", "1,abc"], "--rates"),
+        (["serve", "--rates", "nan"], "--rates"),
+        (["serve", "--burstiness", "0"], "--burstiness"),
+        (["serve", "--slo-scale", "-1"], "--slo-scale"),
+        (["serve", "--slo", "ttft=inf"], "--slo"),
+        (["serve", "--attainment", "5"], "--attainment"),
+        (["serve", "--workload", "nosuch"], "--workload"),
+        (["compare", "configs/tiny.yaml", "--api", "grpc,http"], "--api"),
+        (["micro", "--batches", "a,b"], "--batches"),
+        (["micro", "--skip", "warmup"], "--skip"),
+        (["layers", "--batches", "x"], "--batches"),
+        (["layers", "--context", "0"], "--context"),
+    ],
+)
+def test_the_benchmark_refuses_a_bad_value_naming_its_flag(capsys, args, flag):
+    code, err = _refusal(capsys, args)
+    assert code == 2 and f"argument {flag}:" in err and "Traceback" not in err
+
+
+def test_the_benchmark_checks_its_output_and_trace_before_reaching_a_server(capsys, tmp_path):
+    from local_ports import free_ports
+
+    file = tmp_path / "afile"
+    file.write_text("")
+    nobody = f"127.0.0.1:{free_ports(1)[0]}"  # reached first, this would say it cannot be reached
+    assert _refusal(capsys, ["serve", "--server", nobody, "--out", str(file)]) == (1, f"error: --out {file}: a file is there, not a folder\n")
+    code, err = _refusal(capsys, ["serve", "--server", nobody, "--out", str(tmp_path / "out"), "--trace", str(tmp_path / "none.jsonl")])
+    assert code == 1 and err.startswith("error: --trace: ") and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("api", ["grpc", "openai"])
+def test_a_server_out_of_reach_is_one_line_not_a_traceback(capsys, tmp_path, api):
+    from local_ports import free_ports
+
+    nobody = f"127.0.0.1:{free_ports(1)[0]}"
+    code, err = _refusal(capsys, ["serve", "--api", api, "--server", nobody, "--num-requests", "1", "--out", str(tmp_path)])
+    assert code == 1 and err.startswith(f"error: cannot reach {nobody} (") and err.count("\n") == 1
+
+
+def test_a_server_refusing_the_key_says_so_on_either_api(capsys, tmp_path):
+    import http.server
+    import threading
+    from concurrent import futures
+
+    import grpc
+
+    from jds.serving.access import ApiKeys, GrpcKeyCheck
+
+    keyed = grpc.server(futures.ThreadPoolExecutor(2), interceptors=[GrpcKeyCheck(ApiKeys(["k"]))])
+    port = keyed.add_insecure_port("127.0.0.1:0")
+    keyed.start()
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:  # stderr is what the test reads
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        for api, address in (("grpc", f"127.0.0.1:{port}"), ("openai", f"127.0.0.1:{web.server_port}")):
+            code, err = _refusal(capsys, ["serve", "--api", api, "--server", address, "--api-key", "wrong", "--out", str(tmp_path)])
+            assert code == 1 and err.startswith(f"error: {address} refused the benchmark's key (") and "--api-key" in err, err
+    finally:
+        keyed.stop(None)
+        web.shutdown()
+
+
+def test_compare_reads_every_config_before_starting_a_server(capsys, tmp_path):
+    from tests_paths import CONFIGS
+
+    tiny = str(CONFIGS / "tiny.yaml")
+    code, err = _refusal(capsys, ["compare", tiny, str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "out")])
+    assert code == 1 and "config file not found" in err and "nope.yaml" in err and not (tmp_path / "out").exists()
+    config = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    config["server"] = {"tls": {"cert": "cert.pem", "key": "key.pem"}}
+    (tmp_path / "tls.yaml").write_text(yaml.safe_dump(config))
+    code, err = _refusal(capsys, ["compare", tiny, str(tmp_path / "tls.yaml"), "--out", str(tmp_path / "out")])
+    assert code == 1 and "server.tls" in err and "--tls-ca" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["micro", "layers"])
+def test_micro_and_layers_read_the_config_and_check_the_output_before_measuring(capsys, tmp_path, command):
+    from tests_paths import CONFIGS
+
+    out = tmp_path / "out"
+    assert _refusal(capsys, [command, "--config", str(tmp_path / "none.yaml"), "--out", str(out)])[1].startswith("error: --config: ")
+    (tmp_path / "afile").write_text("")
+    code, err = _refusal(capsys, [command, "--config", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path / "afile")])
+    assert code == 1 and err.startswith(f"error: --out {tmp_path / 'afile'}: ") and not out.exists()
+
+
+def test_layers_refuses_an_unknown_form_and_fails_when_no_form_could_be_measured(capsys, tmp_path, monkeypatch):
+    from jds.bench import layer_loops
+    from tests_paths import CONFIGS
+
+    args = ["layers", "--config", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path)]
+    code, err = _refusal(capsys, [*args, "--forms", "scan,loop"])
+    assert code == 1 and err.startswith("error: --forms: unknown ['loop']")
+    monkeypatch.setitem(layer_loops.FORMS, "unknown-flag", {"env": {"XLA_FLAGS": "--xla_no_such_flag=true"}})  # its process ends at once
+    code, err = _refusal(capsys, [*args, "--forms", "unknown-flag", "--context", "64", "--prompt", "24", "--batches", "1"])
+    assert code == 1 and "no form could be measured" in err and "Not measured: unknown-flag" in (tmp_path / "layers.md").read_text()
+
+
+def test_a_server_is_found_ready_on_whatever_host_it_names():
+    from jds.bench.server_process import HTTP, READY, host_port
+
+    assert host_port(*READY.search("x INFO jds.server: ready: serving tiny on localhost:5001\n").groups()) == "localhost:5001"
+    assert host_port(*READY.search("ready: serving tiny on ::1:5001\n").groups()) == "[::1]:5001"
+    assert READY.search("ready: serving tiny on 127.0.0.1:50") is None  # the line still being written
+    assert HTTP.search("OpenAI-compatible API on https://localhost:8000/v1\n").groups() == ("https", "localhost", "8000")

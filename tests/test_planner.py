@@ -366,8 +366,57 @@ def test_plan_simulate_replays_a_trace(tmp_path):
         (["simulate", "--profile", str(GPU_PROFILE), "--rates", "1,abc"], "--rates"),
         (["profile", "--cores-per-device", "-1"], "--cores-per-device"),
         (["search", "--profile", str(GPU_PROFILE), "--devices", "8", "--slo", "ttft=fast"], "--slo"),
+        (["simulate", "--profile", str(GPU_PROFILE), "--rates", "nan"], "--rates"),
+        (["simulate", "--profile", str(GPU_PROFILE), "--slo-scale", "nan"], "--slo-scale"),
+        (["search", "--profile", str(GPU_PROFILE), "--devices", "8", "--attainment", "5"], "--attainment"),
+        (["search", "--profile", str(GPU_PROFILE), "--devices", "8", "--workload", "nosuch"], "--workload"),
     ],
 )
 def test_plan_refuses_bad_options_by_name(args, option):
     done = subprocess.run([sys.executable, "-m", "jds.plan", *args], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and option in done.stderr, done.stderr[-500:]
+
+
+def _refusal(capsys, argv: list[str]) -> tuple[int, str]:
+    """Run ``python -m jds.plan`` in process: its exit status and what it wrote to stderr."""
+    from jds.plan import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_plan_names_a_profile_that_is_not_one(capsys, tmp_path):
+    code, err = _refusal(capsys, ["search", "--profile", str(REPO / "README.md"), "--devices", "8"])
+    assert code == 1 and err.startswith(f"error: --profile {REPO / 'README.md'}: not a profile (Invalid JSON") and err.count("\n") == 1
+    lacking = json.loads(GPU_PROFILE.read_text())
+    del lacking["device"]
+    (tmp_path / "p.json").write_text(json.dumps(lacking))
+    assert _refusal(capsys, ["simulate", "--profile", str(tmp_path / "p.json")])[1] == f"error: --profile {tmp_path / 'p.json'}: not a profile (device: Field required)\n"
+
+
+def test_plan_reads_every_input_and_checks_every_output_before_the_slow_work(capsys, tmp_path):
+    (tmp_path / "afile").write_text("")
+    search = ["search", "--profile", str(GPU_PROFILE), "--devices", "8", "--workload", "chatbot", "--slo", "ttft=0.25,tpot=0.1"]
+    assert _refusal(capsys, [*search, "--config", "configs/llama7b.yml", "--out", str(tmp_path / "best.yaml")]) == (
+        1, "error: --config: config file not found: configs/llama7b.yml\n")  # fmt: skip
+    code, err = _refusal(capsys, [*search, "--config", str(CONFIGS / "llama7b.yaml"), "--out", str(tmp_path / "afile" / "best.yaml")])
+    assert code == 1 and err.startswith(f"error: --out {tmp_path / 'afile' / 'best.yaml'}: ")
+    code, err = _refusal(capsys, ["profile", "--config", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path / "afile" / "p.json")])
+    assert code == 1 and err.startswith("error: --out ")
+    calibrate = ["calibrate", "--profile", str(GPU_PROFILE), "--config", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path / "afile" / "p.json")]
+    assert _refusal(capsys, calibrate)[1].startswith("error: --out ")
+    # The second case's profile is read before the first case's server starts.
+    good, bad = f"{CONFIGS / 'tiny.yaml'}={GPU_PROFILE}", f"{CONFIGS / 'tiny.yaml'}={tmp_path / 'none.json'}"
+    code, err = _refusal(capsys, ["validate", "--case", good, "--case", bad, "--rates", "1", "--out", str(tmp_path / "v")])
+    assert code == 1 and err.startswith(f"error: --case {bad}: ") and not (tmp_path / "v").exists()
+    code, err = _refusal(capsys, ["validate", "--case", good, "--rates", "1", "--out", str(tmp_path / "afile")])
+    assert code == 1 and err.startswith(f"error: --out {tmp_path / 'afile'}: ")
+
+
+def test_plan_finds_its_default_config_from_any_folder(tmp_path):
+    cmd = [sys.executable, "-m", "jds.plan", "simulate", "--profile", str(GPU_PROFILE), "--rates", "1", "--num-requests", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert str(CONFIGS / "smollm2-135m.yaml") in done.stdout
+    helped = subprocess.run([*cmd[:4], "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path).stdout
+    assert str(CONFIGS / "smollm2-135m.yaml") in " ".join(helped.split())

@@ -12,9 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-READY = re.compile(r"ready: serving .* on ([\d.]+):(\d+)")
-METRICS = re.compile(r"metrics on (https?://[\d.]+:\d+/metrics)")
-HTTP = re.compile(r"OpenAI-compatible API on (https?://[\d.]+:\d+/v1)")
+# What jds.server logs once it listens: its host as server.host spells it (an IP address of either
+# family, or a name such as localhost), then the port, up to the line's end (a line still being
+# written is not read with half its port).
+READY = re.compile(r"ready: serving .* on (\S+):(\d+)\n")
+METRICS = re.compile(r"metrics on (https?)://(\S+):(\d+)/metrics\n")
+HTTP = re.compile(r"OpenAI-compatible API on (https?)://(\S+):(\d+)/v1\n")
+
+
+def host_port(host: str, port: str) -> str:
+    """``host:port`` for a client, an IPv6 address in brackets (the server logs it bare)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def launcher_needed(config: Path) -> bool:
@@ -42,10 +50,11 @@ class ServerProcess:
                 self.stop()
                 raise RuntimeError(f"server did not become ready:\n{self.text()[-3000:]}")
             time.sleep(0.2)
-        self.address = f"{ready.group(1)}:{ready.group(2)}"
-        self.metrics_url = METRICS.search(self.text()).group(1)
+        self.address = host_port(*ready.groups())
+        metrics = METRICS.search(self.text())
+        self.metrics_url = f"{metrics[1]}://{host_port(metrics[2], metrics[3])}/metrics"
         http = HTTP.search(self.text())  # only with --http-port
-        self.openai_url: str | None = http.group(1) if http else None
+        self.openai_url: str | None = f"{http[1]}://{host_port(http[2], http[3])}/v1" if http else None
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")

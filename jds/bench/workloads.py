@@ -60,10 +60,10 @@ class SLO(BaseModel):
         for part in text.split(","):
             key, _, value = part.partition("=")
             try:
-                if key not in ("ttft", "tpot") or float(value) <= 0:
+                if key not in ("ttft", "tpot") or not 0 < float(value) < math.inf:
                     raise ValueError
             except ValueError:
-                raise ValueError(f"--slo: expected ttft=SECONDS,tpot=SECONDS with positive seconds, got {part!r}") from None
+                raise ValueError(f"expected ttft=SECONDS,tpot=SECONDS with positive, finite seconds, got {part!r}") from None
             values[key] = float(value)
         return cls(**values)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, ValidationError
 
 from jds.planner.latency import DecodeModel, PrefillModel, TransferModel
 
@@ -137,11 +137,20 @@ class Profile(_Section):
         return self.transfer[kind]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.model_dump(mode="json"), indent=1) + "\n")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
+        """The profile in the JSON file ``path``; a ValueError that names the file and says in one
+        line what is wrong with it (pydantic's own report runs to a line per field)."""
         try:
             return cls.model_validate_json(Path(path).read_text())
-        except FileNotFoundError:
-            raise ValueError(f"profile not found: {path}") from None
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read it ({exc.strerror})") from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            more = f", and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
+            raise ValueError(f"{path}: not a profile ({where + ': ' if where else ''}{first['msg']}{more})") from None

@@ -61,4 +61,5 @@ def write_config(best: Scored, base_config: Path, node_size: int, path: Path, wh
     if "server" in base:
         body["server"] = base["server"]
     header = "".join(f"# {line}\n" for line in why.splitlines())
-    Path(path).write_text(header + yaml.safe_dump(body, sort_keys=False, default_flow_style=None))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + yaml.safe_dump(body, sort_keys=False, default_flow_style=None))
