@@ -37,7 +37,7 @@ def _profile_at(path: str, flag: str) -> Profile:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jds.plan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jds.plan", description=__doc__.splitlines()[0].replace("``", ""))
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("profile", help="measure this machine and fit the latency models")

@@ -101,7 +101,7 @@ def sweep(address: str, args: argparse.Namespace, label: str, api: str = "grpc",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jds.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jds.bench", description=__doc__.splitlines()[0].replace("``", ""))
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="benchmark a running server")
     serve.add_argument("--server", default="127.0.0.1:50051", help="gRPC address, or with --api openai the HTTP address (host:port or URL)")
