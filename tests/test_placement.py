@@ -88,6 +88,17 @@ def test_refusals_against_model_and_machine(placement, message):
         _check(placement)
 
 
+def test_a_value_the_instance_inherits_is_named_where_it_was_given():
+    with pytest.raises(ConfigError, match=r"^model.max_seq_len: 4096 exceeds the model's max_position_embeddings"):
+        _check({"instances": {"devices": [0]}}, max_seq_len=4096)
+    with pytest.raises(ConfigError, match=r"^placement.instances\[0\].page_size: 1024 positions exceed max_seq_len \(512\)"):
+        _check({"instances": {"devices": [0], "page_size": 1024}})
+    _check({"instances": {"devices": [0]}}, max_seq_len=32)  # the default page (64) is not the user's to answer for
+    # a role process holds its own devices only: the others' are None, and their memory is theirs to check
+    placement = Placement.model_validate({"mode": "disaggregated", "prefill": {"devices": [0]}, "decode": {"devices": [1]}})
+    check_placement(placement, TINY, 4, 512, [None, jax.devices()[0]])
+
+
 def test_a_prefill_instances_pool_of_one_longest_prompt_or_none_at_all_is_accepted():
     _check({"mode": "disaggregated", "prefill": {"devices": [0], "kv_pages": 32}, "decode": {"devices": [1], "page_size": 16}})  # 32 x 16 = 512
     _check({"mode": "disaggregated", "prefill": {"devices": [0], "kv_pages": 1, "enable_prefix_caching": False}, "decode": {"devices": [1]}})

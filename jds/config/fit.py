@@ -168,6 +168,11 @@ def check_placement(
             except ValueError as exc:
                 raise ConfigError(f"{key}.{'pp' if inst.layers_per_stage is None else 'layers_per_stage'}: {exc}") from None
         if isinstance(inst, (DecodeInstance, ColocatedInstance)):
+            if "page_size" in given[where].model_fields_set and inst.page_size > inst.max_seq_len:
+                raise ConfigError(
+                    f"{key}.page_size: {inst.page_size} positions exceed max_seq_len ({inst.max_seq_len}); "
+                    "no sequence fills such a page, the rest of every one is memory held for nothing"
+                )
             if inst.max_seq_len > arch.max_position_embeddings:
                 named = f"{key}.max_seq_len" if given[where].max_seq_len is not None else "model.max_seq_len"  # the key the value came from
                 raise ConfigError(f"{named}: {inst.max_seq_len} exceeds the model's max_position_embeddings ({arch.max_position_embeddings})")
