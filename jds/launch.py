@@ -32,6 +32,10 @@ from jds.server import port
 log = logging.getLogger("jds.launch")
 
 RESTART_DELAY_SECONDS = 1.0
+# An instance that dies within this long of starting waits twice as long as last time before the
+# next start (up to the cap): one that cannot come up is not reloaded every second forever.
+STABLE_SECONDS = 60.0
+MAX_RESTART_DELAY_SECONDS = 60.0
 DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\d+")
 
 
@@ -45,10 +49,12 @@ class Child:
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        self.started_at = 0.0
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.starts += 1
+        self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.proc.pid)
         threading.Thread(target=self._echo, args=(self.proc,), name=f"echo-{self.name}", daemon=True).start()
 
@@ -156,6 +162,7 @@ def _run(instances: list[Child], router: Child, config: Config, restart: bool, s
     groups: dict[str, list[Child]] = {}
     for child in instances:
         groups.setdefault(child.group, []).append(child)
+    delays: dict[str, float] = {}  # each group's last wait before a restart
     code = 0
     try:
         for child in instances:
@@ -172,10 +179,13 @@ def _run(instances: list[Child], router: Child, config: Config, restart: bool, s
             for name, members in groups.items():
                 dead = [c for c in members if not c.alive]
                 if dead and restart:
-                    log.warning("%s exited with %s: starting %s again", dead[0].name, dead[0].proc.returncode, name)
+                    quick = time.monotonic() - members[0].started_at < STABLE_SECONDS
+                    delays[name] = min(2 * delays.get(name, RESTART_DELAY_SECONDS), MAX_RESTART_DELAY_SECONDS) if quick else RESTART_DELAY_SECONDS
+                    log.warning("%s exited with %s: starting %s again in %.0f s", dead[0].name, dead[0].proc.returncode, name, delays[name])
                     for c in members:  # an instance over several processes restarts whole
                         c.stop(10)
-                    time.sleep(RESTART_DELAY_SECONDS)
+                    if stop.wait(delays[name]):
+                        break
                     for c in members:
                         c.start()
     except RuntimeError as exc:
