@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from jds.bench.options import add_workload_args, chosen_slo, config_at, fraction, positive, positive_list, writable
+from jds.bench.options import add_workload_args, chosen_slo, config_at, fraction, positive, positive_list, seed, writable
 from jds.bench.workloads import Workload, get_workload, load_trace, load_workloads, plan
 from jds.config import DEFAULT_CONFIG
 from jds.planner.profile import Profile
@@ -25,7 +25,7 @@ from jds.planner.profile import Profile
 def _workload_args(parser: argparse.ArgumentParser, requests: int) -> None:
     add_workload_args(parser)
     parser.add_argument("--num-requests", type=positive(int), default=requests, help="requests per simulated (or measured) rate")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
 
 
 def _profile_at(path: str, flag: str) -> Profile:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--workload", default="code", choices=list(load_workloads()), help="the load to calibrate with (default: %(default)s)")
     c.add_argument("--rate", type=positive(float), default=None, help="requests per second (default 0.6), best near the knee")
     c.add_argument("--num-requests", type=positive(int), default=None, help="default 48")
-    c.add_argument("--seed", type=int, default=None, help="default 1, unlike validate's, so that validation sees other requests")
+    c.add_argument("--seed", type=seed, default=None, help="default 1, unlike validate's, so that validation sees other requests")
 
     s = commands.add_parser("simulate", help="predict a config under a workload")
     s.add_argument("--profile", required=True)

@@ -350,6 +350,7 @@ def _refusal(capsys, argv: list[str]) -> tuple[int, str]:
         (["serve", "--slo-scale", "-1"], "--slo-scale"),
         (["serve", "--slo", "ttft=inf"], "--slo"),
         (["serve", "--attainment", "5"], "--attainment"),
+        (["serve", "--seed", "-1"], "--seed"),
         (["serve", "--workload", "nosuch"], "--workload"),
         (["compare", "configs/tiny.yaml", "--api", "grpc,http"], "--api"),
         (["micro", "--batches", "a,b"], "--batches"),

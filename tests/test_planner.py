@@ -369,6 +369,7 @@ def test_plan_simulate_replays_a_trace(tmp_path):
         (["simulate", "--profile", str(GPU_PROFILE), "--rates", "nan"], "--rates"),
         (["simulate", "--profile", str(GPU_PROFILE), "--slo-scale", "nan"], "--slo-scale"),
         (["search", "--profile", str(GPU_PROFILE), "--devices", "8", "--attainment", "5"], "--attainment"),
+        (["simulate", "--seed", "-1"], "--seed"),
         (["search", "--profile", str(GPU_PROFILE), "--devices", "8", "--workload", "nosuch"], "--workload"),
     ],
 )

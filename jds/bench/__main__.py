@@ -20,7 +20,7 @@ import httpx
 from jds.bench import report
 from jds.bench.loadgen import model_info, run_load
 from jds.bench.metrics import attainment, search_goodput
-from jds.bench.options import add_workload_args, chosen_slo, config_at, fraction, names, positive, positive_list, rate_range, writable
+from jds.bench.options import add_workload_args, chosen_slo, config_at, fraction, names, positive, positive_list, rate_range, seed, writable
 from jds.bench.workloads import get_workload, load_trace, plan
 from jds.client import Credentials, add_arguments
 
@@ -39,7 +39,7 @@ def _workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burstiness", type=positive(float), default=1.0, help="1 is Poisson; larger is burstier (gamma arrivals)")
     parser.add_argument("--trace", default=None, help="replay JSONL {timestamp ms, input_length, output_length} once, instead of --rates")
     parser.add_argument("--attainment", type=fraction, default=0.9, help="attainment target for goodput, in (0, 1]")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
     add_arguments(parser)
 

@@ -37,6 +37,17 @@ def positive(cast: Callable[[str], Number]) -> Callable[[str], Number]:
     return parse
 
 
+def seed(text: str) -> int:
+    """An argparse type: a workload's seed, a whole number >= 0 (NumPy's generators take no other)."""
+    try:
+        value = int(text)
+        if value >= 0:
+            return value
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+
+
 def positive_list(cast: Callable[[str], Number]) -> Callable[[str], list[Number]]:
     """An argparse type: comma-separated ``positive`` numbers."""
     one = positive(cast)
