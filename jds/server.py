@@ -8,8 +8,9 @@ client API but runs no model: it drives the prefill and decode instances listed 
 Start-up: read the config, check the placement against the model's shapes and the devices' memory
 before reading any weight (a placement that cannot fit is refused with both figures), load the
 weights, build the engine, compile every program shape (progress bar), then report SERVING on the
-standard health service and log "ready". SIGTERM or SIGINT drains: new requests get UNAVAILABLE,
-requests in flight may finish for ``server.drain_seconds``, then the process exits 0.
+standard health service and log "ready". Once serving, SIGTERM or SIGINT drains: new requests get
+UNAVAILABLE, requests in flight may finish for ``server.drain_seconds``, then the process exits 0.
+Before that they end the start-up (SIGINT exits 130 with one line; SIGTERM as the signal's own).
 """
 
 from __future__ import annotations
