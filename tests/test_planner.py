@@ -421,3 +421,15 @@ def test_plan_finds_its_default_config_from_any_folder(tmp_path):
     assert str(CONFIGS / "smollm2-135m.yaml") in done.stdout
     helped = subprocess.run([*cmd[:4], "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path).stdout
     assert str(CONFIGS / "smollm2-135m.yaml") in " ".join(helped.split())
+
+
+def test_the_profilers_transfer_job_measures_both_links():
+    """What ``plan profile`` runs on a machine of two devices or more (this host profiles one)."""
+    import jax
+
+    from jds.planner.profiler import TRANSFER_MEGABYTES, _device_transfer, _process_transfer
+
+    for measure in (_device_transfer, _process_transfer):
+        points = measure(jax.devices()[:2], 1)
+        assert [size for size, _ in points] == [mb * 2**20 for mb in TRANSFER_MEGABYTES]
+        assert all(0 < seconds < 30 for _, seconds in points)

@@ -136,7 +136,7 @@ def _process_transfer(devices, repeats: int) -> list[tuple[int, float]]:
     points = []
     for mb in TRANSFER_MEGABYTES:
         x = jax.device_put(np.ones(mb * 2**18, np.float32), devices[0])
-        points.append((x.nbytes, timed(lambda: kv.pull(kv.offer(x), devices[-1], 60.0), repeats, 1)))
+        points.append((x.nbytes, timed(lambda: kv.pull(kv.offer([x]), devices[-1], 60.0), repeats, 1)))
     return points
 
 
