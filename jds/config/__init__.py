@@ -147,7 +147,7 @@ class ClusterSection(BaseModel):
         "loaded / the least loaded / in turn (decode instances: the most room, or in turn)",
     )
     cache_balance: int = Field(
-        default=4, ge=0, description="cache_aware sends a prompt elsewhere once its cached instance has this many more requests in flight than the least loaded"
+        default=4, ge=0, description="cache_aware sends a prompt elsewhere once its cached instance has more than this many requests in flight beyond the least loaded"
     )
     health_seconds: float = Field(default=0.5, gt=0, description="how often the router checks every instance")
     instance_wait_seconds: float = Field(default=30.0, gt=0, description="a request fails if no instance of a role serves by then")
