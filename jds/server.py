@@ -155,19 +155,11 @@ def _check_listening(config: Config, args: argparse.Namespace) -> None:
     key is a one-line error now rather than a traceback after minutes of loading and compiling."""
     settings = config.server
     host = args.host or settings.host
-    ports = {
-        f"--port {args.port}" if args.port is not None else f"server.port {settings.port}": settings.port if args.port is None else args.port,
-        f"--http-port {args.http_port}" if args.http_port is not None else f"server.http_port {settings.http_port}": (
-            settings.http_port if args.http_port is None else args.http_port
-        ),
-        f"--metrics-port {args.metrics_port}" if args.metrics_port is not None else f"server.metrics_port {settings.metrics_port}": (
-            settings.metrics_port if args.metrics_port is None else args.metrics_port
-        ),
-    }
     taken: dict[int, str] = {}
-    for name, number in ports.items():
+    for source, number in _listen_ports(config, args).values():
         if not number:  # off, or any free port
             continue
+        name = f"{source} {number}"
         if number in taken:
             raise ConfigError(f"{name}: is also {taken[number]}; each listener needs its own port")
         taken[number] = name
@@ -186,6 +178,16 @@ def _check_listening(config: Config, args: argparse.Namespace) -> None:
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
         except ssl.SSLError as exc:
             raise ConfigError(f"server.tls: the key {key} does not load with the certificate {cert} ({exc.reason or exc})") from None
+
+
+def _listen_ports(config: Config, args: argparse.Namespace) -> dict[str, tuple[str, int | None]]:
+    """Each listener's port (None: off) as its flag, else the config, gives it, with where it came
+    from for messages."""
+    ports = {}
+    for name in ("port", "http_port", "metrics_port"):
+        flag = getattr(args, name)
+        ports[name] = (f"--{name.replace('_', '-')}", flag) if flag is not None else (f"server.{name}", getattr(config.server, name))
+    return ports
 
 
 def _use_compile_cache(config: Config, args: argparse.Namespace) -> None:
@@ -210,9 +212,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
     settings = config.server
     host = args.host or settings.host
-    port = settings.port if args.port is None else args.port
-    metrics_port = settings.metrics_port if args.metrics_port is None else args.metrics_port
-    http_port = settings.http_port if args.http_port is None else args.http_port
+    port, http_port, metrics_port = (number for _, number in _listen_ports(config, args).values())
 
     if args.role == "router":
         from jds.cluster.router import Router

@@ -288,6 +288,8 @@ def test_a_server_that_cannot_listen_is_refused_before_loading(tmp_path):
         assert f"--port {busy}: cannot listen on 127.0.0.1:{busy} (Address already in use)" in _start_refused(tiny, "--port", str(busy))
         assert f"--metrics-port {busy}: cannot listen" in _start_refused(tiny, "--port", "0", "--metrics-port", str(busy))
     assert "--metrics-port 8123: is also --http-port 8123" in _start_refused(tiny, "--port", "0", "--http-port", "8123", "--metrics-port", "8123")
+    write_config(tmp_path / "same.yaml", port=50099, metrics_port=50099)
+    assert "server.metrics_port 50099: is also server.port 50099" in _start_refused(tmp_path / "same.yaml")
     assert "argument --port: 70000 is not a port" in _start_refused(tiny, "--port", "70000")
     assert "argument --api-key: an API key must not be empty" in _start_refused(tiny, "--api-key", "")
     assert "--role router: needs placement.mode disaggregated" in _start_refused(tiny, "--role", "router", "--port", "0")

@@ -105,16 +105,6 @@ class ServerSection(BaseModel):
                 raise ValueError(f"[{i}] {problem}")
         return keys
 
-    @model_validator(mode="after")
-    def _own_ports(self) -> ServerSection:
-        ports = {"port": self.port, "http_port": self.http_port, "metrics_port": self.metrics_port}
-        given = [(name, number) for name, number in ports.items() if number]  # null: off; 0: any free port
-        for i, (name, number) in enumerate(given):
-            for other, same in given[:i]:
-                if same == number:
-                    raise ValueError(f"{name} is {number}, as is {other}; each listener needs its own port")
-        return self
-
 
 def api_key_problem(key: str) -> str | None:
     """Why ``key`` cannot be an API key, or None. An empty key would leave the server open (a
